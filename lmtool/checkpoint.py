@@ -1,0 +1,217 @@
+"""The run directory: atomic writes of config, vocabulary, metrics and self-describing safetensors weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from lmtool.config import Config, config_from_dict, save_config_yaml
+from lmtool.errors import LmtoolError
+from lmtool.model import LanguageModel
+from lmtool.tokenizer import Tokenizer
+
+MODEL_FORMAT = "lmtool-model"
+MODEL_FORMAT_VERSION = 1
+CONFIG_FILE = "config.yaml"
+VOCAB_FILE = "vocab.json"
+METRICS_FILE = "metrics.jsonl"
+BEST_MODEL = "model-best.safetensors"
+LAST_MODEL = "model-last.safetensors"
+RUN_FILES = (CONFIG_FILE, VOCAB_FILE, METRICS_FILE, BEST_MODEL, LAST_MODEL)
+RUNS_ROOT = Path("runs")
+LATEST = "latest"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it: readers see old or new, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run's files should be as readable as any other
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def default_run_path(corpus: Path, now: datetime | None = None) -> Path:
+    """runs/<corpus-name>-<timestamp>."""
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    return RUNS_ROOT / f"{Path(corpus).stem or 'corpus'}-{stamp}"
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether a directory was written by lmtool train."""
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / VOCAB_FILE).is_file()
+
+
+def check_run_target(path: Path, overwrite: bool) -> None:
+    """Refuse to write a run where it would destroy something (before any expensive work starts)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LmtoolError(f"--out {path} is a file, not a directory; choose another --out")
+    if path.is_dir() and any(path.iterdir()):
+        if not is_run_dir(path):
+            raise LmtoolError(f"--out {path} exists and is not an lmtool run; choose an empty or new directory")
+        if not overwrite:
+            raise LmtoolError(f"run directory {path} already exists; pass --overwrite to replace it, or choose --out")
+
+
+@dataclass
+class RunDir:
+    """One training run's directory."""
+
+    path: Path
+
+    @classmethod
+    def create(cls, path: Path, overwrite: bool) -> "RunDir":
+        """Make the directory (clearing an old run's files only when overwrite is allowed)."""
+        check_run_target(path, overwrite)
+        path = Path(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            for name in RUN_FILES:
+                (path / name).unlink(missing_ok=True)
+        except OSError as err:
+            raise LmtoolError(f"cannot create run directory {path}: {err.strerror}") from None
+        return cls(path)
+
+    def write_config(self, config: Config) -> None:
+        atomic_write(self.path / CONFIG_FILE, save_config_yaml(config).encode())
+
+    def write_vocab(self, tokenizer: Tokenizer) -> None:
+        atomic_write(self.path / VOCAB_FILE, json.dumps(tokenizer.to_dict(), ensure_ascii=False).encode())
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def save_model(self, name: str, model: LanguageModel, config: Config, tokenizer: Tokenizer, **info: Any) -> Path:
+        path = self.path / name
+        save_model_file(path, model, config, tokenizer, info)
+        return path
+
+    def mark_latest(self) -> None:
+        """Point runs/latest at this run."""
+        mark_latest(self.path)
+
+
+def mark_latest(run_path: Path) -> None:
+    """Atomically repoint runs/latest (a symlink) at `run_path`."""
+    RUNS_ROOT.mkdir(parents=True, exist_ok=True)
+    run_path = Path(run_path).resolve()
+    root = RUNS_ROOT.resolve()
+    target = run_path.relative_to(root) if run_path.parent == root else run_path
+    link = RUNS_ROOT / LATEST
+    tmp = RUNS_ROOT / f".{LATEST}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(target, tmp, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:  # no symlinks (some Windows set-ups): a one-line file naming the run instead
+        tmp.unlink(missing_ok=True)
+        atomic_write(RUNS_ROOT / f"{LATEST}.txt", str(run_path).encode())
+
+
+def _unique_tensors(model: LanguageModel) -> dict[str, torch.Tensor]:
+    """The state dict without aliases (tied weights are stored once), contiguous and on the CPU."""
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors
+
+
+def save_model_file(path: Path, model: LanguageModel, config: Config, tokenizer: Tokenizer, info: dict) -> None:
+    """Weights in safetensors with the config and vocabulary in its metadata: the file describes itself."""
+    metadata = {
+        "format": MODEL_FORMAT,
+        "format_version": str(MODEL_FORMAT_VERSION),
+        "config": json.dumps(config.to_dict()),
+        "vocab": json.dumps(tokenizer.to_dict(), ensure_ascii=False),
+        "info": json.dumps(info),
+    }
+    atomic_write(Path(path), safetensors_bytes(_unique_tensors(model), metadata=metadata))
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model read back from a model file, on the CPU and in eval mode."""
+
+    model: LanguageModel
+    config: Config
+    tokenizer: Tokenizer
+    info: dict[str, Any]
+    path: Path
+
+
+def load_model_file(path: Path) -> LoadedModel:
+    """Read a model file written by `save_model_file`; nothing in it is executed, damage is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmtoolError(f"model file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LmtoolError(f"{path} is not a readable lmtool model file ({err}); retrain or restore it") from None
+    if metadata.get("format") != MODEL_FORMAT:
+        raise LmtoolError(f"{path} is a safetensors file but not an lmtool model (no lmtool metadata)")
+    version = int(metadata.get("format_version", "0"))
+    if version > MODEL_FORMAT_VERSION:
+        raise LmtoolError(f"{path} was written by a newer lmtool (model format {version}); upgrade lmtool")
+    try:
+        config = config_from_dict(json.loads(metadata["config"]), source=str(path))
+        tokenizer = Tokenizer.from_dict(json.loads(metadata["vocab"]))
+        info = json.loads(metadata.get("info", "{}"))
+    except (KeyError, json.JSONDecodeError):
+        raise LmtoolError(f"{path}: the model's config or vocabulary metadata is damaged") from None
+    except LmtoolError as err:
+        raise LmtoolError(f"{path}: {err}") from None
+    model = LanguageModel(config.model, vocab_size=len(tokenizer))
+    tied = {"decoder.weight"} if config.model.tie_weights else set()
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError:
+        raise LmtoolError(
+            f"{path}: the weights do not match the model's config and vocabulary "
+            f"({len(tokenizer)} tokens); the file is damaged or mixed from two runs"
+        ) from None
+    if set(missing) - tied or unexpected:
+        raise LmtoolError(f"{path}: weights missing or unexpected ({sorted(set(missing) - tied) or unexpected})")
+    model.eval()
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, info=info, path=path)

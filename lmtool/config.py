@@ -1,0 +1,383 @@
+"""Typed, frozen configuration: defaults < YAML file < --set overrides < flags, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from lmtool.errors import LmtoolError
+
+FORMAT_VERSION = 1
+
+Level = Literal["char", "word"]
+Cell = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
+Optimizer = Literal["sgd", "adam", "adamw"]
+Schedule = Literal["constant", "plateau", "decay", "cosine"]
+LossReduction = Literal["mean", "time_sum"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+
+def _opt(default: Any, help: str, **bounds: float) -> Any:
+    """A config field with its one-line help and numeric bounds (gt, ge, lt, le)."""
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    level: Level = _opt("char", "tokens are characters (Unicode code points) or whitespace-separated words")
+    lowercase: bool = _opt(False, "lowercase all text before tokenizing")
+    min_freq: int = _opt(1, "tokens seen fewer times in the training split become <UNK>", ge=1)
+    max_size: int | None = _opt(None, "largest vocabulary, <EOS> and <UNK> included (null: no limit)", ge=3)
+    unk_marker: str | None = _opt("<unk>", "a word already in the corpus that means 'unknown' (PTB's <unk>); read as <UNK>")
+    valid_fraction: float = _opt(0.05, "without --valid, this last fraction of the lines is held out", gt=0, lt=1)
+    batch_size: int = _opt(64, "parallel streams the token sequence is cut into", ge=1)
+    bptt: int = _opt(128, "truncated back-propagation window, in tokens", ge=1)
+    eval_batch_size: int = _opt(16, "streams used for validation and test", ge=1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cell: Cell = _opt("lstm", "recurrent cell: rnn_tanh | rnn_relu | gru | lstm")
+    embedding_size: int = _opt(128, "size of the token embedding", ge=1)
+    hidden_size: int = _opt(512, "size of each recurrent layer's state", ge=1)
+    num_layers: int = _opt(2, "stacked recurrent layers", ge=1)
+    dropout: float = _opt(0.2, "dropout between layers and before the output layer", ge=0, lt=1)
+    tie_weights: bool = _opt(False, "share the embedding and output weights (needs embedding_size == hidden_size)")
+    init_range: float | None = _opt(0.1, "initialise every weight uniformly in [-r, r] (null: PyTorch's default)", gt=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: Optimizer = _opt("adam", "sgd | adam | adamw")
+    lr: float = _opt(2.0e-3, "learning rate", gt=0)
+    momentum: float = _opt(0.0, "SGD momentum", ge=0, lt=1)
+    weight_decay: float = _opt(0.0, "L2 penalty (decoupled for adamw)", ge=0)
+    loss_reduction: LossReduction = _opt(
+        "mean", "mean: per-token mean; time_sum: summed over the window, mean over the batch (Zaremba et al.)"
+    )
+    clip_grad_norm: float | None = _opt(5.0, "clip the gradient norm to this (null: no clipping)", gt=0)
+    schedule: Schedule = _opt("plateau", "constant | plateau | decay | cosine")
+    plateau_factor: float = _opt(2.0, "plateau: divide lr by this when validation loss stops improving", gt=1)
+    plateau_patience: int = _opt(0, "plateau: validations without improvement before lr is divided", ge=0)
+    decay_factor: float = _opt(0.5, "decay: multiply lr by this each epoch after decay_start_epoch", gt=0, le=1)
+    decay_start_epoch: int = _opt(4, "decay: the last epoch trained at the initial lr", ge=0)
+    warmup_steps: int = _opt(0, "cosine: steps of linear warm-up", ge=0)
+    min_lr: float = _opt(0.0, "lower bound of the learning rate for every schedule", ge=0)
+    max_epochs: int | None = _opt(20, "stop after this many passes over the training text", ge=1)
+    max_steps: int | None = _opt(None, "stop after this many optimiser steps", ge=1)
+    max_time: float | None = _opt(None, "stop after this wall-clock time: seconds, or '90s', '10m', '2h'", gt=0)
+    patience: int | None = _opt(3, "early stop after this many validations without improvement (null: never)", ge=1)
+    eval_every: int | None = _opt(None, "validate every N steps (null: at the end of each epoch)", ge=1)
+    log_every: int = _opt(10, "report training loss every N steps", ge=1)
+    seed: int = _opt(1234, "random seed: the same seed and config give the same run", ge=0)
+    device: Device = _opt("auto", "auto (cuda if present, else cpu) | cpu | cuda | mps")
+
+
+@dataclass(frozen=True)
+class Config:
+    format_version: int = _opt(FORMAT_VERSION, "config format; files from a newer lmtool are refused", ge=1)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict, ready for YAML or JSON."""
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+# Word models want other sizes than character models; `--level word` starts from these.
+WORD_LEVEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"level": "word", "batch_size": 32, "bptt": 35, "min_freq": 1, "max_size": 30000},
+    "model": {"embedding_size": 256, "hidden_size": 256, "num_layers": 2, "dropout": 0.3, "tie_weights": True},
+    "train": {"lr": 3.0e-3},
+}
+
+
+def defaults_for_level(level: str) -> dict[str, Any]:
+    """The built-in default config tree for a tokenization level."""
+    tree = Config().to_dict()
+    if level == "word":
+        tree = _merge(tree, WORD_LEVEL_DEFAULTS)
+    return tree
+
+
+def load_config(
+    config_file: Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Resolve defaults < file < `--set section.key=value` overrides < flags into a validated Config."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if config_file is not None:
+        layers.append((str(config_file), read_yaml_mapping(config_file)))
+    if overrides:
+        layers.append(("--set", _parse_overrides(overrides)))
+    if flags:
+        layers.append(("flag", _nest({k: v for k, v in flags.items() if v is not None})))
+    for source, tree in layers:
+        _check_keys(tree, source)
+
+    level = "char"
+    for _, tree in layers:
+        level = tree.get("data", {}).get("level", level)
+    resolved = defaults_for_level(level if level in ("char", "word") else "char")
+    for _, tree in layers:
+        resolved = _merge(resolved, tree)
+    return config_from_dict(resolved)
+
+
+def config_from_dict(tree: Mapping[str, Any], source: str = "config") -> Config:
+    """Validate a complete or partial nested dict into a Config (missing keys take defaults)."""
+    _check_keys(tree, source)
+    version = _coerce("format_version", tree.get("format_version", FORMAT_VERSION), int)
+    if version > FORMAT_VERSION:
+        raise LmtoolError(
+            f"{source}: format_version {version} is newer than this lmtool understands ({FORMAT_VERSION}); "
+            "upgrade lmtool to use it"
+        )
+    sections = {name: _build_section(cls, name, tree.get(name) or {}) for name, cls in SECTIONS.items()}
+    config = Config(format_version=version, **sections)
+    _check_cross_field(config)
+    return config
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping, with safe_load (no code runs)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LmtoolError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise LmtoolError(f"config path is a directory, not a YAML file: {path}") from None
+    except PermissionError:
+        raise LmtoolError(f"cannot read config file {path}: permission denied") from None
+    except UnicodeDecodeError as err:
+        raise LmtoolError(f"config file {path} is not UTF-8 text (byte {err.start})") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise LmtoolError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise LmtoolError(f"config file {path} must hold a mapping of sections (data, model, train)")
+    return tree
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as '90', '90s', '10m', '1.5h'."""
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smhd]?)\s*", str(value))
+    if not match:
+        raise ValueError("not a duration")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
+def field_help() -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) for every config key: the config reference."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section}.{f.name}", _type_name(hints[f.name]), f.default, f.metadata.get("help", "")))
+    return rows
+
+
+# --- internals -------------------------------------------------------------------------------------------
+
+
+def _valid_keys() -> dict[str, set[str]]:
+    return {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+
+
+def _all_dotted_keys() -> list[str]:
+    return ["format_version"] + [f"{s}.{k}" for s, keys in _valid_keys().items() for k in sorted(keys)]
+
+
+def _unknown_key(dotted: str, source: str) -> LmtoolError:
+    candidates = _all_dotted_keys() if "." in dotted else ["format_version", *SECTIONS]
+    near = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.5)
+    if not near:  # a right key in the wrong section: match on the last part alone
+        leaf = dotted.rsplit(".", 1)[-1]
+        near = [k for k in _all_dotted_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return LmtoolError(f"{source}: unknown config key '{dotted}'{hint}")
+
+
+def _check_keys(tree: Mapping[str, Any], source: str) -> None:
+    if not isinstance(tree, Mapping):
+        raise LmtoolError(f"{source}: the config must be a mapping of sections (data, model, train)")
+    valid = _valid_keys()
+    for key, value in tree.items():
+        if key == "format_version":
+            continue
+        if key not in valid:
+            raise _unknown_key(str(key), source)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise LmtoolError(f"{source}: '{key}' must be a mapping of keys, got {value!r}")
+        for sub in value:
+            if sub not in valid[key]:
+                raise _unknown_key(f"{key}.{sub}", source)
+
+
+def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            tree[section] = value
+        else:
+            tree.setdefault(section, {})[key] = value
+    return tree
+
+
+def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    flat = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise LmtoolError(f"--set expects section.key=value, got '{item}'")
+        if "." not in key and key != "format_version":
+            raise _unknown_key(key, "--set")
+        try:
+            flat[key] = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            flat[key] = raw
+    return _nest(flat)
+
+
+def _build_section(cls: type, name: str, values: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        dotted = f"{name}.{f.name}"
+        value = _coerce(dotted, values[f.name], hints[f.name])
+        _check_bounds(dotted, value, f.metadata)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or fail naming key and value."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            return None
+        inner = next(a for a in args if a is not type(None))
+        return _coerce(dotted, value, inner)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise LmtoolError(f"{dotted}: {value!r} is not one of {' | '.join(map(str, args))}")
+    if dotted == "train.max_time":
+        try:
+            return parse_duration(value)
+        except ValueError:
+            raise LmtoolError(f"{dotted}: {value!r} is not a duration (seconds, or like '90s', '10m', '2h')") from None
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+            return value.strip().lower() in ("true", "yes")
+        raise LmtoolError(f"{dotted}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+            return int(value)
+        raise LmtoolError(f"{dotted}: expected a whole number, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise LmtoolError(f"{dotted}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise LmtoolError(f"{dotted}: expected text, got {value!r}")
+    raise AssertionError(f"no coercion for {annotation}")
+
+
+def _check_bounds(dotted: str, value: Any, rules: Mapping[str, Any]) -> None:
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if value != value or value in (float("inf"), float("-inf")):
+        raise LmtoolError(f"{dotted}: {value} is not a finite number")
+    checks = {
+        "gt": (lambda v, b: v > b, "greater than"),
+        "ge": (lambda v, b: v >= b, "at least"),
+        "lt": (lambda v, b: v < b, "less than"),
+        "le": (lambda v, b: v <= b, "at most"),
+    }
+    for rule, (ok, words) in checks.items():
+        if rule in rules and not ok(value, rules[rule]):
+            raise LmtoolError(f"{dotted}: {value} is out of range (must be {words} {rules[rule]})")
+
+
+def _check_cross_field(config: Config) -> None:
+    model, train = config.model, config.train
+    if model.tie_weights and model.embedding_size != model.hidden_size:
+        raise LmtoolError(
+            f"model.tie_weights needs model.embedding_size == model.hidden_size "
+            f"(got {model.embedding_size} and {model.hidden_size}); set both to the same value"
+        )
+    if train.schedule == "cosine" and train.max_steps is None and train.max_epochs is None:
+        raise LmtoolError("train.schedule=cosine needs train.max_steps or train.max_epochs to know its length")
+    if train.max_epochs is None and train.max_steps is None and train.max_time is None and train.patience is None:
+        raise LmtoolError("training would never stop: set train.max_epochs, max_steps, max_time or patience")
+    if train.min_lr >= train.lr:
+        raise LmtoolError(f"train.min_lr ({train.min_lr}) must be below train.lr ({train.lr})")
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args if a is not type(None)) + " | null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def save_config_yaml(config: Config) -> str:
+    """The resolved config as YAML text, in field order."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,20 @@
+"""Pick the torch device a run asks for, with a clear message when it is not there."""
+
+from __future__ import annotations
+
+import torch
+
+from lmtool.errors import LmtoolError
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: cuda when present, else cpu; cuda and mps only when this machine has them."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LmtoolError("--device cuda was asked for but PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise LmtoolError("--device mps was asked for but this machine has no Apple GPU; use --device cpu or auto")
+    if name not in ("cpu", "cuda", "mps"):
+        raise LmtoolError(f"unknown device '{name}'; use auto, cpu, cuda or mps")
+    return torch.device(name)

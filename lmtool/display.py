@@ -1,0 +1,127 @@
+"""Terminal rendering of training events: a live rich display on a terminal, plain lines elsewhere."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+Event = dict[str, Any]
+
+
+def format_duration(seconds: float | None) -> str:
+    """'1h02m', '3m07s', '42s'."""
+    if seconds is None or math.isnan(seconds) or math.isinf(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def token_unit(level: str) -> str:
+    return "char" if level == "char" else "word"
+
+
+class TrainDisplay:
+    """Consumes the events of `lmtool.train.train`; progress goes to stderr, the summary to stdout."""
+
+    def __init__(self, live: bool | None = None, err: TextIO | None = None, out: TextIO | None = None) -> None:
+        self.err = Console(file=err or sys.stderr, highlight=False)
+        self.out = Console(file=out or sys.stdout, highlight=False)
+        self.live = self.err.is_terminal if live is None else live
+        if not self.live:  # log files want whole lines, not lines wrapped at 80 columns
+            self.err = Console(file=err or sys.stderr, highlight=False, soft_wrap=True, no_color=True)
+        self.progress: Progress | None = None
+        self.task = None
+        self.unit = "token"
+
+    def __call__(self, event: Event) -> None:
+        getattr(self, f"_on_{event['event']}")(event)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    # --- events -----------------------------------------------------------------------------------------
+
+    def _on_start(self, e: Event) -> None:
+        self.unit = token_unit(e["level"])
+        total = e["total_steps"]
+        self.err.print(
+            f"run {e['run']} | {e['cell']} {e['parameters']:,} parameters on {e['device']} | "
+            f"vocabulary {e['vocab_size']:,} {self.unit}s | {e['train_tokens']:,} training / "
+            f"{e['valid_tokens']:,} validation tokens | batch {e['batch_size']} x {e['bptt']}, "
+            f"{e['steps_per_epoch']:,} steps per epoch"
+        )
+        if self.live:
+            self.progress = Progress(
+                TextColumn("epoch {task.fields[epoch]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]} ppl {task.fields[ppl]} lr {task.fields[lr]}"),
+                TextColumn("{task.fields[speed]} tok/s ETA {task.fields[eta]}"),
+                console=self.err,
+                transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(
+                "train", total=total, epoch=1, loss="-", ppl="-", lr="-", speed="-", eta="?"
+            )
+
+    def _on_train(self, e: Event) -> None:
+        loss, ppl, lr = f"{e['loss']:.4f}", f"{e['ppl']:.2f}", f"{e['lr']:.2e}"
+        speed, eta = f"{e['tokens_per_s']:,.0f}", format_duration(e["eta"])
+        if self.progress is not None:
+            self.progress.update(
+                self.task, completed=e["step"], epoch=e["epoch"], loss=loss, ppl=ppl, lr=lr, speed=speed, eta=eta
+            )
+        else:
+            self.err.print(
+                f"epoch {e['epoch']} step {e['step']:,} | loss {loss} | ppl {ppl} | lr {lr} | "
+                f"{speed} tok/s | elapsed {format_duration(e['elapsed'])} | eta {eta}"
+            )
+
+    def _on_valid(self, e: Event) -> None:
+        mark = " (best)" if e["best"] else ""
+        line = (
+            f"validation epoch {e['epoch']} step {e['step']:,} | loss {e['loss']:.4f} | ppl {e['ppl']:.2f} | "
+            f"{e['bits_per_token']:.3f} bits/{self.unit}{mark}"
+        )
+        if self.progress is not None:
+            self.progress.console.print(line)
+        else:
+            self.err.print(line)
+
+    def _on_test(self, e: Event) -> None:
+        self.err.print(f"test | loss {e['loss']:.4f} | ppl {e['ppl']:.2f} | {e['bits_per_token']:.3f} bits/{self.unit}")
+
+    def _on_end(self, e: Event) -> None:
+        self.close()
+        table = Table(title="training summary", show_header=False, title_justify="left")
+        table.add_column("what", style="bold")
+        table.add_column("value")
+        rows = [("run", e["run"]), ("stopped", e["stop_reason"])]
+        if e["best_valid_loss"] is not None:
+            rows += [
+                ("best validation loss", f"{e['best_valid_loss']:.4f} nats/{self.unit}"),
+                ("best validation perplexity", f"{e['best_valid_ppl']:.2f}"),
+                (f"bits per {self.unit}", f"{e['best_valid_bits_per_token']:.3f}"),
+            ]
+        if e["test_ppl"] is not None:
+            rows.append(("test perplexity", f"{e['test_ppl']:.2f}"))
+        rows += [
+            ("tokens seen", f"{e['tokens_seen']:,}"),
+            ("steps / epochs", f"{e['steps']:,} / {e['epochs']}"),
+            ("time", format_duration(e["elapsed"])),
+        ]
+        for what, value in rows:
+            table.add_row(what, value)
+        self.out.print(table)

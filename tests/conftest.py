@@ -1,0 +1,46 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmtool.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch):
+    """Every test runs in its own directory, so runs/ and runs/latest never touch the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def small_corpus(tmp_path) -> Path:
+    """About 6,000 characters of Shakespeare."""
+    path = tmp_path / "small.txt"
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    return path
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `lmtool ARGS` in-process; returns exit code, stdout and stderr."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

@@ -1,0 +1,104 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lmtool.model import CELLS
+
+from conftest import CONFIGS, REPO
+
+TINY = CONFIGS / "tiny.yaml"
+
+
+def assert_one_line_error(result, *fragments, code=2):
+    assert result.code == code
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("lmtool: error: ")
+    assert "Traceback" not in result.err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_train_end_to_end_for_every_cell(run_cli, small_corpus, tmp_path, cell):
+    result = run_cli("train", small_corpus, "--config", TINY, "--cell", cell, "--out", tmp_path / "run")
+    assert result.code == 0, result.err
+    assert "training summary" in result.out and "best validation perplexity" in result.out
+    assert "validation epoch 2" in result.err  # progress goes to stderr, one plain line per interval here
+    saved = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert saved["cell"] == cell
+    assert (tmp_path / "runs" / "latest").resolve() == (tmp_path / "run").resolve()
+
+
+def test_word_level_and_default_run_directory(run_cli, small_corpus, tmp_path):
+    result = run_cli("train", small_corpus, "--config", TINY, "--level", "word", "--max-steps", "3")
+    assert result.code == 0, result.err
+    runs = [p for p in (tmp_path / "runs").iterdir() if p.name != "latest"]
+    assert len(runs) == 1 and runs[0].name.startswith("small-")
+    assert "vocab.json" in {p.name for p in runs[0].iterdir()}
+    assert "words" in result.err and "bits per word" in result.out
+
+
+def test_config_error_is_one_line_with_exit_2(run_cli, small_corpus, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hiden_size: 64\n")
+    result = run_cli("train", small_corpus, "--config", bad)
+    assert_one_line_error(result, "unknown config key 'model.hiden_size'", "did you mean 'model.hidden_size'")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--set", "model.dropout=1.5"], ["model.dropout: 1.5 is out of range"]),
+        (["--set", "train.lr=-1"], ["train.lr: -1.0 is out of range"]),
+        (["--level", "byte"], ["data.level: 'byte' is not one of char | word"]),
+        (["--device", "tpu"], ["train.device: 'tpu' is not one of"]),
+        (["--max-time", "soon"], ["not a duration"]),
+        (["--seed", "x"], ["Invalid value for '--seed'"]),
+        (["--bogus"], ["No such option: --bogus"]),
+    ],
+)
+def test_bad_flags_are_one_line_errors(run_cli, small_corpus, args, fragments):
+    assert_one_line_error(run_cli("train", small_corpus, "--config", TINY, *args), *fragments)
+
+
+def test_missing_and_undecodable_corpus(run_cli, tmp_path):
+    assert_one_line_error(run_cli("train", tmp_path / "nope.txt"), "training file not found")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9\n" * 10)
+    assert_one_line_error(run_cli("train", latin, "--config", TINY), "not UTF-8", "offset 3")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu_is_a_clear_error(run_cli, small_corpus):
+    assert_one_line_error(run_cli("train", small_corpus, "--config", TINY, "--device", "cuda"), "no CUDA GPU")
+
+
+def test_existing_run_is_not_overwritten(run_cli, small_corpus, tmp_path):
+    args = ("train", small_corpus, "--config", TINY, "--max-steps", "2", "--out", tmp_path / "run")
+    assert run_cli(*args).code == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    assert_one_line_error(run_cli(*args), "already exists", "--overwrite")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    assert run_cli(*args, "--overwrite").code == 0
+
+
+def test_console_script_and_python_dash_m(small_corpus, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-m", "lmtool", "train", str(small_corpus), "--config", str(TINY), "--max-steps", "2",
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "training summary" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "lmtool", "train", str(tmp_path / "missing.txt")],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr

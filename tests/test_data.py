@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from lmtool.data import batchify, encode_lines, fit_batch_size, hold_out_tail, load_corpus, read_text, windows
+from lmtool.errors import LmtoolError
+from lmtool.tokenizer import EOS_ID, UNK_ID, Tokenizer
+
+
+def test_batchify_makes_contiguous_rows_and_trims_only_the_tail():
+    stream = torch.arange(23, dtype=torch.int32)
+    rows = batchify(stream, 4)
+    assert rows.shape == (4, 5)
+    assert rows[1].tolist() == [5, 6, 7, 8, 9]  # each row is a contiguous piece of the stream
+    assert rows.flatten().tolist() == list(range(20))  # nothing lost but the last 23 % 4 tokens
+
+
+def test_windows_targets_are_inputs_shifted_by_one_and_cover_every_position():
+    rows = batchify(torch.arange(2 * 11, dtype=torch.int32), 2)  # (2, 11)
+    seen_x, seen_y = [], []
+    for x, y in windows(rows, bptt=4):
+        assert x.shape == y.shape and x.shape[1] <= 4
+        assert torch.equal(x + 1, y)
+        assert x.data_ptr() >= rows.data_ptr()  # views, not copies
+        seen_x.append(x)
+        seen_y.append(y)
+    assert torch.cat(seen_x, 1)[0].tolist() == list(range(10))
+    assert torch.cat(seen_y, 1)[0].tolist() == list(range(1, 11))
+    assert [x.shape[1] for x in seen_x] == [4, 4, 2]
+
+
+def test_vocabulary_comes_from_training_split_only(tmp_path):
+    train, valid = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train.write_text("the cat sat\nthe dog\n")
+    valid.write_text("the zebra\n")
+    corpus = load_corpus(train, valid, None, "word", 1, None, False, None, 0.1)
+    assert "zebra" not in corpus.tokenizer.tokens
+    assert corpus.valid.tolist() == [corpus.tokenizer.token_id("the"), UNK_ID, EOS_ID]
+    assert corpus.valid.dtype == torch.int32
+
+
+def test_held_out_validation_is_the_contiguous_tail_and_rare_train_words_become_unk(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("a a b\na a c\na a d\nlast line\n")
+    corpus = load_corpus(path, None, None, "word", 2, None, False, None, 0.25)
+    assert corpus.tokenizer.tokens[2:] == ("a",)
+    assert corpus.train.tolist().count(UNK_ID) == 3  # b, c, d: <UNK> gets a trained probability
+    assert corpus.valid.tolist() == [UNK_ID, UNK_ID, EOS_ID]  # "last line" held out at the end
+    assert hold_out_tail(list("abcdefghij"), 0.2) == (list("abcdefgh"), ["i", "j"])
+
+
+def test_encode_lines_appends_eos_per_line():
+    tok = Tokenizer.build(["ab"], level="char")
+    a, b = tok.token_id("a"), tok.token_id("b")
+    assert encode_lines(tok, ["ab", "b"]).tolist() == [a, b, EOS_ID, b, EOS_ID]
+
+
+def test_non_utf8_error_names_file_and_offset(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf".encode() + b"\xe9 au lait\n")
+    with pytest.raises(LmtoolError, match=r"latin1.txt.*not UTF-8.*0xe9 at offset 3"):
+        read_text(path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "is empty"), (b"  \n\t\n", "is empty"), (b"ab\x00cd", "binary")],
+)
+def test_unusable_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(LmtoolError, match=message):
+        read_text(path)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(LmtoolError, match="not found"):
+        read_text(tmp_path / "nope.txt")
+    with pytest.raises(LmtoolError, match="is a directory"):
+        read_text(tmp_path)
+
+
+def test_short_stream_shrinks_the_batch_with_a_warning_or_fails_with_the_minimum():
+    assert fit_batch_size(1000, 8, 16, "training") == 8
+    with pytest.warns(UserWarning, match="batch size 3 instead of 8"):
+        assert fit_batch_size(7, 8, 16, "training") == 3
+    with pytest.raises(LmtoolError, match=r"at least 2 are needed \(and 136"):
+        fit_batch_size(1, 8, 16, "training")

@@ -1,0 +1,76 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmtool.errors import LmtoolError
+from lmtool.tokenizer import EOS, EOS_ID, UNK, UNK_ID, Tokenizer
+
+
+def test_char_level_tokens_are_code_points_and_lines_end_with_eos():
+    tok = Tokenizer.build(["héllo", "wörld 🙂"], level="char")
+    ids = tok.encode_line("hé🙂")
+    assert ids[-1] == EOS_ID
+    assert [tok.tokens[i] for i in ids[:-1]] == ["h", "é", "🙂"]  # one token per code point, not per byte
+
+
+def test_word_level_splits_on_whitespace_and_decodes_eos_as_newline():
+    tok = Tokenizer.build(["the cat sat", "the  dog\tran"], level="word")
+    ids = tok.encode("the cat\nthe dog")
+    assert ids[2] == EOS_ID
+    assert tok.decode(ids) == "the cat\nthe dog"
+    assert tok.split("a  b\tc") == ["a", "b", "c"]
+
+
+def test_unknown_tokens_become_unk_and_lowercasing_is_optional():
+    tok = Tokenizer.build(["The cat"], level="word", lowercase=True)
+    assert tok.encode("THE dog") == [tok.token_id("the"), UNK_ID]
+    cased = Tokenizer.build(["The cat"], level="word")
+    assert cased.encode("the") == [UNK_ID]
+
+
+def test_min_freq_and_max_size_limit_the_vocabulary():
+    lines = ["a a a b b c"]
+    assert Tokenizer.build(lines, level="word", min_freq=2).tokens == (EOS, UNK, "a", "b")
+    assert Tokenizer.build(lines, level="word", max_size=3).tokens == (EOS, UNK, "a")
+    # frequency order, ties broken by the token so the ids are reproducible
+    assert Tokenizer.build(["z y x x"], level="word").tokens == (EOS, UNK, "x", "y", "z")
+
+
+def test_literal_unknown_marker_maps_to_unk_and_is_not_a_type():
+    tok = Tokenizer.build(["the <unk> sat", "a <unk>"], level="word", unk_marker="<unk>")
+    assert "<unk>" not in tok.tokens
+    assert tok.encode("the <unk>") == [tok.token_id("the"), UNK_ID]
+    plain = Tokenizer.build(["the <unk> sat"], level="word", unk_marker=None)
+    assert "<unk>" in plain.tokens
+
+
+def test_round_trip_through_plain_dict():
+    tok = Tokenizer.build(["to be or not"], level="word", lowercase=True, unk_marker="<unk>")
+    again = Tokenizer.from_dict(tok.to_dict())
+    assert again == tok
+    assert again.encode("to be <unk>") == tok.encode("to be <unk>")
+
+
+@pytest.mark.parametrize("bad", [{}, {"level": "char", "tokens": ["a"]}, {"level": "byte", "tokens": [EOS, UNK]}, None])
+def test_malformed_vocabulary_is_refused(bad):
+    with pytest.raises(LmtoolError, match="vocabulary is malformed"):
+        Tokenizer.from_dict(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
+def test_char_decode_encode_is_identity_for_in_vocabulary_text(text):
+    tok = Tokenizer.build(text.split("\n"), level="char")
+    assert tok.decode(tok.encode(text)) == text
+
+
+words = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Zs", "Zl", "Zp", "Cc")), min_size=1, max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(words, max_size=6), min_size=1, max_size=6))
+def test_word_decode_encode_is_identity_for_normalised_text(lines):
+    lines = [[w for w in line if w.split() == [w] and w not in (EOS, UNK)] for line in lines]
+    text = "\n".join(" ".join(line) for line in lines)
+    tok = Tokenizer.build(text.split("\n"), level="word")
+    assert tok.decode(tok.encode(text)) == text

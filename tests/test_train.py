@@ -1,0 +1,118 @@
+import json
+import math
+
+import pytest
+import torch
+
+from lmtool.checkpoint import BEST_MODEL, LAST_MODEL, load_model_file
+from lmtool.config import TrainConfig, load_config
+from lmtool.evaluate import stream_nll
+from lmtool.data import encode_lines, read_text, split_lines
+from lmtool.errors import LmtoolError
+from lmtool.schedule import PlateauTracker, learning_rate
+from lmtool.train import train
+
+from conftest import CONFIGS
+
+TINY = CONFIGS / "tiny.yaml"
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_overfits_a_repeated_sentence(tmp_path):
+    corpus = tmp_path / "repeat.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 60)
+    cfg = load_config(
+        TINY,
+        ["train.max_epochs=25", "train.patience=null", "data.valid_fraction=0.1", "data.batch_size=4"],
+    )
+    result = train(cfg, corpus, out=tmp_path / "run")
+    assert result.best_valid.perplexity < 1.5
+
+
+def test_same_seed_gives_the_same_run_and_the_best_model_file_scores_as_recorded(small_corpus, tmp_path):
+    cfg = load_config(TINY, ["train.seed=5"])
+    a = train(cfg, small_corpus, out=tmp_path / "a")
+    b = train(cfg, small_corpus, out=tmp_path / "b")
+    losses = lambda run: [(r["event"], r.get("loss")) for r in metrics(run)]  # noqa: E731
+    assert losses(a.run_dir) == losses(b.run_dir)
+    wa, wb = load_model_file(a.run_dir / LAST_MODEL).model, load_model_file(b.run_dir / LAST_MODEL).model
+    assert all(torch.equal(x, y) for x, y in zip(wa.state_dict().values(), wb.state_dict().values()))
+
+    # the saved best model, reloaded, gives exactly the validation loss recorded during training
+    loaded = load_model_file(a.run_dir / BEST_MODEL)
+    lines = split_lines(read_text(small_corpus))
+    n_valid = max(1, round(len(lines) * cfg.data.valid_fraction))
+    valid = encode_lines(loaded.tokenizer, lines[-n_valid:])
+    score = stream_nll(loaded.model, valid, cfg.data.eval_batch_size, cfg.data.bptt)
+    assert score.loss == pytest.approx(a.best_valid.loss, rel=1e-5)
+    assert score.tokens == a.best_valid.tokens
+
+
+def test_run_directory_contents_and_latest_link(small_corpus, tmp_path):
+    result = train(load_config(TINY), small_corpus, out=tmp_path / "run")
+    names = {p.name for p in result.run_dir.iterdir()}
+    assert {"config.yaml", "vocab.json", "metrics.jsonl", BEST_MODEL, LAST_MODEL} <= names
+    assert (tmp_path / "runs" / "latest").resolve() == result.run_dir.resolve()
+    events = [r["event"] for r in metrics(result.run_dir)]
+    assert events[0] == "start" and events[-1] == "end" and events.count("valid") == 2
+    # validation perplexity is exp(summed NLL / tokens)
+    valid = [r for r in metrics(result.run_dir) if r["event"] == "valid"][-1]
+    assert valid["ppl"] == pytest.approx(math.exp(valid["loss"]))
+
+
+def test_existing_run_needs_overwrite(small_corpus, tmp_path):
+    cfg = load_config(TINY, ["train.max_steps=2"])
+    train(cfg, small_corpus, out=tmp_path / "run")
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    with pytest.raises(LmtoolError, match="already exists; pass --overwrite"):
+        train(cfg, small_corpus, out=tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+    train(cfg, small_corpus, out=tmp_path / "run", overwrite=True)
+    assert metrics(tmp_path / "run")[0]["event"] == "start"
+    assert len([r for r in metrics(tmp_path / "run") if r["event"] == "start"]) == 1
+
+
+def test_max_steps_and_eval_every_and_test_split(small_corpus, tmp_path):
+    test_file = tmp_path / "test.txt"
+    test_file.write_text("First Citizen:\nWe are accounted poor citizens.\n")
+    cfg = load_config(TINY, ["train.max_steps=7", "train.eval_every=3"])
+    result = train(cfg, small_corpus, test_path=test_file, out=tmp_path / "run")
+    assert result.steps == 7 and "max_steps=7" in result.stop_reason
+    records = metrics(result.run_dir)
+    assert [r["step"] for r in records if r["event"] == "valid"] == [3, 6, 7]
+    assert result.test is not None and [r for r in records if r["event"] == "test"][0]["tokens"] == result.test.tokens
+
+
+def test_early_stop_after_patience(small_corpus, tmp_path):
+    # an absurd learning rate makes validation worse after the first check
+    cfg = load_config(TINY, ["train.lr=50", "train.patience=2", "train.max_epochs=20", "train.optimizer=sgd",
+                             "train.clip_grad_norm=null", "train.schedule=constant"])
+    result = train(cfg, small_corpus, out=tmp_path / "run")
+    assert "early stop" in result.stop_reason
+    assert result.epochs < 20
+
+
+def test_decay_schedule_follows_zaremba():
+    cfg = TrainConfig(schedule="decay", lr=1.0, decay_factor=0.5, decay_start_epoch=4)
+    assert [learning_rate(cfg, 0, epoch, 0, None) for epoch in range(1, 8)] == [1, 1, 1, 1, 0.5, 0.25, 0.125]
+
+
+def test_cosine_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(schedule="cosine", lr=1.0, warmup_steps=4, min_lr=0.1, max_steps=104)
+    assert [learning_rate(cfg, s, 1, 0, 104) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert learning_rate(cfg, 54, 1, 0, 104) == pytest.approx(0.55)
+    assert learning_rate(cfg, 104, 1, 0, 104) == pytest.approx(0.1)
+
+
+def test_plateau_divides_after_patience_and_counts_for_early_stop():
+    tracker = PlateauTracker()
+    assert tracker.update(2.0, plateau_patience=1) is True
+    tracker.update(2.1, plateau_patience=1)
+    assert tracker.divisions == 0
+    tracker.update(2.2, plateau_patience=1)
+    assert (tracker.divisions, tracker.since_best) == (1, 2)
+    cfg = TrainConfig(schedule="plateau", lr=1.0, plateau_factor=4.0)
+    assert learning_rate(cfg, 0, 1, tracker.divisions, None) == 0.25
