@@ -215,3 +215,28 @@ def load_model_file(path: Path) -> LoadedModel:
         raise LmtoolError(f"{path}: weights missing or unexpected ({sorted(set(missing) - tied) or unexpected})")
     model.eval()
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, info=info, path=path)
+
+
+def resolve_model_path(ref: str | Path | None) -> Path:
+    """The model file meant by `--model`: a file, a run directory (its best model), or runs/latest when absent."""
+    if ref is None:
+        latest = RUNS_ROOT / LATEST
+        pointer = RUNS_ROOT / f"{LATEST}.txt"
+        if latest.exists():
+            ref = latest
+        elif pointer.is_file():
+            ref = Path(pointer.read_text(encoding="utf-8").strip())
+        else:
+            raise LmtoolError(
+                "no trained model found (runs/latest does not exist here); train one first with "
+                "'lmtool train data/tinyshakespeare.txt', or name one with --model RUN"
+            )
+    path = Path(ref)
+    if path.is_dir():
+        for name in (BEST_MODEL, LAST_MODEL):
+            if (path / name).is_file():
+                return path / name
+        raise LmtoolError(f"{path} holds no model file ({BEST_MODEL}); is it an lmtool run directory?")
+    if not path.exists():
+        raise LmtoolError(f"model not found: {path} (give a run directory or a .safetensors model file)")
+    return path

@@ -11,7 +11,7 @@ from typing import List, Optional
 import click
 import typer
 
-from lmtool.errors import LmtoolError
+from lmtool.errors import Interrupted, LmtoolError
 
 # Newer typer vendors its own click; usage errors may come from either.
 _CLICK_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
@@ -76,8 +76,161 @@ def train(
     display = TrainDisplay()
     try:
         run_training(cfg, corpus, valid_path=valid, test_path=test, out=out, overwrite=overwrite, on_event=display)
+    except KeyboardInterrupt:
+        where = f"; the best model so far is in {display.run_dir}" if display.run_dir else ""
+        raise Interrupted(f"training interrupted{where}") from None
     finally:
         display.close()
+
+
+MODEL_HELP = "run directory or model file (default: runs/latest)"
+
+
+@app.command()
+def sample(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    temperature: float = typer.Option(1.0, help="> 0 flattens (>1) or sharpens (<1) the distribution; 0 is greedy"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="sample among the k most probable tokens only"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="sample among the smallest set reaching probability p"),
+    prime: str = typer.Option("", help="text to start from (the prompt); newlines are line ends"),
+    length: int = typer.Option(200, help="tokens to generate per sample"),
+    num_samples: int = typer.Option(1, "--num-samples", "-n", help="samples generated together as one batch"),
+    seed: Optional[int] = typer.Option(None, help="same seed, same text"),
+    stop_at_eos: bool = typer.Option(False, "--stop-at-eos", help="end a sample at its first line end (<EOS>)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write the samples to this file"),
+    overwrite: bool = typer.Option(False, help="let --output replace an existing file"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+) -> None:
+    """Generate text from a trained model, one token at a time (the RNN state is carried, never re-read)."""
+    from lmtool.api import load_model
+    from lmtool.checkpoint import atomic_write
+    from lmtool.sample import SamplingOptions, encode_prime
+
+    options = SamplingOptions(
+        temperature=temperature, top_k=top_k, top_p=top_p, length=length, num_samples=num_samples,
+        stop_at_eos=stop_at_eos, seed=seed,
+    )
+    if output is not None and output.exists() and not overwrite:
+        raise LmtoolError(f"--output {output} already exists; pass --overwrite to replace it or choose another file")
+    lm = load_model(model, device)
+    _, unknown = encode_prime(lm.tokenizer, prime)
+    if unknown:
+        warnings.warn(f"{unknown} token(s) of --prime are not in the vocabulary and are read as <UNK>")
+    stream = num_samples == 1
+    on_token = _streamer(lm.tokenizer, prime) if stream else None
+    if stream:
+        sys.stdout.write(prime)
+        sys.stdout.flush()
+    texts = lm.sample(prime, options, on_token=on_token)
+    if stream:
+        sys.stdout.write("\n")
+    else:
+        for n, text in enumerate(texts, start=1):
+            sys.stdout.write(f"--- sample {n} ---\n{prime}{_joined(lm.tokenizer, prime, text)}\n")
+    if output is not None:
+        body = "".join(f"{prime}{_joined(lm.tokenizer, prime, t)}\n" for t in texts)
+        atomic_write(output, body.encode("utf-8"))
+
+
+def _joined(tokenizer, prime: str, text: str) -> str:
+    """Word-level text after a prime needs a space between them (unless the prime ends a line)."""
+    if tokenizer.level == "word" and prime and not prime.endswith("\n") and text and not text.startswith("\n"):
+        return " " + text
+    return text
+
+
+def _streamer(tokenizer, prime: str):
+    """Write each new token of a single sample to stdout as soon as it exists."""
+    from lmtool.tokenizer import EOS_ID
+
+    at_line_start = [not prime or prime.endswith("\n")]
+
+    def write(token) -> None:
+        i = int(token[0])
+        if i == EOS_ID:
+            piece, at_line_start[0] = "\n", True
+        elif tokenizer.level == "word":
+            piece = tokenizer.tokens[i] if at_line_start[0] else " " + tokenizer.tokens[i]
+            at_line_start[0] = False
+        else:
+            piece = tokenizer.tokens[i]
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    return write
+
+
+@app.command("score")
+def score(
+    sentences: List[str] = typer.Argument(None, help="sentences to score (or use --file)"),
+    file: Optional[str] = typer.Option(None, "--file", "-f", help="score each line of this file ('-' for stdin)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    tokens: bool = typer.Option(False, "--tokens", help="add a per-token table: probability, log-probability, bits"),
+    json_out: bool = typer.Option(False, "--json", help="write JSON Lines, one object per sentence"),
+    fmt: str = typer.Option("table", "--format", help="table | kenlm (KenLM query-style lines)"),
+    batch_size: int = typer.Option(64, "--batch-size", help="sentences scored together in one padded batch"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+) -> None:
+    """Score sentences: log P(w1 .. wT, <EOS>), each starting from the sentence-start state (after an <EOS>).
+
+    Prints log P in nats and base 10, perplexity, token and unknown-token counts, and ranks several
+    sentences most probable first (say, to pick the likeliest of competing transcripts).
+    """
+    from rich.console import Console
+
+    from lmtool.api import load_model
+    from lmtool.data import iter_lines
+    from lmtool.report import print_scores, score_json_lines, score_kenlm_lines
+
+    if fmt not in ("table", "kenlm"):
+        raise LmtoolError(f"--format must be table or kenlm, got '{fmt}'")
+    if batch_size < 1:
+        raise LmtoolError(f"--batch-size must be at least 1, got {batch_size}")
+    texts = list(sentences or [])
+    if file is not None:
+        texts += [line.rstrip("\r\n") for line in sys.stdin] if file == "-" else list(iter_lines(Path(file), "sentence"))
+    if not texts:
+        raise LmtoolError("no sentences to score; give them as arguments, or with --file FILE (or - for stdin)")
+    lm = load_model(model, device)
+    scores = lm.score(texts, batch_size=batch_size)
+    if json_out:
+        print("\n".join(score_json_lines(scores, with_tokens=tokens)))
+    elif fmt == "kenlm":
+        print("\n".join(score_kenlm_lines(scores, lm.tokenizer)))
+    else:
+        print_scores(Console(highlight=False), scores, with_tokens=tokens)
+
+
+app.command("score-sentence-probability", help="Same as 'score'.")(score)
+
+
+@app.command("evaluate-perplexity")
+def evaluate_perplexity(
+    files: List[Path] = typer.Argument(..., help="held-out text files"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    batch_size: int = typer.Option(1, "--batch-size", help="parallel streams; 1 gives the exact whole-file number"),
+    bptt: Optional[int] = typer.Option(None, help="tokens per forward window (default: the model's data.bptt)"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+) -> None:
+    """Perplexity of text files, streamed through the model with the state carried across lines."""
+    import json
+
+    from rich.console import Console
+
+    from lmtool.api import load_model
+    from lmtool.report import evaluation_record, print_evaluation
+
+    if batch_size < 1:
+        raise LmtoolError(f"--batch-size must be at least 1, got {batch_size}")
+    if bptt is not None and bptt < 1:
+        raise LmtoolError(f"--bptt must be at least 1, got {bptt}")
+    lm = load_model(model, device)
+    evaluation = lm.perplexity(files, batch_size=batch_size, bptt=bptt)
+    if json_out:
+        print(json.dumps(evaluation_record(evaluation, lm.level)))
+    else:
+        print_evaluation(Console(highlight=False), evaluation, lm.level)
 
 
 def _one_line(message: str) -> str:

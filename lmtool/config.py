@@ -38,7 +38,7 @@ class DataConfig:
     max_size: int | None = _opt(None, "largest vocabulary, <EOS> and <UNK> included (null: no limit)", ge=3)
     unk_marker: str | None = _opt("<unk>", "a word already in the corpus that means 'unknown' (PTB's <unk>); read as <UNK>")
     valid_fraction: float = _opt(0.05, "without --valid, this last fraction of the lines is held out", gt=0, lt=1)
-    batch_size: int = _opt(64, "parallel streams the token sequence is cut into", ge=1)
+    batch_size: int = _opt(32, "parallel streams the token sequence is cut into", ge=1)
     bptt: int = _opt(128, "truncated back-propagation window, in tokens", ge=1)
     eval_batch_size: int = _opt(16, "streams used for validation and test", ge=1)
 

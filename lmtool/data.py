@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator
 
 import torch
 
 from lmtool.errors import LmtoolError
-from lmtool.tokenizer import Tokenizer
+from lmtool.tokenizer import EOS_ID, Tokenizer
 
 
 def read_text(path: Path | str, what: str = "corpus") -> str:
@@ -61,12 +63,73 @@ def hold_out_tail(lines: list[str], fraction: float) -> tuple[list[str], list[st
     return lines[:-n_valid], lines[-n_valid:]
 
 
-def encode_lines(tokenizer: Tokenizer, lines: Sequence[str]) -> torch.Tensor:
-    """All lines as one id stream, each line ended by <EOS>; int32 to keep big corpora compact."""
-    ids: list[int] = []
+def encode_lines(tokenizer: Tokenizer, lines: Iterable[str]) -> torch.Tensor:
+    """One id stream: <EOS> (the text starts at a line start), then each line followed by <EOS>.
+
+    The leading <EOS> means every token of the text is scored, the first one from the sentence-start
+    context, exactly as `score` does. int32 (4 bytes a token) keeps big corpora compact.
+    """
+    ids = array("i", [EOS_ID])
     for line in lines:
         ids.extend(tokenizer.encode_line(line))
-    return torch.tensor(ids, dtype=torch.int32)  # (N,)
+    return torch.frombuffer(ids, dtype=torch.int32)  # (N + 1,)
+
+
+def iter_lines(path: Path | str, what: str = "text") -> Iterator[str]:
+    """Stream a UTF-8 file line by line (newlines removed) without holding it in memory."""
+    path = Path(path)
+    _check_readable_file(path, what)
+    offset = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            nul = raw.find(b"\x00")
+            if nul >= 0:
+                raise LmtoolError(f"{what} file {path} looks binary (NUL byte at offset {offset + nul})")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise LmtoolError(
+                    f"{what} file {path} is not UTF-8: undecodable byte 0x{raw[err.start]:02x} at offset "
+                    f"{offset + err.start}; convert it to UTF-8 (e.g. iconv -t utf-8)"
+                ) from None
+            if offset == 0:
+                line = line.removeprefix("\ufeff")
+            offset += len(raw)
+            yield line.rstrip("\n").removesuffix("\r")
+
+
+def _check_readable_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise LmtoolError(f"{what} file not found: {path}")
+    if path.is_dir():
+        raise LmtoolError(f"{what} path is a directory, not a text file: {path}")
+    if not os.access(path, os.R_OK):
+        raise LmtoolError(f"cannot read {what} file {path}: permission denied")
+
+
+def encode_file_to_disk(tokenizer: Tokenizer, path: Path, ids_path: Path, chunk_lines: int = 10_000) -> torch.Tensor:
+    """Encode a file of any size into an int32 file and map it: memory stays bounded by the page cache."""
+    count = 1
+    with open(ids_path, "wb") as out:
+        out.write(array("i", [EOS_ID]).tobytes())  # the text starts at a line start, as in encode_lines
+        chunk: list[str] = []
+        for line in iter_lines(path, "evaluation"):
+            chunk.append(line)
+            if len(chunk) >= chunk_lines:
+                count += _write_ids(tokenizer, chunk, out)
+                chunk = []
+        count += _write_ids(tokenizer, chunk, out)
+    if count == 1:
+        raise LmtoolError(f"evaluation file {path} is empty (no text to score)")
+    return torch.from_file(str(ids_path), shared=True, size=count, dtype=torch.int32)  # (N,), memory-mapped
+
+
+def _write_ids(tokenizer: Tokenizer, lines: list[str], out) -> int:
+    ids = array("i")
+    for line in lines:
+        ids.extend(tokenizer.encode_line(line))
+    out.write(ids.tobytes())
+    return len(ids)
 
 
 def batchify(stream: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ class TrainDisplay:
         self.progress: Progress | None = None
         self.task = None
         self.unit = "token"
+        self.run_dir: str | None = None
 
     def __call__(self, event: Event) -> None:
         getattr(self, f"_on_{event['event']}")(event)
@@ -54,6 +55,7 @@ class TrainDisplay:
 
     def _on_start(self, e: Event) -> None:
         self.unit = token_unit(e["level"])
+        self.run_dir = e["run"]
         total = e["total_steps"]
         self.err.print(
             f"run {e['run']} | {e['cell']} {e['parameters']:,} parameters on {e['device']} | "

@@ -11,3 +11,9 @@ class TrainingFailed(LmtoolError):
     """Training could not go on for a reason found at run time (not a usage mistake)."""
 
     exit_code = 1
+
+
+class Interrupted(LmtoolError):
+    """The user pressed Ctrl-C; what was saved so far stays intact."""
+
+    exit_code = 130

@@ -1,15 +1,20 @@
-"""Log-probabilities of text: the one definition of the loss, and the NLL of a whole token stream."""
+"""Log-probabilities of text: the one definition of the loss, stream perplexity, and sentence scores."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lmtool.data import batchify, windows
+from lmtool.errors import LmtoolError
 from lmtool.model import LanguageModel, State, detach_state
+from lmtool.tokenizer import EOS, EOS_ID, UNK_ID, Tokenizer
+
+LOG10_E = 1 / math.log(10)
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -18,12 +23,18 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nll.view(targets.shape)  # (B, T)
 
 
+def _exp(x: float) -> float:
+    return math.exp(min(x, 700.0))
+
+
 @dataclass(frozen=True)
 class StreamScore:
     """Summed negative log-likelihood over the tokens actually scored."""
 
-    nll: float  # nats, summed
+    nll: float  # nats, summed over every scored token
     tokens: int
+    unknown: int = 0  # scored positions whose target is <UNK>
+    nll_unknown: float = 0.0  # the part of `nll` at those positions
 
     @property
     def loss(self) -> float:
@@ -33,11 +44,21 @@ class StreamScore:
     @property
     def perplexity(self) -> float:
         """exp(total NLL / total tokens): never an average of per-batch perplexities."""
-        return math.exp(min(self.loss, 700.0))
+        return _exp(self.loss)
 
     @property
     def bits_per_token(self) -> float:
         return self.loss / math.log(2)
+
+    @property
+    def unknown_rate(self) -> float:
+        return self.unknown / self.tokens
+
+    @property
+    def perplexity_known(self) -> float | None:
+        """Perplexity over the positions whose target is a known token (None if there are none)."""
+        known = self.tokens - self.unknown
+        return _exp((self.nll - self.nll_unknown) / known) if known else None
 
 
 @torch.no_grad()
@@ -46,13 +67,102 @@ def stream_nll(model: LanguageModel, stream: torch.Tensor, batch_size: int, bptt
     was_training = model.training
     model.eval()
     device = model.decoder.weight.device
-    streams = batchify(stream, batch_size).to(device)  # (B, N // B)
+    streams = batchify(stream, batch_size)  # (B, N // B), still on the host: moved a window at a time
+    if streams.size(1) < 2:
+        raise LmtoolError(f"the text has {stream.numel()} tokens: too short to score with batch size {batch_size}")
     state: State = model.init_state(streams.size(0))
     total = torch.zeros((), dtype=torch.float64, device=device)
+    total_unknown = torch.zeros((), dtype=torch.float64, device=device)
+    unknown = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in windows(streams, bptt):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits, state = model(x, state)  # (B, T, V)
-        total += token_nll(logits, y).sum(dtype=torch.float64)
+        nll = token_nll(logits, y)  # (B, T)
+        is_unknown = y == UNK_ID
+        total += nll.sum(dtype=torch.float64)
+        total_unknown += (nll * is_unknown).sum(dtype=torch.float64)
+        unknown += is_unknown.sum()
         state = detach_state(state)
     model.train(was_training)
-    scored = streams.size(0) * max(0, streams.size(1) - 1)
-    return StreamScore(nll=float(total), tokens=scored)
+    scored = streams.size(0) * (streams.size(1) - 1)
+    return StreamScore(nll=float(total), tokens=scored, unknown=int(unknown), nll_unknown=float(total_unknown))
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """One token of a scored sentence."""
+
+    token: str  # as written in the sentence; <EOS> for the end
+    known: bool
+    logprob: float  # natural log
+
+    @property
+    def prob(self) -> float:
+        return math.exp(self.logprob)
+
+    @property
+    def surprisal_bits(self) -> float:
+        return -self.logprob / math.log(2)
+
+
+@dataclass(frozen=True)
+class SentenceScore:
+    """log P(tokens..., <EOS>) of one sentence, from the sentence-start state."""
+
+    sentence: str
+    tokens: tuple[TokenScore, ...]
+
+    @property
+    def logprob(self) -> float:
+        return math.fsum(t.logprob for t in self.tokens)
+
+    @property
+    def log10prob(self) -> float:
+        return self.logprob * LOG10_E
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_unknown(self) -> int:
+        return sum(not t.known for t in self.tokens)
+
+    @property
+    def perplexity(self) -> float:
+        return _exp(-self.logprob / self.num_tokens)
+
+
+@torch.no_grad()
+def score_sentences(
+    model: LanguageModel, tokenizer: Tokenizer, sentences: Sequence[str], batch_size: int = 64
+) -> list[SentenceScore]:
+    """Score each sentence as P(y1 .. yT, <EOS>) starting after an <EOS>, in padded batches."""
+    for s in sentences:
+        if "\n" in s:
+            raise LmtoolError("a sentence to score cannot contain a newline; give one sentence per line")
+    model.eval()
+    device = model.decoder.weight.device
+    encoded = [tokenizer.encode_line(s) for s in sentences]
+    # Longest first, so each padded batch wastes little; results go back in the caller's order.
+    order = sorted(range(len(sentences)), key=lambda i: -len(encoded[i]))
+    logprobs: list[list[float]] = [[] for _ in sentences]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = len(encoded[chunk[0]])
+        targets = torch.full((len(chunk), width), EOS_ID, dtype=torch.long)
+        for row, i in enumerate(chunk):
+            targets[row, : len(encoded[i])] = torch.tensor(encoded[i])
+        inputs = torch.cat([torch.full((len(chunk), 1), EOS_ID), targets[:, :-1]], dim=1)  # (B, L)
+        logits, _ = model(inputs.to(device))  # (B, L, V); padding sits after each sentence, so it changes nothing
+        lp = (-token_nll(logits, targets.to(device))).double().cpu()  # (B, L)
+        for row, i in enumerate(chunk):
+            logprobs[i] = lp[row, : len(encoded[i])].tolist()
+    results = []
+    for sentence, ids, lps in zip(sentences, encoded, logprobs):
+        words = tokenizer.split(sentence) + [EOS]
+        tokens = tuple(
+            TokenScore(token=w, known=(i != UNK_ID), logprob=lp) for w, i, lp in zip(words, ids, lps)
+        )
+        results.append(SentenceScore(sentence=sentence, tokens=tokens))
+    return results

@@ -34,7 +34,7 @@ def test_vocabulary_comes_from_training_split_only(tmp_path):
     valid.write_text("the zebra\n")
     corpus = load_corpus(train, valid, None, "word", 1, None, False, None, 0.1)
     assert "zebra" not in corpus.tokenizer.tokens
-    assert corpus.valid.tolist() == [corpus.tokenizer.token_id("the"), UNK_ID, EOS_ID]
+    assert corpus.valid.tolist() == [EOS_ID, corpus.tokenizer.token_id("the"), UNK_ID, EOS_ID]
     assert corpus.valid.dtype == torch.int32
 
 
@@ -44,14 +44,15 @@ def test_held_out_validation_is_the_contiguous_tail_and_rare_train_words_become_
     corpus = load_corpus(path, None, None, "word", 2, None, False, None, 0.25)
     assert corpus.tokenizer.tokens[2:] == ("a",)
     assert corpus.train.tolist().count(UNK_ID) == 3  # b, c, d: <UNK> gets a trained probability
-    assert corpus.valid.tolist() == [UNK_ID, UNK_ID, EOS_ID]  # "last line" held out at the end
+    assert corpus.valid.tolist() == [EOS_ID, UNK_ID, UNK_ID, EOS_ID]  # "last line" held out at the end
     assert hold_out_tail(list("abcdefghij"), 0.2) == (list("abcdefgh"), ["i", "j"])
 
 
 def test_encode_lines_appends_eos_per_line():
     tok = Tokenizer.build(["ab"], level="char")
     a, b = tok.token_id("a"), tok.token_id("b")
-    assert encode_lines(tok, ["ab", "b"]).tolist() == [a, b, EOS_ID, b, EOS_ID]
+    # a leading <EOS>: the first token is predicted from the sentence-start context
+    assert encode_lines(tok, ["ab", "b"]).tolist() == [EOS_ID, a, b, EOS_ID, b, EOS_ID]
 
 
 def test_non_utf8_error_names_file_and_offset(tmp_path):

@@ -1,0 +1,169 @@
+"""Turn scores and evaluations into text: rich tables, JSON Lines and KenLM `query`-style lines."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from lmtool.api import FileEvaluation
+from lmtool.evaluate import SentenceScore
+from lmtool.tokenizer import EOS_ID, UNK_ID
+
+
+def ranks(scores: Sequence[SentenceScore]) -> list[int]:
+    """1 for the most probable sentence; ties share the order they were given in."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i].logprob)
+    rank = [0] * len(scores)
+    for position, i in enumerate(order, start=1):
+        rank[i] = position
+    return rank
+
+
+def score_json_lines(scores: Sequence[SentenceScore], with_tokens: bool) -> list[str]:
+    """One JSON object per sentence, in input order."""
+    lines = []
+    for score, rank in zip(scores, ranks(scores)):
+        record = {
+            "sentence": score.sentence,
+            "logprob": score.logprob,
+            "log10prob": score.log10prob,
+            "perplexity": score.perplexity,
+            "tokens": score.num_tokens,
+            "unknown": score.num_unknown,
+            "rank": rank,
+        }
+        if with_tokens:
+            record["per_token"] = [
+                {"token": t.token, "known": t.known, "prob": t.prob, "logprob": t.logprob, "bits": t.surprisal_bits}
+                for t in score.tokens
+            ]
+        lines.append(json.dumps(record, ensure_ascii=False))
+    return lines
+
+
+def kenlm_id(our_id: int) -> int:
+    """KenLM numbers <unk> 0, <s> 1 and </s> 2; our other ids follow after them."""
+    return {UNK_ID: 0, EOS_ID: 2}.get(our_id, our_id + 1)
+
+
+def score_kenlm_lines(scores: Sequence[SentenceScore], tokenizer) -> list[str]:
+    """Lines like KenLM's `query`: `word=id n log10p` per token, then `Total: X OOV: n`; corpus totals last."""
+    lines = []
+    total_log10, total_tokens, total_oov, known_log10 = 0.0, 0, 0, 0.0
+    for score in scores:
+        parts = []
+        for position, t in enumerate(score.tokens, start=1):
+            word = "</s>" if t.token == "<EOS>" else t.token
+            our_id = tokenizer.token_id(t.token) if t.known else UNK_ID
+            if t.token == "<EOS>":
+                our_id = EOS_ID
+            # For an RNN the context is the whole history, so the "n-gram length" is the position.
+            parts.append(f"{word}={kenlm_id(our_id)} {position} {t.logprob / math.log(10):.6g}")
+            if t.known:
+                known_log10 += t.logprob / math.log(10)
+        lines.append("\t".join(parts) + f"\tTotal: {score.log10prob:.6g} OOV: {score.num_unknown}")
+        total_log10 += score.log10prob
+        total_tokens += score.num_tokens
+        total_oov += score.num_unknown
+    if total_tokens:
+        lines.append(f"Perplexity including OOVs:\t{10 ** (-total_log10 / total_tokens):.6g}")
+        if total_tokens > total_oov:
+            lines.append(f"Perplexity excluding OOVs:\t{10 ** (-known_log10 / (total_tokens - total_oov)):.6g}")
+        lines.append(f"OOVs:\t{total_oov}")
+        lines.append(f"Tokens:\t{total_tokens}")
+    return lines
+
+
+def _surprisal_style(bits: float) -> str:
+    """Green for expected tokens, through yellow, to bold red for the surprising ones."""
+    if bits < 2:
+        return "green"
+    if bits < 5:
+        return "yellow"
+    if bits < 9:
+        return "red"
+    return "bold red"
+
+
+def print_scores(console: Console, scores: Sequence[SentenceScore], with_tokens: bool) -> None:
+    """Sentences ranked most probable first, and optionally each one's per-token table."""
+    table = Table(title="sentence log-probabilities (most probable first)", title_justify="left")
+    for column in ("rank", "log P", "log10 P", "ppl", "tokens", "unk"):
+        table.add_column(column, justify="right")
+    table.add_column("sentence")
+    rank = ranks(scores)
+    for i in sorted(range(len(scores)), key=lambda i: rank[i]):
+        s = scores[i]
+        table.add_row(
+            str(rank[i]), f"{s.logprob:.4f}", f"{s.log10prob:.4f}", f"{s.perplexity:.2f}",
+            str(s.num_tokens), str(s.num_unknown), _colour_tokens(s),
+        )
+    console.print(table)
+    if not with_tokens:
+        return
+    for i in sorted(range(len(scores)), key=lambda i: rank[i]):
+        s = scores[i]
+        tokens = Table(title=f"{rank[i]}. {s.sentence}", title_justify="left")
+        for column, justify in (("token", "left"), ("known", "left"), ("prob", "right"), ("log P", "right"),
+                                ("bits", "right")):
+            tokens.add_column(column, justify=justify)
+        for t in s.tokens:
+            style = _surprisal_style(t.surprisal_bits)
+            tokens.add_row(
+                Text(t.token, style=style), "yes" if t.known else "<UNK>", f"{t.prob:.4g}", f"{t.logprob:.4f}",
+                Text(f"{t.surprisal_bits:.2f}", style=style),
+            )
+        console.print(tokens)
+
+
+def _colour_tokens(score: SentenceScore) -> Text:
+    text = Text()
+    for n, t in enumerate(score.tokens[:-1]):  # the final <EOS> is not part of the sentence's text
+        if n:
+            text.append(" ")
+        text.append(t.token, style=_surprisal_style(t.surprisal_bits))
+    return text if len(score.tokens) > 1 else Text(score.sentence)
+
+
+def evaluation_record(evaluation: FileEvaluation, level: str) -> dict:
+    s = evaluation.score
+    return {
+        "files": list(evaluation.files),
+        "tokens": s.tokens,
+        "unknown": s.unknown,
+        "unknown_rate": s.unknown_rate,
+        "nll": s.loss,
+        "perplexity": s.perplexity,
+        ("bits_per_char" if level == "char" else "bits_per_word"): s.bits_per_token,
+        "perplexity_excluding_unknown": s.perplexity_known,
+        "seconds": evaluation.seconds,
+        "tokens_per_s": evaluation.tokens_per_s,
+    }
+
+
+def print_evaluation(console: Console, evaluation: FileEvaluation, level: str) -> None:
+    s = evaluation.score
+    unit = "char" if level == "char" else "word"
+    table = Table(title="perplexity", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    known = s.perplexity_known
+    rows = [
+        ("files", ", ".join(evaluation.files)),
+        ("tokens scored", f"{s.tokens:,}"),
+        ("unknown tokens", f"{s.unknown:,} ({100 * s.unknown_rate:.2f}%)"),
+        ("mean NLL", f"{s.loss:.4f} nats/{unit}"),
+        ("perplexity", f"{s.perplexity:.3f}"),
+        (f"bits per {unit}", f"{s.bits_per_token:.4f}"),
+        ("perplexity excluding <UNK>", f"{known:.3f}" if known is not None else "-"),
+        ("time", f"{evaluation.seconds:.2f}s"),
+        ("tokens/s", f"{evaluation.tokens_per_s:,.0f}"),
+    ]
+    for what, value in rows:
+        table.add_row(what, value)
+    console.print(table)

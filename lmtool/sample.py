@@ -1,0 +1,107 @@
+"""Generation: one token at a time, carrying the RNN state, with temperature, top-k, top-p and priming."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lmtool.errors import LmtoolError
+from lmtool.model import LanguageModel
+from lmtool.tokenizer import EOS_ID, UNK_ID, Tokenizer
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to pick each next token."""
+
+    temperature: float = 1.0  # 0 means greedy (argmax)
+    top_k: int | None = None  # keep exactly the k most probable tokens
+    top_p: float | None = None  # keep the smallest set whose probability reaches p
+    length: int = 200  # tokens to generate per sample
+    num_samples: int = 1  # generated together as one batch
+    stop_at_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.temperature != self.temperature:
+            raise LmtoolError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise LmtoolError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise LmtoolError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.length < 1:
+            raise LmtoolError(f"--length must be at least 1, got {self.length}")
+        if self.num_samples < 1:
+            raise LmtoolError(f"--num-samples must be at least 1, got {self.num_samples}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set every token outside the top-k / top-p set to -inf: (B, V) -> (B, V)."""
+    if top_k is not None and top_k < logits.size(-1):
+        # Select by index, so ties at the k-th score cannot let more than k tokens through.
+        keep = torch.topk(logits, top_k, dim=-1).indices
+        masked = torch.full_like(logits, float("-inf"))
+        logits = masked.scatter(-1, keep, logits.gather(-1, keep))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens before it already reach p; the most probable one always stays.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def pick_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of every stream: (B, V) scores -> (B,) ids."""
+    if options.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / options.temperature, options.top_k, options.top_p)
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: LanguageModel,
+    prime_ids: list[int],
+    options: SamplingOptions,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> list[list[int]]:
+    """Generate `options.length` tokens per sample after <EOS> + prime; `on_token` sees each (B,) step."""
+    model.eval()
+    device = model.decoder.weight.device
+    generator = None
+    if options.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(options.seed)
+    batch = options.num_samples
+    context = torch.tensor([EOS_ID] + list(prime_ids), device=device).expand(batch, -1)  # (B, P + 1)
+    logits, state = model(context)  # reads the prompt once; from here on, constant work per token
+    last = logits[:, -1]  # (B, V)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    out: list[torch.Tensor] = []
+    for _ in range(options.length):
+        token = pick_next(last, options, generator)  # (B,)
+        if options.stop_at_eos:
+            token = token.masked_fill(done, EOS_ID)
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        if options.stop_at_eos:
+            done |= token == EOS_ID
+            if bool(done.all()):
+                break
+        step_logits, state = model(token.unsqueeze(1), state)  # (B, 1, V)
+        last = step_logits[:, -1]
+    ids = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(batch)]
+    if options.stop_at_eos:  # cut each sample after its first <EOS>
+        ids = [row[: row.index(EOS_ID) + 1] if EOS_ID in row else row for row in ids]
+    return ids
+
+
+def encode_prime(tokenizer: Tokenizer, prime: str) -> tuple[list[int], int]:
+    """The prompt's ids (its newlines are <EOS>) and how many of them are <UNK>."""
+    ids = tokenizer.encode(prime)
+    return ids, ids.count(UNK_ID)

@@ -1,0 +1,225 @@
+"""sample, score and evaluate-perplexity: the library functions, the Python API and the commands."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import lmtool
+from lmtool.config import load_config
+from lmtool.sample import SamplingOptions, filter_logits
+from lmtool.train import train
+
+from conftest import CONFIGS, SHAKESPEARE
+
+TINY = CONFIGS / "tiny.yaml"
+WORDS = "the cat sat on the mat\nthe dog sat on the log\na cat saw a dog\n" * 40
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("char")
+    corpus = root / "small.txt"
+    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    return train(load_config(TINY), corpus, out=root / "run").run_dir
+
+
+@pytest.fixture(scope="module")
+def word_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("word")
+    corpus = root / "words.txt"
+    corpus.write_text(WORDS)
+    return train(load_config(TINY, ["data.level=word", "train.max_epochs=10"]), corpus, out=root / "run").run_dir
+
+
+def test_probabilities_sum_to_one_at_every_position(char_run):
+    lm = lmtool.load_model(char_run)
+    x = torch.randint(0, len(lm.tokenizer), (3, 20))
+    with torch.no_grad():
+        logits, _ = lm.network(x)
+    sums = torch.softmax(logits.double(), dim=-1).sum(-1)  # (3, 20)
+    torch.testing.assert_close(sums, torch.ones_like(sums))
+
+
+def test_sentence_logprob_is_the_sum_of_token_logprobs_and_matches_a_step_by_step_pass(word_run):
+    lm = lmtool.load_model(word_run)
+    score = lm.score("the cat sat on the zebra")[0]
+    assert [t.token for t in score.tokens] == ["the", "cat", "sat", "on", "the", "zebra", "<EOS>"]
+    assert [t.known for t in score.tokens] == [True] * 5 + [False, True]
+    assert score.num_unknown == 1
+    assert score.logprob == pytest.approx(sum(t.logprob for t in score.tokens))
+    assert score.log10prob == pytest.approx(score.logprob / math.log(10))
+    # independent check: feed <EOS> then each token, one step at a time, reading log_softmax
+    ids = lm.tokenizer.encode_line("the cat sat on the zebra")
+    state, previous, expected = None, 0, 0.0
+    with torch.no_grad():
+        for i in ids:
+            logits, state = lm.network(torch.tensor([[previous]]), state)
+            expected += torch.log_softmax(logits[0, -1].double(), -1)[i].item()
+            previous = i
+    assert score.logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_padded_batches_give_the_same_scores_as_one_at_a_time(word_run):
+    lm = lmtool.load_model(word_run)
+    sentences = ["the cat", "a dog saw the cat sat on the mat", "", "the log"]
+    batched = lm.score(sentences, batch_size=4)
+    single = [lm.score(s, batch_size=1)[0] for s in sentences]
+    for b, s in zip(batched, single):
+        assert b.logprob == pytest.approx(s.logprob, abs=1e-5)
+    assert batched[2].num_tokens == 1  # the empty sentence is just <EOS>
+
+
+def test_evaluate_perplexity_of_one_sentence_equals_score(word_run, tmp_path):
+    lm = lmtool.load_model(word_run)
+    sentence = "a cat sat on the mat"
+    path = tmp_path / "one.txt"
+    path.write_text(sentence + "\n")
+    evaluation = lm.perplexity(path, batch_size=1)
+    score = lm.score(sentence)[0]
+    assert evaluation.score.tokens == score.num_tokens == 7
+    assert evaluation.score.perplexity == pytest.approx(math.exp(-score.logprob / score.num_tokens), rel=1e-5)
+
+
+def test_evaluate_perplexity_matches_training_validation(char_run):
+    records = [json.loads(l) for l in (char_run / "metrics.jsonl").read_text().splitlines()]
+    best = min((r for r in records if r["event"] == "valid"), key=lambda r: r["loss"])
+    lines = SHAKESPEARE.read_text(encoding="utf-8")[:6000].split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    n_valid = max(1, round(len(lines) * 0.05))
+    held_out = char_run.parent / "held_out.txt"
+    held_out.write_text("\n".join(lines[-n_valid:]) + "\n")
+    cfg = load_config(TINY)
+    evaluation = lmtool.load_model(char_run).perplexity(held_out, batch_size=cfg.data.eval_batch_size)
+    assert evaluation.score.tokens == best["tokens"]
+    assert evaluation.score.loss == pytest.approx(best["loss"], rel=1e-5)
+
+
+def test_unknown_tokens_are_counted_and_excluded_on_request(word_run, tmp_path):
+    path = tmp_path / "unk.txt"
+    path.write_text("the zebra sat\nthe cat\n")
+    s = lmtool.load_model(word_run).perplexity(path).score
+    assert (s.tokens, s.unknown) == (7, 1)
+    assert s.perplexity_known is not None and s.perplexity_known != s.perplexity
+
+
+def test_sampling_is_reproducible_and_carries_state(char_run):
+    lm = lmtool.load_model(char_run)
+    a = lm.sample("ROMEO:", SamplingOptions(length=50, seed=3))
+    b = lm.sample("ROMEO:", SamplingOptions(length=50, seed=3))
+    c = lm.sample("ROMEO:", SamplingOptions(length=50, seed=4))
+    assert a == b and a != c and len(a[0]) == 50
+    greedy = lm.sample("ROMEO:", SamplingOptions(length=30, temperature=0))[0]
+    # greedy decoding by re-reading the whole prefix each time gives the same text
+    ids = [0] + lm.tokenizer.encode("ROMEO:")
+    with torch.no_grad():
+        for _ in range(30):
+            logits, _ = lm.network(torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
+    assert lm.tokenizer.decode(ids[1 + len("ROMEO:"):]) == greedy
+
+
+def test_batched_samples_and_stop_at_eos(word_run):
+    lm = lmtool.load_model(word_run)
+    samples = lm.sample("", SamplingOptions(length=40, num_samples=5, seed=1, stop_at_eos=True))
+    assert len(samples) == 5
+    assert all(s.endswith("\n") and s.count("\n") == 1 for s in samples)
+
+
+def test_top_k_keeps_exactly_k_tokens_even_with_ties():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.5]])
+    kept = torch.isfinite(filter_logits(logits, top_k=2, top_p=None))
+    assert kept.sum().item() == 2 and not kept[0, 0] and not kept[0, 4]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_logits(logits, None, 0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, None, 0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, None, 0.1)).tolist() == [[True, False, False, False]]
+
+
+# --- the commands ------------------------------------------------------------------------------------------
+
+
+def test_sample_command_streams_the_prime_and_the_text(run_cli, char_run, tmp_path):
+    result = run_cli("sample", "--model", char_run, "--prime", "ROMEO:", "--length", "40", "--seed", "2",
+                     "--output", tmp_path / "s.txt")
+    assert result.code == 0, result.err
+    assert result.out.startswith("ROMEO:") and len(result.out) == len("ROMEO:") + 40 + 1
+    assert (tmp_path / "s.txt").read_text() == result.out
+    again = run_cli("sample", "--model", char_run, "--prime", "ROMEO:", "--length", "40", "--seed", "2")
+    assert again.out == result.out
+
+
+def test_sample_uses_latest_run_and_says_how_to_train_without_one(run_cli, char_run, tmp_path):
+    result = run_cli("sample", "--length", "5")
+    assert result.code == 2 and "lmtool train" in result.err and len(result.err.strip().splitlines()) == 1
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "latest").symlink_to(char_run)
+    assert run_cli("sample", "--length", "5", "--num-samples", "2").out.count("--- sample") == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "-1"], "--temperature must be 0 (greedy) or positive"),
+        (["--top-k", "0"], "--top-k must be at least 1"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--length", "0"], "--length must be at least 1"),
+        (["--num-samples", "0"], "--num-samples must be at least 1"),
+    ],
+)
+def test_sample_value_errors(run_cli, char_run, args, message):
+    result = run_cli("sample", "--model", char_run, *args)
+    assert result.code == 2 and message in result.err and "Traceback" not in result.err
+
+
+def test_sample_refuses_to_overwrite_output(run_cli, char_run, tmp_path):
+    keep = tmp_path / "keep.txt"
+    keep.write_text("precious")
+    result = run_cli("sample", "--model", char_run, "--output", keep)
+    assert result.code == 2 and "already exists" in result.err and keep.read_text() == "precious"
+
+
+def test_prime_with_unknown_characters_warns(run_cli, char_run):
+    result = run_cli("sample", "--model", char_run, "--prime", "\u2603", "--length", "3")
+    assert result.code == 0 and "read as <UNK>" in result.err
+
+
+def test_score_ranks_sentences_and_writes_json_and_kenlm(run_cli, word_run, tmp_path):
+    likely, unlikely = "the cat sat on the mat", "mat the on sat cat the"
+    table = run_cli("score", likely, unlikely, "--model", word_run, "--tokens")
+    assert table.code == 0, table.err
+    assert table.out.index(likely) < table.out.index(unlikely)
+    rows = [json.loads(l) for l in run_cli("score", unlikely, likely, "--model", word_run, "--json").out.splitlines()]
+    assert [r["rank"] for r in rows] == [2, 1] and rows[1]["logprob"] > rows[0]["logprob"]
+    kenlm = run_cli("score-sentence-probability", likely, "--model", word_run, "--format", "kenlm").out.splitlines()
+    assert kenlm[0].startswith("the=") and "</s>=2 7 " in kenlm[0]
+    assert float(kenlm[0].split("Total: ")[1].split()[0]) == pytest.approx(rows[1]["log10prob"], abs=1e-4)
+    sentences = tmp_path / "s.txt"
+    sentences.write_text(f"{likely}\n{unlikely}\n")
+    from_file = run_cli("score", "--file", sentences, "--model", word_run, "--json")
+    assert [json.loads(l)["sentence"] for l in from_file.out.splitlines()] == [likely, unlikely]
+
+
+def test_score_needs_sentences(run_cli, word_run):
+    result = run_cli("score", "--model", word_run)
+    assert result.code == 2 and "no sentences to score" in result.err
+
+
+def test_evaluate_perplexity_command(run_cli, word_run, tmp_path):
+    path = tmp_path / "held.txt"
+    path.write_text("the cat sat on the mat\na dog saw a cat\n")
+    result = run_cli("evaluate-perplexity", path, "--model", word_run, "--json")
+    assert result.code == 0, result.err
+    record = json.loads(result.out)
+    assert record["tokens"] == 13 and record["unknown"] == 0
+    assert record["perplexity"] == pytest.approx(math.exp(record["nll"]))
+    assert record["bits_per_word"] == pytest.approx(record["nll"] / math.log(2))
+    table = run_cli("evaluate-perplexity", path, "--model", word_run)
+    assert "perplexity" in table.out and "bits per word" in table.out
+    missing = run_cli("evaluate-perplexity", tmp_path / "nope.txt", "--model", word_run)
+    assert missing.code == 2 and "not found" in missing.err
