@@ -27,11 +27,12 @@ def main() -> None:
     parser.add_argument("--max-time", default="10m")
     parser.add_argument("--corpus", default=str(REPO / "data" / "tinyshakespeare.txt"))
     parser.add_argument("--target", type=float, default=1.75, help="validation loss to reach (nats/token)")
+    parser.add_argument("--keep", type=Path, help="keep the run directory here (default: a temporary one)")
     parser.add_argument("extra", nargs="*", help="more arguments for lmtool train (after --)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "run"
+        run = args.keep.resolve() if args.keep else Path(tmp) / "run"
         command = [sys.executable, "-m", "lmtool", "train", str(Path(args.corpus).resolve()),
                    "--max-time", args.max_time, "--out", str(run), *args.extra]
         subprocess.run(command, cwd=tmp, check=True, stdout=subprocess.DEVNULL)

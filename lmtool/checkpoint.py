@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +28,8 @@ VOCAB_FILE = "vocab.json"
 METRICS_FILE = "metrics.jsonl"
 BEST_MODEL = "model-best.safetensors"
 LAST_MODEL = "model-last.safetensors"
-RUN_FILES = (CONFIG_FILE, VOCAB_FILE, METRICS_FILE, BEST_MODEL, LAST_MODEL)
+TRAINING_STATE = "train-state.pt"
+RUN_FILES = (CONFIG_FILE, VOCAB_FILE, METRICS_FILE, BEST_MODEL, LAST_MODEL, TRAINING_STATE)
 RUNS_ROOT = Path("runs")
 LATEST = "latest"
 _UMASK = os.umask(0o022)
@@ -115,6 +118,23 @@ class RunDir:
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+
+    def metrics_size(self) -> int:
+        path = self.path / METRICS_FILE
+        return path.stat().st_size if path.exists() else 0
+
+    def truncate_metrics(self, size: int) -> None:
+        """Drop records written after a checkpoint (a resumed run writes them again)."""
+        path = self.path / METRICS_FILE
+        if path.exists() and path.stat().st_size > size:
+            with open(path, "r+b") as f:
+                f.truncate(size)
+
+    def save_training_state(self, state: dict[str, Any]) -> None:
+        """One file holds everything a resume needs, so a checkpoint becomes visible all at once."""
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(self.path / TRAINING_STATE, buffer.getvalue())
 
     def save_model(self, name: str, model: LanguageModel, config: Config, tokenizer: Tokenizer, **info: Any) -> Path:
         path = self.path / name
@@ -240,3 +260,47 @@ def resolve_model_path(ref: str | Path | None) -> Path:
     if not path.exists():
         raise LmtoolError(f"model not found: {path} (give a run directory or a .safetensors model file)")
     return path
+
+
+def open_run(path: Path) -> tuple[RunDir, Config, Tokenizer]:
+    """An existing run directory with its config and vocabulary, or a clear error."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LmtoolError(f"--resume {path}: no such run directory")
+    if not is_run_dir(path):
+        raise LmtoolError(f"--resume {path}: not an lmtool run directory (no {CONFIG_FILE} and {VOCAB_FILE})")
+    from lmtool.config import read_yaml_mapping
+
+    config = config_from_dict(read_yaml_mapping(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
+    try:
+        tokenizer = Tokenizer.from_dict(json.loads((path / VOCAB_FILE).read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LmtoolError(f"{path / VOCAB_FILE} is damaged (not JSON)") from None
+    except LmtoolError as err:
+        raise LmtoolError(f"{path / VOCAB_FILE}: {err}") from None
+    return RunDir(path), config, tokenizer
+
+
+def load_training_state(run_path: Path) -> dict[str, Any]:
+    """Read a training checkpoint with weights_only=True: tensors and plain values only, never code."""
+    path = Path(run_path) / TRAINING_STATE
+    if not path.is_file():
+        raise LmtoolError(f"{run_path} has no training checkpoint ({TRAINING_STATE}); it cannot be resumed")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise LmtoolError(
+            f"{path} was refused: it holds objects that would run code when loaded, not an lmtool checkpoint"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        raise LmtoolError(f"{path} is damaged or truncated ({_first_line(err)}); it cannot be resumed") from None
+    if not isinstance(state, dict) or "version" not in state:
+        raise LmtoolError(f"{path} is not an lmtool training checkpoint")
+    if state["version"] > 1:
+        raise LmtoolError(f"{path} was written by a newer lmtool (checkpoint version {state['version']}); upgrade")
+    return state
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

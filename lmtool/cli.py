@@ -43,7 +43,8 @@ def _root(
 
 @app.command()
 def train(
-    corpus: Path = typer.Argument(..., help="training text: a UTF-8 file, one sentence or line per line"),
+    corpus: Optional[Path] = typer.Argument(None, help="training text: a UTF-8 file, one sentence or line per line"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue RUN from its last checkpoint, exactly"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (default: built-in char or word defaults)"),
     set_: List[str] = typer.Option([], "--set", help="override one config key: section.key=value (repeatable)"),
     level: Optional[str] = typer.Option(None, help="char | word  (data.level)"),
@@ -58,23 +59,46 @@ def train(
     out: Optional[Path] = typer.Option(None, help="run directory (default: runs/<corpus>-<timestamp>)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
 ) -> None:
-    """Train a language model on CORPUS and save it as a run directory (runs/latest points at it)."""
+    """Train a language model on CORPUS and save it as a run directory (runs/latest points at it).
+
+    Ctrl-C or SIGTERM saves a checkpoint and prints the command that resumes the run exactly.
+    """
     from lmtool.config import load_config
     from lmtool.display import TrainDisplay
+    from lmtool.train import resume as resume_training
     from lmtool.train import train as run_training
 
-    flags = {
-        "data.level": level,
-        "model.cell": cell,
-        "train.device": device,
-        "train.seed": seed,
-        "train.max_time": max_time,
-        "train.max_epochs": max_epochs,
-        "train.max_steps": max_steps,
-    }
-    cfg = load_config(config, set_, flags)
+    limits = {"max_time": max_time, "max_epochs": max_epochs, "max_steps": max_steps}
     display = TrainDisplay()
     try:
+        if resume is not None:
+            extra = {"CORPUS": corpus, "--config": config, "--set": set_, "--level": level, "--cell": cell,
+                     "--seed": seed, "--valid": valid, "--test": test, "--out": out}
+            given = [name for name, value in extra.items() if value]
+            if given:
+                raise LmtoolError(
+                    f"--resume continues a run with its own data and config; drop {', '.join(given)} "
+                    "(only --max-time, --max-epochs, --max-steps and --device may change)"
+                )
+            from lmtool.config import parse_duration
+
+            if max_time is not None:
+                try:
+                    limits["max_time"] = parse_duration(max_time)
+                except ValueError:
+                    raise LmtoolError(f"--max-time: {max_time!r} is not a duration (seconds, or like '90s', '10m', '2h')") from None
+            resume_training(resume, on_event=display, limits=limits, device=device)
+            return
+        if corpus is None:
+            raise LmtoolError("give the training text: lmtool train CORPUS (or --resume RUN to continue a run)")
+        flags = {
+            "data.level": level,
+            "model.cell": cell,
+            "train.device": device,
+            "train.seed": seed,
+            **{f"train.{key}": value for key, value in limits.items()},
+        }
+        cfg = load_config(config, set_, flags)
         run_training(cfg, corpus, valid_path=valid, test_path=test, out=out, overwrite=overwrite, on_event=display)
     except KeyboardInterrupt:
         where = f"; the best model so far is in {display.run_dir}" if display.run_dir else ""
@@ -247,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = app(args=argv, prog_name="lmtool", standalone_mode=False)
     except LmtoolError as err:
-        print(f"lmtool: error: {_one_line(str(err))}", file=sys.stderr)
+        kind = "" if isinstance(err, Interrupted) else "error: "
+        print(f"lmtool: {kind}{_one_line(str(err))}", file=sys.stderr)
         sys.exit(err.exit_code)
     except _CLICK_ERRORS as err:
         ctx = getattr(err, "ctx", None)

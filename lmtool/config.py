@@ -77,6 +77,11 @@ class TrainConfig:
     patience: int | None = _opt(3, "early stop after this many validations without improvement (null: never)", ge=1)
     eval_every: int | None = _opt(None, "validate every N steps (null: at the end of each epoch)", ge=1)
     log_every: int = _opt(10, "report training loss every N steps", ge=1)
+    checkpoint_every: int | None = _opt(500, "write a resumable training checkpoint every N steps (null: never)", ge=1)
+    checkpoint_time: float | None = _opt(
+        120.0, "and whenever this much wall time passed since the last one: seconds or '2m' (null: never)", gt=0
+    )
+    max_bad_steps: int = _opt(5, "stop after this many steps in a row with a non-finite loss or gradient", ge=1)
     seed: int = _opt(1234, "random seed: the same seed and config give the same run", ge=0)
     device: Device = _opt("auto", "auto (cuda if present, else cpu) | cpu | cuda | mps")
 
@@ -92,6 +97,8 @@ class Config:
         """Plain nested dict, ready for YAML or JSON."""
         return dataclasses.asdict(self)
 
+
+DURATION_KEYS = {"train.max_time", "train.checkpoint_time"}
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
@@ -302,7 +309,7 @@ def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
         if value in args:
             return value
         raise LmtoolError(f"{dotted}: {value!r} is not one of {' | '.join(map(str, args))}")
-    if dotted == "train.max_time":
+    if dotted in DURATION_KEYS:
         try:
             return parse_duration(value)
         except ValueError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from array import array
@@ -189,20 +190,31 @@ def load_corpus(
     lowercase: bool,
     unk_marker: str | None,
     valid_fraction: float,
+    tokenizer: Tokenizer | None = None,
 ) -> Corpus:
-    """Read the files, build the vocabulary from the training split only, and encode every split."""
+    """Read the files, build the vocabulary from the training split only (unless given), and encode every split."""
     train_lines = split_lines(read_text(train_path, "training"))
     if valid_path is not None:
         valid_lines = split_lines(read_text(valid_path, "validation"))
     else:
         train_lines, valid_lines = hold_out_tail(train_lines, valid_fraction)
     test_lines = split_lines(read_text(test_path, "test")) if test_path is not None else None
-    tokenizer = Tokenizer.build(
-        train_lines, level=level, min_freq=min_freq, max_size=max_size, lowercase=lowercase, unk_marker=unk_marker
-    )
+    if tokenizer is None:
+        tokenizer = Tokenizer.build(
+            train_lines, level=level, min_freq=min_freq, max_size=max_size, lowercase=lowercase, unk_marker=unk_marker
+        )
     return Corpus(
         tokenizer=tokenizer,
         train=encode_lines(tokenizer, train_lines),
         valid=encode_lines(tokenizer, valid_lines),
         test=encode_lines(tokenizer, test_lines) if test_lines is not None else None,
     )
+
+
+def file_digest(path: Path | str) -> str:
+    """SHA-256 of a file's bytes, read in blocks (so a resumed run can tell that its corpus is unchanged)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

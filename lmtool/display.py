@@ -53,6 +53,10 @@ class TrainDisplay:
 
     # --- events -----------------------------------------------------------------------------------------
 
+    def _on_resume(self, e: Event) -> None:
+        self.err.print(f"resuming {e['run']} at epoch {e['epoch']}, step {e['step']:,}")
+        self._on_start(e)
+
     def _on_start(self, e: Event) -> None:
         self.unit = token_unit(e["level"])
         self.run_dir = e["run"]
@@ -75,7 +79,7 @@ class TrainDisplay:
             )
             self.progress.start()
             self.task = self.progress.add_task(
-                "train", total=total, epoch=1, loss="-", ppl="-", lr="-", speed="-", eta="?"
+                "train", total=total, completed=e.get("step", 0), epoch=e.get("epoch", 1), loss="-", ppl="-", lr="-", speed="-", eta="?"
             )
 
     def _on_train(self, e: Event) -> None:

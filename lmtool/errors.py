@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 """The one exception type for user mistakes; the CLI turns it into a single line and an exit code."""
 
 
@@ -5,6 +7,11 @@ class LmtoolError(Exception):
     """A problem the user can fix (bad input, bad config, missing file). Exit code 2 by default."""
 
     exit_code = 2
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 class TrainingFailed(LmtoolError):

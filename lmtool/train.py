@@ -1,24 +1,38 @@
-"""The training loop: optimiser, schedule, clipping, validation, early stop, best and last models."""
+"""The training loop: optimiser, schedule, clipping, validation, early stop, checkpoints and exact resume."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from lmtool.checkpoint import BEST_MODEL, LAST_MODEL, RunDir, check_run_target, default_run_path
+from lmtool.checkpoint import (
+    BEST_MODEL,
+    LAST_MODEL,
+    RunDir,
+    check_run_target,
+    default_run_path,
+    load_model_file,
+    load_training_state,
+    open_run,
+)
 from lmtool.config import Config
-from lmtool.data import Corpus, batchify, fit_batch_size, load_corpus, num_windows, windows
+from lmtool.data import Corpus, batchify, file_digest, fit_batch_size, load_corpus, num_windows, windows
 from lmtool.devices import resolve_device
+from lmtool.errors import Interrupted, LmtoolError, TrainingFailed
 from lmtool.evaluate import StreamScore, stream_nll, token_nll
-from lmtool.model import LanguageModel, count_parameters, detach_state
+from lmtool.model import LanguageModel, State, count_parameters, detach_state
 from lmtool.schedule import PlateauTracker, learning_rate
 
 Event = dict[str, Any]
+TRAINING_STATE_VERSION = 1
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
@@ -62,20 +76,67 @@ def train(
     run.write_config(config)
     run.write_vocab(corpus.tokenizer)
     run.mark_latest()
+    sources = {
+        name: {"path": str(Path(path).resolve()), "sha256": file_digest(path)}
+        for name, path in (("train", corpus_path), ("valid", valid_path), ("test", test_path))
+        if path is not None
+    }
+    trainer = _Trainer(config, corpus, run, device, on_event, sources)
+    return trainer.run()
 
-    def emit(record: Event) -> None:
-        run.append_metrics(record)
-        if on_event is not None:
-            on_event(record)
 
-    return _Trainer(config, corpus, run, device, emit).run()
+def resume(
+    run_path: Path,
+    on_event: Callable[[Event], None] | None = None,
+    limits: dict[str, Any] | None = None,
+    device: str | None = None,
+) -> TrainResult:
+    """Continue a run from its last training checkpoint; the result is the same as if it had never stopped."""
+    run, config, tokenizer = open_run(run_path)
+    if limits or device:
+        from lmtool.config import config_from_dict
+
+        tree = config.to_dict()
+        tree["train"].update({k: v for k, v in (limits or {}).items() if v is not None})
+        if device:
+            tree["train"]["device"] = device
+        config = config_from_dict(tree)
+        run.write_config(config)
+    saved = load_training_state(run.path)
+    if saved["finished"]:
+        if not limits or all(v is None for v in limits.values()):
+            raise LmtoolError(
+                f"run {run.path} already finished ({saved['stop_reason']}); to train it further, raise its "
+                "limit with --max-epochs, --max-steps or --max-time"
+            )
+        saved["finished"] = False
+    sources = saved["sources"]
+    for name, source in sources.items():
+        path = Path(source["path"])
+        if not path.is_file():
+            raise LmtoolError(f"cannot resume: the {name} file {path} of this run is gone; put it back to resume")
+        if file_digest(path) != source["sha256"]:
+            raise LmtoolError(f"cannot resume: the {name} file {path} changed since the run started")
+    d = config.data
+    corpus = load_corpus(
+        Path(sources["train"]["path"]),
+        Path(sources["valid"]["path"]) if "valid" in sources else None,
+        Path(sources["test"]["path"]) if "test" in sources else None,
+        d.level, d.min_freq, d.max_size, d.lowercase, d.unk_marker, d.valid_fraction,
+        tokenizer=tokenizer,
+    )
+    run.mark_latest()
+    trainer = _Trainer(config, corpus, run, resolve_device(config.train.device), on_event, sources)
+    trainer.restore(saved)
+    return trainer.run()
 
 
 class _Trainer:
-    """State of one training run; `run` is the whole loop."""
+    """State of one training run; `run` is the whole loop, `snapshot`/`restore` make it resumable exactly."""
 
-    def __init__(self, config: Config, corpus: Corpus, run: RunDir, device: torch.device, emit) -> None:
-        self.config, self.corpus, self.run_dir, self.device, self.emit = config, corpus, run, device, emit
+    def __init__(self, config: Config, corpus: Corpus, run: RunDir, device: torch.device, on_event, sources) -> None:
+        self.config, self.corpus, self.run_dir, self.device = config, corpus, run, device
+        self.on_event, self.sources = on_event, sources
         tc = config.train
         torch.manual_seed(tc.seed)
         self.model = LanguageModel(config.model, vocab_size=len(corpus.tokenizer)).to(device)
@@ -90,80 +151,151 @@ class _Trainer:
         }
         limits = [tc.max_steps, tc.max_epochs * self.steps_per_epoch if tc.max_epochs else None]
         self.total_steps = min((n for n in limits if n is not None), default=None)
+        # Everything below is the position of the run: saved in a training checkpoint, restored on resume.
         self.plateau = PlateauTracker()
         self.best: StreamScore | None = None
-        self.best_weights: dict[str, torch.Tensor] | None = None
         self.step = 0
-        self.epoch = 0
+        self.epoch = 1
+        self.window = 0  # next window of the current epoch
+        self.epoch_closed = False  # the end-of-epoch validation is done
+        self.hidden: State | None = None
         self.tokens_seen = 0
         self.last_validated_step = -1
+        self.running_nll = torch.zeros((), device=device)
+        self.running_tokens = 0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.elapsed_before = 0.0  # training time of earlier sessions of this run
+        self.resumed = False
         self.start_time = time.perf_counter()
+        self.last_checkpoint_time = self.start_time
+        self.signal_received: int | None = None
 
     # --- the loop ---------------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
         tc = self.config.train
-        self.emit(self._start_record())
-        stop_reason = None
-        while stop_reason is None:
-            self.epoch += 1
-            stop_reason = self._train_epoch()
-            if stop_reason is None and tc.eval_every is None:
-                stop_reason = self._validate()
-            if stop_reason is None and tc.max_epochs is not None and self.epoch >= tc.max_epochs:
-                stop_reason = f"reached max_epochs={tc.max_epochs}"
-        if self.last_validated_step != self.step:
-            self._validate()  # the final weights are always scored and saved
-        return self._finish(stop_reason)
+        self.emit(self._resume_record() if self.resumed else self._start_record())
+        with self._signals_caught():
+            stop_reason = None
+            while stop_reason is None:
+                if not self.epoch_closed:
+                    stop_reason = self._train_epoch()
+                    if stop_reason is not None:
+                        break
+                    if tc.eval_every is None:
+                        stop_reason = self._validate()
+                    self.epoch_closed = True
+                    if stop_reason is not None:
+                        break
+                if tc.max_epochs is not None and self.epoch >= tc.max_epochs:
+                    stop_reason = f"reached max_epochs={tc.max_epochs}"
+                else:
+                    self.epoch, self.window, self.hidden, self.epoch_closed = self.epoch + 1, 0, None, False
+            if self.last_validated_step != self.step:
+                self._validate()  # the final weights are always scored and saved
+        result = self._finish(stop_reason)
+        self.save_checkpoint(finished=True, stop_reason=stop_reason)
+        return result
 
     def _train_epoch(self) -> str | None:
-        """One pass over the training streams; returns a stop reason if a limit was hit inside it."""
+        """Train from the current window to the end of the epoch; returns a stop reason if a limit was hit."""
         tc, dc = self.config.train, self.config.data
         self.model.train()
-        state = self.model.init_state(self.streams.size(0))
-        running_nll = torch.zeros((), device=self.device)
-        running_tokens = 0
+        state = self.hidden if self.hidden is not None else self.model.init_state(self.streams.size(0))
         window_start = time.perf_counter()
-        for x, y in windows(self.streams, dc.bptt):
+        for x, y in windows(self.streams, dc.bptt, start=self.window * dc.bptt):
             lr = learning_rate(tc, self.step, self.epoch, self.plateau.divisions, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            logits, state = self.model(x, state)  # (B, T, V)
+            logits, next_state = self.model(x, state)  # (B, T, V)
             nll = token_nll(logits, y)  # (B, T)
             loss = nll.mean() if tc.loss_reduction == "mean" else nll.sum(dim=1).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if tc.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad_norm)
-            self.optimizer.step()
-            state = detach_state(state)
+            norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), tc.clip_grad_norm if tc.clip_grad_norm is not None else math.inf
+            )
+            # One host sync per step: a non-finite loss or gradient must never reach the weights.
+            if bool(torch.isfinite(norm) & torch.isfinite(loss)):
+                self.optimizer.step()
+                self.bad_steps = 0
+                self.running_nll += nll.detach().sum()
+                self.running_tokens += y.numel()
+            else:
+                self.bad_steps += 1
+                self.skipped_steps += 1
+                if self.bad_steps >= tc.max_bad_steps:
+                    raise TrainingFailed(
+                        f"training diverged: {self.bad_steps} steps in a row up to step {self.step + 1} had a "
+                        f"non-finite loss or gradient; the best model in {self.run_dir.path} is intact. "
+                        "Lower train.lr or set train.clip_grad_norm"
+                    )
+            state = detach_state(next_state)
+            self.hidden = state
             self.step += 1
-            running_nll += nll.detach().sum()  # stays on the device: no host sync per step
-            running_tokens += y.numel()
+            self.window += 1
             self.tokens_seen += y.numel()
 
             if self.step % tc.log_every == 0:
                 seconds = time.perf_counter() - window_start
-                self.emit(self._train_record(float(running_nll) / running_tokens, lr, running_tokens / seconds))
-                running_nll.zero_()
-                running_tokens, window_start = 0, time.perf_counter()
+                self._log_train(lr, seconds)
+                window_start = time.perf_counter()
             if tc.eval_every is not None and self.step % tc.eval_every == 0:
                 reason = self._validate()
+                self.model.train()
                 if reason:
                     return reason
-                self.model.train()
             reason = self._limit_reached()
             if reason:
                 return reason
+            self._maybe_checkpoint()
         return None
+
+    def _log_train(self, lr: float, seconds: float) -> None:
+        tokens = max(1, self.running_tokens)
+        loss = float(self.running_nll) / tokens
+        self.emit(
+            {
+                "event": "train",
+                "epoch": self.epoch,
+                "step": self.step,
+                "loss": loss,
+                "ppl": math.exp(min(loss, 700.0)),
+                "lr": lr,
+                "tokens_per_s": self.running_tokens / seconds if seconds > 0 else 0.0,
+                "tokens_seen": self.tokens_seen,
+                "skipped_steps": self.skipped_steps,
+                "elapsed": self.elapsed,
+                "eta": self._eta(),
+            }
+        )
+        self.running_nll.zero_()
+        self.running_tokens = 0
 
     def _limit_reached(self) -> str | None:
         tc = self.config.train
+        if self.signal_received is not None:
+            self.save_checkpoint()
+            name = signal.Signals(self.signal_received).name
+            code = 128 + self.signal_received
+            raise Interrupted(
+                f"training stopped by {name} at step {self.step}; a checkpoint is saved. Resume with: "
+                f"lmtool train --resume {self.run_dir.path}",
+                exit_code=code,
+            )
         if tc.max_steps is not None and self.step >= tc.max_steps:
             return f"reached max_steps={tc.max_steps}"
         if tc.max_time is not None and self.elapsed >= tc.max_time:
             return f"reached max_time={tc.max_time:g}s"
         return None
+
+    def _maybe_checkpoint(self) -> None:
+        tc = self.config.train
+        due_steps = tc.checkpoint_every is not None and self.step % tc.checkpoint_every == 0
+        due_time = tc.checkpoint_time is not None and time.perf_counter() - self.last_checkpoint_time >= tc.checkpoint_time
+        if due_steps or due_time:
+            self.save_checkpoint()
 
     def _validate(self) -> str | None:
         """Score the validation text, keep the best model, save the last; returns a stop reason for early stop."""
@@ -173,7 +305,6 @@ class _Trainer:
         improved = self.plateau.update(score.loss, tc.plateau_patience)
         if improved:
             self.best = score
-            self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self._save(BEST_MODEL, score)
         self._save(LAST_MODEL, score)
         self.emit(
@@ -195,21 +326,14 @@ class _Trainer:
 
     def _save(self, name: str, score: StreamScore) -> None:
         self.run_dir.save_model(
-            name,
-            self.model,
-            self.config,
-            self.corpus.tokenizer,
-            step=self.step,
-            epoch=self.epoch,
-            valid_loss=score.loss,
+            name, self.model, self.config, self.corpus.tokenizer, step=self.step, epoch=self.epoch, valid_loss=score.loss
         )
 
     def _finish(self, stop_reason: str) -> TrainResult:
         test = None
         if self.corpus.test is not None:
-            if self.best_weights is not None:
-                self.model.load_state_dict(self.best_weights)
-            test = stream_nll(self.model, self.corpus.test, self.eval_batch["test"], self.config.data.bptt)
+            best_model = load_model_file(self.run_dir.path / BEST_MODEL).model.to(self.device)
+            test = stream_nll(best_model, self.corpus.test, self.eval_batch["test"], self.config.data.bptt)
             self.emit(
                 {
                     "event": "test",
@@ -219,7 +343,24 @@ class _Trainer:
                     "tokens": test.tokens,
                 }
             )
-        result = TrainResult(
+        best = self.best
+        self.emit(
+            {
+                "event": "end",
+                "stop_reason": stop_reason,
+                "steps": self.step,
+                "epochs": self.epoch,
+                "tokens_seen": self.tokens_seen,
+                "skipped_steps": self.skipped_steps,
+                "elapsed": self.elapsed,
+                "best_valid_loss": best.loss if best else None,
+                "best_valid_ppl": best.perplexity if best else None,
+                "best_valid_bits_per_token": best.bits_per_token if best else None,
+                "test_ppl": test.perplexity if test else None,
+                "run": str(self.run_dir.path),
+            }
+        )
+        return TrainResult(
             run_dir=self.run_dir.path,
             best_valid=self.best,
             test=test,
@@ -229,29 +370,104 @@ class _Trainer:
             seconds=self.elapsed,
             stop_reason=stop_reason,
         )
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+
+    def snapshot(self, finished: bool = False, stop_reason: str | None = None) -> dict[str, Any]:
+        """Everything needed to continue exactly: only tensors and plain values (loadable with weights_only)."""
+        hidden = self.hidden
+        if isinstance(hidden, tuple):
+            hidden = list(hidden)
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         best = self.best
-        self.emit(
-            {
-                "event": "end",
-                "stop_reason": stop_reason,
-                "steps": self.step,
-                "epochs": self.epoch,
-                "tokens_seen": self.tokens_seen,
-                "elapsed": self.elapsed,
-                "best_valid_loss": best.loss if best else None,
-                "best_valid_ppl": best.perplexity if best else None,
-                "best_valid_bits_per_token": best.bits_per_token if best else None,
-                "test_ppl": test.perplexity if test else None,
-                "run": str(self.run_dir.path),
-            }
+        return {
+            "version": TRAINING_STATE_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "window": self.window,
+            "epoch_closed": self.epoch_closed,
+            "hidden": hidden,
+            "tokens_seen": self.tokens_seen,
+            "last_validated_step": self.last_validated_step,
+            "running_nll": self.running_nll.detach().cpu(),
+            "running_tokens": self.running_tokens,
+            "bad_steps": self.bad_steps,
+            "skipped_steps": self.skipped_steps,
+            "plateau": {"best_loss": self.plateau.best_loss, "since_best": self.plateau.since_best,
+                        "divisions": self.plateau.divisions},
+            "best": None if best is None else {"nll": best.nll, "tokens": best.tokens, "unknown": best.unknown,
+                                               "nll_unknown": best.nll_unknown},
+            "elapsed": self.elapsed,
+            "rng": rng,
+            "metrics_bytes": self.run_dir.metrics_size(),
+            "sources": self.sources,
+            "finished": finished,
+            "stop_reason": stop_reason,
+        }
+
+    def save_checkpoint(self, finished: bool = False, stop_reason: str | None = None) -> None:
+        self.run_dir.save_training_state(self.snapshot(finished, stop_reason))
+        self.last_checkpoint_time = time.perf_counter()
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Put the run back where `snapshot` left it."""
+        try:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise LmtoolError(f"the training checkpoint of {self.run_dir.path} does not fit its config ({err})") from None
+        self.step, self.epoch, self.window = saved["step"], saved["epoch"], saved["window"]
+        self.epoch_closed = saved["epoch_closed"]
+        hidden = saved["hidden"]
+        self.hidden = None if hidden is None else (
+            tuple(h.to(self.device) for h in hidden) if isinstance(hidden, list) else hidden.to(self.device)
         )
-        return result
+        self.tokens_seen = saved["tokens_seen"]
+        self.last_validated_step = saved["last_validated_step"]
+        self.running_nll = saved["running_nll"].to(self.device)
+        self.running_tokens = saved["running_tokens"]
+        self.bad_steps, self.skipped_steps = saved["bad_steps"], saved["skipped_steps"]
+        self.plateau = PlateauTracker(**saved["plateau"])
+        self.best = None if saved["best"] is None else StreamScore(**saved["best"])
+        self.elapsed_before = saved["elapsed"]
+        torch.set_rng_state(saved["rng"]["torch"])
+        if "cuda" in saved["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(saved["rng"]["cuda"], self.device)
+        self.run_dir.truncate_metrics(saved["metrics_bytes"])  # records after the checkpoint will be redone
+        self.resumed = True
+
+    @contextmanager
+    def _signals_caught(self) -> Iterator[None]:
+        """Ctrl-C or SIGTERM: finish the step, checkpoint, exit; a second one exits at once (files stay whole)."""
+        def handler(signum, frame):
+            if self.signal_received is not None:
+                os._exit(128 + signum)
+            self.signal_received = signum
+
+        try:
+            previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave signals alone
+            previous = {}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     # --- records ----------------------------------------------------------------------------------------
 
+    def emit(self, record: Event) -> None:
+        self.run_dir.append_metrics(record)
+        if self.on_event is not None:
+            self.on_event(record)
+
     @property
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start_time
+        return self.elapsed_before + time.perf_counter() - self.start_time
 
     def _start_record(self) -> Event:
         tc, dc = self.config.train, self.config.data
@@ -273,19 +489,8 @@ class _Trainer:
             "max_time": tc.max_time,
         }
 
-    def _train_record(self, loss: float, lr: float, tokens_per_s: float) -> Event:
-        return {
-            "event": "train",
-            "epoch": self.epoch,
-            "step": self.step,
-            "loss": loss,
-            "ppl": math.exp(min(loss, 700.0)),
-            "lr": lr,
-            "tokens_per_s": tokens_per_s,
-            "tokens_seen": self.tokens_seen,
-            "elapsed": self.elapsed,
-            "eta": self._eta(),
-        }
+    def _resume_record(self) -> Event:
+        return {**self._start_record(), "event": "resume", "step": self.step, "epoch": self.epoch}
 
     def _eta(self) -> float | None:
         """Seconds left until the nearest known limit."""

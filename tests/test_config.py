@@ -106,3 +106,13 @@ def test_set_needs_key_equals_value():
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Config().model.hidden_size = 3  # type: ignore[misc]
+
+
+def test_readme_documents_every_config_key():
+    from lmtool.config import field_help
+
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    missing = [key for key, *_ in field_help() if f"| `{key}` |" not in readme]
+    assert not missing, f"README's config table lacks {missing}"

@@ -1,0 +1,204 @@
+"""Exact resume, interrupts, non-finite steps and safe model files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lmtool.train as train_module
+from lmtool.checkpoint import BEST_MODEL, LAST_MODEL, TRAINING_STATE, load_model_file, load_training_state
+from lmtool.config import load_config
+from lmtool.errors import LmtoolError, TrainingFailed
+from lmtool.train import resume, train
+
+from conftest import CONFIGS, REPO
+
+TINY = CONFIGS / "tiny.yaml"
+RESUMABLE = ["train.max_epochs=3", "train.checkpoint_every=7", "train.eval_every=25", "train.patience=null"]
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["event"], r["step"], r["loss"]) for r in records if r["event"] in ("train", "valid")]
+
+
+def assert_same_weights(a, b):
+    wa, wb = load_file(a / LAST_MODEL), load_file(b / LAST_MODEL)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at_step(step):
+    def on_event(record):
+        if record["event"] == "train" and record["step"] == step:
+            raise Crash
+    return on_event
+
+
+def test_resume_after_a_crash_is_bitwise_identical(small_corpus, tmp_path):
+    cfg = load_config(TINY, RESUMABLE)
+    whole = train(cfg, small_corpus, out=tmp_path / "whole")
+    with pytest.raises(Crash):
+        train(cfg, small_corpus, out=tmp_path / "broken", on_event=crash_at_step(60))
+    assert load_training_state(tmp_path / "broken")["step"] == 56  # the last checkpoint before the crash
+    resumed = resume(tmp_path / "broken")
+    assert resumed.steps == whole.steps
+    assert_same_weights(whole.run_dir, resumed.run_dir)
+    assert losses(whole.run_dir) == losses(resumed.run_dir)
+    assert resumed.best_valid.loss == whole.best_valid.loss
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_checkpoint_and_resume_finishes_the_same_run(small_corpus, tmp_path, sig, code):
+    args = ["--config", str(TINY), *sum([["--set", s] for s in RESUMABLE], []), "--set", "train.max_epochs=6"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmtool", "train", str(small_corpus), *args, "--out", str(tmp_path / "run")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 60
+    while not (tmp_path / "run" / TRAINING_STATE).exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert f"lmtool train --resume {tmp_path / 'run'}" in err and "Traceback" not in err
+    stopped_at = load_training_state(tmp_path / "run")["step"]
+
+    done = subprocess.run([sys.executable, "-m", "lmtool", "train", "--resume", str(tmp_path / "run")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"step {stopped_at:,}" in done.stderr
+    cfg = load_config(TINY, RESUMABLE + ["train.max_epochs=6"])
+    whole = train(cfg, small_corpus, out=tmp_path / "whole")
+    assert_same_weights(whole.run_dir, tmp_path / "run")
+    assert losses(whole.run_dir) == losses(tmp_path / "run")
+
+
+def test_sigkill_at_any_moment_then_resume(small_corpus, tmp_path):
+    args = ["--config", str(TINY), *sum([["--set", s] for s in RESUMABLE], []), "--set", "train.max_epochs=6"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmtool", "train", str(small_corpus), *args, "--out", str(tmp_path / "run")],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while not (tmp_path / "run" / TRAINING_STATE).exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    resumed = resume(tmp_path / "run")
+    whole = train(load_config(TINY, RESUMABLE + ["train.max_epochs=6"]), small_corpus, out=tmp_path / "whole")
+    assert resumed.steps == whole.steps
+    assert_same_weights(whole.run_dir, resumed.run_dir)
+    assert losses(whole.run_dir) == losses(resumed.run_dir)
+
+
+def test_a_finished_run_resumes_only_with_a_raised_limit(small_corpus, tmp_path):
+    cfg = load_config(TINY, ["train.max_epochs=1", "train.patience=null"])
+    train(cfg, small_corpus, out=tmp_path / "run")
+    with pytest.raises(LmtoolError, match="already finished"):
+        resume(tmp_path / "run")
+    more = resume(tmp_path / "run", limits={"max_epochs": 2})
+    assert more.epochs == 2
+    whole = train(load_config(TINY, ["train.max_epochs=2", "train.patience=null"]), small_corpus, out=tmp_path / "w")
+    assert_same_weights(whole.run_dir, more.run_dir)
+
+
+def test_resume_refuses_what_is_not_a_run_and_a_changed_corpus(small_corpus, tmp_path, run_cli):
+    result = run_cli("train", "--resume", tmp_path)
+    assert result.code == 2 and "not an lmtool run directory" in result.err
+    cfg = load_config(TINY, ["train.checkpoint_every=null", "train.checkpoint_time=null"])
+    with pytest.raises(Crash):
+        train(cfg, small_corpus, out=tmp_path / "run", on_event=crash_at_step(5))
+    # no checkpoint yet: nothing to resume from
+    assert "no training checkpoint" in run_cli("train", "--resume", tmp_path / "run").err
+    train(load_config(TINY, ["train.max_steps=9"]), small_corpus, out=tmp_path / "run2")
+    small_corpus.write_text(small_corpus.read_text() + "more text\n")
+    assert "changed since the run started" in run_cli("train", "--resume", tmp_path / "run2", "--max-steps", "20").err
+    assert "drop CORPUS" in run_cli("train", small_corpus, "--resume", tmp_path / "run2").err
+
+
+def test_non_finite_steps_are_skipped_and_counted(small_corpus, tmp_path, monkeypatch):
+    real = train_module.token_nll
+    calls = {"n": 0}
+
+    def sometimes_nan(logits, targets):
+        calls["n"] += 1
+        nll = real(logits, targets)
+        return nll * float("nan") if calls["n"] in (3, 4) else nll
+
+    monkeypatch.setattr(train_module, "token_nll", sometimes_nan)
+    result = train(load_config(TINY, ["train.max_steps=10", "train.log_every=10"]), small_corpus, out=tmp_path / "r")
+    end = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert end["skipped_steps"] == 2
+    weights = load_file(result.run_dir / LAST_MODEL)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_many_non_finite_steps_in_a_row_stop_training_and_keep_the_best_model(small_corpus, tmp_path, monkeypatch):
+    real = train_module.token_nll
+    calls = {"n": 0}
+
+    def nan_after_20(logits, targets):
+        calls["n"] += 1
+        nll = real(logits, targets)
+        return nll * float("nan") if calls["n"] > 20 else nll
+
+    monkeypatch.setattr(train_module, "token_nll", nan_after_20)
+    cfg = load_config(TINY, ["train.eval_every=10", "train.max_bad_steps=3"])
+    with pytest.raises(TrainingFailed, match="3 steps in a row up to step 23") as err:
+        train(cfg, small_corpus, out=tmp_path / "run")
+    assert err.value.exit_code == 1
+    best = load_model_file(tmp_path / "run" / BEST_MODEL)
+    assert best.info["step"] == 20
+    assert all(torch.isfinite(p).all() for p in best.model.parameters())
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_as_checkpoint_and_as_model(small_corpus, tmp_path, run_cli):
+    cfg = load_config(TINY, ["train.max_steps=3"])
+    train(cfg, small_corpus, out=tmp_path / "run")
+    torch.save({"version": 1, "evil": _RunsCode()}, tmp_path / "run" / TRAINING_STATE)
+    result = run_cli("train", "--resume", tmp_path / "run", "--max-steps", "5")
+    assert result.code == 2 and "refused" in result.err
+    torch.save({"evil": _RunsCode()}, tmp_path / "run" / BEST_MODEL)
+    result = run_cli("sample", "--model", tmp_path / "run", "--length", "3")
+    assert result.code == 2 and BEST_MODEL in result.err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_damaged_model_files_are_refused_naming_the_file(small_corpus, tmp_path, run_cli):
+    train(load_config(TINY, ["train.max_steps=3"]), small_corpus, out=tmp_path / "run")
+    model = tmp_path / "run" / BEST_MODEL
+    data = model.read_bytes()
+    model.write_bytes(data[: len(data) // 2])
+    result = run_cli("score", "hello", "--model", model)
+    assert result.code == 2 and str(model) in result.err and len(result.err.strip().splitlines()) == 1
+    # a vocabulary that does not match the weights
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    vocab = json.loads(header["__metadata__"]["vocab"])
+    vocab["tokens"] = vocab["tokens"][:-3]
+    header["__metadata__"]["vocab"] = json.dumps(vocab)
+    new_header = json.dumps(header).encode()
+    new_header += b" " * (-len(new_header) % 8)
+    model.write_bytes(len(new_header).to_bytes(8, "little") + new_header + data[8 + header_len :])
+    result = run_cli("score", "hello", "--model", model)
+    assert result.code == 2 and "do not match" in result.err
