@@ -222,7 +222,7 @@ def score(
     elif fmt == "kenlm":
         print("\n".join(score_kenlm_lines(scores, lm.tokenizer)))
     else:
-        print_scores(Console(highlight=False), scores, with_tokens=tokens)
+        print_scores(Console(highlight=False), scores, with_tokens=tokens, level=lm.level)
 
 
 app.command("score-sentence-probability", help="Same as 'score'.")(score)

@@ -90,7 +90,7 @@ def _surprisal_style(bits: float) -> str:
     return "bold red"
 
 
-def print_scores(console: Console, scores: Sequence[SentenceScore], with_tokens: bool) -> None:
+def print_scores(console: Console, scores: Sequence[SentenceScore], with_tokens: bool, level: str = "word") -> None:
     """Sentences ranked most probable first, and optionally each one's per-token table."""
     table = Table(title="sentence log-probabilities (most probable first)", title_justify="left")
     for column in ("rank", "log P", "log10 P", "ppl", "tokens", "unk"):
@@ -101,7 +101,7 @@ def print_scores(console: Console, scores: Sequence[SentenceScore], with_tokens:
         s = scores[i]
         table.add_row(
             str(rank[i]), f"{s.logprob:.4f}", f"{s.log10prob:.4f}", f"{s.perplexity:.2f}",
-            str(s.num_tokens), str(s.num_unknown), _colour_tokens(s),
+            str(s.num_tokens), str(s.num_unknown), _colour_tokens(s, "" if level == "char" else " "),
         )
     console.print(table)
     if not with_tokens:
@@ -115,17 +115,17 @@ def print_scores(console: Console, scores: Sequence[SentenceScore], with_tokens:
         for t in s.tokens:
             style = _surprisal_style(t.surprisal_bits)
             tokens.add_row(
-                Text(t.token, style=style), "yes" if t.known else "<UNK>", f"{t.prob:.4g}", f"{t.logprob:.4f}",
+                Text(t.token.replace(" ", "␣"), style=style), "yes" if t.known else "<UNK>", f"{t.prob:.4g}", f"{t.logprob:.4f}",
                 Text(f"{t.surprisal_bits:.2f}", style=style),
             )
         console.print(tokens)
 
 
-def _colour_tokens(score: SentenceScore) -> Text:
+def _colour_tokens(score: SentenceScore, separator: str) -> Text:
     text = Text()
     for n, t in enumerate(score.tokens[:-1]):  # the final <EOS> is not part of the sentence's text
         if n:
-            text.append(" ")
+            text.append(separator)
         text.append(t.token, style=_surprisal_style(t.surprisal_bits))
     return text if len(score.tokens) > 1 else Text(score.sentence)
 
