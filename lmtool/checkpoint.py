@@ -39,7 +39,10 @@ os.umask(_UMASK)
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it: readers see old or new, never half."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _write_failed(path, err) from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run's files should be as readable as any other
         with os.fdopen(fd, "wb") as f:
@@ -47,10 +50,17 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _write_failed(path, err) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _write_failed(path: Path, err: OSError) -> LmtoolError:
+    kept = "; the previous version is intact" if path.exists() else ""
+    return LmtoolError(f"cannot write {path}: {err.strerror or err}{kept}", exit_code=1)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -115,9 +125,12 @@ class RunDir:
         atomic_write(self.path / VOCAB_FILE, json.dumps(tokenizer.to_dict(), ensure_ascii=False).encode())
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        try:
+            with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        except OSError as err:
+            raise _write_failed(self.path / METRICS_FILE, err) from None
 
     def metrics_size(self) -> int:
         path = self.path / METRICS_FILE

@@ -236,6 +236,8 @@ def _check_keys(tree: Mapping[str, Any], source: str) -> None:
         if key == "format_version":
             continue
         if key not in valid:
+            if isinstance(value, Mapping) and value:  # name the whole key: 'modle.cell' suggests 'model.cell'
+                raise _unknown_key(f"{key}.{next(iter(value))}", source)
             raise _unknown_key(str(key), source)
         if value is None:
             continue

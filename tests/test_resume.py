@@ -202,3 +202,67 @@ def test_damaged_model_files_are_refused_naming_the_file(small_corpus, tmp_path,
     model.write_bytes(len(new_header).to_bytes(8, "little") + new_header + data[8 + header_len :])
     result = run_cli("score", "hello", "--model", model)
     assert result.code == 2 and "do not match" in result.err
+
+
+def test_disk_full_during_a_save_keeps_the_previous_files(small_corpus, tmp_path, monkeypatch, run_cli):
+    import errno
+
+    import lmtool.checkpoint as checkpoint
+
+    train(load_config(TINY, ["train.max_steps=5"]), small_corpus, out=tmp_path / "run")
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.name != "metrics.jsonl"}
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full_disk)
+    result = run_cli("train", "--resume", tmp_path / "run", "--max-steps", "12")
+    monkeypatch.setattr(checkpoint.os, "fsync", real_fsync)
+    assert result.code == 1
+    assert len(result.err.strip().splitlines()) == 1 and "No space left on device" in result.err
+    assert "previous version is intact" in result.err
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.name != "metrics.jsonl"}
+    assert after == kept  # no temporary file left behind, nothing overwritten
+    load_model_file(tmp_path / "run" / BEST_MODEL)
+
+
+def test_disk_full_mid_training_stops_cleanly(small_corpus, tmp_path, monkeypatch):
+    import errno
+
+    import lmtool.checkpoint as checkpoint
+
+    real_fsync = os.fsync
+    failing = {"on": False}
+
+    def maybe_full(fd):
+        if failing["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    def fill_disk(record):
+        if record["event"] == "valid" and record["step"] == 10:
+            failing["on"] = True
+
+    monkeypatch.setattr(checkpoint.os, "fsync", maybe_full)
+    cfg = load_config(TINY, ["train.eval_every=10", "train.checkpoint_every=1000"])
+    with pytest.raises(LmtoolError, match="No space left on device") as err:
+        train(cfg, small_corpus, out=tmp_path / "run", on_event=fill_disk)
+    assert err.value.exit_code == 1
+    assert load_model_file(tmp_path / "run" / BEST_MODEL).info["step"] == 10
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_unreadable_corpus_is_a_clear_error(small_corpus, monkeypatch, run_cli):
+    from pathlib import Path
+
+    real = Path.read_bytes
+
+    def denied(self):
+        if self == small_corpus:
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    result = run_cli("train", small_corpus, "--config", TINY)
+    assert result.code == 2 and "permission denied" in result.err and len(result.err.strip().splitlines()) == 1

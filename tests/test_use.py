@@ -223,3 +223,77 @@ def test_evaluate_perplexity_command(run_cli, word_run, tmp_path):
     assert "perplexity" in table.out and "bits per word" in table.out
     missing = run_cli("evaluate-perplexity", tmp_path / "nope.txt", "--model", word_run)
     assert missing.code == 2 and "not found" in missing.err
+
+
+def test_constant_logits_give_perplexity_equal_to_the_vocabulary_size(char_run):
+    from lmtool.data import encode_lines
+    from lmtool.evaluate import stream_nll
+
+    lm = lmtool.load_model(char_run)
+    with torch.no_grad():
+        lm.network.decoder.weight.zero_()
+        lm.network.decoder.bias.fill_(0.7)
+    stream = encode_lines(lm.tokenizer, ["to be or not to be", "that is the question"])
+    score = stream_nll(lm.network, stream, batch_size=1, bptt=8)
+    assert score.perplexity == pytest.approx(len(lm.tokenizer), rel=1e-6)
+
+
+def test_token_by_token_evaluation_equals_one_full_pass(char_run):
+    from lmtool.data import encode_lines
+    from lmtool.evaluate import stream_nll
+
+    lm = lmtool.load_model(char_run)
+    stream = encode_lines(lm.tokenizer, ["First Citizen:", "Before we proceed any further, hear me speak."])
+    one_at_a_time = stream_nll(lm.network, stream, batch_size=1, bptt=1)
+    whole = stream_nll(lm.network, stream, batch_size=1, bptt=10_000)
+    assert one_at_a_time.tokens == whole.tokens == stream.numel() - 1
+    assert one_at_a_time.nll == pytest.approx(whole.nll, rel=1e-5)
+
+
+def test_top_k_and_top_p_never_emit_a_token_outside_the_allowed_set():
+    from lmtool.sample import pick_next
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 30)
+    allowed_k = torch.topk(logits, 3).indices
+    options = SamplingOptions(top_k=3, temperature=1.5)
+    for _ in range(200):
+        picked = pick_next(logits, options, None)
+        assert all(picked[b] in allowed_k[b] for b in range(4))
+    probs = torch.softmax(logits, -1)
+    options = SamplingOptions(top_p=0.5)
+    for _ in range(200):
+        picked = pick_next(logits, options, None)
+        for b in range(4):
+            # a token is allowed when the tokens strictly more probable than it hold less than p
+            assert probs[b][probs[b] > probs[b, picked[b]]].sum() < 0.5
+
+
+def test_top_k_one_is_greedy(char_run):
+    lm = lmtool.load_model(char_run)
+    greedy = lm.sample("KING", SamplingOptions(length=40, temperature=0))
+    top1 = lm.sample("KING", SamplingOptions(length=40, top_k=1, seed=9))
+    assert greedy == top1
+
+
+def test_edge_sentences_are_scored_and_flagged(run_cli, word_run):
+    rows = [json.loads(l) for l in run_cli("score", "", "zebra quagga okapi", "--model", word_run, "--json").out.splitlines()]
+    assert rows[0]["tokens"] == 1 and rows[0]["unknown"] == 0  # just <EOS>
+    assert rows[1]["tokens"] == 4 and rows[1]["unknown"] == 3  # scored through <UNK> and flagged
+    assert math.isfinite(rows[1]["logprob"])
+
+
+def test_a_prompt_longer_than_any_training_line_is_fine(char_run):
+    lm = lmtool.load_model(char_run)
+    text = lm.sample("ROMEO: " * 200, SamplingOptions(length=10, seed=1))[0]
+    assert len(text) == 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-k", "-1"], "--top-k must be at least 1"),
+    (["--model", "nowhere"], "model not found: nowhere"),
+])
+def test_more_sample_errors(run_cli, char_run, args, message):
+    args = args if "--model" in args else [*args, "--model", str(char_run)]
+    result = run_cli("sample", *args)
+    assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1

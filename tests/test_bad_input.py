@@ -1,0 +1,134 @@
+"""The bad-input matrix: every user mistake exits non-zero with one clear line and changes no file."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmtool.checkpoint import BEST_MODEL
+from lmtool.config import load_config
+from lmtool.train import train
+
+from conftest import CONFIGS, SHAKESPEARE
+
+TINY = str(CONFIGS / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    corpus = root / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    train(load_config(CONFIGS / "tiny.yaml", ["train.max_steps=4"]), corpus, out=root / "run")
+    return root
+
+
+def _truncated_model(tmp: Path, trained: Path) -> Path:
+    data = (trained / "run" / BEST_MODEL).read_bytes()
+    (tmp / "cut.safetensors").write_bytes(data[: len(data) // 3])
+    return tmp / "cut.safetensors"
+
+
+FILES = {
+    "empty.txt": b"",
+    "blank.txt": b"  \n\t\n   \n",
+    "binary.txt": b"abc\x00def\n" * 10,
+    "latin1.txt": "café au lait\n".encode("latin-1") * 5,
+    "one-line.txt": b"x" * 50_000_000,
+    "good.txt": SHAKESPEARE.read_bytes()[:3000],
+    "malformed.yaml": b"model: {hidden_size: 3\n",
+    "unknown-key.yaml": b"model:\n  hiden_size: 3\n",
+    "wrong-type.yaml": b"model:\n  num_layers: two\n",
+    "zero-hidden.yaml": b"model:\n  hidden_size: 0\n",
+    "dropout.yaml": b"model:\n  dropout: 1.5\n",
+    "negative-lr.yaml": b"train:\n  lr: -1\n",
+    "newer.yaml": b"format_version: 99\n",
+    "list.yaml": b"- 1\n- 2\n",
+    "tie.yaml": b"model:\n  tie_weights: true\n  embedding_size: 8\n  hidden_size: 16\n",
+}
+
+# (case, command line with {tmp} and {run} placeholders, what the one line must say, exit code)
+CASES = [
+    ("missing corpus", "train {tmp}/nope.txt", "training file not found", 2),
+    ("directory corpus", "train {tmp}", "is a directory", 2),
+    ("empty corpus", "train {tmp}/empty.txt", "is empty", 2),
+    ("whitespace corpus", "train {tmp}/blank.txt", "is empty", 2),
+    ("binary corpus", "train {tmp}/binary.txt", "looks binary (NUL byte at offset 3)", 2),
+    ("non-utf8 corpus", "train {tmp}/latin1.txt", "not UTF-8: undecodable byte 0xe9 at offset 3", 2),
+    ("50 MB single line", "train {tmp}/one-line.txt", "single line, so no validation lines", 2),
+    ("missing valid file", "train {tmp}/good.txt --valid {tmp}/nope.txt", "validation file not found", 2),
+    ("binary test file", "train {tmp}/good.txt --test {tmp}/binary.txt", "test file", 2),
+    ("missing config", "train {tmp}/good.txt --config {tmp}/nope.yaml", "config file not found", 2),
+    ("malformed yaml", "train {tmp}/good.txt --config {tmp}/malformed.yaml", "is not valid YAML at line", 2),
+    ("yaml not a mapping", "train {tmp}/good.txt --config {tmp}/list.yaml", "must hold a mapping", 2),
+    ("unknown key", "train {tmp}/good.txt --config {tmp}/unknown-key.yaml", "did you mean 'model.hidden_size'", 2),
+    ("wrong type", "train {tmp}/good.txt --config {tmp}/wrong-type.yaml", "model.num_layers: expected a whole number, got 'two'", 2),
+    ("hidden_size 0", "train {tmp}/good.txt --config {tmp}/zero-hidden.yaml", "model.hidden_size: 0 is out of range", 2),
+    ("dropout 1.5", "train {tmp}/good.txt --config {tmp}/dropout.yaml", "model.dropout: 1.5 is out of range", 2),
+    ("lr -1", "train {tmp}/good.txt --config {tmp}/negative-lr.yaml", "train.lr: -1.0 is out of range", 2),
+    ("newer format", "train {tmp}/good.txt --config {tmp}/newer.yaml", "newer than this lmtool understands", 2),
+    ("tied sizes differ", "train {tmp}/good.txt --config {tmp}/tie.yaml", "model.tie_weights needs", 2),
+    ("set without value", "train {tmp}/good.txt --set model.hidden_size", "--set expects section.key=value", 2),
+    ("set unknown section", "train {tmp}/good.txt --set modle.cell=gru", "did you mean 'model.cell'", 2),
+    ("unknown device", "train {tmp}/good.txt --device tpu", "train.device: 'tpu' is not one of", 2),
+    ("bad duration", "train {tmp}/good.txt --max-time soon", "not a duration", 2),
+    ("existing run", "train {tmp}/good.txt --out {run}/run", "already exists; pass --overwrite", 2),
+    ("out is a file", "train {tmp}/good.txt --out {tmp}/good.txt", "is a file, not a directory", 2),
+    ("overwrite a non-run", "train {tmp}/good.txt --out {tmp} --overwrite", "is not an lmtool run", 2),
+    ("resume a non-run", "train --resume {tmp}", "not an lmtool run directory", 2),
+    ("resume a missing run", "train --resume {tmp}/nothing", "no such run directory", 2),
+    ("resume with a config", "train --resume {run}/run --set model.cell=gru", "drop --set", 2),
+    ("no corpus", "train", "give the training text", 2),
+    ("unknown option", "train {tmp}/good.txt --hidden 3", "No such option: --hidden", 2),
+    ("unknown command", "fly", "No such command 'fly'", 2),
+    ("sample temperature", "sample --model {run}/run --temperature -0.5", "--temperature must be 0 (greedy) or positive", 2),
+    ("sample top-p", "sample --model {run}/run --top-p 0", "--top-p must be in (0, 1]", 2),
+    ("sample top-k", "sample --model {run}/run --top-k 0", "--top-k must be at least 1", 2),
+    ("sample length", "sample --model {run}/run --length -3", "--length must be at least 1", 2),
+    ("sample no model", "sample", "train one first with 'lmtool train", 2),
+    ("sample missing model", "sample --model {tmp}/nope", "model not found", 2),
+    ("sample dir without model", "sample --model {tmp}", "holds no model file", 2),
+    ("sample output exists", "sample --model {run}/run --output {tmp}/good.txt", "already exists; pass --overwrite", 2),
+    ("truncated weights", "score hello --model {truncated}", "cut.safetensors is not a readable lmtool model file", 2),
+    ("yaml as model", "score hello --model {tmp}/unknown-key.yaml", "unknown-key.yaml is not a readable lmtool model", 2),
+    ("score nothing", "score --model {run}/run", "no sentences to score", 2),
+    ("score missing file", "score --file {tmp}/nope.txt --model {run}/run", "sentence file not found", 2),
+    ("score binary file", "score --file {tmp}/binary.txt --model {run}/run", "looks binary", 2),
+    ("score bad format", "score hi --format arpa --model {run}/run", "--format must be table or kenlm", 2),
+    ("score batch 0", "score hi --batch-size 0 --model {run}/run", "--batch-size must be at least 1", 2),
+    ("evaluate missing", "evaluate-perplexity {tmp}/nope.txt --model {run}/run", "not found", 2),
+    ("evaluate empty", "evaluate-perplexity {tmp}/empty.txt --model {run}/run", "is empty", 2),
+    ("evaluate non-utf8", "evaluate-perplexity {tmp}/latin1.txt --model {run}/run", "not UTF-8", 2),
+    ("evaluate batch 0", "evaluate-perplexity {tmp}/good.txt --batch-size 0 --model {run}/run", "--batch-size must be at least 1", 2),
+    ("evaluate no files", "evaluate-perplexity --model {run}/run", "Missing argument", 2),
+]
+if not torch.cuda.is_available():
+    CASES.append(("cuda without gpu", "train {tmp}/good.txt --device cuda", "PyTorch sees no CUDA GPU", 2))
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for root in roots for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("case, command, message, code", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(run_cli, tmp_path, trained, case, command, message, code):
+    for name, content in FILES.items():
+        (tmp_path / name).write_bytes(content)
+    truncated = _truncated_model(tmp_path, trained)
+    args = command.format(tmp=tmp_path, run=trained, truncated=truncated).split()
+    before = snapshot(tmp_path, trained)
+    result = run_cli(*args)
+    assert result.code == code, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    assert "Traceback" not in result.err
+    assert message in lines[0], lines[0]
+    assert snapshot(tmp_path, trained) == before  # nothing of the user's changed, no stray run directory
+
+
+def test_matrix_is_big_enough():
+    assert len(CASES) >= 30
