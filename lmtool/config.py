@@ -81,7 +81,10 @@ class TrainConfig:
     checkpoint_time: float | None = _opt(
         120.0, "and whenever this much wall time passed since the last one: seconds or '2m' (null: never)", gt=0
     )
-    max_bad_steps: int = _opt(5, "stop after this many steps in a row with a non-finite loss or gradient", ge=1)
+    max_bad_steps: int = _opt(5, "stop after this many bad steps in a row (non-finite, or a loss blow-up)", ge=1)
+    blowup_factor: float | None = _opt(
+        5.0, "a step whose loss exceeds this many times the running mean is skipped as bad (null: never)", gt=1
+    )
     seed: int = _opt(1234, "random seed: the same seed and config give the same run", ge=0)
     device: Device = _opt("auto", "auto (cuda if present, else cpu) | cpu | cuda | mps")
 

@@ -165,6 +165,8 @@ class _Trainer:
         self.running_tokens = 0
         self.bad_steps = 0
         self.skipped_steps = 0
+        self.good_steps = 0
+        self.loss_ema: float | None = None  # running mean of the per-token training loss
         self.elapsed_before = 0.0  # training time of earlier sessions of this run
         self.resumed = False
         self.start_time = time.perf_counter()
@@ -216,10 +218,14 @@ class _Trainer:
             norm = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), tc.clip_grad_norm if tc.clip_grad_norm is not None else math.inf
             )
-            # One host sync per step: a non-finite loss or gradient must never reach the weights.
-            if bool(torch.isfinite(norm) & torch.isfinite(loss)):
+            # One host sync per step: a non-finite or exploding step must never reach the weights.
+            step_loss, step_norm = torch.stack([nll.detach().mean(), norm.detach().float()]).tolist()
+            problem = self._bad_step_reason(step_loss, step_norm)
+            if problem is None:
                 self.optimizer.step()
                 self.bad_steps = 0
+                self.good_steps += 1
+                self.loss_ema = step_loss if self.loss_ema is None else 0.98 * self.loss_ema + 0.02 * step_loss
                 self.running_nll += nll.detach().sum()
                 self.running_tokens += y.numel()
             else:
@@ -227,8 +233,8 @@ class _Trainer:
                 self.skipped_steps += 1
                 if self.bad_steps >= tc.max_bad_steps:
                     raise TrainingFailed(
-                        f"training diverged: {self.bad_steps} steps in a row up to step {self.step + 1} had a "
-                        f"non-finite loss or gradient; the best model in {self.run_dir.path} is intact. "
+                        f"training diverged: {self.bad_steps} bad steps in a row up to step {self.step + 1} "
+                        f"({problem}); the best model in {self.run_dir.path} is intact. "
                         "Lower train.lr or set train.clip_grad_norm"
                     )
             state = detach_state(next_state)
@@ -250,6 +256,15 @@ class _Trainer:
             if reason:
                 return reason
             self._maybe_checkpoint()
+        return None
+
+    def _bad_step_reason(self, loss: float, norm: float) -> str | None:
+        """Why a step must be skipped: a non-finite loss or gradient, or a loss far above the running mean."""
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            return "non-finite loss or gradient"
+        factor = self.config.train.blowup_factor
+        if factor is not None and self.good_steps >= 50 and loss > factor * self.loss_ema:
+            return f"loss {loss:.3g} above {factor:g} x the running mean {self.loss_ema:.3g}"
         return None
 
     def _log_train(self, lr: float, seconds: float) -> None:
@@ -397,6 +412,8 @@ class _Trainer:
             "running_tokens": self.running_tokens,
             "bad_steps": self.bad_steps,
             "skipped_steps": self.skipped_steps,
+            "good_steps": self.good_steps,
+            "loss_ema": self.loss_ema,
             "plateau": {"best_loss": self.plateau.best_loss, "since_best": self.plateau.since_best,
                         "divisions": self.plateau.divisions},
             "best": None if best is None else {"nll": best.nll, "tokens": best.tokens, "unknown": best.unknown,
@@ -431,6 +448,7 @@ class _Trainer:
         self.running_nll = saved["running_nll"].to(self.device)
         self.running_tokens = saved["running_tokens"]
         self.bad_steps, self.skipped_steps = saved["bad_steps"], saved["skipped_steps"]
+        self.good_steps, self.loss_ema = saved["good_steps"], saved["loss_ema"]
         self.plateau = PlateauTracker(**saved["plateau"])
         self.best = None if saved["best"] is None else StreamScore(**saved["best"])
         self.elapsed_before = saved["elapsed"]

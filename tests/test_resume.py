@@ -159,7 +159,7 @@ def test_many_non_finite_steps_in_a_row_stop_training_and_keep_the_best_model(sm
 
     monkeypatch.setattr(train_module, "token_nll", nan_after_20)
     cfg = load_config(TINY, ["train.eval_every=10", "train.max_bad_steps=3"])
-    with pytest.raises(TrainingFailed, match="3 steps in a row up to step 23") as err:
+    with pytest.raises(TrainingFailed, match="3 bad steps in a row up to step 23") as err:
         train(cfg, small_corpus, out=tmp_path / "run")
     assert err.value.exit_code == 1
     best = load_model_file(tmp_path / "run" / BEST_MODEL)
@@ -266,3 +266,18 @@ def test_unreadable_corpus_is_a_clear_error(small_corpus, monkeypatch, run_cli):
     monkeypatch.setattr(Path, "read_bytes", denied)
     result = run_cli("train", small_corpus, "--config", TINY)
     assert result.code == 2 and "permission denied" in result.err and len(result.err.strip().splitlines()) == 1
+
+
+def test_a_loss_blow_up_is_skipped_like_a_non_finite_step(small_corpus, tmp_path, monkeypatch):
+    real = train_module.token_nll
+    calls = {"n": 0}
+
+    def spike_at_70(logits, targets):
+        calls["n"] += 1
+        nll = real(logits, targets)
+        return nll * 100 if calls["n"] == 70 else nll
+
+    monkeypatch.setattr(train_module, "token_nll", spike_at_70)
+    result = train(load_config(TINY, ["train.max_steps=80"]), small_corpus, out=tmp_path / "run")
+    end = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert end["skipped_steps"] == 1
