@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import warnings
-from array import array
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -13,36 +14,73 @@ from typing import Iterable, Iterator
 import torch
 
 from lmtool.errors import LmtoolError
-from lmtool.tokenizer import EOS_ID, Tokenizer
+from lmtool.tokenizer import EOS_ID, SPECIALS, Tokenizer
+
+
+CHUNK_BYTES = 1 << 24  # text is read, checked and encoded 16 MB at a time
+
+
+def _check_readable_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise LmtoolError(f"{what} file not found: {path}")
+    if path.is_dir():
+        raise LmtoolError(f"{what} path is a directory, not a text file: {path}")
+    if not os.access(path, os.R_OK):
+        raise LmtoolError(f"cannot read {what} file {path}: permission denied")
+
+
+def iter_text_chunks(path: Path | str, what: str = "text", chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """A UTF-8 file as pieces of whole lines, each ending in '\n' ('\r\n' normalised), checked as it is read.
+
+    Memory stays bounded by the chunk size, whatever the size of the file (a single line is one piece).
+    """
+    path = Path(path)
+    _check_readable_file(path, what)
+    offset = 0
+    try:
+        with open(path, "rb") as f:
+            while True:
+                raw = b"".join(f.readlines(chunk_bytes))
+                if not raw:
+                    return
+                nul = raw.find(b"\x00")
+                if nul >= 0:
+                    raise LmtoolError(
+                        f"{what} file {path} looks binary (NUL byte at offset {offset + nul}); "
+                        "give a plain UTF-8 text file"
+                    )
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise LmtoolError(
+                        f"{what} file {path} is not UTF-8: undecodable byte 0x{raw[err.start]:02x} at offset "
+                        f"{offset + err.start}; convert it to UTF-8 (e.g. iconv -t utf-8)"
+                    ) from None
+                if offset == 0:
+                    text = text.removeprefix("\ufeff")
+                offset += len(raw)
+                text = text.replace("\r\n", "\n")
+                yield text if text.endswith("\n") else text + "\n"
+    except PermissionError:
+        raise LmtoolError(f"cannot read {what} file {path}: permission denied") from None
+    except IsADirectoryError:
+        raise LmtoolError(f"{what} path is a directory, not a text file: {path}") from None
+    except OSError as err:
+        raise LmtoolError(f"cannot read {what} file {path}: {err.strerror}") from None
 
 
 def read_text(path: Path | str, what: str = "corpus") -> str:
-    """The UTF-8 text of a file with '\\r\\n' line ends normalised; every failure is one clear message."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise LmtoolError(f"{what} file not found: {path}") from None
-    except IsADirectoryError:
-        raise LmtoolError(f"{what} path is a directory, not a text file: {path}") from None
-    except PermissionError:
-        raise LmtoolError(f"cannot read {what} file {path}: permission denied") from None
-    except OSError as err:
-        raise LmtoolError(f"cannot read {what} file {path}: {err.strerror}") from None
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        raise LmtoolError(f"{what} file {path} looks binary (NUL byte at offset {nul}); give a plain UTF-8 text file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise LmtoolError(
-            f"{what} file {path} is not UTF-8: undecodable byte 0x{raw[err.start]:02x} at offset {err.start}; "
-            "convert it to UTF-8 (e.g. iconv -t utf-8)"
-        ) from None
-    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+    """The whole UTF-8 text of a (small) file, checked as `iter_text_chunks` does."""
+    text = "".join(iter_text_chunks(path, what))
     if not text.strip():
         raise LmtoolError(f"{what} file {path} is empty (no text to learn from)")
     return text
+
+
+def iter_lines(path: Path | str, what: str = "text") -> Iterator[str]:
+    """Stream a UTF-8 file line by line (newlines removed) without holding it in memory."""
+    for text in iter_text_chunks(path, what):
+        yield from text.split("\n")[:-1]
 
 
 def split_lines(text: str) -> list[str]:
@@ -55,82 +93,103 @@ def split_lines(text: str) -> list[str]:
 
 def hold_out_tail(lines: list[str], fraction: float) -> tuple[list[str], list[str]]:
     """Split into (train, valid) with the last `fraction` of the lines, contiguous, held out."""
-    if len(lines) < 2:
+    n_valid = held_out_lines(len(lines), fraction)
+    return lines[:-n_valid], lines[-n_valid:]
+
+
+def held_out_lines(num_lines: int, fraction: float) -> int:
+    """How many lines at the end of a corpus become validation text (at least one, never all)."""
+    if num_lines < 2:
         raise LmtoolError(
             "the corpus has a single line, so no validation lines can be held out; give --valid FILE "
             "or a corpus with several lines"
         )
-    n_valid = min(len(lines) - 1, max(1, round(len(lines) * fraction)))
-    return lines[:-n_valid], lines[-n_valid:]
+    return min(num_lines - 1, max(1, round(num_lines * fraction)))
 
 
 def encode_lines(tokenizer: Tokenizer, lines: Iterable[str]) -> torch.Tensor:
     """One id stream: <EOS> (the text starts at a line start), then each line followed by <EOS>.
 
     The leading <EOS> means every token of the text is scored, the first one from the sentence-start
-    context, exactly as `score` does. int32 (4 bytes a token) keeps big corpora compact.
+    context, exactly as `score` does.
     """
-    ids = array("i", [EOS_ID])
-    for line in lines:
-        ids.extend(tokenizer.encode_line(line))
-    return torch.frombuffer(ids, dtype=torch.int32)  # (N + 1,)
+    text = "".join(line + "\n" for line in lines)
+    start = torch.tensor([EOS_ID], dtype=tokenizer.dtype)
+    return torch.cat([start, tokenizer.encode_lines_text(text)])  # (N + 1,)
 
 
-def iter_lines(path: Path | str, what: str = "text") -> Iterator[str]:
-    """Stream a UTF-8 file line by line (newlines removed) without holding it in memory."""
-    path = Path(path)
-    _check_readable_file(path, what)
-    offset = 0
-    with open(path, "rb") as f:
-        for raw in f:
-            nul = raw.find(b"\x00")
-            if nul >= 0:
-                raise LmtoolError(f"{what} file {path} looks binary (NUL byte at offset {offset + nul})")
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise LmtoolError(
-                    f"{what} file {path} is not UTF-8: undecodable byte 0x{raw[err.start]:02x} at offset "
-                    f"{offset + err.start}; convert it to UTF-8 (e.g. iconv -t utf-8)"
-                ) from None
-            if offset == 0:
-                line = line.removeprefix("\ufeff")
-            offset += len(raw)
-            yield line.rstrip("\n").removesuffix("\r")
+@dataclass(frozen=True)
+class TextScan:
+    """What one streaming pass learned about a file."""
+
+    num_lines: int
+    num_bytes: int
 
 
-def _check_readable_file(path: Path, what: str) -> None:
-    if not path.exists():
-        raise LmtoolError(f"{what} file not found: {path}")
-    if path.is_dir():
-        raise LmtoolError(f"{what} path is a directory, not a text file: {path}")
-    if not os.access(path, os.R_OK):
-        raise LmtoolError(f"cannot read {what} file {path}: permission denied")
+def scan_text(path: Path, what: str) -> TextScan:
+    """Check a whole file (UTF-8, no NUL, not empty) and count its lines, in bounded memory."""
+    lines, has_text = 0, False
+    for text in iter_text_chunks(path, what):
+        lines += text.count("\n")
+        has_text = has_text or not text.isspace()
+    if not has_text:
+        raise LmtoolError(f"{what} file {path} is empty (no text to learn from)")
+    return TextScan(num_lines=lines, num_bytes=Path(path).stat().st_size)
 
 
-def encode_file_to_disk(tokenizer: Tokenizer, path: Path, ids_path: Path, chunk_lines: int = 10_000) -> torch.Tensor:
-    """Encode a file of any size into an int32 file and map it: memory stays bounded by the page cache."""
+def iter_line_range(path: Path, what: str, start: int, stop: int | None) -> Iterator[str]:
+    """Pieces of text holding lines [start, stop) of a file, each ending in '\n'."""
+    line = 0
+    for text in iter_text_chunks(path, what):
+        count = text.count("\n")
+        first, last = line, line + count
+        line = last
+        if last <= start:
+            continue
+        if stop is not None and first >= stop:
+            return
+        if first >= start and (stop is None or last <= stop):
+            yield text
+            continue
+        lines = text.split("\n")[:-1]
+        lo = max(0, start - first)
+        hi = count if stop is None else min(count, stop - first)
+        if hi > lo:
+            yield "\n".join(lines[lo:hi]) + "\n"
+
+
+def encode_stream(tokenizer: Tokenizer, pieces: Iterable[str], capacity: int) -> torch.Tensor:
+    """<EOS> followed by the ids of every piece, written into one preallocated compact buffer (no copies)."""
+    buffer = torch.empty(capacity, dtype=tokenizer.dtype)  # pages never written are never resident
+    buffer[0] = EOS_ID
+    n = 1
+    for text in pieces:
+        ids = tokenizer.encode_lines_text(text)
+        if n + ids.numel() > buffer.numel():  # lowercasing can lengthen text: grow rather than fail
+            buffer = torch.cat([buffer[:n], torch.empty(max(buffer.numel(), ids.numel()), dtype=buffer.dtype)])
+        buffer[n : n + ids.numel()] = ids
+        n += ids.numel()
+    return buffer[:n]  # (N,)
+
+
+def encode_file_to_disk(tokenizer: Tokenizer, path: Path, ids_path: Path) -> torch.Tensor:
+    """Encode a file of any size into an id file and map it: memory stays bounded by the page cache."""
     count = 1
     with open(ids_path, "wb") as out:
-        out.write(array("i", [EOS_ID]).tobytes())  # the text starts at a line start, as in encode_lines
-        chunk: list[str] = []
-        for line in iter_lines(path, "evaluation"):
-            chunk.append(line)
-            if len(chunk) >= chunk_lines:
-                count += _write_ids(tokenizer, chunk, out)
-                chunk = []
-        count += _write_ids(tokenizer, chunk, out)
+        out.write(_raw_bytes(torch.tensor([EOS_ID], dtype=tokenizer.dtype)))  # starts at a line start
+        for text in iter_text_chunks(path, "evaluation"):
+            ids = tokenizer.encode_lines_text(text)
+            out.write(_raw_bytes(ids))
+            count += ids.numel()
     if count == 1:
         raise LmtoolError(f"evaluation file {path} is empty (no text to score)")
-    return torch.from_file(str(ids_path), shared=True, size=count, dtype=torch.int32)  # (N,), memory-mapped
+    return torch.from_file(str(ids_path), shared=True, size=count, dtype=tokenizer.dtype)  # (N,), memory-mapped
 
 
-def _write_ids(tokenizer: Tokenizer, lines: list[str], out) -> int:
-    ids = array("i")
-    for line in lines:
-        ids.extend(tokenizer.encode_line(line))
-    out.write(ids.tobytes())
-    return len(ids)
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    """The memory of a CPU tensor as bytes (torch has no buffer protocol, and numpy is not a dependency)."""
+    tensor = tensor.contiguous()
+    return ctypes.string_at(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
 
 def batchify(stream: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -175,9 +234,9 @@ class Corpus:
     """The tokenizer and the encoded splits of one training run."""
 
     tokenizer: Tokenizer
-    train: torch.Tensor  # (N_train,) int32
-    valid: torch.Tensor  # (N_valid,) int32
-    test: torch.Tensor | None  # (N_test,) int32
+    train: torch.Tensor  # (N_train,) compact ids (uint8, int16 or int32 by vocabulary size)
+    valid: torch.Tensor  # (N_valid,)
+    test: torch.Tensor | None  # (N_test,)
 
 
 def load_corpus(
@@ -192,23 +251,33 @@ def load_corpus(
     valid_fraction: float,
     tokenizer: Tokenizer | None = None,
 ) -> Corpus:
-    """Read the files, build the vocabulary from the training split only (unless given), and encode every split."""
-    train_lines = split_lines(read_text(train_path, "training"))
-    if valid_path is not None:
-        valid_lines = split_lines(read_text(valid_path, "validation"))
+    """Read the files in streaming passes, build the vocabulary from the training split only (unless given),
+    and encode every split into compact ids: memory is the ids plus one chunk, not the text."""
+    train_path = Path(train_path)
+    train_scan = scan_text(train_path, "training")
+    train_stop = None
+    if valid_path is None:
+        train_stop = train_scan.num_lines - held_out_lines(train_scan.num_lines, valid_fraction)
     else:
-        train_lines, valid_lines = hold_out_tail(train_lines, valid_fraction)
-    test_lines = split_lines(read_text(test_path, "test")) if test_path is not None else None
+        valid_scan = scan_text(Path(valid_path), "validation")
+    test_scan = scan_text(Path(test_path), "test") if test_path is not None else None
     if tokenizer is None:
-        tokenizer = Tokenizer.build(
-            train_lines, level=level, min_freq=min_freq, max_size=max_size, lowercase=lowercase, unk_marker=unk_marker
-        )
-    return Corpus(
-        tokenizer=tokenizer,
-        train=encode_lines(tokenizer, train_lines),
-        valid=encode_lines(tokenizer, valid_lines),
-        test=encode_lines(tokenizer, test_lines) if test_lines is not None else None,
-    )
+        counts: Counter[str] = Counter()
+        probe = Tokenizer(level=level, tokens=SPECIALS, lowercase=lowercase, unk_marker=unk_marker)
+        for text in iter_line_range(train_path, "training", 0, train_stop):
+            probe.count_into(counts, text)
+        tokenizer = Tokenizer.from_counts(counts, level, min_freq, max_size, lowercase, unk_marker)
+    # A token takes at least one byte, so the file size (+2) bounds the number of ids.
+    room = 2 * train_scan.num_bytes + 2 if lowercase else train_scan.num_bytes + 2
+    train = encode_stream(tokenizer, iter_line_range(train_path, "training", 0, train_stop), room)
+    if valid_path is None:
+        valid = encode_stream(tokenizer, iter_line_range(train_path, "training", train_stop, None), room)
+    else:
+        valid = encode_stream(tokenizer, iter_text_chunks(valid_path, "validation"), 2 * valid_scan.num_bytes + 2)
+    test = None
+    if test_scan is not None:
+        test = encode_stream(tokenizer, iter_text_chunks(test_path, "test"), 2 * test_scan.num_bytes + 2)
+    return Corpus(tokenizer=tokenizer, train=train, valid=valid, test=test)
 
 
 def file_digest(path: Path | str) -> str:

@@ -63,6 +63,8 @@ class LanguageModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """Scores for the next token at every position, and the state after the last position."""
+        if tokens.dtype not in (torch.int32, torch.int64):
+            tokens = tokens.int()  # the data pipeline stores ids in 1 or 2 bytes; the embedding wants int32/64
         emb = self.drop(self.embedding(tokens))  # (B, T, E)
         if state is None:
             state = self.init_state(tokens.size(0))

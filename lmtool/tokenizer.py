@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Iterable, Sequence
+
+import torch
 
 from lmtool.errors import LmtoolError
 
@@ -13,6 +17,16 @@ UNK = "<UNK>"
 SPECIALS = (EOS, UNK)
 EOS_ID = 0
 UNK_ID = 1
+MAX_CODE_POINT = 0x10FFFF
+
+
+def id_dtype(vocab_size: int) -> torch.dtype:
+    """The smallest integer type that holds every id: 1 byte a token for characters, 2 for most vocabularies."""
+    if vocab_size <= 256:
+        return torch.uint8
+    if vocab_size <= 32767:
+        return torch.int16
+    return torch.int32
 
 
 @dataclass(frozen=True)
@@ -41,16 +55,39 @@ class Tokenizer:
         lowercase: bool = False,
         unk_marker: str | None = None,
     ) -> "Tokenizer":
-        """Count tokens in the (training) lines and keep the frequent ones, most frequent first."""
+        """Count tokens in the (training) lines or text pieces and keep the frequent ones, most frequent first."""
         probe = cls(level=level, tokens=SPECIALS, lowercase=lowercase, unk_marker=unk_marker)
         counts: Counter[str] = Counter()
-        for line in lines:
-            counts.update(probe.split(line))
+        for text in lines:
+            probe.count_into(counts, text)
+        return cls.from_counts(counts, level, min_freq, max_size, lowercase, unk_marker)
+
+    def count_into(self, counts: Counter, text: str) -> None:
+        """Add the token counts of a piece of text (any number of lines) to `counts`."""
+        if self.lowercase:
+            text = text.lower()
+        if self.level == "char":
+            counts.update(text)  # counted in C, a code point at a time
+            counts.pop("\n", None)
+        else:
+            counts.update(text.split())
+
+    @classmethod
+    def from_counts(
+        cls,
+        counts: Counter,
+        level: str,
+        min_freq: int = 1,
+        max_size: int | None = None,
+        lowercase: bool = False,
+        unk_marker: str | None = None,
+    ) -> "Tokenizer":
+        """The vocabulary of a token count: specials first, then by frequency, ties broken by the token."""
+        counts = Counter(counts)
         for special in SPECIALS:
             counts.pop(special, None)
         if unk_marker is not None:
             counts.pop(unk_marker, None)
-        # Ties broken by the token itself, so the same text always gives the same ids.
         ranked = sorted((tok for tok, n in counts.items() if n >= min_freq), key=lambda t: (-counts[t], t))
         if max_size is not None:
             ranked = ranked[: max(0, max_size - len(SPECIALS))]
@@ -76,6 +113,46 @@ class Tokenizer:
         ids = [self.token_id(tok) for tok in self.split(line)]
         ids.append(EOS_ID)
         return ids
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return id_dtype(len(self.tokens))
+
+    def encode_lines_text(self, text: str) -> torch.Tensor:
+        """Ids of whole lines ('\n'-terminated text), each '\n' becoming <EOS>: vectorised, (N,) compact ids."""
+        if self.lowercase:
+            text = text.lower()
+        if not text:
+            return torch.zeros(0, dtype=self.dtype)
+        if self.level == "char":
+            code_points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)  # (N,)
+            return self._code_point_table().index_select(0, code_points)
+        lookup = self._word_lookup()
+        ids = array("i")
+        for line in text.split("\n")[:-1]:
+            ids.extend(map(lookup.get, line.split(), repeat(UNK_ID)))  # looked up in C, not a Python loop
+            ids.append(EOS_ID)
+        return torch.frombuffer(ids, dtype=torch.int32).to(self.dtype) if ids else torch.zeros(0, dtype=self.dtype)
+
+    def _code_point_table(self) -> torch.Tensor:
+        """Id of every Unicode code point (<UNK> by default): characters encode by one gather."""
+        table = self.__dict__.get("_table")
+        if table is None:
+            table = torch.full((MAX_CODE_POINT + 1,), UNK_ID, dtype=self.dtype)
+            for i, tok in enumerate(self.tokens[len(SPECIALS) :], start=len(SPECIALS)):
+                table[ord(tok)] = i
+            table[ord("\n")] = EOS_ID
+            object.__setattr__(self, "_table", table)
+        return table
+
+    def _word_lookup(self) -> dict[str, int]:
+        lookup = self.__dict__.get("_lookup")
+        if lookup is None:
+            lookup = dict(self._ids)  # the same mapping as token_id, as one dict for map()
+            if self.unk_marker is not None:
+                lookup[self.unk_marker] = UNK_ID
+            object.__setattr__(self, "_lookup", lookup)
+        return lookup
 
     def encode(self, text: str) -> list[int]:
         """Ids of a text; each '\\n' becomes <EOS> (no <EOS> is added after a final line without one)."""

@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmtool.data import batchify, encode_lines, fit_batch_size, hold_out_tail, load_corpus, read_text, windows
 from lmtool.errors import LmtoolError
@@ -35,7 +37,7 @@ def test_vocabulary_comes_from_training_split_only(tmp_path):
     corpus = load_corpus(train, valid, None, "word", 1, None, False, None, 0.1)
     assert "zebra" not in corpus.tokenizer.tokens
     assert corpus.valid.tolist() == [EOS_ID, corpus.tokenizer.token_id("the"), UNK_ID, EOS_ID]
-    assert corpus.valid.dtype == torch.int32
+    assert corpus.valid.dtype == torch.uint8  # 6 types: one byte a token
 
 
 def test_held_out_validation_is_the_contiguous_tail_and_rare_train_words_become_unk(tmp_path):
@@ -86,3 +88,32 @@ def test_short_stream_shrinks_the_batch_with_a_warning_or_fails_with_the_minimum
         assert fit_batch_size(7, 8, 16, "training") == 3
     with pytest.raises(LmtoolError, match=r"at least 2 are needed \(and 136"):
         fit_batch_size(1, 8, 16, "training")
+
+
+def test_id_dtype_is_the_smallest_that_fits():
+    from lmtool.tokenizer import id_dtype
+
+    assert [id_dtype(n) for n in (66, 256, 257, 10_000, 32767, 33_278)] == [
+        torch.uint8, torch.uint8, torch.int16, torch.int16, torch.int16, torch.int32]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(alphabet="ab c\u00e9\U0001f600<>", max_size=12), max_size=8), st.sampled_from(["char", "word"]))
+def test_vectorised_encoding_equals_line_by_line(lines, level):
+    tok = Tokenizer.build(lines[: len(lines) // 2], level=level, unk_marker="<u>")
+    text = "".join(line + "\n" for line in lines)
+    expected = [i for line in lines for i in tok.encode_line(line)]
+    assert tok.encode_lines_text(text).tolist() == expected
+
+
+def test_chunked_reading_gives_the_same_corpus(tmp_path, monkeypatch):
+    import lmtool.data as data
+
+    path = tmp_path / "c.txt"
+    path.write_text("".join(f"line {i} with words {i % 7}\r\n" for i in range(500)))
+    whole = load_corpus(path, None, None, "word", 1, None, False, None, 0.1)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 64)  # many small pieces, split points inside pieces
+    chunked = load_corpus(path, None, None, "word", 1, None, False, None, 0.1)
+    assert chunked.tokenizer == whole.tokenizer
+    assert torch.equal(chunked.train, whole.train) and torch.equal(chunked.valid, whole.valid)
+    assert whole.valid.tolist().count(EOS_ID) == 51  # 50 held-out lines + the leading <EOS>
