@@ -17,7 +17,7 @@ from lmtool.errors import LmtoolError
 from lmtool.tokenizer import EOS_ID, SPECIALS, Tokenizer
 
 
-CHUNK_BYTES = 1 << 24  # text is read, checked and encoded 16 MB at a time
+CHUNK_BYTES = 1 << 22  # text is read, checked and encoded 4 MB at a time
 
 
 def _check_readable_file(path: Path, what: str) -> None:
@@ -39,10 +39,20 @@ def iter_text_chunks(path: Path | str, what: str = "text", chunk_bytes: int = CH
     offset = 0
     try:
         with open(path, "rb") as f:
+            carry = b""  # the part of the last block after its last newline
             while True:
-                raw = b"".join(f.readlines(chunk_bytes))
-                if not raw:
-                    return
+                block = f.read(chunk_bytes)
+                if block:
+                    data = carry + block
+                    cut = data.rfind(b"\n") + 1
+                    if cut == 0:  # no line end yet (a very long line): keep reading
+                        carry = data
+                        continue
+                    raw, carry = data[:cut], data[cut:]
+                else:
+                    raw, carry = carry, b""
+                    if not raw:
+                        return
                 nul = raw.find(b"\x00")
                 if nul >= 0:
                     raise LmtoolError(

@@ -20,6 +20,13 @@ UNK_ID = 1
 MAX_CODE_POINT = 0x10FFFF
 
 
+def _code_points(text: str) -> torch.Tensor:
+    """The Unicode code points of a text as an int32 tensor (N,), without a Python loop."""
+    if not text:
+        return torch.zeros(0, dtype=torch.int32)
+    return torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
+
+
 def id_dtype(vocab_size: int) -> torch.dtype:
     """The smallest integer type that holds every id: 1 byte a token for characters, 2 for most vocabularies."""
     if vocab_size <= 256:
@@ -67,8 +74,10 @@ class Tokenizer:
         if self.lowercase:
             text = text.lower()
         if self.level == "char":
-            counts.update(text)  # counted in C, a code point at a time
-            counts.pop("\n", None)
+            histogram = torch.bincount(_code_points(text))  # vectorised: no Python work per character
+            for code_point in histogram.nonzero().flatten().tolist():
+                if code_point != ord("\n"):
+                    counts[chr(code_point)] += int(histogram[code_point])
         else:
             counts.update(text.split())
 
@@ -125,8 +134,7 @@ class Tokenizer:
         if not text:
             return torch.zeros(0, dtype=self.dtype)
         if self.level == "char":
-            code_points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)  # (N,)
-            return self._code_point_table().index_select(0, code_points)
+            return self._code_point_table().index_select(0, _code_points(text))
         lookup = self._word_lookup()
         ids = array("i")
         for line in text.split("\n")[:-1]:
