@@ -29,6 +29,7 @@ METRICS_FILE = "metrics.jsonl"
 BEST_MODEL = "model-best.safetensors"
 LAST_MODEL = "model-last.safetensors"
 TRAINING_STATE = "train-state.pt"
+TRAINING_STATE_VERSION = 1
 RUN_FILES = (CONFIG_FILE, VOCAB_FILE, METRICS_FILE, BEST_MODEL, LAST_MODEL, TRAINING_STATE)
 RUNS_ROOT = Path("runs")
 LATEST = "latest"
@@ -160,8 +161,14 @@ class RunDir:
 
 
 def mark_latest(run_path: Path) -> None:
-    """Atomically repoint runs/latest (a symlink) at `run_path`."""
-    RUNS_ROOT.mkdir(parents=True, exist_ok=True)
+    """Atomically repoint runs/latest (a symlink) at `run_path`; a warning if ./runs cannot be written."""
+    try:
+        RUNS_ROOT.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        import warnings
+
+        warnings.warn(f"runs/latest not updated ({err.strerror}); name the run with --model {run_path}")
+        return
     run_path = Path(run_path).resolve()
     root = RUNS_ROOT.resolve()
     target = run_path.relative_to(root) if run_path.parent == root else run_path
@@ -224,7 +231,10 @@ def load_model_file(path: Path) -> LoadedModel:
         raise LmtoolError(f"{path} is not a readable lmtool model file ({err}); retrain or restore it") from None
     if metadata.get("format") != MODEL_FORMAT:
         raise LmtoolError(f"{path} is a safetensors file but not an lmtool model (no lmtool metadata)")
-    version = int(metadata.get("format_version", "0"))
+    try:
+        version = int(metadata.get("format_version", "0"))
+    except ValueError:
+        raise LmtoolError(f"{path}: the model's format version is damaged") from None
     if version > MODEL_FORMAT_VERSION:
         raise LmtoolError(f"{path} was written by a newer lmtool (model format {version}); upgrade lmtool")
     try:
@@ -307,9 +317,10 @@ def load_training_state(run_path: Path) -> dict[str, Any]:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
         raise LmtoolError(f"{path} is damaged or truncated ({_first_line(err)}); it cannot be resumed") from None
-    if not isinstance(state, dict) or "version" not in state:
-        raise LmtoolError(f"{path} is not an lmtool training checkpoint")
-    if state["version"] > 1:
+    needed = ("version", "finished", "stop_reason", "sources", "model", "optimizer")
+    if not isinstance(state, dict) or any(key not in state for key in needed):
+        raise LmtoolError(f"{path} is not an lmtool training checkpoint (damaged or from another program)")
+    if not isinstance(state["version"], int) or state["version"] > TRAINING_STATE_VERSION:
         raise LmtoolError(f"{path} was written by a newer lmtool (checkpoint version {state['version']}); upgrade")
     return state
 

@@ -72,9 +72,9 @@ def train(
     display = TrainDisplay()
     try:
         if resume is not None:
-            extra = {"CORPUS": corpus, "--config": config, "--set": set_, "--level": level, "--cell": cell,
-                     "--seed": seed, "--valid": valid, "--test": test, "--out": out}
-            given = [name for name, value in extra.items() if value]
+            extra = {"CORPUS": corpus, "--config": config, "--set": set_ or None, "--level": level, "--cell": cell,
+                     "--seed": seed, "--valid": valid, "--test": test, "--out": out, "--overwrite": overwrite or None}
+            given = [name for name, value in extra.items() if value is not None]
             if given:
                 raise LmtoolError(
                     f"--resume continues a run with its own data and config; drop {', '.join(given)} "
@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(err.exit_code)
     except _CLICK_ERRORS as err:
         ctx = getattr(err, "ctx", None)
+        if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:  # bare `lmtool`: the help, as is
+            print(ctx.get_help())
+            sys.exit(0)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         print(f"lmtool: error: {_one_line(err.format_message())}{hint}", file=sys.stderr)
         sys.exit(err.exit_code)

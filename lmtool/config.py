@@ -23,6 +23,7 @@ Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "plateau", "decay", "cosine"]
 LossReduction = Literal["mean", "time_sum"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
+Precision = Literal["fp32", "bf16", "auto"]
 
 
 def _opt(default: Any, help: str, **bounds: float) -> Any:
@@ -87,6 +88,9 @@ class TrainConfig:
     )
     seed: int = _opt(1234, "random seed: the same seed and config give the same run", ge=0)
     device: Device = _opt("auto", "auto (cuda if present, else cpu) | cpu | cuda | mps")
+    precision: Precision = _opt(
+        "auto", "fp32 | bf16 (autocast; weights, optimiser and loss stay fp32) | auto (bf16 where the hardware has it)"
+    )
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,8 @@ def load_config(
         layers.append(("--set", _parse_overrides(overrides)))
     if flags:
         layers.append(("flag", _nest({k: v for k, v in flags.items() if v is not None})))
+    # An empty section (`model:` with nothing under it) means "no changes", not "no section".
+    layers = [(source, {k: v for k, v in tree.items() if v is not None}) for source, tree in layers]
     for source, tree in layers:
         _check_keys(tree, source)
 

@@ -18,3 +18,26 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda", "mps"):
         raise LmtoolError(f"unknown device '{name}'; use auto, cpu, cuda or mps")
     return torch.device(name)
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether this device computes bfloat16 matrix products in hardware (AVX-512 BF16/AMX, or a recent GPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training (None: plain fp32)."""
+    if name == "bf16":
+        if device.type == "mps":
+            raise LmtoolError("train.precision=bf16 is not supported on mps; use fp32")
+        return torch.bfloat16
+    if name == "auto" and bf16_is_native(device):
+        return torch.bfloat16
+    return None

@@ -62,7 +62,7 @@ class TrainDisplay:
         self.run_dir = e["run"]
         total = e["total_steps"]
         self.err.print(
-            f"run {e['run']} | {e['cell']} {e['parameters']:,} parameters on {e['device']} | "
+            f"run {e['run']} | {e['cell']} {e['parameters']:,} parameters on {e['device']} ({e['precision']}) | "
             f"vocabulary {e['vocab_size']:,} {self.unit}s | {e['train_tokens']:,} training / "
             f"{e['valid_tokens']:,} validation tokens | batch {e['batch_size']} x {e['bptt']}, "
             f"{e['steps_per_epoch']:,} steps per epoch"

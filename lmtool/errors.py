@@ -1,6 +1,6 @@
-from __future__ import annotations
-
 """The one exception type for user mistakes; the CLI turns it into a single line and an exit code."""
+
+from __future__ import annotations
 
 
 class LmtoolError(Exception):

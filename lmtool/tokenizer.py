@@ -113,7 +113,7 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int:
         """The id of one token string; unknown tokens and the corpus's own unknown marker give <UNK>."""
-        if token == self.unk_marker:
+        if token == self.unk_marker or token in SPECIALS:  # a literal "<EOS>" in text is no line end
             return UNK_ID
         return self._ids.get(token, UNK_ID)
 
@@ -157,6 +157,8 @@ class Tokenizer:
         lookup = self.__dict__.get("_lookup")
         if lookup is None:
             lookup = dict(self._ids)  # the same mapping as token_id, as one dict for map()
+            for special in SPECIALS:
+                lookup[special] = UNK_ID
             if self.unk_marker is not None:
                 lookup[self.unk_marker] = UNK_ID
             object.__setattr__(self, "_lookup", lookup)
@@ -204,6 +206,8 @@ class Tokenizer:
             if level not in ("char", "word") or not all(isinstance(t, str) for t in tokens):
                 raise ValueError
             if tokens[: len(SPECIALS)] != SPECIALS:
+                raise ValueError
+            if level == "char" and any(len(t) != 1 for t in tokens[len(SPECIALS) :]):
                 raise ValueError
             return cls(
                 level=level,

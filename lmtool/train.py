@@ -22,17 +22,17 @@ from lmtool.checkpoint import (
     load_model_file,
     load_training_state,
     open_run,
+    TRAINING_STATE_VERSION,
 )
 from lmtool.config import Config
 from lmtool.data import Corpus, batchify, file_digest, fit_batch_size, load_corpus, num_windows, windows
-from lmtool.devices import resolve_device
+from lmtool.devices import resolve_device, resolve_precision
 from lmtool.errors import Interrupted, LmtoolError, TrainingFailed
 from lmtool.evaluate import StreamScore, stream_nll, token_nll
 from lmtool.model import LanguageModel, State, count_parameters, detach_state
 from lmtool.schedule import PlateauTracker, learning_rate
 
 Event = dict[str, Any]
-TRAINING_STATE_VERSION = 1
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
@@ -75,7 +75,6 @@ def train(
     run = RunDir.create(run_path, overwrite)
     run.write_config(config)
     run.write_vocab(corpus.tokenizer)
-    run.mark_latest()
     sources = {
         name: {"path": str(Path(path).resolve()), "sha256": file_digest(path)}
         for name, path in (("train", corpus_path), ("valid", valid_path), ("test", test_path))
@@ -93,18 +92,18 @@ def resume(
 ) -> TrainResult:
     """Continue a run from its last training checkpoint; the result is the same as if it had never stopped."""
     run, config, tokenizer = open_run(run_path)
-    if limits or device:
+    changed = {k: v for k, v in (limits or {}).items() if v is not None}
+    if changed or device:
         from lmtool.config import config_from_dict
 
         tree = config.to_dict()
-        tree["train"].update({k: v for k, v in (limits or {}).items() if v is not None})
+        tree["train"].update(changed)
         if device:
             tree["train"]["device"] = device
         config = config_from_dict(tree)
-        run.write_config(config)
     saved = load_training_state(run.path)
     if saved["finished"]:
-        if not limits or all(v is None for v in limits.values()):
+        if not changed:
             raise LmtoolError(
                 f"run {run.path} already finished ({saved['stop_reason']}); to train it further, raise its "
                 "limit with --max-epochs, --max-steps or --max-time"
@@ -125,7 +124,10 @@ def resume(
         d.level, d.min_freq, d.max_size, d.lowercase, d.unk_marker, d.valid_fraction,
         tokenizer=tokenizer,
     )
-    run.mark_latest()
+    if changed or device:
+        run.write_config(config)  # only now that the run is known to be resumable
+    if (run.path / BEST_MODEL).is_file():
+        run.mark_latest()
     trainer = _Trainer(config, corpus, run, resolve_device(config.train.device), on_event, sources)
     trainer.restore(saved)
     return trainer.run()
@@ -140,6 +142,7 @@ class _Trainer:
         tc = config.train
         torch.manual_seed(tc.seed)
         self.model = LanguageModel(config.model, vocab_size=len(corpus.tokenizer)).to(device)
+        self.autocast_dtype = resolve_precision(tc.precision, device)  # master weights and the loss stay fp32
         self.optimizer = OPTIMIZERS[tc.optimizer](self.model.parameters(), tc)
         batch_size = fit_batch_size(corpus.train.numel(), config.data.batch_size, config.data.bptt, "training")
         self.streams = batchify(corpus.train, batch_size).to(device)  # (B, N // B)
@@ -187,6 +190,7 @@ class _Trainer:
                         break
                     if tc.eval_every is None:
                         stop_reason = self._validate()
+                        self._stop_if_signalled()
                     self.epoch_closed = True
                     if stop_reason is not None:
                         break
@@ -196,8 +200,10 @@ class _Trainer:
                     self.epoch, self.window, self.hidden, self.epoch_closed = self.epoch + 1, 0, None, False
             if self.last_validated_step != self.step:
                 self._validate()  # the final weights are always scored and saved
-        result = self._finish(stop_reason)
-        self.save_checkpoint(finished=True, stop_reason=stop_reason)
+                self.epoch_closed = self.window >= self.steps_per_epoch  # it was also the epoch's validation
+            self._stop_if_signalled()
+            result = self._finish(stop_reason)
+            self.save_checkpoint(finished=True, stop_reason=stop_reason)
         return result
 
     def _train_epoch(self) -> str | None:
@@ -210,8 +216,10 @@ class _Trainer:
             lr = learning_rate(tc, self.step, self.epoch, self.plateau.divisions, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            logits, next_state = self.model(x, state)  # (B, T, V)
-            nll = token_nll(logits, y)  # (B, T)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                logits, next_state = self.model(x, state)  # (B, T, V)
+            nll = token_nll(logits, y)  # (B, T), float32
             loss = nll.mean() if tc.loss_reduction == "mean" else nll.sum(dim=1).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -252,10 +260,12 @@ class _Trainer:
                 self.model.train()
                 if reason:
                     return reason
+                window_start = time.perf_counter()  # tokens/s counts training time only
             reason = self._limit_reached()
             if reason:
                 return reason
-            self._maybe_checkpoint()
+            if self._maybe_checkpoint():
+                window_start = time.perf_counter()
         return None
 
     def _bad_step_reason(self, loss: float, norm: float) -> str | None:
@@ -288,29 +298,34 @@ class _Trainer:
         self.running_nll.zero_()
         self.running_tokens = 0
 
+    def _stop_if_signalled(self) -> None:
+        """After Ctrl-C or SIGTERM: save a checkpoint here, at a step boundary, and stop with the resume command."""
+        if self.signal_received is None:
+            return
+        self.save_checkpoint()
+        name = signal.Signals(self.signal_received).name
+        raise Interrupted(
+            f"training stopped by {name} at step {self.step}; a checkpoint is saved. Resume with: "
+            f"lmtool train --resume {self.run_dir.path}",
+            exit_code=128 + self.signal_received,
+        )
+
     def _limit_reached(self) -> str | None:
         tc = self.config.train
-        if self.signal_received is not None:
-            self.save_checkpoint()
-            name = signal.Signals(self.signal_received).name
-            code = 128 + self.signal_received
-            raise Interrupted(
-                f"training stopped by {name} at step {self.step}; a checkpoint is saved. Resume with: "
-                f"lmtool train --resume {self.run_dir.path}",
-                exit_code=code,
-            )
+        self._stop_if_signalled()
         if tc.max_steps is not None and self.step >= tc.max_steps:
             return f"reached max_steps={tc.max_steps}"
         if tc.max_time is not None and self.elapsed >= tc.max_time:
             return f"reached max_time={tc.max_time:g}s"
         return None
 
-    def _maybe_checkpoint(self) -> None:
+    def _maybe_checkpoint(self) -> bool:
         tc = self.config.train
         due_steps = tc.checkpoint_every is not None and self.step % tc.checkpoint_every == 0
         due_time = tc.checkpoint_time is not None and time.perf_counter() - self.last_checkpoint_time >= tc.checkpoint_time
         if due_steps or due_time:
             self.save_checkpoint()
+        return due_steps or due_time
 
     def _validate(self) -> str | None:
         """Score the validation text, keep the best model, save the last; returns a stop reason for early stop."""
@@ -321,6 +336,7 @@ class _Trainer:
         if improved:
             self.best = score
             self._save(BEST_MODEL, score)
+            self.run_dir.mark_latest()  # runs/latest only ever points at a run with a model
         self._save(LAST_MODEL, score)
         self.emit(
             {
@@ -347,7 +363,8 @@ class _Trainer:
     def _finish(self, stop_reason: str) -> TrainResult:
         test = None
         if self.corpus.test is not None:
-            best_model = load_model_file(self.run_dir.path / BEST_MODEL).model.to(self.device)
+            with torch.random.fork_rng(devices=[]):  # building the model must not move the training RNG
+                best_model = load_model_file(self.run_dir.path / BEST_MODEL).model.to(self.device)
             test = stream_nll(best_model, self.corpus.test, self.eval_batch["test"], self.config.data.bptt)
             self.emit(
                 {
@@ -399,6 +416,7 @@ class _Trainer:
         best = self.best
         return {
             "version": TRAINING_STATE_VERSION,
+            "precision": "bf16" if self.autocast_dtype is not None else "fp32",
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
@@ -433,10 +451,18 @@ class _Trainer:
     def restore(self, saved: dict[str, Any]) -> None:
         """Put the run back where `snapshot` left it."""
         try:
-            self.model.load_state_dict(saved["model"])
-            self.optimizer.load_state_dict(saved["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise LmtoolError(f"the training checkpoint of {self.run_dir.path} does not fit its config ({err})") from None
+            self._restore(saved)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise LmtoolError(
+                f"the training checkpoint {self.run_dir.path / 'train-state.pt'} is damaged or does not fit the "
+                f"run's config ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            ) from None
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        # A run keeps the precision it started with, even on another machine.
+        self.autocast_dtype = torch.bfloat16 if saved["precision"] == "bf16" else None
         self.step, self.epoch, self.window = saved["step"], saved["epoch"], saved["window"]
         self.epoch_closed = saved["epoch_closed"]
         hidden = saved["hidden"]
@@ -493,6 +519,7 @@ class _Trainer:
             "event": "start",
             "run": str(self.run_dir.path),
             "device": str(self.device),
+            "precision": "bf16" if self.autocast_dtype is not None else "fp32",
             "level": dc.level,
             "cell": self.config.model.cell,
             "vocab_size": len(self.corpus.tokenizer),

@@ -102,3 +102,27 @@ def test_console_script_and_python_dash_m(small_corpus, tmp_path):
         capture_output=True, text=True, env=env, cwd=tmp_path,
     )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
+
+
+def test_bare_lmtool_prints_help(run_cli):
+    result = run_cli()
+    assert result.code == 0 and "train" in result.out and "evaluate-perplexity" in result.out
+
+
+def test_resume_refuses_even_falsy_options(run_cli, small_corpus, tmp_path):
+    assert run_cli("train", small_corpus, "--config", TINY, "--max-steps", "2", "--out", tmp_path / "run").code == 0
+    result = run_cli("train", "--resume", tmp_path / "run", "--seed", "0", "--overwrite")
+    assert result.code == 2 and "drop --seed, --overwrite" in result.err
+
+
+def test_runs_latest_only_points_at_a_run_with_a_model(run_cli, small_corpus, tmp_path):
+    from lmtool.config import load_config
+    from lmtool.train import train
+
+    def crash(record):
+        if record["event"] == "train":
+            raise RuntimeError("crash before any validation")
+
+    with pytest.raises(RuntimeError):
+        train(load_config(TINY), small_corpus, out=tmp_path / "run", on_event=crash)
+    assert not (tmp_path / "runs" / "latest").exists()

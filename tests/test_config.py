@@ -116,3 +116,12 @@ def test_readme_documents_every_config_key():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     missing = [key for key, *_ in field_help() if f"| `{key}` |" not in readme]
     assert not missing, f"README's config table lacks {missing}"
+
+
+def test_an_empty_section_changes_nothing(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  level: word\nmodel:\ntrain:\n")
+    cfg = load_config(path)
+    assert cfg.model.tie_weights is True and cfg.model.hidden_size == defaults_for_level("word")["model"]["hidden_size"]
+    path.write_text("data:\n")
+    assert load_config(path) == load_config()

@@ -262,3 +262,16 @@ def test_unreadable_corpus_is_a_clear_error(small_corpus, monkeypatch, run_cli):
     result = run_cli("train", small_corpus, "--config", TINY)
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert "permission denied" in result.err or "is not readable" in result.err
+
+
+def test_bf16_training_resumes_exactly_too(small_corpus, tmp_path):
+    cfg = load_config(TINY, RESUMABLE + ["train.precision=bf16"])
+    whole = train(cfg, small_corpus, out=tmp_path / "whole")
+    assert json.loads((whole.run_dir / "metrics.jsonl").read_text().splitlines()[0])["precision"] == "bf16"
+    with pytest.raises(Crash):
+        train(cfg, small_corpus, out=tmp_path / "broken", on_event=crash_at_step(60))
+    resumed = resume(tmp_path / "broken")
+    assert_same_weights(whole.run_dir, resumed.run_dir)
+    assert losses(whole.run_dir) == losses(resumed.run_dir)
+    # the weights stay float32: bf16 is only the arithmetic of the forward pass
+    assert all(w.dtype == torch.float32 for w in load_file(resumed.run_dir / LAST_MODEL).values())

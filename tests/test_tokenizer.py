@@ -74,3 +74,15 @@ def test_word_decode_encode_is_identity_for_normalised_text(lines):
     text = "\n".join(" ".join(line) for line in lines)
     tok = Tokenizer.build(text.split("\n"), level="word")
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_literal_special_words_are_unknown_not_line_ends():
+    tok = Tokenizer.build(["a <EOS> b"], level="word")
+    assert EOS not in tok.tokens[2:]
+    assert tok.encode("a <EOS> b") == [tok.token_id("a"), UNK_ID, tok.token_id("b")]
+    assert tok.encode_lines_text("a <EOS> b\n").tolist() == [tok.token_id("a"), UNK_ID, tok.token_id("b"), EOS_ID]
+
+
+def test_char_vocabulary_with_a_multi_character_token_is_refused():
+    with pytest.raises(LmtoolError, match="malformed"):
+        Tokenizer.from_dict({"level": "char", "tokens": [EOS, UNK, "ab"]})
