@@ -61,6 +61,49 @@ class LanguageModel(nn.Module):
         h = weight.new_zeros(shape)
         return (h, weight.new_zeros(shape)) if self.config.cell == "lstm" else h
 
+    @torch.no_grad()
+    def step(self, token: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One token per stream, for generation: (B,) ids -> (B, V) scores. Equal to `forward` on a length-1
+        input, but computed with a few matrix-vector products instead of the sequence kernel's set-up cost."""
+        x = self.embedding(token.int())  # (B, E)
+        weights = self._step_weights()
+        if self.config.cell == "lstm":
+            h_all, c_all = state
+            hs, cs = [], []
+            for layer, w in enumerate(weights):
+                x, c = _lstm_step(x, h_all[layer], c_all[layer], w)
+                hs.append(x)
+                cs.append(c)
+            new_state: State = (torch.stack(hs), torch.stack(cs))
+        else:
+            hs = []
+            for layer, w in enumerate(weights):
+                if self.config.cell == "gru":
+                    x = _gru_step(x, state[layer], w)
+                else:
+                    w_ih, w_hh, bias = w
+                    x = torch.addmm(bias, x, w_ih.t()).addmm_(state[layer], w_hh.t())
+                    x = torch.tanh(x) if self.config.cell == "rnn_tanh" else torch.relu(x)
+                hs.append(x)
+            new_state = torch.stack(hs)
+        return self.decoder(x), new_state  # (B, V), dropout is off in generation
+
+    def _step_weights(self) -> list[tuple]:
+        """Each layer's weights, with the two biases summed where the cell allows it (cached per weight version)."""
+        params = [getattr(self.rnn, f"{kind}_l{layer}") for layer in range(self.config.num_layers)
+                  for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        key = tuple((id(p), p._version) for p in params)
+        if getattr(self, "_step_cache_key", None) != key:
+            layers = []
+            for layer in range(self.config.num_layers):
+                w_ih, w_hh, b_ih, b_hh = params[4 * layer : 4 * layer + 4]
+                if self.config.cell == "gru":  # the reset gate multiplies only the hidden part of n
+                    layers.append((w_ih.detach(), w_hh.detach(), b_ih.detach(), b_hh.detach()))
+                else:
+                    layers.append((w_ih.detach(), w_hh.detach(), (b_ih + b_hh).detach()))
+            self._step_cache, self._step_cache_key = layers, key
+        return self._step_cache
+
     def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """Scores for the next token at every position, and the state after the last position."""
         if tokens.dtype not in (torch.int32, torch.int64):
@@ -71,6 +114,25 @@ class LanguageModel(nn.Module):
         output, state = self.rnn(emb, state)  # (B, T, H)
         logits = self.decoder(self.drop(output))  # (B, T, V)
         return logits, state
+
+
+def _lstm_step(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    w_ih, w_hh, bias = w
+    gates = torch.addmm(bias, x, w_ih.t()).addmm_(h, w_hh.t())  # (B, 4H), PyTorch's order: i, f, g, o
+    i, f, g, o = gates.chunk(4, dim=1)
+    c = torch.sigmoid(f).mul_(c).add_(torch.sigmoid(i).mul_(torch.tanh(g)))
+    return torch.sigmoid(o).mul_(torch.tanh(c)), c
+
+
+def _gru_step(x: torch.Tensor, h: torch.Tensor, w: tuple) -> torch.Tensor:
+    w_ih, w_hh, b_ih, b_hh = w
+    gi = torch.addmm(b_ih, x, w_ih.t())  # (B, 3H): r, z, n
+    gh = torch.addmm(b_hh, h, w_hh.t())
+    i_r, i_z, i_n = gi.chunk(3, dim=1)
+    h_r, h_z, h_n = gh.chunk(3, dim=1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (h - n)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -39,3 +39,25 @@ def test_init_range_bounds_every_weight():
 def test_single_layer_with_dropout_does_not_warn(recwarn):
     LanguageModel(ModelConfig(num_layers=1, dropout=0.5, hidden_size=8, embedding_size=4), vocab_size=5)
     assert not [w for w in recwarn if "dropout" in str(w.message)]
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_single_token_step_equals_the_sequence_kernel(cell):
+    model = LanguageModel(ModelConfig(cell=cell, embedding_size=6, hidden_size=10, num_layers=2, dropout=0.3), 13)
+    model.eval()
+    x = torch.randint(0, 13, (3, 7))
+    full, full_state = model(x)
+    state = model.init_state(3)
+    steps = []
+    for t in range(7):
+        logits, state = model.step(x[:, t], state)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full)
+    for a, b in zip(state if isinstance(state, tuple) else (state,), full_state if isinstance(full_state, tuple) else (full_state,)):
+        torch.testing.assert_close(a, b)
+    # the cached step weights follow an update of the parameters
+    with torch.no_grad():
+        model.rnn.weight_hh_l0.mul_(0.5)
+    full, _ = model(x[:, :1])
+    logits, _ = model.step(x[:, 0], model.init_state(3))
+    torch.testing.assert_close(logits, full[:, 0])
