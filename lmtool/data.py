@@ -101,12 +101,6 @@ def split_lines(text: str) -> list[str]:
     return lines
 
 
-def hold_out_tail(lines: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """Split into (train, valid) with the last `fraction` of the lines, contiguous, held out."""
-    n_valid = held_out_lines(len(lines), fraction)
-    return lines[:-n_valid], lines[-n_valid:]
-
-
 def held_out_lines(num_lines: int, fraction: float) -> int:
     """How many lines at the end of a corpus become validation text (at least one, never all)."""
     if num_lines < 2:

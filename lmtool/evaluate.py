@@ -23,7 +23,8 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nll.view(targets.shape)  # (B, T)
 
 
-def _exp(x: float) -> float:
+def safe_exp(x: float) -> float:
+    """exp that saturates instead of overflowing (a diverged loss still prints a perplexity)."""
     return math.exp(min(x, 700.0))
 
 
@@ -44,7 +45,7 @@ class StreamScore:
     @property
     def perplexity(self) -> float:
         """exp(total NLL / total tokens): never an average of per-batch perplexities."""
-        return _exp(self.loss)
+        return safe_exp(self.loss)
 
     @property
     def bits_per_token(self) -> float:
@@ -58,7 +59,7 @@ class StreamScore:
     def perplexity_known(self) -> float | None:
         """Perplexity over the positions whose target is a known token (None if there are none)."""
         known = self.tokens - self.unknown
-        return _exp((self.nll - self.nll_unknown) / known) if known else None
+        return safe_exp((self.nll - self.nll_unknown) / known) if known else None
 
 
 @torch.no_grad()
@@ -130,7 +131,7 @@ class SentenceScore:
 
     @property
     def perplexity(self) -> float:
-        return _exp(-self.logprob / self.num_tokens)
+        return safe_exp(-self.logprob / self.num_tokens)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lmtool.api import FileEvaluation
+from lmtool.display import token_unit
 from lmtool.evaluate import SentenceScore
 from lmtool.tokenizer import EOS_ID, UNK_ID
 
@@ -148,7 +149,7 @@ def evaluation_record(evaluation: FileEvaluation, level: str) -> dict:
 
 def print_evaluation(console: Console, evaluation: FileEvaluation, level: str) -> None:
     s = evaluation.score
-    unit = "char" if level == "char" else "word"
+    unit = token_unit(level)
     table = Table(title="perplexity", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")

@@ -28,7 +28,7 @@ from lmtool.config import Config
 from lmtool.data import Corpus, batchify, file_digest, fit_batch_size, load_corpus, num_windows, windows
 from lmtool.devices import resolve_device, resolve_precision
 from lmtool.errors import Interrupted, LmtoolError, TrainingFailed
-from lmtool.evaluate import StreamScore, stream_nll, token_nll
+from lmtool.evaluate import StreamScore, safe_exp, stream_nll, token_nll
 from lmtool.model import LanguageModel, State, count_parameters, detach_state
 from lmtool.schedule import PlateauTracker, learning_rate
 
@@ -68,10 +68,7 @@ def train(
     run_path = Path(out) if out is not None else default_run_path(corpus_path)
     check_run_target(run_path, overwrite)  # fail before the slow part
     device = resolve_device(config.train.device)
-    d = config.data
-    corpus = load_corpus(
-        corpus_path, valid_path, test_path, d.level, d.min_freq, d.max_size, d.lowercase, d.unk_marker, d.valid_fraction
-    )
+    corpus = _load_corpus(config, corpus_path, valid_path, test_path)
     run = RunDir.create(run_path, overwrite)
     run.write_config(config)
     run.write_vocab(corpus.tokenizer)
@@ -116,14 +113,8 @@ def resume(
             raise LmtoolError(f"cannot resume: the {name} file {path} of this run is gone; put it back to resume")
         if file_digest(path) != source["sha256"]:
             raise LmtoolError(f"cannot resume: the {name} file {path} changed since the run started")
-    d = config.data
-    corpus = load_corpus(
-        Path(sources["train"]["path"]),
-        Path(sources["valid"]["path"]) if "valid" in sources else None,
-        Path(sources["test"]["path"]) if "test" in sources else None,
-        d.level, d.min_freq, d.max_size, d.lowercase, d.unk_marker, d.valid_fraction,
-        tokenizer=tokenizer,
-    )
+    paths = {name: Path(source["path"]) for name, source in sources.items()}
+    corpus = _load_corpus(config, paths["train"], paths.get("valid"), paths.get("test"), tokenizer)
     if changed or device:
         run.write_config(config)  # only now that the run is known to be resumable
     if (run.path / BEST_MODEL).is_file():
@@ -131,6 +122,14 @@ def resume(
     trainer = _Trainer(config, corpus, run, resolve_device(config.train.device), on_event, sources)
     trainer.restore(saved)
     return trainer.run()
+
+
+def _load_corpus(config: Config, train_path, valid_path, test_path, tokenizer=None) -> Corpus:
+    d = config.data
+    return load_corpus(
+        train_path, valid_path, test_path, d.level, d.min_freq, d.max_size, d.lowercase, d.unk_marker,
+        d.valid_fraction, tokenizer=tokenizer,
+    )
 
 
 class _Trainer:
@@ -286,7 +285,7 @@ class _Trainer:
                 "epoch": self.epoch,
                 "step": self.step,
                 "loss": loss,
-                "ppl": math.exp(min(loss, 700.0)),
+                "ppl": safe_exp(loss),
                 "lr": lr,
                 "tokens_per_s": self.running_tokens / seconds if seconds > 0 else 0.0,
                 "tokens_seen": self.tokens_seen,

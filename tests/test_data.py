@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmtool.data import batchify, encode_lines, fit_batch_size, hold_out_tail, load_corpus, read_text, windows
+from lmtool.data import batchify, encode_lines, fit_batch_size, held_out_lines, load_corpus, read_text, windows
 from lmtool.errors import LmtoolError
 from lmtool.tokenizer import EOS_ID, UNK_ID, Tokenizer
 
@@ -47,7 +47,7 @@ def test_held_out_validation_is_the_contiguous_tail_and_rare_train_words_become_
     assert corpus.tokenizer.tokens[2:] == ("a",)
     assert corpus.train.tolist().count(UNK_ID) == 3  # b, c, d: <UNK> gets a trained probability
     assert corpus.valid.tolist() == [EOS_ID, UNK_ID, UNK_ID, EOS_ID]  # "last line" held out at the end
-    assert hold_out_tail(list("abcdefghij"), 0.2) == (list("abcdefgh"), ["i", "j"])
+    assert held_out_lines(10, 0.2) == 2 and held_out_lines(10, 0.001) == 1 and held_out_lines(2, 0.9) == 1
 
 
 def test_encode_lines_appends_eos_per_line():
