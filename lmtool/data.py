@@ -39,18 +39,18 @@ def iter_text_chunks(path: Path | str, what: str = "text", chunk_bytes: int = CH
     offset = 0
     try:
         with open(path, "rb") as f:
-            carry = b""  # the part of the last block after its last newline
+            carry: list[bytes] = []  # the pieces after the last newline seen (one line may span many blocks)
             while True:
                 block = f.read(chunk_bytes)
                 if block:
-                    data = carry + block
-                    cut = data.rfind(b"\n") + 1
-                    if cut == 0:  # no line end yet (a very long line): keep reading
-                        carry = data
+                    cut = block.rfind(b"\n") + 1  # search the new block only: long lines stay linear
+                    if cut == 0:
+                        carry.append(block)
                         continue
-                    raw, carry = data[:cut], data[cut:]
+                    raw = b"".join(carry) + block[:cut]
+                    carry = [block[cut:]]
                 else:
-                    raw, carry = carry, b""
+                    raw, carry = b"".join(carry), []
                     if not raw:
                         return
                 nul = raw.find(b"\x00")
@@ -127,18 +127,19 @@ class TextScan:
     """What one streaming pass learned about a file."""
 
     num_lines: int
-    num_bytes: int
+    num_chars: int  # code points, newlines included: a bound on the number of tokens (+1 for the leading <EOS>)
 
 
 def scan_text(path: Path, what: str) -> TextScan:
-    """Check a whole file (UTF-8, no NUL, not empty) and count its lines, in bounded memory."""
-    lines, has_text = 0, False
+    """Check a whole file (UTF-8, no NUL, not empty) and count its lines and characters, in bounded memory."""
+    lines, chars, has_text = 0, 0, False
     for text in iter_text_chunks(path, what):
         lines += text.count("\n")
+        chars += len(text)
         has_text = has_text or not text.isspace()
     if not has_text:
         raise LmtoolError(f"{what} file {path} is empty (no text to learn from)")
-    return TextScan(num_lines=lines, num_bytes=Path(path).stat().st_size)
+    return TextScan(num_lines=lines, num_chars=chars)
 
 
 def iter_line_range(path: Path, what: str, start: int, stop: int | None) -> Iterator[str]:
@@ -179,12 +180,15 @@ def encode_stream(tokenizer: Tokenizer, pieces: Iterable[str], capacity: int) ->
 def encode_file_to_disk(tokenizer: Tokenizer, path: Path, ids_path: Path) -> torch.Tensor:
     """Encode a file of any size into an id file and map it: memory stays bounded by the page cache."""
     count = 1
-    with open(ids_path, "wb") as out:
-        out.write(_raw_bytes(torch.tensor([EOS_ID], dtype=tokenizer.dtype)))  # starts at a line start
-        for text in iter_text_chunks(path, "evaluation"):
-            ids = tokenizer.encode_lines_text(text)
-            out.write(_raw_bytes(ids))
-            count += ids.numel()
+    try:
+        with open(ids_path, "wb") as out:
+            out.write(_raw_bytes(torch.tensor([EOS_ID], dtype=tokenizer.dtype)))  # starts at a line start
+            for text in iter_text_chunks(path, "evaluation"):
+                ids = tokenizer.encode_lines_text(text)
+                out.write(_raw_bytes(ids))
+                count += ids.numel()
+    except OSError as err:
+        raise LmtoolError(f"cannot write the temporary id file {ids_path}: {err.strerror or err}", exit_code=1) from None
     if count == 1:
         raise LmtoolError(f"evaluation file {path} is empty (no text to score)")
     return torch.from_file(str(ids_path), shared=True, size=count, dtype=tokenizer.dtype)  # (N,), memory-mapped
@@ -271,16 +275,17 @@ def load_corpus(
         for text in iter_line_range(train_path, "training", 0, train_stop):
             probe.count_into(counts, text)
         tokenizer = Tokenizer.from_counts(counts, level, min_freq, max_size, lowercase, unk_marker)
-    # A token takes at least one byte, so the file size (+2) bounds the number of ids.
-    room = 2 * train_scan.num_bytes + 2 if lowercase else train_scan.num_bytes + 2
+    # A token takes at least one character, so the character count bounds the number of ids (lowercasing can
+    # lengthen text: encode_stream grows then). Pages of the buffer that are never written cost no memory.
+    room = train_scan.num_chars + 2
     train = encode_stream(tokenizer, iter_line_range(train_path, "training", 0, train_stop), room)
     if valid_path is None:
         valid = encode_stream(tokenizer, iter_line_range(train_path, "training", train_stop, None), room)
     else:
-        valid = encode_stream(tokenizer, iter_text_chunks(valid_path, "validation"), 2 * valid_scan.num_bytes + 2)
+        valid = encode_stream(tokenizer, iter_text_chunks(valid_path, "validation"), valid_scan.num_chars + 2)
     test = None
     if test_scan is not None:
-        test = encode_stream(tokenizer, iter_text_chunks(test_path, "test"), 2 * test_scan.num_bytes + 2)
+        test = encode_stream(tokenizer, iter_text_chunks(test_path, "test"), test_scan.num_chars + 2)
     return Corpus(tokenizer=tokenizer, train=train, valid=valid, test=test)
 
 

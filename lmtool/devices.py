@@ -21,13 +21,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def bf16_is_native(device: torch.device) -> bool:
-    """Whether this device computes bfloat16 matrix products in hardware (AVX-512 BF16/AMX, or a recent GPU)."""
+    """Whether this device computes bfloat16 in hardware (AVX-512 BF16 or AMX CPUs, Ampere or newer GPUs)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
         try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
+            return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+        except AttributeError:  # an older torch without these probes: stay in fp32
             return False
     return False
 

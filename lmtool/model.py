@@ -62,11 +62,12 @@ class LanguageModel(nn.Module):
         return (h, weight.new_zeros(shape)) if self.config.cell == "lstm" else h
 
     @torch.no_grad()
-    def step(self, token: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def step(self, token: torch.Tensor, state: State, weights: list[tuple] | None = None) -> tuple[torch.Tensor, State]:
         """One token per stream, for generation: (B,) ids -> (B, V) scores. Equal to `forward` on a length-1
-        input, but computed with a few matrix-vector products instead of the sequence kernel's set-up cost."""
+        input, but computed with a few matrix-vector products instead of the sequence kernel's set-up cost.
+        Pass `weights=model.step_weights()` when stepping many times with unchanged weights."""
         x = self.embedding(token.int())  # (B, E)
-        weights = self._step_weights()
+        weights = weights if weights is not None else self.step_weights()
         if self.config.cell == "lstm":
             h_all, c_all = state
             hs, cs = [], []
@@ -88,21 +89,18 @@ class LanguageModel(nn.Module):
             new_state = torch.stack(hs)
         return self.decoder(x), new_state  # (B, V), dropout is off in generation
 
-    def _step_weights(self) -> list[tuple]:
-        """Each layer's weights, with the two biases summed where the cell allows it (cached per weight version)."""
-        params = [getattr(self.rnn, f"{kind}_l{layer}") for layer in range(self.config.num_layers)
-                  for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        key = tuple((id(p), p._version) for p in params)
-        if getattr(self, "_step_cache_key", None) != key:
-            layers = []
-            for layer in range(self.config.num_layers):
-                w_ih, w_hh, b_ih, b_hh = params[4 * layer : 4 * layer + 4]
-                if self.config.cell == "gru":  # the reset gate multiplies only the hidden part of n
-                    layers.append((w_ih.detach(), w_hh.detach(), b_ih.detach(), b_hh.detach()))
-                else:
-                    layers.append((w_ih.detach(), w_hh.detach(), (b_ih + b_hh).detach()))
-            self._step_cache, self._step_cache_key = layers, key
-        return self._step_cache
+    @torch.no_grad()
+    def step_weights(self) -> list[tuple]:
+        """Each layer's weights for `step`, with the two biases summed where the cell allows it."""
+        layers = []
+        for layer in range(self.config.num_layers):
+            w_ih, w_hh, b_ih, b_hh = (getattr(self.rnn, f"{kind}_l{layer}").detach()
+                                      for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            if self.config.cell == "gru":  # the reset gate multiplies only the hidden part of n
+                layers.append((w_ih, w_hh, b_ih, b_hh))
+            else:
+                layers.append((w_ih, w_hh, b_ih + b_hh))
+        return layers
 
     def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """Scores for the next token at every position, and the state after the last position."""

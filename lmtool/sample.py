@@ -56,6 +56,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 
 def pick_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
     """The next token of every stream: (B, V) scores -> (B,) ids."""
+    if not bool(torch.isfinite(logits).any(dim=-1).all()) or bool(torch.isnan(logits).any()):
+        raise LmtoolError("the model produced non-finite scores; the model file may be damaged")
     if options.temperature == 0:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits.float() / options.temperature, options.top_k, options.top_p)
@@ -84,6 +86,7 @@ def generate(
     context = torch.tensor([EOS_ID] + list(prime_ids), device=device).expand(batch, -1)  # (B, P + 1)
     logits, state = model(context)  # reads the prompt once; from here on, constant work per token
     last = logits[:, -1]  # (B, V)
+    weights = model.step_weights()
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out: list[torch.Tensor] = []
     for _ in range(options.length):
@@ -97,7 +100,7 @@ def generate(
             done |= token == EOS_ID
             if bool(done.all()):
                 break
-        last, state = model.step(token, state)  # (B, V): constant work per token
+        last, state = model.step(token, state, weights)  # (B, V): constant work per token
     ids = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(batch)]
     if options.stop_at_eos:  # cut each sample after its first <EOS>
         ids = [row[: row.index(EOS_ID) + 1] if EOS_ID in row else row for row in ids]

@@ -189,8 +189,9 @@ class _Trainer:
                         break
                     if tc.eval_every is None:
                         stop_reason = self._validate()
-                        self._stop_if_signalled()
                     self.epoch_closed = True
+                    if stop_reason is None:
+                        self._stop_if_signalled()
                     if stop_reason is not None:
                         break
                 if tc.max_epochs is not None and self.epoch >= tc.max_epochs:
@@ -200,8 +201,7 @@ class _Trainer:
             if self.last_validated_step != self.step:
                 self._validate()  # the final weights are always scored and saved
                 self.epoch_closed = self.window >= self.steps_per_epoch  # it was also the epoch's validation
-            self._stop_if_signalled()
-            result = self._finish(stop_reason)
+            result = self._finish(stop_reason)  # a Ctrl-C now changes nothing: the run is finishing anyway
             self.save_checkpoint(finished=True, stop_reason=stop_reason)
         return result
 
@@ -212,6 +212,9 @@ class _Trainer:
         state = self.hidden if self.hidden is not None else self.model.init_state(self.streams.size(0))
         window_start = time.perf_counter()
         for x, y in windows(self.streams, dc.bptt, start=self.window * dc.bptt):
+            reason = self._limit_reached()  # a run resumed at its limit (or given a lower one) trains nothing
+            if reason:
+                return reason
             lr = learning_rate(tc, self.step, self.epoch, self.plateau.divisions, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -238,6 +241,7 @@ class _Trainer:
             else:
                 self.bad_steps += 1
                 self.skipped_steps += 1
+                next_state = self.model.init_state(self.streams.size(0))  # never carry an inf/NaN state on
                 if self.bad_steps >= tc.max_bad_steps:
                     raise TrainingFailed(
                         f"training diverged: {self.bad_steps} bad steps in a row up to step {self.step + 1} "
@@ -263,6 +267,7 @@ class _Trainer:
             reason = self._limit_reached()
             if reason:
                 return reason
+            self._stop_if_signalled()
             if self._maybe_checkpoint():
                 window_start = time.perf_counter()
         return None
@@ -311,7 +316,6 @@ class _Trainer:
 
     def _limit_reached(self) -> str | None:
         tc = self.config.train
-        self._stop_if_signalled()
         if tc.max_steps is not None and self.step >= tc.max_steps:
             return f"reached max_steps={tc.max_steps}"
         if tc.max_time is not None and self.elapsed >= tc.max_time:
@@ -461,7 +465,7 @@ class _Trainer:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         # A run keeps the precision it started with, even on another machine.
-        self.autocast_dtype = torch.bfloat16 if saved["precision"] == "bf16" else None
+        self.autocast_dtype = torch.bfloat16 if saved.get("precision", "fp32") == "bf16" else None
         self.step, self.epoch, self.window = saved["step"], saved["epoch"], saved["window"]
         self.epoch_closed = saved["epoch_closed"]
         hidden = saved["hidden"]

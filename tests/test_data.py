@@ -117,3 +117,13 @@ def test_chunked_reading_gives_the_same_corpus(tmp_path, monkeypatch):
     assert chunked.tokenizer == whole.tokenizer
     assert torch.equal(chunked.train, whole.train) and torch.equal(chunked.valid, whole.valid)
     assert whole.valid.tolist().count(EOS_ID) == 51  # 50 held-out lines + the leading <EOS>
+
+
+def test_a_line_longer_than_many_blocks_is_read_whole(tmp_path):
+    from lmtool.data import iter_text_chunks
+
+    path = tmp_path / "long.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + b"x" * 50 + b"\r\nshort\nlast")  # BOM, CRLF, no final newline
+    pieces = list(iter_text_chunks(path, "text", chunk_bytes=4))
+    assert "".join(pieces) == "x" * 50 + "\nshort\nlast\n"
+    assert all(p.endswith("\n") for p in pieces)

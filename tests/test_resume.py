@@ -275,3 +275,14 @@ def test_bf16_training_resumes_exactly_too(small_corpus, tmp_path):
     assert losses(whole.run_dir) == losses(resumed.run_dir)
     # the weights stay float32: bf16 is only the arithmetic of the forward pass
     assert all(w.dtype == torch.float32 for w in load_file(resumed.run_dir / LAST_MODEL).values())
+
+
+def test_a_checkpoint_from_before_precision_was_recorded_still_resumes(small_corpus, tmp_path):
+    cfg = load_config(TINY, RESUMABLE + ["train.precision=fp32"])
+    with pytest.raises(Crash):
+        train(cfg, small_corpus, out=tmp_path / "run", on_event=crash_at_step(60))
+    state = load_training_state(tmp_path / "run")
+    del state["precision"]
+    torch.save(state, tmp_path / "run" / TRAINING_STATE)
+    whole = train(cfg, small_corpus, out=tmp_path / "whole")
+    assert_same_weights(whole.run_dir, resume(tmp_path / "run").run_dir)

@@ -297,3 +297,11 @@ def test_more_sample_errors(run_cli, char_run, args, message):
     args = args if "--model" in args else [*args, "--model", str(char_run)]
     result = run_cli("sample", *args)
     assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1
+
+
+def test_non_finite_scores_stop_sampling_with_a_clear_error():
+    from lmtool.errors import LmtoolError
+    from lmtool.sample import pick_next
+
+    with pytest.raises(LmtoolError, match="non-finite scores"):
+        pick_next(torch.tensor([[0.1, float("nan"), 0.3]]), SamplingOptions(), None)
