@@ -89,7 +89,7 @@ class TrainConfig:
     seed: int = _opt(1234, "random seed: the same seed and config give the same run", ge=0)
     device: Device = _opt("auto", "auto (cuda if present, else cpu) | cpu | cuda | mps")
     precision: Precision = _opt(
-        "auto", "fp32 | bf16 (autocast; weights, optimiser and loss stay fp32) | auto (bf16 where the hardware has it)"
+        "auto", "fp32 | bf16 (autocast; weights, optimiser and loss stay fp32) | auto (bf16 on CPUs with native bf16)"
     )
 
 

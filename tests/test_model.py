@@ -61,3 +61,13 @@ def test_single_token_step_equals_the_sequence_kernel(cell):
     full, _ = model(x[:, :1])
     logits, _ = model.step(x[:, 0], model.init_state(3))
     torch.testing.assert_close(logits, full[:, 0])
+
+
+def test_precision_resolution():
+    from lmtool.devices import bf16_is_native, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    assert resolve_precision("auto", cpu) is (torch.bfloat16 if bf16_is_native(cpu) else None)
+    assert resolve_precision("auto", torch.device("cuda")) is None  # not yet checked on a GPU
