@@ -1,0 +1,64 @@
+"""Evaluation and scoring speed against training speed for the same model.
+
+Usage: python bench/eval_throughput.py [--train-steps 20] [--sentences 10000] [--batch-size 64]
+Trains the default character model on tinyshakespeare for a few steps (its tokens/s is the reference), then,
+with that model: `evaluate-perplexity` of the corpus's first 1 MB (batch 1 and --batch-size), and `score` of
+10,000 lines of it in padded batches. Prints one JSON line with the tokens/s of each and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info  # noqa: E402
+
+import lmtool  # noqa: E402
+from lmtool.config import load_config  # noqa: E402
+from lmtool.train import train  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--sentences", type=int, default=10_000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    corpus = REPO / "data" / "tinyshakespeare.txt"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        records = []
+        cfg = load_config(None, [f"train.max_steps={args.train_steps}", "train.log_every=5"])
+        train(cfg, corpus, out=tmp / "run", on_event=records.append)
+        train_tps = statistics.median([r["tokens_per_s"] for r in records if r["event"] == "train"][1:])
+        lm = lmtool.load_model(tmp / "run")
+        sample = tmp / "eval.txt"
+        sample.write_text(corpus.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+        eval_1 = lm.perplexity(sample, batch_size=1)
+        eval_b = lm.perplexity(sample, batch_size=args.batch_size)
+        lines = [l for l in corpus.read_text(encoding="utf-8").split("\n") if l][: args.sentences]
+        start = time.perf_counter()
+        scores = lm.score(lines, batch_size=args.batch_size)
+        score_s = time.perf_counter() - start
+        score_tps = sum(s.num_tokens for s in scores) / score_s
+    print(json.dumps({
+        **machine_info(),
+        "train_tokens_per_s": round(train_tps), "train_precision": records[0]["precision"],
+        "evaluate_batch1_tokens_per_s": round(eval_1.tokens_per_s),
+        f"evaluate_batch{args.batch_size}_tokens_per_s": round(eval_b.tokens_per_s),
+        "score_tokens_per_s": round(score_tps), "sentences": len(lines),
+        "evaluate_over_train": round(eval_b.tokens_per_s / train_tps, 2),
+        "score_over_evaluate": round(score_tps / eval_b.tokens_per_s, 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()
