@@ -136,10 +136,14 @@ class Tokenizer:
         if self.level == "char":
             return self._code_point_table().index_select(0, _code_points(text))
         lookup = self._word_lookup()
-        ids = array("i")
-        for line in text.split("\n")[:-1]:
-            ids.extend(map(lookup.get, line.split(), repeat(UNK_ID)))  # looked up in C, not a Python loop
-            ids.append(EOS_ID)
+        if "\0" not in text:  # files never hold NUL (they are refused), so it can stand for the line end
+            words = text.replace("\n", " \0 ").split()
+            ids = array("i", map(self._word_lookup(line_end="\0").get, words, repeat(UNK_ID)))  # looked up in C
+        else:
+            ids = array("i")
+            for line in text.split("\n")[:-1]:
+                ids.extend(map(lookup.get, line.split(), repeat(UNK_ID)))
+                ids.append(EOS_ID)
         return torch.frombuffer(ids, dtype=torch.int32).to(self.dtype) if ids else torch.zeros(0, dtype=self.dtype)
 
     def _code_point_table(self) -> torch.Tensor:
@@ -153,15 +157,19 @@ class Tokenizer:
             object.__setattr__(self, "_table", table)
         return table
 
-    def _word_lookup(self) -> dict[str, int]:
-        lookup = self.__dict__.get("_lookup")
+    def _word_lookup(self, line_end: str | None = None) -> dict[str, int]:
+        """token_id as one dict (for map in C); with `line_end`, that word stands for <EOS>."""
+        cache = self.__dict__.setdefault("_lookups", {})
+        lookup = cache.get(line_end)
         if lookup is None:
-            lookup = dict(self._ids)  # the same mapping as token_id, as one dict for map()
+            lookup = dict(self._ids)
             for special in SPECIALS:
                 lookup[special] = UNK_ID
             if self.unk_marker is not None:
                 lookup[self.unk_marker] = UNK_ID
-            object.__setattr__(self, "_lookup", lookup)
+            if line_end is not None:
+                lookup[line_end] = EOS_ID
+            cache[line_end] = lookup
         return lookup
 
     def encode(self, text: str) -> list[int]:
