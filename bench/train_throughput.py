@@ -1,6 +1,7 @@
 """Training tokens/s and model-FLOP utilisation: lmtool's loop against a bare PyTorch loop, fp32 and bf16.
 
-Usage: python bench/train_throughput.py [--steps 30] [--data ../shared/data] [--only char,ptb,wt2]
+Usage: python bench/train_throughput.py [--steps 30] [--data ../shared/data] [--only char,ptb,wt2,ptb-medium]
+                                       [--device cpu|cuda]
 Three reference workloads: char 2x512 LSTM on tinyshakespeare (batch 64, BPTT 128); Zaremba-small on PTB
 (2x200, 10k words, batch 20, BPTT 20); 2x200 LSTM on WikiText-2 (33k words, batch 20, BPTT 35). For each, in
 one process: the bare loop (nn.Embedding -> nn.LSTM -> nn.Linear -> cross-entropy, SGD) and `lmtool.train`
@@ -38,6 +39,9 @@ WORKLOADS = {
     "ptb": ("ptb/train.txt", "ptb/valid.txt", ["data.level=word", "data.batch_size=20", "data.bptt=20",
             "data.max_size=null", "model.embedding_size=200", "model.hidden_size=200", "model.num_layers=2",
             "model.tie_weights=false", "model.dropout=0.0"]),
+    "ptb-medium": ("ptb/train.txt", "ptb/valid.txt", ["data.level=word", "data.batch_size=20", "data.bptt=35",
+                   "data.max_size=null", "model.embedding_size=650", "model.hidden_size=650", "model.num_layers=2",
+                   "model.tie_weights=false", "model.dropout=0.0"]),
     "wt2": ("wikitext-2/train.txt", "wikitext-2/valid.txt", ["data.level=word", "data.batch_size=20",
             "data.bptt=35", "data.max_size=null", "model.embedding_size=200", "model.hidden_size=200",
             "model.num_layers=2", "model.tie_weights=false", "model.dropout=0.0"]),
@@ -49,19 +53,27 @@ def multiply_adds_per_token(emb: int, hidden: int, layers: int, vocab: int) -> i
     return sum(4 * hidden * (i + hidden) for i in inputs) + hidden * vocab
 
 
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def bare_loop(streams: torch.Tensor, vocab: int, emb: int, hidden: int, layers: int, bptt: int, steps: int,
-              bf16: bool) -> float:
+              bf16: bool, device: str) -> float:
     """Median tokens/s of the plainest training loop PyTorch offers."""
     torch.manual_seed(0)
     embedding, lstm, out = nn.Embedding(vocab, emb), nn.LSTM(emb, hidden, layers, batch_first=True), nn.Linear(hidden, vocab)
+    embedding, lstm, out = embedding.to(device), lstm.to(device), out.to(device)
+    streams = streams.to(device)
     params = [*embedding.parameters(), *lstm.parameters(), *out.parameters()]
     opt = torch.optim.SGD(params, lr=0.1)
     state, times = None, []
     for n, (x, y) in enumerate(windows(streams, bptt)):
         if n >= steps:
             break
+        sync(device)
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             h, state = lstm(embedding(x.long()), state)
             logits = out(h)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.long().flatten())
@@ -69,6 +81,7 @@ def bare_loop(streams: torch.Tensor, vocab: int, emb: int, hidden: int, layers: 
         loss.backward()
         opt.step()
         state = tuple(s.detach() for s in state)
+        sync(device)
         times.append(time.perf_counter() - start)
     return x.numel() / statistics.median(times[2:])
 
@@ -78,34 +91,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--only", default="char,ptb,wt2")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     info = machine_info()
-    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+    peaks = {"fp32": matmul_peak_gflops(torch.float32, args.device),
+             "bf16": matmul_peak_gflops(torch.bfloat16, args.device)}
     for name in args.only.split(","):
         train_file, valid_file, overrides = WORKLOADS[name]
         for precision in ("fp32", "bf16"):
             records = []
             cfg = load_config(None, [*overrides, f"train.max_steps={args.steps}", "train.log_every=5",
                                      f"train.precision={precision}", "train.optimizer=sgd", "train.lr=0.1",
-                                     "train.checkpoint_every=null", "train.checkpoint_time=null"])
+                                     "train.checkpoint_every=null", "train.checkpoint_time=null",
+                                     f"train.device={args.device}"])
             with tempfile.TemporaryDirectory() as tmp:
                 valid = args.data / valid_file if valid_file else None
                 train(cfg, args.data / train_file, valid_path=valid, out=Path(tmp) / "run", on_event=records.append)
             start = records[0]
-            lmtool_tps = statistics.median([r["tokens_per_s"] for r in records if r["event"] == "train"][1:])
+            speeds = [r["tokens_per_s"] for r in records if r["event"] == "train"]
+            lmtool_tps = statistics.median(speeds[1:] or speeds)  # the first interval warms up
             # the bare loop on the same token stream (re-read through the library: the same ids)
-            from lmtool.checkpoint import open_run  # noqa: F401  (keeps imports local to the bench)
             from lmtool.data import load_corpus
 
             corpus = load_corpus(args.data / train_file, valid, None, cfg.data.level, 1, None, False, "<unk>", 0.05)
             streams = batchify(corpus.train, cfg.data.batch_size)
             m = cfg.model
             bare_tps = bare_loop(streams, len(corpus.tokenizer), m.embedding_size, m.hidden_size, m.num_layers,
-                                 cfg.data.bptt, min(args.steps, 20), precision == "bf16")
+                                 cfg.data.bptt, min(args.steps, 20), precision == "bf16", args.device)
             macs = multiply_adds_per_token(m.embedding_size, m.hidden_size, m.num_layers, start["vocab_size"])
             flops = 6 * macs
             print(json.dumps({
-                **info, "workload": name, "precision": precision, "vocab": start["vocab_size"],
+                **info, "workload": name, "device": args.device, "precision": precision, "vocab": start["vocab_size"],
                 "batch": cfg.data.batch_size, "bptt": cfg.data.bptt,
                 "lmtool_tokens_per_s": round(lmtool_tps), "bare_loop_tokens_per_s": round(bare_tps),
                 "lmtool_over_bare": round(lmtool_tps / bare_tps, 2),
