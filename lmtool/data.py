@@ -6,7 +6,6 @@ import ctypes
 import hashlib
 import os
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -14,7 +13,7 @@ from typing import Iterable, Iterator
 import torch
 
 from lmtool.errors import LmtoolError
-from lmtool.tokenizer import EOS_ID, SPECIALS, Tokenizer
+from lmtool.tokenizer import EOS_ID, Tokenizer
 
 
 CHUNK_BYTES = 1 << 22  # text is read, checked and encoded 4 MB at a time
@@ -270,11 +269,9 @@ def load_corpus(
         valid_scan = scan_text(Path(valid_path), "validation")
     test_scan = scan_text(Path(test_path), "test") if test_path is not None else None
     if tokenizer is None:
-        counts: Counter[str] = Counter()
-        probe = Tokenizer(level=level, tokens=SPECIALS, lowercase=lowercase, unk_marker=unk_marker)
-        for text in iter_line_range(train_path, "training", 0, train_stop):
-            probe.count_into(counts, text)
-        tokenizer = Tokenizer.from_counts(counts, level, min_freq, max_size, lowercase, unk_marker)
+        tokenizer = Tokenizer.build(
+            iter_line_range(train_path, "training", 0, train_stop), level, min_freq, max_size, lowercase, unk_marker
+        )
     # A token takes at least one character, so the character count bounds the number of ids (lowercasing can
     # lengthen text: encode_stream grows then). Pages of the buffer that are never written cost no memory.
     room = train_scan.num_chars + 2

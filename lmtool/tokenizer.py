@@ -62,7 +62,7 @@ class Tokenizer:
         lowercase: bool = False,
         unk_marker: str | None = None,
     ) -> "Tokenizer":
-        """Count tokens in the (training) lines or text pieces and keep the frequent ones, most frequent first."""
+        """Count tokens in the (training) lines or multi-line text pieces; keep the frequent ones, most frequent first."""
         probe = cls(level=level, tokens=SPECIALS, lowercase=lowercase, unk_marker=unk_marker)
         counts: Counter[str] = Counter()
         for text in lines:
