@@ -56,9 +56,9 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 
 def pick_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
     """The next token of every stream: (B, V) scores -> (B,) ids."""
-    if not bool(torch.isfinite(logits).any(dim=-1).all()) or bool(torch.isnan(logits).any()):
-        raise LmtoolError("the model produced non-finite scores; the model file may be damaged")
     if options.temperature == 0:
+        if bool(torch.isnan(logits).any()):
+            raise _non_finite()
         return logits.argmax(dim=-1)
     logits = filter_logits(logits.float() / options.temperature, options.top_k, options.top_p)
     # Inverse-CDF sampling: one uniform number per stream and a binary search. torch.multinomial costs
@@ -66,11 +66,17 @@ def pick_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.G
     # width in the CDF, so they can never be picked.
     probs = torch.softmax(logits, dim=-1)  # (B, V)
     cdf = probs.cumsum(dim=-1)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):  # a NaN anywhere in a row reaches its total: one cheap check
+        raise _non_finite()
     u = torch.rand((logits.size(0), 1), generator=generator, device=logits.device) * cdf[:, -1:]
     picked = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.size(-1) - 1)  # (B, 1)
     # A parallel (GPU) cumsum can round a filtered token to a sliver of width: never return one.
     allowed = probs.gather(-1, picked) > 0
     return torch.where(allowed, picked, probs.argmax(dim=-1, keepdim=True)).squeeze(-1)
+
+
+def _non_finite() -> LmtoolError:
+    return LmtoolError("the model produced non-finite scores; the model file may be damaged")
 
 
 @torch.no_grad()
