@@ -131,16 +131,20 @@ def test_resume_refuses_what_is_not_a_run_and_a_changed_corpus(small_corpus, tmp
     assert "drop CORPUS" in run_cli("train", small_corpus, "--resume", tmp_path / "run2").err
 
 
-def test_non_finite_steps_are_skipped_and_counted(small_corpus, tmp_path, monkeypatch):
+def corrupt_loss(monkeypatch, factor_for_call):
+    """Multiply the training loss of the n-th step (1-based) by factor_for_call(n)."""
     real = train_module.token_nll
     calls = {"n": 0}
 
-    def sometimes_nan(logits, targets):
+    def corrupted(logits, targets):
         calls["n"] += 1
-        nll = real(logits, targets)
-        return nll * float("nan") if calls["n"] in (3, 4) else nll
+        return real(logits, targets) * factor_for_call(calls["n"])
 
-    monkeypatch.setattr(train_module, "token_nll", sometimes_nan)
+    monkeypatch.setattr(train_module, "token_nll", corrupted)
+
+
+def test_non_finite_steps_are_skipped_and_counted(small_corpus, tmp_path, monkeypatch):
+    corrupt_loss(monkeypatch, lambda call: float("nan") if call in (3, 4) else 1.0)
     result = train(load_config(TINY, ["train.max_steps=10", "train.log_every=10"]), small_corpus, out=tmp_path / "r")
     end = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert end["skipped_steps"] == 2
@@ -149,15 +153,7 @@ def test_non_finite_steps_are_skipped_and_counted(small_corpus, tmp_path, monkey
 
 
 def test_many_non_finite_steps_in_a_row_stop_training_and_keep_the_best_model(small_corpus, tmp_path, monkeypatch):
-    real = train_module.token_nll
-    calls = {"n": 0}
-
-    def nan_after_20(logits, targets):
-        calls["n"] += 1
-        nll = real(logits, targets)
-        return nll * float("nan") if calls["n"] > 20 else nll
-
-    monkeypatch.setattr(train_module, "token_nll", nan_after_20)
+    corrupt_loss(monkeypatch, lambda call: float("nan") if call > 20 else 1.0)
     cfg = load_config(TINY, ["train.eval_every=10", "train.max_bad_steps=3"])
     with pytest.raises(TrainingFailed, match="3 bad steps in a row up to step 23") as err:
         train(cfg, small_corpus, out=tmp_path / "run")
@@ -165,6 +161,13 @@ def test_many_non_finite_steps_in_a_row_stop_training_and_keep_the_best_model(sm
     best = load_model_file(tmp_path / "run" / BEST_MODEL)
     assert best.info["step"] == 20
     assert all(torch.isfinite(p).all() for p in best.model.parameters())
+
+
+def test_a_loss_blow_up_is_skipped_like_a_non_finite_step(small_corpus, tmp_path, monkeypatch):
+    corrupt_loss(monkeypatch, lambda call: 100.0 if call == 70 else 1.0)
+    result = train(load_config(TINY, ["train.max_steps=80"]), small_corpus, out=tmp_path / "run")
+    end = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert end["skipped_steps"] == 1
 
 
 class _RunsCode:
