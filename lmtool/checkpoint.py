@@ -246,7 +246,7 @@ def load_model_file(path: Path) -> LoadedModel:
     except LmtoolError as err:
         raise LmtoolError(f"{path}: {err}") from None
     model = LanguageModel(config.model, vocab_size=len(tokenizer))
-    tied = {"decoder.weight"} if config.model.tie_weights else set()
+    tied = {"decoder.weight"} if config.model.tie_weights and config.model.softmax == "full" else set()
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError:

@@ -24,6 +24,7 @@ Schedule = Literal["constant", "plateau", "decay", "cosine"]
 LossReduction = Literal["mean", "time_sum"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["fp32", "bf16", "auto"]
+Softmax = Literal["full", "adaptive"]
 
 
 def _opt(default: Any, help: str, **bounds: float) -> Any:
@@ -53,6 +54,14 @@ class ModelConfig:
     dropout: float = _opt(0.2, "dropout between layers and before the output layer", ge=0, lt=1)
     tie_weights: bool = _opt(False, "share the embedding and output weights (needs embedding_size == hidden_size)")
     init_range: float | None = _opt(0.1, "initialise every weight uniformly in [-r, r] (null: PyTorch's default)", gt=0)
+    softmax: Softmax = _opt(
+        "full", "full | adaptive (adaptive softmax: exact probabilities, much faster for vocabularies of 10k+ words)"
+    )
+    adaptive_cutoffs: tuple[int, ...] | None = _opt(
+        None, "adaptive: token ranks where the tail clusters start, e.g. [2000, 10000] (null: 2000, 10000, 50000 "
+        "where below the vocabulary size)", ge=1,
+    )
+    adaptive_div_value: float = _opt(4.0, "adaptive: each tail cluster's projection is this many times smaller", ge=1)
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,14 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, ready for YAML or JSON."""
-        return dataclasses.asdict(self)
+        return _lists_for_tuples(dataclasses.asdict(self))
+
+
+def _lists_for_tuples(tree: Any) -> Any:
+    """YAML's safe dumper writes lists, not tuples."""
+    if isinstance(tree, dict):
+        return {k: _lists_for_tuples(v) for k, v in tree.items()}
+    return list(tree) if isinstance(tree, tuple) else tree
 
 
 DURATION_KEYS = {"train.max_time", "train.checkpoint_time"}
@@ -352,10 +368,21 @@ def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str):
             return value
         raise LmtoolError(f"{dotted}: expected text, got {value!r}")
+    if origin is tuple:  # tuple[int, ...]: a YAML list, or "2000,10000" from the command line
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items:
+            raise LmtoolError(f"{dotted}: expected a list like [2000, 10000], got {value!r}")
+        return tuple(_coerce(dotted, item, args[0]) for item in items)
     raise AssertionError(f"no coercion for {annotation}")
 
 
 def _check_bounds(dotted: str, value: Any, rules: Mapping[str, Any]) -> None:
+    if isinstance(value, tuple):
+        for item in value:
+            _check_bounds(dotted, item, rules)
+        if list(value) != sorted(set(value)):
+            raise LmtoolError(f"{dotted}: {list(value)} must be increasing, without repeats")
+        return
     if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     if value != value or value in (float("inf"), float("-inf")):
@@ -378,6 +405,11 @@ def _check_cross_field(config: Config) -> None:
             f"model.tie_weights needs model.embedding_size == model.hidden_size "
             f"(got {model.embedding_size} and {model.hidden_size}); set both to the same value"
         )
+    if model.softmax == "adaptive" and model.tie_weights:
+        raise LmtoolError(
+            "model.tie_weights cannot be combined with model.softmax=adaptive (its clusters have their own "
+            "shapes); add --set model.tie_weights=false"
+        )
     if train.schedule == "cosine" and train.max_steps is None and train.max_epochs is None:
         raise LmtoolError("train.schedule=cosine needs train.max_steps or train.max_epochs to know its length")
     if train.max_epochs is None and train.max_steps is None and train.max_time is None and train.patience is None:
@@ -393,6 +425,8 @@ def _type_name(annotation: Any) -> str:
         return " | ".join(map(str, args))
     if origin in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in args if a is not type(None)) + " | null"
+    if origin is tuple:
+        return f"list of {_type_name(args[0])}"
     return getattr(annotation, "__name__", str(annotation))
 
 

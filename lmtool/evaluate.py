@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from lmtool.data import batchify, windows
 from lmtool.errors import LmtoolError
@@ -15,12 +14,6 @@ from lmtool.model import LanguageModel, State, detach_state
 from lmtool.tokenizer import EOS, EOS_ID, UNK_ID, Tokenizer
 
 LOG10_E = 1 / math.log(10)
-
-
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-log P(target) at every position: (B, T, V), (B, T) -> (B, T), in float32 whatever the logits' precision."""
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long(), reduction="none")
-    return nll.view(targets.shape)  # (B, T)
 
 
 def safe_exp(x: float) -> float:
@@ -67,7 +60,7 @@ def stream_nll(model: LanguageModel, stream: torch.Tensor, batch_size: int, bptt
     """Score a (N,) id stream as `batch_size` contiguous streams, carrying the state across windows."""
     was_training = model.training
     model.eval()
-    device = model.decoder.weight.device
+    device = model.device
     streams = batchify(stream, batch_size)  # (B, N // B), still on the host: moved a window at a time
     if streams.size(1) < 2:
         raise LmtoolError(f"the text has {stream.numel()} tokens: too short to score with batch size {batch_size}")
@@ -77,8 +70,7 @@ def stream_nll(model: LanguageModel, stream: torch.Tensor, batch_size: int, bptt
     unknown = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in windows(streams, bptt):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits, state = model(x, state)  # (B, T, V)
-        nll = token_nll(logits, y)  # (B, T)
+        nll, state = model(x, state, targets=y)  # (B, T), the same loss as training
         is_unknown = y == UNK_ID
         total += nll.sum(dtype=torch.float64)
         total_unknown += (nll * is_unknown).sum(dtype=torch.float64)
@@ -143,7 +135,7 @@ def score_sentences(
         if "\n" in s:
             raise LmtoolError("a sentence to score cannot contain a newline; give one sentence per line")
     model.eval()
-    device = model.decoder.weight.device
+    device = model.device
     encoded = [tokenizer.encode_line(s) for s in sentences]
     # Longest first, so each padded batch wastes little; results go back in the caller's order.
     order = sorted(range(len(sentences)), key=lambda i: -len(encoded[i]))
@@ -155,8 +147,9 @@ def score_sentences(
         for row, i in enumerate(chunk):
             targets[row, : len(encoded[i])] = torch.tensor(encoded[i])
         inputs = torch.cat([torch.full((len(chunk), 1), EOS_ID), targets[:, :-1]], dim=1)  # (B, L)
-        logits, _ = model(inputs.to(device))  # (B, L, V); padding sits after each sentence, so it changes nothing
-        lp = (-token_nll(logits, targets.to(device))).double().cpu()  # (B, L)
+        # Padding sits after each sentence, so it changes nothing before it.
+        nll, _ = model(inputs.to(device), targets=targets.to(device))  # (B, L)
+        lp = (-nll).double().cpu()  # (B, L)
         for row, i in enumerate(chunk):
             logprobs[i] = lp[row, : len(encoded[i])].tolist()
     results = []

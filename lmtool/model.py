@@ -1,13 +1,16 @@
-"""The network: embedding -> fused RNN/GRU/LSTM stack -> dropout -> linear output. No I/O, no globals."""
+"""The network: embedding -> fused RNN/GRU/LSTM stack -> dropout -> output layer (full or adaptive softmax).
+No I/O, no globals."""
 
 from __future__ import annotations
 
 from typing import Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmtool.config import ModelConfig
+from lmtool.errors import LmtoolError
 
 # An LSTM carries (h, c); the other cells carry h alone. Each tensor is (num_layers, B, H).
 State = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -28,8 +31,28 @@ def detach_state(state: State) -> State:
     return state.detach()
 
 
+# Where the adaptive softmax's tail clusters start when the config leaves it to us (Grave et al. used
+# similar cut points for vocabularies of 30k-250k words): only the ones below the vocabulary size are used.
+AUTO_CUTOFFS = (2000, 10000, 50000)
+
+
+def adaptive_cutoffs(config: ModelConfig, vocab_size: int) -> list[int]:
+    """The token ranks where each adaptive-softmax tail cluster starts, checked against the vocabulary."""
+    if config.adaptive_cutoffs is None:
+        cutoffs = [c for c in AUTO_CUTOFFS if c < vocab_size - 1] or [max(1, vocab_size // 2)]
+    else:
+        cutoffs = list(config.adaptive_cutoffs)
+    if vocab_size < 3 or cutoffs[-1] >= vocab_size - 1:
+        raise LmtoolError(
+            f"model.adaptive_cutoffs {cutoffs} must all lie below the vocabulary size minus one ({vocab_size - 1}); "
+            "lower them, or use model.softmax=full for a vocabulary this small"
+        )
+    return cutoffs
+
+
 class LanguageModel(nn.Module):
-    """Predicts token t+1 from tokens 1..t; `forward` returns unnormalised scores over the vocabulary."""
+    """Predicts token t+1 from tokens 1..t. `forward` gives scores over the vocabulary whose softmax is the
+    model's distribution or, given targets, -log P(target) at every position: the one definition of the loss."""
 
     def __init__(self, config: ModelConfig, vocab_size: int) -> None:
         super().__init__()
@@ -47,7 +70,15 @@ class LanguageModel(nn.Module):
             batch_first=True,
             **rnn_kwargs,
         )
-        self.decoder = nn.Linear(config.hidden_size, vocab_size)
+        if config.softmax == "adaptive":
+            # Frequent tokens get a full-size head, rare ones low-rank tail clusters (the vocabulary is sorted by
+            # frequency); probabilities stay exact and normalised.
+            self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(
+                config.hidden_size, vocab_size, adaptive_cutoffs(config, vocab_size),
+                div_value=config.adaptive_div_value,
+            )
+        else:
+            self.decoder = nn.Linear(config.hidden_size, vocab_size)
         if config.init_range is not None:
             for param in self.parameters():
                 nn.init.uniform_(param, -config.init_range, config.init_range)
@@ -56,7 +87,7 @@ class LanguageModel(nn.Module):
 
     def init_state(self, batch_size: int) -> State:
         """The zero state for `batch_size` streams, on the model's device."""
-        weight = self.decoder.weight
+        weight = self.embedding.weight
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)
         h = weight.new_zeros(shape)
         return (h, weight.new_zeros(shape)) if self.config.cell == "lstm" else h
@@ -87,7 +118,7 @@ class LanguageModel(nn.Module):
                     x = torch.tanh(x) if self.config.cell == "rnn_tanh" else torch.relu(x)
                 hs.append(x)
             new_state = torch.stack(hs)
-        return self.decoder(x), new_state  # (B, V), dropout is off in generation
+        return self.scores(x), new_state  # (B, V), dropout is off in generation
 
     @torch.no_grad()
     def step_weights(self) -> list[tuple]:
@@ -102,16 +133,48 @@ class LanguageModel(nn.Module):
                 layers.append((w_ih, w_hh, b_ih + b_hh))
         return layers
 
-    def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """Scores for the next token at every position, and the state after the last position."""
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def forward(
+        self, tokens: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """Scores (B, T, V) for the next token at every position or, with `targets` (B, T), their negative
+        log-likelihoods (B, T) in float32; and the state after the last position."""
         if tokens.dtype not in (torch.int32, torch.int64):
             tokens = tokens.int()  # the data pipeline stores ids in 1 or 2 bytes; the embedding wants int32/64
         emb = self.drop(self.embedding(tokens))  # (B, T, E)
         if state is None:
             state = self.init_state(tokens.size(0))
         output, state = self.rnn(emb, state)  # (B, T, H)
-        logits = self.decoder(self.drop(output))  # (B, T, V)
-        return logits, state
+        output = self.drop(output)
+        if targets is None:
+            return self.scores(output), state
+        return self.nll(output, targets), state
+
+    def scores(self, output: torch.Tensor) -> torch.Tensor:
+        """(..., H) top-layer outputs -> (..., V) scores whose softmax is the next-token distribution."""
+        if self.config.softmax == "adaptive":
+            flat = output.float().reshape(-1, output.size(-1))  # log_prob wants (N, H)
+            with _autocast_off(output):
+                return self.adaptive.log_prob(flat).view(*output.shape[:-1], self.vocab_size)
+        return self.decoder(output)
+
+    def nll(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """-log P(target) at every position: (B, T, H), (B, T) -> (B, T), in float32 whatever the precision."""
+        flat_targets = targets.reshape(-1).long()
+        if self.config.softmax == "adaptive":
+            # PyTorch's adaptive softmax mixes dtypes under CPU autocast; its layers are small, so run it in float32.
+            with _autocast_off(output):
+                logprob = self.adaptive(output.float().reshape(-1, output.size(-1)), flat_targets).output
+            return -logprob.view(targets.shape)
+        logits = self.decoder(output)  # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), flat_targets, reduction="none").view(targets.shape)
+
+
+def _autocast_off(tensor: torch.Tensor) -> torch.autocast:
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def _lstm_step(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w: tuple) -> tuple[torch.Tensor, torch.Tensor]:

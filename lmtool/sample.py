@@ -88,7 +88,7 @@ def generate(
 ) -> list[list[int]]:
     """Generate `options.length` tokens per sample after <EOS> + prime; `on_token` sees each (B,) step."""
     model.eval()
-    device = model.decoder.weight.device
+    device = model.device
     generator = None
     if options.seed is not None:
         generator = torch.Generator(device=device).manual_seed(options.seed)

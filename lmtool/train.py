@@ -28,7 +28,7 @@ from lmtool.config import Config
 from lmtool.data import Corpus, batchify, file_digest, fit_batch_size, load_corpus, num_windows, windows
 from lmtool.devices import resolve_device, resolve_precision
 from lmtool.errors import Interrupted, LmtoolError, TrainingFailed
-from lmtool.evaluate import StreamScore, safe_exp, stream_nll, token_nll
+from lmtool.evaluate import StreamScore, safe_exp, stream_nll
 from lmtool.model import LanguageModel, State, count_parameters, detach_state
 from lmtool.schedule import PlateauTracker, learning_rate
 
@@ -220,8 +220,7 @@ class _Trainer:
                 group["lr"] = lr
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                 enabled=self.autocast_dtype is not None):
-                logits, next_state = self.model(x, state)  # (B, T, V)
-            nll = token_nll(logits, y)  # (B, T), float32
+                nll, next_state = self.model(x, state, targets=y)  # (B, T), float32
             loss = nll.mean() if tc.loss_reduction == "mean" else nll.sum(dim=1).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

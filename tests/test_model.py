@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lmtool.config import ModelConfig
+from lmtool.config import ModelConfig, load_config
+from lmtool.errors import LmtoolError
 from lmtool.model import CELLS, LanguageModel, count_parameters, detach_state
 
 
@@ -71,3 +72,65 @@ def test_precision_resolution():
     assert resolve_precision("bf16", cpu) is torch.bfloat16
     assert resolve_precision("auto", cpu) is (torch.bfloat16 if bf16_is_native(cpu) else None)
     assert resolve_precision("auto", torch.device("cuda")) is None  # not yet checked on a GPU
+
+
+def adaptive_model(**overrides) -> LanguageModel:
+    cfg = ModelConfig(embedding_size=6, hidden_size=16, softmax="adaptive", adaptive_cutoffs=(10, 30), **overrides)
+    return LanguageModel(cfg, vocab_size=50).eval()
+
+
+def test_adaptive_softmax_is_an_exact_distribution_and_its_loss_matches_it():
+    model = adaptive_model()
+    x = torch.randint(0, 50, (3, 9))
+    y = torch.randint(0, 50, (3, 9))
+    y[0, :3] = torch.tensor([0, 15, 45])  # one target in the head and in each tail cluster
+    scores, _ = model(x)  # (3, 9, 50): log-probabilities
+    torch.testing.assert_close(scores.double().exp().sum(-1), torch.ones(3, 9, dtype=torch.float64), atol=1e-6, rtol=0)
+    nll, _ = model(x, targets=y)
+    torch.testing.assert_close(nll, -scores.gather(-1, y.unsqueeze(-1)).squeeze(-1))
+    # generation's step gives the same distribution as the sequence kernel
+    state, steps = model.init_state(3), []
+    for t in range(9):
+        step_scores, state = model.step(x[:, t], state)
+        steps.append(step_scores)
+    torch.testing.assert_close(torch.stack(steps, 1), scores)
+
+
+def test_the_loss_stays_float32_under_bf16_autocast():
+    for model in (adaptive_model(), LanguageModel(ModelConfig(embedding_size=6, hidden_size=16), 50)):
+        x = torch.randint(0, 50, (2, 5))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nll, _ = model(x, targets=x)
+        assert nll.dtype == torch.float32 and nll.shape == (2, 5)
+
+
+def test_adaptive_softmax_has_a_much_smaller_output_layer():
+    full = LanguageModel(ModelConfig(embedding_size=8, hidden_size=256), vocab_size=30000)
+    adaptive = LanguageModel(ModelConfig(embedding_size=8, hidden_size=256, softmax="adaptive"), vocab_size=30000)
+    assert count_parameters(adaptive.adaptive) < 0.25 * count_parameters(full.decoder)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.softmax=adaptive"], "cannot be combined with model.softmax=adaptive"),  # word defaults tie weights
+    (["model.softmax=adaptive", "model.tie_weights=false", "model.adaptive_cutoffs=[10, 5]"], "must be increasing"),
+    (["model.softmax=adaptive", "model.tie_weights=false", "model.adaptive_cutoffs=[0]"], "out of range"),
+    (["model.softmax=adaptive", "model.tie_weights=false", "model.adaptive_cutoffs=lots"], "expected a whole number"),
+    (["model.softmax=adaptive", "model.tie_weights=false", "model.adaptive_cutoffs={}"], "expected a list"),
+    (["model.softmax=sampled"], "is not one of full | adaptive"),
+])
+def test_adaptive_softmax_config_errors(overrides, message):
+    with pytest.raises(LmtoolError, match=message):
+        load_config(None, ["data.level=word", *overrides])
+
+
+def test_adaptive_cutoffs_parse_from_a_list_or_commas_and_must_fit_the_vocabulary():
+    for value in ("[20, 40]", "20,40"):
+        cfg = load_config(None, ["model.softmax=adaptive", f"model.adaptive_cutoffs={value}"])
+        assert cfg.model.adaptive_cutoffs == (20, 40)
+    with pytest.raises(LmtoolError, match="below the vocabulary size minus one"):
+        LanguageModel(cfg.model, vocab_size=41)
+    assert LanguageModel(cfg.model, vocab_size=42).adaptive.cutoffs == [20, 40, 42]
+    # left to lmtool, the cut points adapt to the vocabulary
+    auto = load_config(None, ["model.softmax=adaptive"]).model
+    assert LanguageModel(auto, vocab_size=30000).adaptive.cutoffs == [2000, 10000, 30000]
+    assert LanguageModel(auto, vocab_size=65).adaptive.cutoffs == [32, 65]

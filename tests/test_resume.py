@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lmtool.train as train_module
+from lmtool.model import LanguageModel
 from lmtool.checkpoint import BEST_MODEL, LAST_MODEL, TRAINING_STATE, load_model_file, load_training_state
 from lmtool.config import load_config
 from lmtool.errors import LmtoolError, TrainingFailed
@@ -133,14 +133,17 @@ def test_resume_refuses_what_is_not_a_run_and_a_changed_corpus(small_corpus, tmp
 
 def corrupt_loss(monkeypatch, factor_for_call):
     """Multiply the training loss of the n-th step (1-based) by factor_for_call(n)."""
-    real = train_module.token_nll
+    real = LanguageModel.forward
     calls = {"n": 0}
 
-    def corrupted(logits, targets):
+    def corrupted(self, tokens, state=None, targets=None):
+        out, state = real(self, tokens, state, targets)
+        if not self.training or targets is None:  # validation is left alone
+            return out, state
         calls["n"] += 1
-        return real(logits, targets) * factor_for_call(calls["n"])
+        return out * factor_for_call(calls["n"]), state
 
-    monkeypatch.setattr(train_module, "token_nll", corrupted)
+    monkeypatch.setattr(LanguageModel, "forward", corrupted)
 
 
 def test_non_finite_steps_are_skipped_and_counted(small_corpus, tmp_path, monkeypatch):

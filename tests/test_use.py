@@ -25,21 +25,31 @@ def char_run(tmp_path_factory):
     return train(load_config(TINY), corpus, out=root / "run").run_dir
 
 
-@pytest.fixture(scope="module")
-def word_run(tmp_path_factory):
+# Every word-level identity is checked with both output layers: the adaptive softmax must be just as exact.
+SOFTMAX = {"full": [], "adaptive": ["model.softmax=adaptive", "model.adaptive_cutoffs=[4, 8]"]}
+
+
+@pytest.fixture(scope="module", params=sorted(SOFTMAX))
+def word_run(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("word")
     corpus = root / "words.txt"
     corpus.write_text(WORDS)
-    return train(load_config(TINY, ["data.level=word", "train.max_epochs=10"]), corpus, out=root / "run").run_dir
+    overrides = ["data.level=word", "train.max_epochs=10", *SOFTMAX[request.param]]
+    return train(load_config(TINY, overrides), corpus, out=root / "run").run_dir
 
 
-def test_probabilities_sum_to_one_at_every_position(char_run):
-    lm = lmtool.load_model(char_run)
+def assert_probabilities_sum_to_one(run_dir):
+    lm = lmtool.load_model(run_dir)
     x = torch.randint(0, len(lm.tokenizer), (3, 20))
     with torch.no_grad():
         logits, _ = lm.network(x)
     sums = torch.softmax(logits.double(), dim=-1).sum(-1)  # (3, 20)
     torch.testing.assert_close(sums, torch.ones_like(sums))
+
+
+def test_probabilities_sum_to_one_at_every_position(char_run, word_run):
+    assert_probabilities_sum_to_one(char_run)
+    assert_probabilities_sum_to_one(word_run)
 
 
 def test_sentence_logprob_is_the_sum_of_token_logprobs_and_matches_a_step_by_step_pass(word_run):
