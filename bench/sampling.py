@@ -2,9 +2,10 @@
 
 Usage: python bench/sampling.py [--tokens 400]
 Builds untrained models of the reference sizes (char 2x512 LSTM, 66 symbols; word 2x200 LSTM with the
-WikiText-2 vocabulary of 33,278) and times, in one process: the bare products of one step (each layer's
+WikiText-2 vocabulary of 33,278, with full and adaptive softmax) and times, in one process: the bare products of one step (each layer's
 input and hidden weights, then the output layer), a naive loop that calls nn.LSTM on length-1 inputs, and
-`lmtool.sample.generate` (sampling included). Then batched generation for 1..64 streams. One JSON line each.
+`lmtool.sample.generate` (sampling included); for the word models also the PyTorch example's generator
+(bench/peer_example.py) of the same size. Then batched generation for 1..64 streams. One JSON line each.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
+from peer_example import PeerModel, generate_words_per_s  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -66,17 +68,26 @@ def main() -> None:
         "char 2x512 LSTM, V=66": LanguageModel(ModelConfig(embedding_size=128, hidden_size=512), 66).eval(),
         "word 2x200 LSTM, V=33278": LanguageModel(
             ModelConfig(embedding_size=200, hidden_size=200, tie_weights=True), 33278).eval(),
+        "word 2x200 LSTM, V=33278, adaptive softmax": LanguageModel(
+            ModelConfig(embedding_size=200, hidden_size=200, softmax="adaptive"), 33278).eval(),
     }
+    peer_words_per_s = generate_words_per_s(PeerModel(33278), args.tokens)  # the example's generator, now
     for name, model in models.items():
         options = SamplingOptions(length=args.tokens, seed=1)
         lmtool_ms = per_token_ms(lambda n: generate(model, [], options), args.tokens)
-        bare_ms = per_token_ms(lambda n: bare(model, n), args.tokens)
-        naive_ms = per_token_ms(lambda n: naive(model, n), args.tokens)
-        print(json.dumps({**info, "model": name, "streams": 1, "lmtool_ms_per_token": round(lmtool_ms, 4),
-                          "bare_matvec_ms_per_token": round(bare_ms, 4), "naive_nn_lstm_ms_per_token": round(naive_ms, 4),
-                          "lmtool_over_bare": round(lmtool_ms / bare_ms, 2),
-                          "speedup_over_naive": round(naive_ms / lmtool_ms, 2),
-                          "lmtool_tokens_per_s": round(1000 / lmtool_ms)}), flush=True)
+        record = {**info, "model": name, "streams": 1, "lmtool_ms_per_token": round(lmtool_ms, 4),
+                  "lmtool_tokens_per_s": round(1000 / lmtool_ms)}
+        if model.config.softmax == "full":  # the bare products are defined for the plain output layer
+            bare_ms = per_token_ms(lambda n: bare(model, n), args.tokens)
+            naive_ms = per_token_ms(lambda n: naive(model, n), args.tokens)
+            record.update(bare_matvec_ms_per_token=round(bare_ms, 4), naive_nn_lstm_ms_per_token=round(naive_ms, 4),
+                          lmtool_over_bare=round(lmtool_ms / bare_ms, 2),
+                          speedup_over_naive=round(naive_ms / lmtool_ms, 2))
+        if name.startswith("word"):
+            record.update(example_generator_words_per_s=round(peer_words_per_s),
+                          over_example_generator=round(1000 / lmtool_ms / peer_words_per_s, 2),
+                          over_reference_185=round(1000 / lmtool_ms / 185, 2))
+        print(json.dumps(record), flush=True)
     model = models["char 2x512 LSTM, V=66"]
     single = None
     for streams in (1, 8, 64):

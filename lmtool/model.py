@@ -23,6 +23,14 @@ CELLS: dict[str, tuple[type[nn.RNNBase], dict]] = {
     "lstm": (nn.LSTM, {}),
 }
 
+# The same cells one step at a time: PyTorch's fused single-step functions, with nn.RNNBase's weight layout.
+CELL_STEPS = {
+    "rnn_tanh": torch.rnn_tanh_cell,
+    "rnn_relu": torch.rnn_relu_cell,
+    "gru": torch.gru_cell,
+    "lstm": torch.lstm_cell,
+}
+
 
 def detach_state(state: State) -> State:
     """Cut the graph at a window boundary while keeping the values (truncated BPTT)."""
@@ -95,43 +103,33 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def step(self, token: torch.Tensor, state: State, weights: list[tuple] | None = None) -> tuple[torch.Tensor, State]:
         """One token per stream, for generation: (B,) ids -> (B, V) scores. Equal to `forward` on a length-1
-        input, but computed with a few matrix-vector products instead of the sequence kernel's set-up cost.
-        Pass `weights=model.step_weights()` when stepping many times with unchanged weights."""
+        input, but computed with PyTorch's single-step cell functions instead of the sequence kernel, whose
+        set-up costs more than the step. Pass `weights=model.step_weights()` when stepping many times."""
         x = self.embedding(token.int())  # (B, E)
         weights = weights if weights is not None else self.step_weights()
+        cell_step = CELL_STEPS[self.config.cell]
         if self.config.cell == "lstm":
             h_all, c_all = state
             hs, cs = [], []
             for layer, w in enumerate(weights):
-                x, c = _lstm_step(x, h_all[layer], c_all[layer], w)
+                x, c = cell_step(x, (h_all[layer], c_all[layer]), *w)  # (B, H) each
                 hs.append(x)
                 cs.append(c)
             new_state: State = (torch.stack(hs), torch.stack(cs))
         else:
             hs = []
             for layer, w in enumerate(weights):
-                if self.config.cell == "gru":
-                    x = _gru_step(x, state[layer], w)
-                else:
-                    w_ih, w_hh, bias = w
-                    x = torch.addmm(bias, x, w_ih.t()).addmm_(state[layer], w_hh.t())
-                    x = torch.tanh(x) if self.config.cell == "rnn_tanh" else torch.relu(x)
+                x = cell_step(x, state[layer], *w)  # (B, H)
                 hs.append(x)
             new_state = torch.stack(hs)
         return self.scores(x), new_state  # (B, V), dropout is off in generation
 
     @torch.no_grad()
     def step_weights(self) -> list[tuple]:
-        """Each layer's weights for `step`, with the two biases summed where the cell allows it."""
-        layers = []
-        for layer in range(self.config.num_layers):
-            w_ih, w_hh, b_ih, b_hh = (getattr(self.rnn, f"{kind}_l{layer}").detach()
-                                      for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-            if self.config.cell == "gru":  # the reset gate multiplies only the hidden part of n
-                layers.append((w_ih, w_hh, b_ih, b_hh))
-            else:
-                layers.append((w_ih, w_hh, b_ih + b_hh))
-        return layers
+        """Each layer's (w_ih, w_hh, b_ih, b_hh), detached, for `step`."""
+        return [tuple(getattr(self.rnn, f"{kind}_l{layer}").detach()
+                      for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                for layer in range(self.config.num_layers)]
 
     @property
     def device(self) -> torch.device:
@@ -175,25 +173,6 @@ class LanguageModel(nn.Module):
 
 def _autocast_off(tensor: torch.Tensor) -> torch.autocast:
     return torch.autocast(tensor.device.type, enabled=False)
-
-
-def _lstm_step(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    w_ih, w_hh, bias = w
-    gates = torch.addmm(bias, x, w_ih.t()).addmm_(h, w_hh.t())  # (B, 4H), PyTorch's order: i, f, g, o
-    i, f, g, o = gates.chunk(4, dim=1)
-    c = torch.sigmoid(f).mul_(c).add_(torch.sigmoid(i).mul_(torch.tanh(g)))
-    return torch.sigmoid(o).mul_(torch.tanh(c)), c
-
-
-def _gru_step(x: torch.Tensor, h: torch.Tensor, w: tuple) -> torch.Tensor:
-    w_ih, w_hh, b_ih, b_hh = w
-    gi = torch.addmm(b_ih, x, w_ih.t())  # (B, 3H): r, z, n
-    gh = torch.addmm(b_hh, h, w_hh.t())
-    i_r, i_z, i_n = gi.chunk(3, dim=1)
-    h_r, h_z, h_n = gh.chunk(3, dim=1)
-    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    return n + z * (h - n)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -60,19 +60,24 @@ def pick_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.G
         if bool(torch.isnan(logits).any()):
             raise _non_finite()
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / options.temperature, options.top_k, options.top_p)
+    if options.temperature != 1:
+        logits = logits / options.temperature
+    filtered = options.top_k is not None or options.top_p is not None
+    if filtered:
+        logits = filter_logits(logits, options.top_k, options.top_p)
     # Inverse-CDF sampling: one uniform number per stream and a binary search. torch.multinomial costs
     # about 1 ms over a 33k-word vocabulary on a CPU, this about 0.06 ms. Zero-probability tokens have no
     # width in the CDF, so they can never be picked.
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (B, V)
     cdf = probs.cumsum(dim=-1)
     if not bool(torch.isfinite(cdf[:, -1]).all()):  # a NaN anywhere in a row reaches its total: one cheap check
         raise _non_finite()
     u = torch.rand((logits.size(0), 1), generator=generator, device=logits.device) * cdf[:, -1:]
     picked = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.size(-1) - 1)  # (B, 1)
-    # A parallel (GPU) cumsum can round a filtered token to a sliver of width: never return one.
-    allowed = probs.gather(-1, picked) > 0
-    return torch.where(allowed, picked, probs.argmax(dim=-1, keepdim=True)).squeeze(-1)
+    if filtered:  # a parallel (GPU) cumsum can round a filtered token to a sliver of width: never return one
+        allowed = probs.gather(-1, picked) > 0
+        picked = torch.where(allowed, picked, probs.argmax(dim=-1, keepdim=True))
+    return picked.squeeze(-1)
 
 
 def _non_finite() -> LmtoolError:

@@ -21,9 +21,12 @@ MAX_CODE_POINT = 0x10FFFF
 
 
 def _code_points(text: str) -> torch.Tensor:
-    """The Unicode code points of a text as an int32 tensor (N,), without a Python loop."""
+    """The Unicode code points of a text as an integer tensor (N,), without a Python loop: one byte each for
+    ASCII text (most corpora; 4x less memory and time), four otherwise."""
     if not text:
         return torch.zeros(0, dtype=torch.int32)
+    if text.isascii():
+        return torch.frombuffer(bytearray(text.encode("ascii")), dtype=torch.uint8)
     return torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
 
 
@@ -134,7 +137,9 @@ class Tokenizer:
         if not text:
             return torch.zeros(0, dtype=self.dtype)
         if self.level == "char":
-            return self._code_point_table().index_select(0, _code_points(text))
+            if text.isascii() and self.dtype == torch.uint8:  # one C pass: each byte becomes its id
+                return torch.frombuffer(bytearray(text.encode("ascii").translate(self._byte_table())), dtype=torch.uint8)
+            return self._code_point_table().index_select(0, _code_points(text).int())
         lookup = self._word_lookup()
         if "\0" not in text:  # files never hold NUL (they are refused), so it can stand for the line end
             words = text.replace("\n", " \0 ").split()
@@ -155,6 +160,14 @@ class Tokenizer:
                 table[ord(tok)] = i
             table[ord("\n")] = EOS_ID
             object.__setattr__(self, "_table", table)
+        return table
+
+    def _byte_table(self) -> bytes:
+        """bytes.translate table from each ASCII byte to its id (valid when every id fits in a byte)."""
+        table = self.__dict__.get("_bytes")
+        if table is None:
+            table = bytes(self._code_point_table()[:256].tolist())
+            object.__setattr__(self, "_bytes", table)
         return table
 
     def _word_lookup(self, line_end: str | None = None) -> dict[str, int]:

@@ -1,3 +1,5 @@
+from collections import Counter
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -86,3 +88,22 @@ def test_literal_special_words_are_unknown_not_line_ends():
 def test_char_vocabulary_with_a_multi_character_token_is_refused():
     with pytest.raises(LmtoolError, match="malformed"):
         Tokenizer.from_dict({"level": "char", "tokens": [EOS, UNK, "ab"]})
+
+
+@settings(max_examples=60)
+@given(
+    st.text(alphabet=st.characters(max_codepoint=0x7F, blacklist_categories=("Cs",)), max_size=40),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200),
+    st.booleans(),
+)
+def test_vectorised_char_encoding_equals_the_per_token_encoding(vocabulary_text, text, lowercase):
+    # ASCII pieces take a byte-translation path and the others a code-point table: both must agree with
+    # the plain per-character lookup, unknown characters and lowercasing included.
+    tok = Tokenizer.build([vocabulary_text], level="char", lowercase=lowercase)
+    for piece in (text, text.encode("ascii", "ignore").decode()):
+        piece = piece.replace("\r", "") + "\n"
+        expected = tok.encode(piece)
+        assert tok.encode_lines_text(piece).tolist() == expected
+        counts = Counter()
+        tok.count_into(counts, piece)
+        assert counts == Counter(c for c in (piece.lower() if lowercase else piece) if c != "\n")
