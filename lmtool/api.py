@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+import itertools
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from lmtool.checkpoint import LoadedModel, load_model_file, resolve_model_path
-from lmtool.data import encode_file_to_disk
+from lmtool.data import encode_file_to_disk, iter_lines
 from lmtool.devices import resolve_device
-from lmtool.evaluate import SentenceScore, StreamScore, score_sentences, stream_nll
+from lmtool.errors import LmtoolError
+from lmtool.evaluate import MixtureScore, SentenceScore, StreamScore, combined, score_sentences, stream_nll
 from lmtool.sample import SamplingOptions, encode_prime, generate
+from lmtool.tokenizer import EOS_ID
 
 
 @dataclass(frozen=True)
@@ -22,8 +26,12 @@ class FileEvaluation:
     """Perplexity of one or more files, with timing."""
 
     files: tuple[str, ...]
-    score: StreamScore
+    score: StreamScore  # the first (or only) direction evaluated
     seconds: float
+    by_direction: dict[str, StreamScore] = field(default_factory=dict)
+    # A bidirectional model's per-line mixture 1/2 P_forward(line) + 1/2 P_backward(line), each line read from
+    # the sentence-start state (as `score` does), unlike the streams above that carry the state across lines.
+    mixture: StreamScore | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -44,44 +52,88 @@ class Model:
     def level(self) -> str:
         return self.tokenizer.level
 
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return self.network.directions
+
     def sample(
         self,
         prime: str = "",
         options: SamplingOptions | None = None,
         on_token: Callable[[torch.Tensor], None] | None = None,
+        ending: str | None = None,
         **option_values,
     ) -> list[str]:
-        """Generate text after `prime`; returns one string per sample (the prime not included)."""
+        """Generate text after `prime` (forward) or, given `ending`, the text that leads to it (backward, written
+        right to left); returns one string per sample, without the prime or the ending."""
         options = options or SamplingOptions(**option_values)
+        if ending is not None:
+            if prime:
+                raise LmtoolError("give --prime or --ending, not both: a model writes in one direction at a time")
+            ending_ids, _ = encode_prime(self.tokenizer, ending)
+            samples = generate(self.network, ending_ids[::-1], options, None, "backward")
+            if options.stop_at_eos:  # read backward, <EOS> is where the line starts: nothing to print
+                samples = [ids[:-1] if ids and ids[-1] == EOS_ID else ids for ids in samples]
+            return [self.tokenizer.decode(ids[::-1]) for ids in samples]
         prime_ids, _ = encode_prime(self.tokenizer, prime)
-        samples = generate(self.network, prime_ids, options, on_token)
+        samples = generate(self.network, prime_ids, options, on_token, "forward")
         return [self.tokenizer.decode(ids) for ids in samples]
 
-    def score(self, sentences: Sequence[str] | str, batch_size: int = 64) -> list[SentenceScore]:
-        """log P(sentence, <EOS>) from the sentence-start state, with a per-token breakdown."""
+    def score(
+        self, sentences: Sequence[str] | str, batch_size: int = 64, direction: str | None = None
+    ) -> list[SentenceScore] | list[MixtureScore]:
+        """log P(sentence, <EOS>) from the sentence-start state, with a per-token breakdown. A bidirectional model
+        gives the mixture of both directions unless `direction` picks one."""
         if isinstance(sentences, str):
             sentences = [sentences]
-        return score_sentences(self.network, self.tokenizer, list(sentences), batch_size)
+        if direction in (None, "both") and len(self.directions) == 2:
+            forward, backward = (score_sentences(self.network, self.tokenizer, list(sentences), batch_size, d)
+                                 for d in self.directions)
+            return [MixtureScore(f, b) for f, b in zip(forward, backward)]
+        if direction == "both":
+            raise LmtoolError(f"--direction both needs a bidirectional model; this one reads {self.directions[0]} only")
+        return score_sentences(self.network, self.tokenizer, list(sentences), batch_size, direction)
 
-    def perplexity(self, paths: Sequence[str | Path] | str | Path, batch_size: int = 1, bptt: int | None = None) -> FileEvaluation:
-        """Stream files through the model as validation does (state carried across lines); memory stays bounded."""
+    def perplexity(
+        self,
+        paths: Sequence[str | Path] | str | Path,
+        batch_size: int = 1,
+        bptt: int | None = None,
+        direction: str | None = None,
+    ) -> FileEvaluation:
+        """Stream files through the model as validation does (state carried across lines); memory stays bounded.
+        A bidirectional model is evaluated in both directions and as a per-line mixture unless `direction`
+        picks one."""
         if isinstance(paths, (str, Path)):
             paths = [paths]
         bptt = bptt or self.config.data.bptt
-        total = StreamScore(nll=0.0, tokens=0)
+        directions = self.directions if direction in (None, "both") else (direction,)
+        if direction == "both" and len(self.directions) < 2:
+            raise LmtoolError(f"--direction both needs a bidirectional model; this one reads {self.directions[0]} only")
+        for d in directions:
+            self.network.stack(d)  # a clear error before any work for a direction the model lacks
+        totals = {d: StreamScore(nll=0.0, tokens=0) for d in directions}
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="lmtool-eval-") as tmp:
             for n, path in enumerate(paths):
                 ids = encode_file_to_disk(self.tokenizer, Path(path), Path(tmp) / f"{n}.ids")
-                part = stream_nll(self.network, ids, batch_size, bptt)
-                total = StreamScore(
-                    nll=total.nll + part.nll,
-                    tokens=total.tokens + part.tokens,
-                    unknown=total.unknown + part.unknown,
-                    nll_unknown=total.nll_unknown + part.nll_unknown,
-                )
+                for d in directions:
+                    totals[d] = combined([totals[d], stream_nll(self.network, ids, batch_size, bptt, d)])
                 del ids
-        return FileEvaluation(files=tuple(map(str, paths)), score=total, seconds=time.perf_counter() - start)
+        mixture = self._line_mixture(paths) if len(directions) == 2 else None
+        return FileEvaluation(files=tuple(map(str, paths)), score=totals[directions[0]],
+                              seconds=time.perf_counter() - start, by_direction=totals, mixture=mixture)
+
+    def _line_mixture(self, paths: Sequence[str | Path], lines_per_batch: int = 1024) -> StreamScore:
+        """Sum over lines of -log(1/2 P_forward + 1/2 P_backward), reading the files a batch of lines at a time."""
+        nll, tokens = [], 0
+        for path in paths:
+            lines = iter_lines(Path(path), "evaluation")
+            while batch := list(itertools.islice(lines, lines_per_batch)):
+                for mix in self.score(batch, batch_size=64):
+                    nll.append(-mix.logprob)
+                    tokens += mix.num_tokens
+        return StreamScore(nll=math.fsum(nll), tokens=tokens)
 
 
 def load_model(ref: str | Path | None = None, device: str = "auto") -> Model:

@@ -108,6 +108,12 @@ def train(
 
 
 MODEL_HELP = "run directory or model file (default: runs/latest)"
+DIRECTION_HELP = "forward | backward | both (default: every direction the model has; both adds their mixture)"
+
+
+def _check_direction(direction: Optional[str]) -> None:
+    if direction is not None and direction not in ("forward", "backward", "both"):
+        raise LmtoolError(f"--direction must be forward, backward or both, got '{direction}'")
 
 
 @app.command()
@@ -117,6 +123,9 @@ def sample(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="sample among the k most probable tokens only"),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="sample among the smallest set reaching probability p"),
     prime: str = typer.Option("", help="text to start from (the prompt); newlines are line ends"),
+    ending: Optional[str] = typer.Option(
+        None, help="backward or bidirectional models: write the text that leads to this ending (right to left)"
+    ),
     length: int = typer.Option(200, help="tokens to generate per sample"),
     num_samples: int = typer.Option(1, "--num-samples", "-n", help="samples generated together as one batch"),
     seed: Optional[int] = typer.Option(None, help="same seed, same text"),
@@ -136,7 +145,12 @@ def sample(
     )
     if output is not None and output.exists() and not overwrite:
         raise LmtoolError(f"--output {output} already exists; pass --overwrite to replace it or choose another file")
+    if ending is not None and prime:
+        raise LmtoolError("give --prime or --ending, not both: a model writes in one direction at a time")
     lm = load_model(model, device)
+    if ending is not None:
+        _sample_toward(lm, ending, options, output)
+        return
     _, unknown = encode_prime(lm.tokenizer, prime)
     if unknown:
         warnings.warn(f"{unknown} token(s) of --prime are not in the vocabulary and are read as <UNK>")
@@ -154,6 +168,36 @@ def sample(
     if output is not None:
         body = "".join(f"{prime}{_joined(lm.tokenizer, prime, t)}\n" for t in texts)
         atomic_write(output, body.encode("utf-8"))
+
+
+def _sample_toward(lm, ending: str, options, output: Optional[Path]) -> None:
+    """Backward generation ends at `ending`: nothing can be shown before the whole sample exists."""
+    from lmtool.checkpoint import atomic_write
+    from lmtool.sample import encode_prime
+
+    if "backward" not in lm.directions:
+        raise LmtoolError(
+            "--ending needs a backward or bidirectional model (this one reads forward only); "
+            "train one with --set model.direction=backward or bidirectional"
+        )
+    _, unknown = encode_prime(lm.tokenizer, ending)
+    if unknown:
+        warnings.warn(f"{unknown} token(s) of --ending are not in the vocabulary and are read as <UNK>")
+    texts = [_joined_before(lm.tokenizer, t, ending) for t in lm.sample(options=options, ending=ending)]
+    if len(texts) == 1:
+        sys.stdout.write(texts[0] + "\n")
+    else:
+        for n, text in enumerate(texts, start=1):
+            sys.stdout.write(f"--- sample {n} ---\n{text}\n")
+    if output is not None:
+        atomic_write(output, "".join(t + "\n" for t in texts).encode("utf-8"))
+
+
+def _joined_before(tokenizer, text: str, ending: str) -> str:
+    """The generated text, then the ending (a space between words unless a line ends there)."""
+    if tokenizer.level == "word" and text and ending and not text.endswith("\n") and not ending.startswith("\n"):
+        return f"{text} {ending}"
+    return text + ending
 
 
 def _joined(tokenizer, prime: str, text: str) -> str:
@@ -193,6 +237,7 @@ def score(
     json_out: bool = typer.Option(False, "--json", help="write JSON Lines, one object per sentence"),
     fmt: str = typer.Option("table", "--format", help="table | kenlm (KenLM query-style lines)"),
     batch_size: int = typer.Option(64, "--batch-size", help="sentences scored together in one padded batch"),
+    direction: Optional[str] = typer.Option(None, help=DIRECTION_HELP),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
 ) -> None:
     """Score sentences: log P(w1 .. wT, <EOS>), each starting from the sentence-start state (after an <EOS>).
@@ -206,6 +251,7 @@ def score(
     from lmtool.data import iter_lines
     from lmtool.report import print_scores, score_json_lines, score_kenlm_lines
 
+    _check_direction(direction)
     if fmt not in ("table", "kenlm"):
         raise LmtoolError(f"--format must be table or kenlm, got '{fmt}'")
     if batch_size < 1:
@@ -216,7 +262,9 @@ def score(
     if not texts:
         raise LmtoolError("no sentences to score; give them as arguments, or with --file FILE (or - for stdin)")
     lm = load_model(model, device)
-    scores = lm.score(texts, batch_size=batch_size)
+    scores = lm.score(texts, batch_size=batch_size, direction=direction)
+    if fmt == "kenlm" and not hasattr(scores[0], "tokens"):
+        raise LmtoolError("--format kenlm lists one direction's tokens: add --direction forward or backward")
     if json_out:
         print("\n".join(score_json_lines(scores, with_tokens=tokens)))
     elif fmt == "kenlm":
@@ -235,9 +283,12 @@ def evaluate_perplexity(
     batch_size: int = typer.Option(1, "--batch-size", help="parallel streams; 1 gives the exact whole-file number"),
     bptt: Optional[int] = typer.Option(None, help="tokens per forward window (default: the model's data.bptt)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    direction: Optional[str] = typer.Option(None, help=DIRECTION_HELP),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
 ) -> None:
-    """Perplexity of text files, streamed through the model with the state carried across lines."""
+    """Perplexity of text files, streamed through the model with the state carried across lines.
+
+    A bidirectional model reports each direction and the per-line mixture of the two."""
     import json
 
     from rich.console import Console
@@ -249,8 +300,9 @@ def evaluate_perplexity(
         raise LmtoolError(f"--batch-size must be at least 1, got {batch_size}")
     if bptt is not None and bptt < 1:
         raise LmtoolError(f"--bptt must be at least 1, got {bptt}")
+    _check_direction(direction)
     lm = load_model(model, device)
-    evaluation = lm.perplexity(files, batch_size=batch_size, bptt=bptt)
+    evaluation = lm.perplexity(files, batch_size=batch_size, bptt=bptt, direction=direction)
     if json_out:
         print(json.dumps(evaluation_record(evaluation, lm.level)))
     else:

@@ -25,6 +25,7 @@ LossReduction = Literal["mean", "time_sum"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["fp32", "bf16", "auto"]
 Softmax = Literal["full", "adaptive"]
+Direction = Literal["forward", "backward", "bidirectional"]
 
 
 def _opt(default: Any, help: str, **bounds: float) -> Any:
@@ -54,6 +55,9 @@ class ModelConfig:
     dropout: float = _opt(0.2, "dropout between layers and before the output layer", ge=0, lt=1)
     tie_weights: bool = _opt(False, "share the embedding and output weights (needs embedding_size == hidden_size)")
     init_range: float | None = _opt(0.1, "initialise every weight uniformly in [-r, r] (null: PyTorch's default)", gt=0)
+    direction: Direction = _opt(
+        "forward", "forward | backward (reads the text right to left) | bidirectional (both stacks, trained jointly)"
+    )
     softmax: Softmax = _opt(
         "full", "full | adaptive (adaptive softmax: exact probabilities, much faster for vocabularies of 10k+ words)"
     )

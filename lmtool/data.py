@@ -208,15 +208,22 @@ def batchify(stream: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 def windows(streams: torch.Tensor, bptt: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Successive (x, y) views of width <= bptt: y is x shifted one token ahead; nothing but the last column is unused."""
-    width = streams.size(1)
+    width = streams.size(-1)  # (B, W), or (D, B, W) for the streams of several directions
     for i in range(start, width - 1, bptt):
         n = min(bptt, width - 1 - i)
-        yield streams[:, i : i + n], streams[:, i + 1 : i + 1 + n]  # (B, T), (B, T)
+        yield streams[..., i : i + n], streams[..., i + 1 : i + 1 + n]  # (B, T), (B, T)
 
 
 def num_windows(streams: torch.Tensor, bptt: int) -> int:
     """How many windows `windows` yields."""
-    return max(0, (streams.size(1) - 1 + bptt - 1) // bptt)
+    return max(0, (streams.size(-1) - 1 + bptt - 1) // bptt)
+
+
+def oriented(stream: torch.Tensor, direction: str) -> torch.Tensor:
+    """The (N,) stream as a model of that direction reads it: a backward model reads it reversed. Because a
+    stream starts with <EOS> and every line ends with one, the reversed stream is exactly the encoding of
+    the text with its lines, and the tokens of each line, in reverse order."""
+    return stream.flip(0) if direction == "backward" else stream
 
 
 def fit_batch_size(num_tokens: int, batch_size: int, bptt: int, what: str) -> int:

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from lmtool.data import batchify, windows
+from lmtool.data import batchify, oriented, windows
 from lmtool.errors import LmtoolError
 from lmtool.model import LanguageModel, State, detach_state
 from lmtool.tokenizer import EOS, EOS_ID, UNK_ID, Tokenizer
@@ -56,12 +56,17 @@ class StreamScore:
 
 
 @torch.no_grad()
-def stream_nll(model: LanguageModel, stream: torch.Tensor, batch_size: int, bptt: int) -> StreamScore:
-    """Score a (N,) id stream as `batch_size` contiguous streams, carrying the state across windows."""
+def stream_nll(
+    model: LanguageModel, stream: torch.Tensor, batch_size: int, bptt: int, direction: str | None = None
+) -> StreamScore:
+    """Score a (N,) id stream as `batch_size` contiguous streams, carrying the state across windows; a
+    backward direction reads the stream reversed."""
     was_training = model.training
     model.eval()
     device = model.device
-    streams = batchify(stream, batch_size)  # (B, N // B), still on the host: moved a window at a time
+    direction = direction or model.directions[0]
+    model.stack(direction)  # a clear error for a direction the model lacks
+    streams = batchify(oriented(stream, direction), batch_size)  # (B, N // B), still on the host: moved a window at a time
     if streams.size(1) < 2:
         raise LmtoolError(f"the text has {stream.numel()} tokens: too short to score with batch size {batch_size}")
     state: State = model.init_state(streams.size(0))
@@ -70,7 +75,7 @@ def stream_nll(model: LanguageModel, stream: torch.Tensor, batch_size: int, bptt
     unknown = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in windows(streams, bptt):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        nll, state = model(x, state, targets=y)  # (B, T), the same loss as training
+        nll, state = model(x, state, targets=y, direction=direction)  # (B, T), the same loss as training
         is_unknown = y == UNK_ID
         total += nll.sum(dtype=torch.float64)
         total_unknown += (nll * is_unknown).sum(dtype=torch.float64)
@@ -79,6 +84,16 @@ def stream_nll(model: LanguageModel, stream: torch.Tensor, batch_size: int, bptt
     model.train(was_training)
     scored = streams.size(0) * (streams.size(1) - 1)
     return StreamScore(nll=float(total), tokens=scored, unknown=int(unknown), nll_unknown=float(total_unknown))
+
+
+def combined(scores: Sequence[StreamScore]) -> StreamScore:
+    """Several scores as one: NLL and token counts summed (for several files, or both directions)."""
+    return StreamScore(
+        nll=math.fsum(s.nll for s in scores),
+        tokens=sum(s.tokens for s in scores),
+        unknown=sum(s.unknown for s in scores),
+        nll_unknown=math.fsum(s.nll_unknown for s in scores),
+    )
 
 
 @dataclass(frozen=True)
@@ -100,10 +115,13 @@ class TokenScore:
 
 @dataclass(frozen=True)
 class SentenceScore:
-    """log P(tokens..., <EOS>) of one sentence, from the sentence-start state."""
+    """log P(tokens..., <EOS>) of one sentence, from the sentence-start state. Tokens are in sentence order;
+    read backward, each token is predicted from the ones after it and the final <EOS> row is the sentence
+    start, predicted from the whole sentence."""
 
     sentence: str
     tokens: tuple[TokenScore, ...]
+    direction: str = "forward"
 
     @property
     def logprob(self) -> float:
@@ -126,17 +144,68 @@ class SentenceScore:
         return safe_exp(-self.logprob / self.num_tokens)
 
 
+@dataclass(frozen=True)
+class MixtureScore:
+    """A bidirectional model's sentence probability: the mixture 1/2 P_forward + 1/2 P_backward, a proper
+    distribution over sentences, kept in log space (a long sentence's probabilities underflow any float)."""
+
+    forward: SentenceScore
+    backward: SentenceScore
+
+    @property
+    def sentence(self) -> str:
+        return self.forward.sentence
+
+    @property
+    def logprob(self) -> float:
+        return log_mean_exp(self.forward.logprob, self.backward.logprob)
+
+    @property
+    def log10prob(self) -> float:
+        return self.logprob * LOG10_E
+
+    @property
+    def num_tokens(self) -> int:
+        return self.forward.num_tokens
+
+    @property
+    def num_unknown(self) -> int:
+        return self.forward.num_unknown
+
+    @property
+    def perplexity(self) -> float:
+        return safe_exp(-self.logprob / self.num_tokens)
+
+
+def log_mean_exp(a: float, b: float) -> float:
+    """log((e^a + e^b) / 2) without underflow or overflow."""
+    top = max(a, b)
+    if top == -math.inf:
+        return -math.inf
+    return top + math.log1p(math.exp(min(a, b) - top)) - math.log(2)
+
+
 @torch.no_grad()
 def score_sentences(
-    model: LanguageModel, tokenizer: Tokenizer, sentences: Sequence[str], batch_size: int = 64
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    sentences: Sequence[str],
+    batch_size: int = 64,
+    direction: str | None = None,
 ) -> list[SentenceScore]:
-    """Score each sentence as P(y1 .. yT, <EOS>) starting after an <EOS>, in padded batches."""
+    """Score each sentence as P(y1 .. yT, <EOS>) starting after an <EOS>, in padded batches; a backward
+    direction reads each sentence right to left, from its end to its start."""
     for s in sentences:
         if "\n" in s:
             raise LmtoolError("a sentence to score cannot contain a newline; give one sentence per line")
     model.eval()
     device = model.device
-    encoded = [tokenizer.encode_line(s) for s in sentences]
+    direction = direction or model.directions[0]
+    model.stack(direction)  # a clear error for a direction the model lacks
+    backward = direction == "backward"
+    in_order = [tokenizer.encode_line(s) for s in sentences]
+    # Read backward, "w1 .. wT <EOS>" is "wT .. w1 <EOS>": the <EOS> then stands for the sentence start.
+    encoded = [ids[-2::-1] + ids[-1:] for ids in in_order] if backward else in_order
     # Longest first, so each padded batch wastes little; results go back in the caller's order.
     order = sorted(range(len(sentences)), key=lambda i: -len(encoded[i]))
     logprobs: list[list[float]] = [[] for _ in sentences]
@@ -148,15 +217,17 @@ def score_sentences(
             targets[row, : len(encoded[i])] = torch.tensor(encoded[i])
         inputs = torch.cat([torch.full((len(chunk), 1), EOS_ID), targets[:, :-1]], dim=1)  # (B, L)
         # Padding sits after each sentence, so it changes nothing before it.
-        nll, _ = model(inputs.to(device), targets=targets.to(device))  # (B, L)
+        nll, _ = model(inputs.to(device), targets=targets.to(device), direction=direction)  # (B, L)
         lp = (-nll).double().cpu()  # (B, L)
         for row, i in enumerate(chunk):
             logprobs[i] = lp[row, : len(encoded[i])].tolist()
+            if backward:  # back to sentence order, the sentence-start row last
+                logprobs[i] = logprobs[i][-2::-1] + logprobs[i][-1:]
     results = []
-    for sentence, ids, lps in zip(sentences, encoded, logprobs):
+    for sentence, ids, lps in zip(sentences, in_order, logprobs):
         words = tokenizer.split(sentence) + [EOS]
         tokens = tuple(
             TokenScore(token=w, known=(i != UNK_ID), logprob=lp) for w, i, lp in zip(words, ids, lps)
         )
-        results.append(SentenceScore(sentence=sentence, tokens=tokens))
+        results.append(SentenceScore(sentence=sentence, tokens=tokens, direction=direction))
     return results

@@ -23,6 +23,9 @@ CELLS: dict[str, tuple[type[nn.RNNBase], dict]] = {
     "lstm": (nn.LSTM, {}),
 }
 
+# The recurrent stacks of each direction setting, in the order they are built.
+DIRECTIONS = {"forward": ("forward",), "backward": ("backward",), "bidirectional": ("forward", "backward")}
+
 # The same cells one step at a time: PyTorch's fused single-step functions, with nn.RNNBase's weight layout.
 CELL_STEPS = {
     "rnn_tanh": torch.rnn_tanh_cell,
@@ -32,10 +35,11 @@ CELL_STEPS = {
 }
 
 
-def detach_state(state: State) -> State:
-    """Cut the graph at a window boundary while keeping the values (truncated BPTT)."""
+def detach_state(state):
+    """Cut the graph at a window boundary while keeping the values (truncated BPTT); states of several
+    directions are tuples of states."""
     if isinstance(state, tuple):
-        return tuple(s.detach() for s in state)  # type: ignore[return-value]
+        return tuple(detach_state(s) for s in state)
     return state.detach()
 
 
@@ -66,18 +70,14 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = config
         self.vocab_size = vocab_size
-        rnn_class, rnn_kwargs = CELLS[config.cell]
         self.embedding = nn.Embedding(vocab_size, config.embedding_size)
         self.drop = nn.Dropout(config.dropout)
-        # nn.RNNBase warns when given dropout with a single layer: inter-layer dropout exists only between layers.
-        self.rnn = rnn_class(
-            config.embedding_size,
-            config.hidden_size,
-            num_layers=config.num_layers,
-            dropout=config.dropout if config.num_layers > 1 else 0.0,
-            batch_first=True,
-            **rnn_kwargs,
-        )
+        # One recurrent stack per direction; a bidirectional model shares the embedding and output layer
+        # between its two stacks, as ELMo does. A backward stack reads streams that the caller reversed.
+        self.directions: tuple[str, ...] = DIRECTIONS[config.direction]
+        self.rnn = _stack(config)
+        if len(self.directions) == 2:
+            self.rnn_backward = _stack(config)
         if config.softmax == "adaptive":
             # Frequent tokens get a full-size head, rare ones low-rank tail clusters (the vocabulary is sorted by
             # frequency); probabilities stay exact and normalised.
@@ -101,12 +101,14 @@ class LanguageModel(nn.Module):
         return (h, weight.new_zeros(shape)) if self.config.cell == "lstm" else h
 
     @torch.no_grad()
-    def step(self, token: torch.Tensor, state: State, weights: list[tuple] | None = None) -> tuple[torch.Tensor, State]:
+    def step(
+        self, token: torch.Tensor, state: State, weights: list[tuple] | None = None, direction: str | None = None
+    ) -> tuple[torch.Tensor, State]:
         """One token per stream, for generation: (B,) ids -> (B, V) scores. Equal to `forward` on a length-1
         input, but computed with PyTorch's single-step cell functions instead of the sequence kernel, whose
         set-up costs more than the step. Pass `weights=model.step_weights()` when stepping many times."""
         x = self.embedding(token.int())  # (B, E)
-        weights = weights if weights is not None else self.step_weights()
+        weights = weights if weights is not None else self.step_weights(direction)
         cell_step = CELL_STEPS[self.config.cell]
         if self.config.cell == "lstm":
             h_all, c_all = state
@@ -125,9 +127,10 @@ class LanguageModel(nn.Module):
         return self.scores(x), new_state  # (B, V), dropout is off in generation
 
     @torch.no_grad()
-    def step_weights(self) -> list[tuple]:
-        """Each layer's (w_ih, w_hh, b_ih, b_hh), detached, for `step`."""
-        return [tuple(getattr(self.rnn, f"{kind}_l{layer}").detach()
+    def step_weights(self, direction: str | None = None) -> list[tuple]:
+        """Each layer's (w_ih, w_hh, b_ih, b_hh), detached, for `step` in that direction."""
+        rnn = self.stack(direction)
+        return [tuple(getattr(rnn, f"{kind}_l{layer}").detach()
                       for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
                 for layer in range(self.config.num_layers)]
 
@@ -135,17 +138,38 @@ class LanguageModel(nn.Module):
     def device(self) -> torch.device:
         return self.embedding.weight.device
 
+    def stack(self, direction: str | None = None) -> nn.RNNBase:
+        """The recurrent stack that reads in `direction` (default: the model's first, or only, direction)."""
+        direction = direction or self.directions[0]
+        if direction not in self.directions:
+            raise LmtoolError(
+                f"this model reads {' and '.join(self.directions)} only: it has no {direction} direction "
+                f"(train one with --set model.direction={direction} or bidirectional)"
+            )
+        return self.rnn if direction == self.directions[0] else self.rnn_backward
+
     def forward(
-        self, tokens: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        state: State | None = None,
+        targets: torch.Tensor | None = None,
+        direction: str | None = None,
     ) -> tuple[torch.Tensor, State]:
         """Scores (B, T, V) for the next token at every position or, with `targets` (B, T), their negative
-        log-likelihoods (B, T) in float32; and the state after the last position."""
+        log-likelihoods (B, T) in float32; and the state after the last position. `direction` picks the stack
+        (a backward one gets tokens already reversed). direction="both" runs every stack of the model in one
+        call (so DistributedDataParallel sees one forward): tokens and targets (D, B, T), state a D-tuple."""
+        if direction == "both":
+            states = state if state is not None else (None,) * len(self.directions)
+            outputs = [self.forward(tokens[d], states[d], None if targets is None else targets[d], name)
+                       for d, name in enumerate(self.directions)]
+            return torch.stack([out for out, _ in outputs]), tuple(s for _, s in outputs)
         if tokens.dtype not in (torch.int32, torch.int64):
             tokens = tokens.int()  # the data pipeline stores ids in 1 or 2 bytes; the embedding wants int32/64
         emb = self.drop(self.embedding(tokens))  # (B, T, E)
         if state is None:
             state = self.init_state(tokens.size(0))
-        output, state = self.rnn(emb, state)  # (B, T, H)
+        output, state = self.stack(direction)(emb, state)  # (B, T, H)
         output = self.drop(output)
         if targets is None:
             return self.scores(output), state
@@ -173,6 +197,19 @@ class LanguageModel(nn.Module):
 
 def _autocast_off(tensor: torch.Tensor) -> torch.autocast:
     return torch.autocast(tensor.device.type, enabled=False)
+
+
+def _stack(config: ModelConfig) -> nn.RNNBase:
+    rnn_class, rnn_kwargs = CELLS[config.cell]
+    # nn.RNNBase warns when given dropout with a single layer: inter-layer dropout exists only between layers.
+    return rnn_class(
+        config.embedding_size,
+        config.hidden_size,
+        num_layers=config.num_layers,
+        dropout=config.dropout if config.num_layers > 1 else 0.0,
+        batch_first=True,
+        **rnn_kwargs,
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from lmtool.api import FileEvaluation
 from lmtool.display import token_unit
-from lmtool.evaluate import SentenceScore
+from lmtool.evaluate import MixtureScore, SentenceScore, StreamScore
 from lmtool.tokenizer import EOS_ID, UNK_ID
 
 
@@ -25,26 +25,37 @@ def ranks(scores: Sequence[SentenceScore]) -> list[int]:
     return rank
 
 
-def score_json_lines(scores: Sequence[SentenceScore], with_tokens: bool) -> list[str]:
-    """One JSON object per sentence, in input order."""
+def score_json_lines(scores: Sequence[SentenceScore] | Sequence[MixtureScore], with_tokens: bool) -> list[str]:
+    """One JSON object per sentence, in input order; a mixture also holds each direction's own record."""
     lines = []
     for score, rank in zip(scores, ranks(scores)):
-        record = {
-            "sentence": score.sentence,
-            "logprob": score.logprob,
-            "log10prob": score.log10prob,
-            "perplexity": score.perplexity,
+        record = _score_record(score, with_tokens)
+        record["rank"] = rank
+        if isinstance(score, MixtureScore):
+            record["direction"] = "mixture"
+            record["forward"] = _score_record(score.forward, with_tokens)
+            record["backward"] = _score_record(score.backward, with_tokens)
+        lines.append(json.dumps(record, ensure_ascii=False))
+    return lines
+
+
+def _score_record(score: SentenceScore | MixtureScore, with_tokens: bool) -> dict:
+    record = {
+        "sentence": score.sentence,
+        "logprob": score.logprob,
+        "log10prob": score.log10prob,
+        "perplexity": score.perplexity,
             "tokens": score.num_tokens,
             "unknown": score.num_unknown,
-            "rank": rank,
-        }
+    }
+    if isinstance(score, SentenceScore):
+        record["direction"] = score.direction
         if with_tokens:
             record["per_token"] = [
                 {"token": t.token, "known": t.known, "prob": t.prob, "logprob": t.logprob, "bits": t.surprisal_bits}
                 for t in score.tokens
             ]
-        lines.append(json.dumps(record, ensure_ascii=False))
-    return lines
+    return record
 
 
 def kenlm_id(our_id: int) -> int:
@@ -91,35 +102,50 @@ def _surprisal_style(bits: float) -> str:
     return "bold red"
 
 
-def print_scores(console: Console, scores: Sequence[SentenceScore], with_tokens: bool, level: str = "word") -> None:
-    """Sentences ranked most probable first, and optionally each one's per-token table."""
-    table = Table(title="sentence log-probabilities (most probable first)", title_justify="left")
-    for column in ("rank", "log P", "log10 P", "ppl", "tokens", "unk"):
+def print_scores(
+    console: Console, scores: Sequence[SentenceScore] | Sequence[MixtureScore], with_tokens: bool, level: str = "word"
+) -> None:
+    """Sentences ranked most probable first, and optionally each one's per-token table (per direction)."""
+    mixture = bool(scores) and isinstance(scores[0], MixtureScore)
+    direction = "mixture of both directions" if mixture else (scores[0].direction if scores else "forward")
+    table = Table(title=f"sentence log-probabilities, {direction} (most probable first)", title_justify="left")
+    columns = ["rank", "log P", "log10 P", "ppl", "tokens", "unk"] + (["log P fwd", "log P bwd"] if mixture else [])
+    for column in columns:
         table.add_column(column, justify="right")
     table.add_column("sentence")
     rank = ranks(scores)
+    separator = "" if level == "char" else " "
     for i in sorted(range(len(scores)), key=lambda i: rank[i]):
         s = scores[i]
+        extra = [f"{s.forward.logprob:.4f}", f"{s.backward.logprob:.4f}"] if mixture else []
+        sentence = Text(s.sentence) if mixture else _colour_tokens(s, separator)
         table.add_row(
             str(rank[i]), f"{s.logprob:.4f}", f"{s.log10prob:.4f}", f"{s.perplexity:.2f}",
-            str(s.num_tokens), str(s.num_unknown), _colour_tokens(s, "" if level == "char" else " "),
+            str(s.num_tokens), str(s.num_unknown), *extra, sentence,
         )
     console.print(table)
     if not with_tokens:
         return
     for i in sorted(range(len(scores)), key=lambda i: rank[i]):
-        s = scores[i]
-        tokens = Table(title=f"{rank[i]}. {s.sentence}", title_justify="left")
-        for column, justify in (("token", "left"), ("known", "left"), ("prob", "right"), ("log P", "right"),
-                                ("bits", "right")):
-            tokens.add_column(column, justify=justify)
-        for t in s.tokens:
-            style = _surprisal_style(t.surprisal_bits)
-            tokens.add_row(
-                Text(t.token.replace(" ", "␣"), style=style), "yes" if t.known else "<UNK>", f"{t.prob:.4g}", f"{t.logprob:.4f}",
-                Text(f"{t.surprisal_bits:.2f}", style=style),
-            )
-        console.print(tokens)
+        for s in (scores[i].forward, scores[i].backward) if mixture else (scores[i],):
+            _print_token_table(console, s, f"{rank[i]}. {s.sentence}" + (f" ({s.direction})" if mixture else ""))
+
+
+def _print_token_table(console: Console, s: SentenceScore, title: str) -> None:
+    tokens = Table(title=title, title_justify="left")
+    for column, justify in (("token", "left"), ("known", "left"), ("prob", "right"), ("log P", "right"),
+                            ("bits", "right")):
+        tokens.add_column(column, justify=justify)
+    for t in s.tokens:
+        style = _surprisal_style(t.surprisal_bits)
+        token = t.token.replace(" ", "␣")
+        if s.direction == "backward" and t.token == "<EOS>":
+            token = "<EOS> (start)"  # read backward, the last step predicts the sentence start
+        tokens.add_row(
+            Text(token, style=style), "yes" if t.known else "<UNK>", f"{t.prob:.4g}", f"{t.logprob:.4f}",
+            Text(f"{t.surprisal_bits:.2f}", style=style),
+        )
+    console.print(tokens)
 
 
 def _colour_tokens(score: SentenceScore, separator: str) -> Text:
@@ -132,39 +158,65 @@ def _colour_tokens(score: SentenceScore, separator: str) -> Text:
 
 
 def evaluation_record(evaluation: FileEvaluation, level: str) -> dict:
-    s = evaluation.score
+    record = {"files": list(evaluation.files), **_stream_record(evaluation.score, level),
+              "seconds": evaluation.seconds, "tokens_per_s": evaluation.tokens_per_s}
+    if len(evaluation.by_direction) > 1:
+        record["directions"] = {d: _stream_record(s, level) for d, s in evaluation.by_direction.items()}
+    if evaluation.mixture is not None:
+        m = evaluation.mixture
+        record["mixture_per_line"] = {"tokens": m.tokens, "nll": m.loss, "perplexity": m.perplexity,
+                                      _bits_key(level): m.bits_per_token}
+    return record
+
+
+def _bits_key(level: str) -> str:
+    return "bits_per_char" if level == "char" else "bits_per_word"
+
+
+def _stream_record(s: StreamScore, level: str) -> dict:
     return {
-        "files": list(evaluation.files),
         "tokens": s.tokens,
         "unknown": s.unknown,
         "unknown_rate": s.unknown_rate,
         "nll": s.loss,
         "perplexity": s.perplexity,
-        ("bits_per_char" if level == "char" else "bits_per_word"): s.bits_per_token,
+        _bits_key(level): s.bits_per_token,
         "perplexity_excluding_unknown": s.perplexity_known,
-        "seconds": evaluation.seconds,
-        "tokens_per_s": evaluation.tokens_per_s,
     }
 
 
 def print_evaluation(console: Console, evaluation: FileEvaluation, level: str) -> None:
-    s = evaluation.score
     unit = token_unit(level)
-    table = Table(title="perplexity", show_header=False, title_justify="left")
-    table.add_column("what", style="bold")
-    table.add_column("value", justify="right")
-    known = s.perplexity_known
-    rows = [
-        ("files", ", ".join(evaluation.files)),
-        ("tokens scored", f"{s.tokens:,}"),
-        ("unknown tokens", f"{s.unknown:,} ({100 * s.unknown_rate:.2f}%)"),
-        ("mean NLL", f"{s.loss:.4f} nats/{unit}"),
-        ("perplexity", f"{s.perplexity:.3f}"),
-        (f"bits per {unit}", f"{s.bits_per_token:.4f}"),
-        ("perplexity excluding <UNK>", f"{known:.3f}" if known is not None else "-"),
-        ("time", f"{evaluation.seconds:.2f}s"),
-        ("tokens/s", f"{evaluation.tokens_per_s:,.0f}"),
-    ]
-    for what, value in rows:
-        table.add_row(what, value)
+    several = len(evaluation.by_direction) > 1
+    for direction, s in (evaluation.by_direction.items() if several else [("", evaluation.score)]):
+        title = f"perplexity, {direction}" if several else "perplexity"
+        table = Table(title=title, show_header=False, title_justify="left")
+        table.add_column("what", style="bold")
+        table.add_column("value", justify="right")
+        known = s.perplexity_known
+        rows = [
+            ("files", ", ".join(evaluation.files)),
+            ("tokens scored", f"{s.tokens:,}"),
+            ("unknown tokens", f"{s.unknown:,} ({100 * s.unknown_rate:.2f}%)"),
+            ("mean NLL", f"{s.loss:.4f} nats/{unit}"),
+            ("perplexity", f"{s.perplexity:.3f}"),
+            (f"bits per {unit}", f"{s.bits_per_token:.4f}"),
+            ("perplexity excluding <UNK>", f"{known:.3f}" if known is not None else "-"),
+        ]
+        for what, value in rows:
+            table.add_row(what, value)
+        if several:
+            console.print(table)
+    m = evaluation.mixture
+    if several:
+        table = Table(title="mixture 1/2 P_forward + 1/2 P_backward, per line" if m else "speed",
+                      show_header=False, title_justify="left")
+        table.add_column("what", style="bold")
+        table.add_column("value", justify="right")
+    if m is not None:
+        table.add_row("tokens scored", f"{m.tokens:,}")
+        table.add_row("perplexity", f"{m.perplexity:.3f}")
+        table.add_row(f"bits per {unit}", f"{m.bits_per_token:.4f}")
+    table.add_row("time", f"{evaluation.seconds:.2f}s")
+    table.add_row("tokens/s", f"{evaluation.tokens_per_s:,.0f}")
     console.print(table)

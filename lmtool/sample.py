@@ -90,8 +90,12 @@ def generate(
     prime_ids: list[int],
     options: SamplingOptions,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    direction: str | None = None,
 ) -> list[list[int]]:
-    """Generate `options.length` tokens per sample after <EOS> + prime; `on_token` sees each (B,) step."""
+    """Generate `options.length` tokens per sample after <EOS> + prime; `on_token` sees each (B,) step.
+    In the backward direction the prime is an ending, reversed, and so are the tokens returned."""
+    direction = direction or model.directions[0]
+    model.stack(direction)  # a clear error for a direction the model lacks
     model.eval()
     device = model.device
     generator = None
@@ -99,9 +103,9 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(options.seed)
     batch = options.num_samples
     context = torch.tensor([EOS_ID] + list(prime_ids), device=device).expand(batch, -1)  # (B, P + 1)
-    logits, state = model(context)  # reads the prompt once; from here on, constant work per token
+    logits, state = model(context, direction=direction)  # reads the prompt once; from here on, constant work per token
     last = logits[:, -1]  # (B, V)
-    weights = model.step_weights()
+    weights = model.step_weights(direction)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out: list[torch.Tensor] = []
     for _ in range(options.length):
@@ -115,7 +119,7 @@ def generate(
             done |= token == EOS_ID
             if bool(done.all()):
                 break
-        last, state = model.step(token, state, weights)  # (B, V): constant work per token
+        last, state = model.step(token, state, weights, direction)  # (B, V): constant work per token
     ids = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(batch)]
     if options.stop_at_eos:  # cut each sample after its first <EOS>
         ids = [row[: row.index(EOS_ID) + 1] if EOS_ID in row else row for row in ids]

@@ -25,10 +25,10 @@ from lmtool.checkpoint import (
     TRAINING_STATE_VERSION,
 )
 from lmtool.config import Config
-from lmtool.data import Corpus, batchify, file_digest, fit_batch_size, load_corpus, num_windows, windows
+from lmtool.data import Corpus, batchify, file_digest, fit_batch_size, load_corpus, num_windows, oriented, windows
 from lmtool.devices import resolve_device, resolve_precision
 from lmtool.errors import Interrupted, LmtoolError, TrainingFailed
-from lmtool.evaluate import StreamScore, safe_exp, stream_nll
+from lmtool.evaluate import StreamScore, combined, safe_exp, stream_nll
 from lmtool.model import LanguageModel, State, count_parameters, detach_state
 from lmtool.schedule import PlateauTracker, learning_rate
 
@@ -144,7 +144,11 @@ class _Trainer:
         self.autocast_dtype = resolve_precision(tc.precision, device)  # master weights and the loss stay fp32
         self.optimizer = OPTIMIZERS[tc.optimizer](self.model.parameters(), tc)
         batch_size = fit_batch_size(corpus.train.numel(), config.data.batch_size, config.data.bptt, "training")
-        self.streams = batchify(corpus.train, batch_size).to(device)  # (B, N // B)
+        # One set of streams per direction (a backward model reads the text reversed), trained in one step.
+        self.directions = self.model.directions
+        per_direction = [batchify(oriented(corpus.train, d), batch_size) for d in self.directions]  # (B, N // B)
+        self.streams = (per_direction[0] if len(per_direction) == 1 else torch.stack(per_direction)).to(device)
+        self.batch_size = batch_size
         self.steps_per_epoch = num_windows(self.streams, config.data.bptt)
         self.eval_batch = {
             name: fit_batch_size(stream.numel(), config.data.eval_batch_size, config.data.bptt, name)
@@ -209,7 +213,8 @@ class _Trainer:
         """Train from the current window to the end of the epoch; returns a stop reason if a limit was hit."""
         tc, dc = self.config.train, self.config.data
         self.model.train()
-        state = self.hidden if self.hidden is not None else self.model.init_state(self.streams.size(0))
+        state = self.hidden if self.hidden is not None else self._zero_state()
+        both = "both" if len(self.directions) > 1 else None
         window_start = time.perf_counter()
         for x, y in windows(self.streams, dc.bptt, start=self.window * dc.bptt):
             reason = self._limit_reached()  # a run resumed at its limit (or given a lower one) trains nothing
@@ -220,8 +225,9 @@ class _Trainer:
                 group["lr"] = lr
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                 enabled=self.autocast_dtype is not None):
-                nll, next_state = self.model(x, state, targets=y)  # (B, T), float32
-            loss = nll.mean() if tc.loss_reduction == "mean" else nll.sum(dim=1).mean()
+                nll, next_state = self.model(x, state, targets=y, direction=both)  # ([D,] B, T), float32
+            loss = nll.mean() if tc.loss_reduction == "mean" else nll.sum(dim=-1).mean()
+            loss = loss * len(self.directions)  # a bidirectional model trains on the sum of both losses
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(
@@ -240,7 +246,7 @@ class _Trainer:
             else:
                 self.bad_steps += 1
                 self.skipped_steps += 1
-                next_state = self.model.init_state(self.streams.size(0))  # never carry an inf/NaN state on
+                next_state = self._zero_state()  # never carry an inf/NaN state on
                 if self.bad_steps >= tc.max_bad_steps:
                     raise TrainingFailed(
                         f"training diverged: {self.bad_steps} bad steps in a row up to step {self.step + 1} "
@@ -251,7 +257,7 @@ class _Trainer:
             self.hidden = state
             self.step += 1
             self.window += 1
-            self.tokens_seen += y.numel()
+            self.tokens_seen += y.numel() // len(self.directions)  # tokens of the text, whatever the directions
 
             if self.step % tc.log_every == 0:
                 seconds = time.perf_counter() - window_start
@@ -291,7 +297,7 @@ class _Trainer:
                 "loss": loss,
                 "ppl": safe_exp(loss),
                 "lr": lr,
-                "tokens_per_s": self.running_tokens / seconds if seconds > 0 else 0.0,
+                "tokens_per_s": self.running_tokens / len(self.directions) / seconds if seconds > 0 else 0.0,
                 "tokens_seen": self.tokens_seen,
                 "skipped_steps": self.skipped_steps,
                 "elapsed": self.elapsed,
@@ -333,7 +339,8 @@ class _Trainer:
         """Score the validation text, keep the best model, save the last; returns a stop reason for early stop."""
         tc, dc = self.config.train, self.config.data
         self.last_validated_step = self.step
-        score = stream_nll(self.model, self.corpus.valid, self.eval_batch["validation"], dc.bptt)
+        scores = self._score(self.model, self.corpus.valid, self.eval_batch["validation"])
+        score = combined(list(scores.values()))
         improved = self.plateau.update(score.loss, tc.plateau_patience)
         if improved:
             self.best = score
@@ -351,11 +358,26 @@ class _Trainer:
                 "tokens": score.tokens,
                 "best": improved,
                 "elapsed": self.elapsed,
+                **self._per_direction(scores),
             }
         )
         if tc.patience is not None and self.plateau.since_best >= tc.patience:
             return f"no improvement in {tc.patience} validations (early stop)"
         return None
+
+    def _score(self, model, stream: torch.Tensor, batch_size: int) -> dict[str, StreamScore]:
+        """The stream's score in each direction of the model."""
+        return {d: stream_nll(model, stream, batch_size, self.config.data.bptt, d) for d in self.directions}
+
+    def _per_direction(self, scores: dict[str, StreamScore]) -> dict[str, Any]:
+        """For a bidirectional model, each direction's loss and perplexity beside the combined ones."""
+        if len(scores) < 2:
+            return {}
+        return {"directions": {d: {"loss": s.loss, "ppl": s.perplexity} for d, s in scores.items()}}
+
+    def _zero_state(self):
+        states = tuple(self.model.init_state(self.batch_size) for _ in self.directions)
+        return states[0] if len(states) == 1 else states
 
     def _save(self, name: str, score: StreamScore) -> None:
         self.run_dir.save_model(
@@ -367,7 +389,8 @@ class _Trainer:
         if self.corpus.test is not None:
             with torch.random.fork_rng(devices=[]):  # building the model must not move the training RNG
                 best_model = load_model_file(self.run_dir.path / BEST_MODEL).model.to(self.device)
-            test = stream_nll(best_model, self.corpus.test, self.eval_batch["test"], self.config.data.bptt)
+            test_scores = self._score(best_model, self.corpus.test, self.eval_batch["test"])
+            test = combined(list(test_scores.values()))
             self.emit(
                 {
                     "event": "test",
@@ -375,6 +398,7 @@ class _Trainer:
                     "ppl": test.perplexity,
                     "bits_per_token": test.bits_per_token,
                     "tokens": test.tokens,
+                    **self._per_direction(test_scores),
                 }
             )
         best = self.best
@@ -409,9 +433,7 @@ class _Trainer:
 
     def snapshot(self, finished: bool = False, stop_reason: str | None = None) -> dict[str, Any]:
         """Everything needed to continue exactly: only tensors and plain values (loadable with weights_only)."""
-        hidden = self.hidden
-        if isinstance(hidden, tuple):
-            hidden = list(hidden)
+        hidden = _as_lists(self.hidden)
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -467,10 +489,7 @@ class _Trainer:
         self.autocast_dtype = torch.bfloat16 if saved.get("precision", "fp32") == "bf16" else None
         self.step, self.epoch, self.window = saved["step"], saved["epoch"], saved["window"]
         self.epoch_closed = saved["epoch_closed"]
-        hidden = saved["hidden"]
-        self.hidden = None if hidden is None else (
-            tuple(h.to(self.device) for h in hidden) if isinstance(hidden, list) else hidden.to(self.device)
-        )
+        self.hidden = _as_tuples(saved["hidden"], self.device)
         self.tokens_seen = saved["tokens_seen"]
         self.last_validated_step = saved["last_validated_step"]
         self.running_nll = saved["running_nll"].to(self.device)
@@ -547,3 +566,14 @@ class _Trainer:
         if self.config.train.max_time is not None:
             candidates.append(max(0.0, self.config.train.max_time - self.elapsed))
         return min(candidates) if candidates else None
+
+
+def _as_lists(state):
+    """A (nested) tuple state as nested lists of tensors: what a weights_only checkpoint stores."""
+    return [_as_lists(s) for s in state] if isinstance(state, tuple) else state
+
+
+def _as_tuples(saved, device: torch.device):
+    if saved is None:
+        return None
+    return tuple(_as_tuples(s, device) for s in saved) if isinstance(saved, list) else saved.to(device)
