@@ -62,7 +62,8 @@ class TrainDisplay:
         self.run_dir = e["run"]
         total = e["total_steps"]
         self.err.print(
-            f"run {e['run']} | {e['cell']} {e['parameters']:,} parameters on {e['device']} ({e['precision']}) | "
+            f"run {e['run']} | {_directions(e)}{e['cell']} {e['parameters']:,} parameters on {e['device']} "
+            f"({e['precision']}) | "
             f"vocabulary {e['vocab_size']:,} {self.unit}s | {e['train_tokens']:,} training / "
             f"{e['valid_tokens']:,} validation tokens | batch {e['batch_size']} x {e['bptt']}, "
             f"{e['steps_per_epoch']:,} steps per epoch"
@@ -101,6 +102,8 @@ class TrainDisplay:
             f"validation epoch {e['epoch']} step {e['step']:,} | loss {e['loss']:.4f} | ppl {e['ppl']:.2f} | "
             f"{e['bits_per_token']:.3f} bits/{self.unit}{mark}"
         )
+        if "directions" in e:  # the loss above is the mean of the two directions
+            line += " | " + " | ".join(f"{d} ppl {v['ppl']:.2f}" for d, v in e["directions"].items())
         if self.progress is not None:
             self.progress.console.print(line)
         else:
@@ -131,3 +134,9 @@ class TrainDisplay:
         for what, value in rows:
             table.add_row(what, value)
         self.out.print(table)
+
+
+def _directions(e: Event) -> str:
+    """'bidirectional ' or 'backward ' before the cell name; nothing for the usual forward model."""
+    directions = e.get("directions", ["forward"])
+    return "bidirectional " if len(directions) > 1 else ("" if directions == ["forward"] else f"{directions[0]} ")

@@ -204,3 +204,13 @@ def test_bidirectional_training_resumes_exactly_and_trains_both_stacks(tmp_path,
     assert valid["loss"] == pytest.approx((both["forward"]["loss"] + both["backward"]["loss"]) / 2, rel=1e-6)
     fresh = lmtool.load_model(whole.run_dir).network.__class__(cfg.model, len(lmtool.load_model(whole.run_dir).tokenizer))
     assert not torch.equal(a.rnn_backward.weight_hh_l0, fresh.rnn_backward.weight_hh_l0)  # the backward stack trained
+
+
+def test_training_reports_the_streams_and_each_direction(tmp_path, small_corpus, run_cli):
+    result = run_cli("train", small_corpus, "--config", TINY, "--set", "model.direction=bidirectional",
+                     "--max-steps", "12", "--out", tmp_path / "run")
+    assert result.code == 0, result.err
+    assert "bidirectional lstm" in result.err and "batch 4 x 16" in result.err
+    assert "forward ppl" in result.err and "backward ppl" in result.err
+    start = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["batch_size"] == 4 and start["directions"] == ["forward", "backward"]
