@@ -173,7 +173,8 @@ def _resumable(run: RunDir, config: Config, tokenizer, changed: bool, ctx: Distr
         raise LmtoolError(
             f"cannot resume: run {run.path} was trained by {_processes(trained_by)} and this is "
             f"{_processes(ctx.world_size)}; resume it with the same number "
-            f"({'torchrun --nproc-per-node N ... -m lmtool' if trained_by > 1 else 'plain lmtool'})"
+            f"({f'e.g. torchrun --nproc-per-node {trained_by} -m lmtool' if trained_by > 1 else 'plain lmtool'} "
+            f"train --resume {run.path})"
         )
     sources = saved["sources"]
     for name, source in sources.items():
