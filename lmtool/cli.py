@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         result = app(args=argv, prog_name="lmtool", standalone_mode=False)
     except LmtoolError as err:
         kind = "" if isinstance(err, Interrupted) else "error: "
-        print(f"lmtool: {kind}{_one_line(str(err))}", file=sys.stderr)
+        if not getattr(err, "quiet", False):  # in distributed training, rank 0 prints what every rank raised
+            print(f"lmtool: {kind}{_one_line(str(err))}", file=sys.stderr)
         sys.exit(err.exit_code)
     except _CLICK_ERRORS as err:
         ctx = getattr(err, "ctx", None)

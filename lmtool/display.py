@@ -61,11 +61,13 @@ class TrainDisplay:
         self.unit = token_unit(e["level"])
         self.run_dir = e["run"]
         total = e["total_steps"]
+        world = e.get("world_size", 1)
+        batch = f"{e['batch_size']} ({world} processes x {e['batch_size'] // world})" if world > 1 else e["batch_size"]
         self.err.print(
             f"run {e['run']} | {_directions(e)}{e['cell']} {e['parameters']:,} parameters on {e['device']} "
             f"({e['precision']}) | "
             f"vocabulary {e['vocab_size']:,} {self.unit}s | {e['train_tokens']:,} training / "
-            f"{e['valid_tokens']:,} validation tokens | batch {e['batch_size']} x {e['bptt']}, "
+            f"{e['valid_tokens']:,} validation tokens | batch {batch} x {e['bptt']}, "
             f"{e['steps_per_epoch']:,} steps per epoch"
         )
         if self.live:

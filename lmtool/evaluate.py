@@ -57,18 +57,29 @@ class StreamScore:
 
 @torch.no_grad()
 def stream_nll(
-    model: LanguageModel, stream: torch.Tensor, batch_size: int, bptt: int, direction: str | None = None
+    model: LanguageModel,
+    stream: torch.Tensor,
+    batch_size: int,
+    bptt: int,
+    direction: str | None = None,
+    rows: slice | None = None,
 ) -> StreamScore:
     """Score a (N,) id stream as `batch_size` contiguous streams, carrying the state across windows; a
-    backward direction reads the stream reversed."""
+    backward direction reads the stream reversed.
+
+    `rows` scores only those streams (one rank's share in distributed training; the sums add up)."""
+    direction = direction or model.directions[0]
+    model.stack(direction)  # a clear error for a direction the model lacks
+    streams = batchify(oriented(stream, direction), batch_size)  # (B, N // B), still on the host
+    if streams.size(1) < 2:
+        raise LmtoolError(f"the text has {stream.numel()} tokens: too short to score with batch size {batch_size}")
+    if rows is not None:
+        streams = streams[rows]  # (b, N // B)
+        if streams.size(0) == 0:
+            return StreamScore(nll=0.0, tokens=0)
     was_training = model.training
     model.eval()
     device = model.device
-    direction = direction or model.directions[0]
-    model.stack(direction)  # a clear error for a direction the model lacks
-    streams = batchify(oriented(stream, direction), batch_size)  # (B, N // B), still on the host: moved a window at a time
-    if streams.size(1) < 2:
-        raise LmtoolError(f"the text has {stream.numel()} tokens: too short to score with batch size {batch_size}")
     state: State = model.init_state(streams.size(0))
     total = torch.zeros((), dtype=torch.float64, device=device)
     total_unknown = torch.zeros((), dtype=torch.float64, device=device)

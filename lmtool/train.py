@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -27,10 +28,12 @@ from lmtool.checkpoint import (
 from lmtool.config import Config
 from lmtool.data import Corpus, batchify, file_digest, fit_batch_size, load_corpus, num_windows, oriented, windows
 from lmtool.devices import resolve_device, resolve_precision
+from lmtool.distributed import DistributedContext, distributed_session
 from lmtool.errors import Interrupted, LmtoolError, TrainingFailed
 from lmtool.evaluate import StreamScore, combined, safe_exp, stream_nll
 from lmtool.model import LanguageModel, State, count_parameters, detach_state
 from lmtool.schedule import PlateauTracker, learning_rate
+from lmtool.tokenizer import Tokenizer
 
 Event = dict[str, Any]
 
@@ -64,21 +67,57 @@ def train(
     overwrite: bool = False,
     on_event: Callable[[Event], None] | None = None,
 ) -> TrainResult:
-    """Train a language model on a text file and leave a run directory; events go to `on_event` and metrics.jsonl."""
-    run_path = Path(out) if out is not None else default_run_path(corpus_path)
-    check_run_target(run_path, overwrite)  # fail before the slow part
+    """Train a language model on a text file and leave a run directory; events go to `on_event` and metrics.jsonl.
+
+    Launched by torchrun, every process calls this: they train one model with DistributedDataParallel, and
+    rank 0 alone writes the run directory and sends events (the others return a result without a test score).
+    """
     device = resolve_device(config.train.device)
-    corpus = _load_corpus(config, corpus_path, valid_path, test_path)
-    run = RunDir.create(run_path, overwrite)
-    run.write_config(config)
-    run.write_vocab(corpus.tokenizer)
-    sources = {
-        name: {"path": str(Path(path).resolve()), "sha256": file_digest(path)}
-        for name, path in (("train", corpus_path), ("valid", valid_path), ("test", test_path))
-        if path is not None
-    }
-    trainer = _Trainer(config, corpus, run, device, on_event, sources)
-    return trainer.run()
+    with distributed_session(device) as ctx:
+        run, corpus, sources = _start_run(ctx, config, corpus_path, valid_path, test_path, out, overwrite)
+        trainer = _Trainer(config, corpus, run, ctx.device(device), on_event, sources, ctx)
+        with ctx.reported_by_main():
+            return trainer.run()
+
+
+def _start_run(ctx: DistributedContext, config: Config, corpus_path, valid_path, test_path, out, overwrite):
+    """Rank 0 checks the target, reads the corpus and builds the vocabulary; the other ranks read the corpus with
+    rank 0's vocabulary (sent over the process group: no shared disk needed); then rank 0 alone creates the run."""
+    run_path = Path(out) if out is not None else default_run_path(corpus_path)
+    corpus = error = None
+    if ctx.is_main:
+        try:
+            check_run_target(run_path, overwrite)  # fail before the slow part
+            corpus = _load_corpus(config, corpus_path, valid_path, test_path)
+        except LmtoolError as err:
+            error = err
+    ctx.agree(error)
+    if ctx.enabled:
+        shared = json.loads(ctx.broadcast_bytes(
+            json.dumps({"run": str(run_path), "vocab": corpus.tokenizer.to_dict()}).encode() if ctx.is_main else None
+        ))
+        if not ctx.is_main:
+            run_path = Path(shared["run"])  # named in messages; only rank 0 writes to it
+            try:
+                corpus = _load_corpus(config, corpus_path, valid_path, test_path, Tokenizer.from_dict(shared["vocab"]))
+            except LmtoolError as err:
+                error = err
+        ctx.agree(error)
+    run, sources = RunDir(run_path), None
+    if ctx.is_main:
+        try:
+            run = RunDir.create(run_path, overwrite)
+            run.write_config(config)
+            run.write_vocab(corpus.tokenizer)
+            sources = {
+                name: {"path": str(Path(path).resolve()), "sha256": file_digest(path)}
+                for name, path in (("train", corpus_path), ("valid", valid_path), ("test", test_path))
+                if path is not None
+            }
+        except LmtoolError as err:
+            error = err
+    ctx.agree(error)
+    return run, corpus, sources
 
 
 def resume(
@@ -98,6 +137,28 @@ def resume(
         if device:
             tree["train"]["device"] = device
         config = config_from_dict(tree)
+    torch_device = resolve_device(config.train.device)
+    with distributed_session(torch_device) as ctx:
+        # Every rank reads the run directory and the corpus (on several machines: a shared disk, same paths).
+        saved = corpus = error = None
+        try:
+            saved, corpus = _resumable(run, config, tokenizer, bool(changed), ctx)
+        except LmtoolError as err:
+            error = err
+        ctx.agree(error)
+        if ctx.is_main:
+            if changed or device:
+                run.write_config(config)  # only now that the run is known to be resumable
+            if (run.path / BEST_MODEL).is_file():
+                run.mark_latest()
+        trainer = _Trainer(config, corpus, run, ctx.device(torch_device), on_event, saved["sources"], ctx)
+        trainer.restore(saved)
+        with ctx.reported_by_main():
+            return trainer.run()
+
+
+def _resumable(run: RunDir, config: Config, tokenizer, changed: bool, ctx: DistributedContext):
+    """The training checkpoint and the corpus of a run that can go on, or the reason it cannot."""
     saved = load_training_state(run.path)
     if saved["finished"]:
         if not changed:
@@ -106,6 +167,15 @@ def resume(
                 "limit with --max-epochs, --max-steps or --max-time"
             )
         saved["finished"] = False
+    trained_by = saved.get("world_size", 1)
+    if trained_by != ctx.world_size:
+        # Each rank carries its own rows of the hidden state and its own dropout RNG: another split changes the run.
+        raise LmtoolError(
+            f"cannot resume: run {run.path} was trained by {_processes(trained_by)} and this is "
+            f"{_processes(ctx.world_size)}; resume it with the same number "
+            f"({f'e.g. torchrun --nproc-per-node {trained_by} -m lmtool' if trained_by > 1 else 'plain lmtool'} "
+            f"train --resume {run.path})"
+        )
     sources = saved["sources"]
     for name, source in sources.items():
         path = Path(source["path"])
@@ -115,13 +185,11 @@ def resume(
             raise LmtoolError(f"cannot resume: the {name} file {path} changed since the run started")
     paths = {name: Path(source["path"]) for name, source in sources.items()}
     corpus = _load_corpus(config, paths["train"], paths.get("valid"), paths.get("test"), tokenizer)
-    if changed or device:
-        run.write_config(config)  # only now that the run is known to be resumable
-    if (run.path / BEST_MODEL).is_file():
-        run.mark_latest()
-    trainer = _Trainer(config, corpus, run, resolve_device(config.train.device), on_event, sources)
-    trainer.restore(saved)
-    return trainer.run()
+    return saved, corpus
+
+
+def _processes(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes"
 
 
 def _load_corpus(config: Config, train_path, valid_path, test_path, tokenizer=None) -> Corpus:
@@ -135,20 +203,33 @@ def _load_corpus(config: Config, train_path, valid_path, test_path, tokenizer=No
 class _Trainer:
     """State of one training run; `run` is the whole loop, `snapshot`/`restore` make it resumable exactly."""
 
-    def __init__(self, config: Config, corpus: Corpus, run: RunDir, device: torch.device, on_event, sources) -> None:
+    def __init__(self, config: Config, corpus: Corpus, run: RunDir, device: torch.device, on_event, sources,
+                 ctx: DistributedContext | None = None) -> None:
         self.config, self.corpus, self.run_dir, self.device = config, corpus, run, device
         self.on_event, self.sources = on_event, sources
+        self.ctx = ctx = ctx or DistributedContext()
         tc = config.train
         torch.manual_seed(tc.seed)
         self.model = LanguageModel(config.model, vocab_size=len(corpus.tokenizer)).to(device)
+        if ctx.enabled:  # the same weights everywhere, but each rank its own dropout masks
+            torch.manual_seed(int(torch.randint(2**62, (ctx.world_size,))[ctx.rank]))
+        # Adaptive softmax leaves the tail clusters that no target of a batch falls in without a gradient.
+        self.train_model = ctx.wrap(self.model, find_unused_parameters=config.model.softmax == "adaptive")
         self.autocast_dtype = resolve_precision(tc.precision, device)  # master weights and the loss stay fp32
         self.optimizer = OPTIMIZERS[tc.optimizer](self.model.parameters(), tc)
-        batch_size = fit_batch_size(corpus.train.numel(), config.data.batch_size, config.data.bptt, "training")
+        # data.batch_size is per process: the streams are cut as one process with the global batch would cut
+        # them, and rank r trains the contiguous rows [r*B, (r+1)*B), carrying their hidden state.
+        world = ctx.world_size
+        global_batch = fit_batch_size(corpus.train.numel(), config.data.batch_size * world, config.data.bptt, "training")
+        if global_batch < world:
+            raise LmtoolError(f"the training text is too short to give each of {world} processes a stream; give a longer text")
+        global_batch -= global_batch % world
         # One set of streams per direction (a backward model reads the text reversed), trained in one step.
         self.directions = self.model.directions
-        per_direction = [batchify(oriented(corpus.train, d), batch_size) for d in self.directions]  # (B, N // B)
+        rows = ctx.rows(global_batch)
+        per_direction = [batchify(oriented(corpus.train, d), global_batch)[rows] for d in self.directions]  # (B, W)
         self.streams = (per_direction[0] if len(per_direction) == 1 else torch.stack(per_direction)).to(device)
-        self.batch_size = batch_size
+        self.batch_size = per_direction[0].size(0)  # this process's streams
         self.steps_per_epoch = num_windows(self.streams, config.data.bptt)
         self.eval_batch = {
             name: fit_batch_size(stream.numel(), config.data.eval_batch_size, config.data.bptt, name)
@@ -225,7 +306,7 @@ class _Trainer:
                 group["lr"] = lr
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                 enabled=self.autocast_dtype is not None):
-                nll, next_state = self.model(x, state, targets=y, direction=both)  # ([D,] B, T), float32
+                nll, next_state = self.train_model(x, state, targets=y, direction=both)  # ([D,] B, T), float32
             loss = nll.mean() if tc.loss_reduction == "mean" else nll.sum(dim=-1).mean()
             loss = loss * len(self.directions)  # a bidirectional model trains on the sum of both losses
             self.optimizer.zero_grad(set_to_none=True)
@@ -235,6 +316,7 @@ class _Trainer:
             )
             # One host sync per step: a non-finite or exploding step must never reach the weights.
             step_loss, step_norm = torch.stack([nll.detach().mean(), norm.detach().float()]).tolist()
+            step_loss, step_norm = self.ctx.mean_in_rank_order([step_loss, step_norm])  # one decision for all ranks
             problem = self._bad_step_reason(step_loss, step_norm)
             if problem is None:
                 self.optimizer.step()
@@ -257,7 +339,8 @@ class _Trainer:
             self.hidden = state
             self.step += 1
             self.window += 1
-            self.tokens_seen += y.numel() // len(self.directions)  # tokens of the text, whatever the directions
+            # Tokens of the text, whatever the number of directions, over all processes.
+            self.tokens_seen += y.numel() // len(self.directions) * self.ctx.world_size
 
             if self.step % tc.log_every == 0:
                 seconds = time.perf_counter() - window_start
@@ -287,8 +370,9 @@ class _Trainer:
         return None
 
     def _log_train(self, lr: float, seconds: float) -> None:
-        tokens = max(1, self.running_tokens)
-        loss = float(self.running_nll) / tokens
+        nll, all_tokens = self.ctx.sum_in_rank_order([float(self.running_nll), self.running_tokens])  # every rank's
+        tokens = max(1, all_tokens)
+        loss = nll / tokens
         self.emit(
             {
                 "event": "train",
@@ -297,7 +381,7 @@ class _Trainer:
                 "loss": loss,
                 "ppl": safe_exp(loss),
                 "lr": lr,
-                "tokens_per_s": self.running_tokens / len(self.directions) / seconds if seconds > 0 else 0.0,
+                "tokens_per_s": all_tokens / len(self.directions) / seconds if seconds > 0 else 0.0,
                 "tokens_seen": self.tokens_seen,
                 "skipped_steps": self.skipped_steps,
                 "elapsed": self.elapsed,
@@ -309,28 +393,31 @@ class _Trainer:
 
     def _stop_if_signalled(self) -> None:
         """After Ctrl-C or SIGTERM: save a checkpoint here, at a step boundary, and stop with the resume command."""
-        if self.signal_received is None:
+        signum = self.ctx.max(self.signal_received or 0)  # a signal to one rank stops every rank at this step
+        if not signum:
             return
         self.save_checkpoint()
-        name = signal.Signals(self.signal_received).name
+        name = signal.Signals(signum).name
         raise Interrupted(
             f"training stopped by {name} at step {self.step}; a checkpoint is saved. Resume with: "
             f"lmtool train --resume {self.run_dir.path}",
-            exit_code=128 + self.signal_received,
+            exit_code=128 + signum,
         )
 
     def _limit_reached(self) -> str | None:
         tc = self.config.train
         if tc.max_steps is not None and self.step >= tc.max_steps:
             return f"reached max_steps={tc.max_steps}"
-        if tc.max_time is not None and self.elapsed >= tc.max_time:
+        if tc.max_time is not None and self.ctx.any(self.elapsed >= tc.max_time):
             return f"reached max_time={tc.max_time:g}s"
         return None
 
     def _maybe_checkpoint(self) -> bool:
         tc = self.config.train
         due_steps = tc.checkpoint_every is not None and self.step % tc.checkpoint_every == 0
-        due_time = tc.checkpoint_time is not None and time.perf_counter() - self.last_checkpoint_time >= tc.checkpoint_time
+        due_time = tc.checkpoint_time is not None and self.ctx.any(
+            time.perf_counter() - self.last_checkpoint_time >= tc.checkpoint_time
+        )
         if due_steps or due_time:
             self.save_checkpoint()
         return due_steps or due_time
@@ -339,13 +426,14 @@ class _Trainer:
         """Score the validation text, keep the best model, save the last; returns a stop reason for early stop."""
         tc, dc = self.config.train, self.config.data
         self.last_validated_step = self.step
-        scores = self._score(self.model, self.corpus.valid, self.eval_batch["validation"])
+        scores = {d: self._score_shared(self.corpus.valid, self.eval_batch["validation"], d) for d in self.directions}
         score = combined(list(scores.values()))
         improved = self.plateau.update(score.loss, tc.plateau_patience)
         if improved:
             self.best = score
             self._save(BEST_MODEL, score)
-            self.run_dir.mark_latest()  # runs/latest only ever points at a run with a model
+            if self.ctx.is_main:
+                self.run_dir.mark_latest()  # runs/latest only ever points at a run with a model
         self._save(LAST_MODEL, score)
         self.emit(
             {
@@ -366,7 +454,7 @@ class _Trainer:
         return None
 
     def _score(self, model, stream: torch.Tensor, batch_size: int) -> dict[str, StreamScore]:
-        """The stream's score in each direction of the model."""
+        """The stream's score in each direction of the model, by this process alone."""
         return {d: stream_nll(model, stream, batch_size, self.config.data.bptt, d) for d in self.directions}
 
     def _per_direction(self, scores: dict[str, StreamScore]) -> dict[str, Any]:
@@ -379,14 +467,24 @@ class _Trainer:
         states = tuple(self.model.init_state(self.batch_size) for _ in self.directions)
         return states[0] if len(states) == 1 else states
 
+    def _score_shared(self, stream: torch.Tensor, batch_size: int, direction: str) -> StreamScore:
+        """Each rank scores its share of the streams; summed in rank order, every rank gets the same score."""
+        part = stream_nll(self.model, stream, batch_size, self.config.data.bptt, direction, self.ctx.rows(batch_size))
+        nll, tokens, unknown, nll_unknown = self.ctx.sum_in_rank_order(
+            [part.nll, part.tokens, part.unknown, part.nll_unknown]
+        )
+        return StreamScore(nll=nll, tokens=int(tokens), unknown=int(unknown), nll_unknown=nll_unknown)
+
     def _save(self, name: str, score: StreamScore) -> None:
+        if not self.ctx.is_main:
+            return
         self.run_dir.save_model(
             name, self.model, self.config, self.corpus.tokenizer, step=self.step, epoch=self.epoch, valid_loss=score.loss
         )
 
     def _finish(self, stop_reason: str) -> TrainResult:
         test = None
-        if self.corpus.test is not None:
+        if self.corpus.test is not None and self.ctx.is_main:  # the best model is on rank 0's disk only
             with torch.random.fork_rng(devices=[]):  # building the model must not move the training RNG
                 best_model = load_model_file(self.run_dir.path / BEST_MODEL).model.to(self.device)
             test_scores = self._score(best_model, self.corpus.test, self.eval_batch["test"])
@@ -433,12 +531,23 @@ class _Trainer:
 
     def snapshot(self, finished: bool = False, stop_reason: str | None = None) -> dict[str, Any]:
         """Everything needed to continue exactly: only tensors and plain values (loadable with weights_only)."""
-        hidden = _as_lists(self.hidden)
+        # Every rank's rows, (num_layers, B * world_size, H), as one process would carry them; nested lists.
+        hidden = _as_lists(self._gathered(self.hidden))
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         best = self.best
+        ranks = None
+        if self.ctx.enabled:  # what differs between ranks, in rank order
+            rngs = {key: self.ctx.gather(value) for key, value in rng.items()}
+            running = self.ctx.gather(torch.tensor([float(self.running_nll), self.running_tokens], dtype=torch.float64))
+            ranks = {
+                "rng": [{key: parts[i] for key, parts in rngs.items()} for i in range(self.ctx.world_size)],
+                "running_nll": [float(r[0]) for r in running],
+                "running_tokens": [int(r[1]) for r in running],
+            }
         return {
+            "world_size": self.ctx.world_size,
             "version": TRAINING_STATE_VERSION,
             "precision": "bf16" if self.autocast_dtype is not None else "fp32",
             "model": self.model.state_dict(),
@@ -466,10 +575,18 @@ class _Trainer:
             "sources": self.sources,
             "finished": finished,
             "stop_reason": stop_reason,
+            "ranks": ranks,
         }
 
+    def _gathered(self, state):
+        if state is None or isinstance(state, tuple):
+            return state if state is None else tuple(self._gathered(s) for s in state)
+        return torch.cat(self.ctx.gather(state), dim=1)
+
     def save_checkpoint(self, finished: bool = False, stop_reason: str | None = None) -> None:
-        self.run_dir.save_training_state(self.snapshot(finished, stop_reason))
+        snapshot = self.snapshot(finished, stop_reason)  # every rank takes part; rank 0 writes it
+        if self.ctx.is_main:
+            self.run_dir.save_training_state(snapshot)
         self.last_checkpoint_time = time.perf_counter()
 
     def restore(self, saved: dict[str, Any]) -> None:
@@ -489,20 +606,28 @@ class _Trainer:
         self.autocast_dtype = torch.bfloat16 if saved.get("precision", "fp32") == "bf16" else None
         self.step, self.epoch, self.window = saved["step"], saved["epoch"], saved["window"]
         self.epoch_closed = saved["epoch_closed"]
-        self.hidden = _as_tuples(saved["hidden"], self.device)
+        # This rank's rows of the global state.
+        self.hidden = _as_tuples(saved["hidden"], self.device, self.ctx.rows(self.batch_size * self.ctx.world_size))
         self.tokens_seen = saved["tokens_seen"]
         self.last_validated_step = saved["last_validated_step"]
         self.running_nll = saved["running_nll"].to(self.device)
         self.running_tokens = saved["running_tokens"]
+        rng = saved["rng"]
+        ranks = saved.get("ranks")
+        if ranks is not None:
+            rng = ranks["rng"][self.ctx.rank]
+            self.running_nll = torch.tensor(ranks["running_nll"][self.ctx.rank], device=self.device)
+            self.running_tokens = ranks["running_tokens"][self.ctx.rank]
         self.bad_steps, self.skipped_steps = saved["bad_steps"], saved["skipped_steps"]
         self.good_steps, self.loss_ema = saved["good_steps"], saved["loss_ema"]
         self.plateau = PlateauTracker(**saved["plateau"])
         self.best = None if saved["best"] is None else StreamScore(**saved["best"])
         self.elapsed_before = saved["elapsed"]
-        torch.set_rng_state(saved["rng"]["torch"])
-        if "cuda" in saved["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(saved["rng"]["cuda"], self.device)
-        self.run_dir.truncate_metrics(saved["metrics_bytes"])  # records after the checkpoint will be redone
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.ctx.is_main:
+            self.run_dir.truncate_metrics(saved["metrics_bytes"])  # records after the checkpoint will be redone
         self.resumed = True
 
     @contextmanager
@@ -526,6 +651,8 @@ class _Trainer:
     # --- records ----------------------------------------------------------------------------------------
 
     def emit(self, record: Event) -> None:
+        if not self.ctx.is_main:
+            return
         self.run_dir.append_metrics(record)
         if self.on_event is not None:
             self.on_event(record)
@@ -547,7 +674,8 @@ class _Trainer:
             "parameters": count_parameters(self.model),
             "train_tokens": self.corpus.train.numel(),
             "valid_tokens": self.corpus.valid.numel(),
-            "batch_size": self.batch_size,
+            "batch_size": self.batch_size * self.ctx.world_size,  # the global batch
+            "world_size": self.ctx.world_size,
             "directions": list(self.directions),
             "bptt": dc.bptt,
             "steps_per_epoch": self.steps_per_epoch,
@@ -574,7 +702,8 @@ def _as_lists(state):
     return [_as_lists(s) for s in state] if isinstance(state, tuple) else state
 
 
-def _as_tuples(saved, device: torch.device):
+def _as_tuples(saved, device: torch.device, rows: slice):
+    """The state `_as_lists` stored, with only the streams in `rows`, on `device`."""
     if saved is None:
         return None
-    return tuple(_as_tuples(s, device) for s in saved) if isinstance(saved, list) else saved.to(device)
+    return tuple(_as_tuples(s, device, rows) for s in saved) if isinstance(saved, list) else saved[:, rows].to(device)
