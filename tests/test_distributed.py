@@ -188,3 +188,24 @@ def test_torchrun_with_a_missing_corpus_fails_once_with_its_message(tmp_path):
     assert done.stderr.count(f"lmtool: error: training file not found: {tmp_path / 'nope.txt'}") == 1
     assert "rank 0 failed" not in done.stderr  # the other rank stops without repeating it
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_bidirectional_adaptive_softmax_model_trains_on_two_processes_as_on_one(tmp_path):
+    # Both stacks run in one forward call (one gradient reduction), and the adaptive softmax's tail clusters
+    # that a rank's batch never reaches still get their (zero) share of the reduction.
+    words = "the cat sat on the mat\nthe dog sat on the log\na cat saw a dog on the mat\n" * 30
+    (tmp_path / "train.txt").write_text(words)
+    (tmp_path / "valid.txt").write_text(words[:300])
+    settings = SETTINGS + ["data.level=word", "model.direction=bidirectional", "model.softmax=adaptive",
+                           "model.adaptive_cutoffs=[4, 8]", "train.max_steps=12"]
+    run_ranks(tmp_path, 2, tmp_path / "ddp", load_config(TINY, settings), [tmp_path / "train.txt"] * 2,
+              tmp_path / "valid.txt")
+    run_ranks(tmp_path, 1, tmp_path / "single", load_config(TINY, settings + ["data.batch_size=8"]),
+              [tmp_path / "train.txt"], tmp_path / "valid.txt")
+    ddp, single = rank_weights(tmp_path, "ddp", 0), rank_weights(tmp_path, "single", 0)
+    assert any(name.startswith("rnn_backward.") for name in ddp) and any(name.startswith("adaptive.") for name in ddp)
+    for name in ddp:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
+    valid = [[r["directions"] for r in records(tmp_path / run) if r["event"] == "valid"][-1] for run in ("ddp", "single")]
+    for direction in ("forward", "backward"):
+        assert valid[0][direction]["loss"] == pytest.approx(valid[1][direction]["loss"], rel=1e-6)
