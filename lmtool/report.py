@@ -109,15 +109,15 @@ def print_scores(
     mixture = bool(scores) and isinstance(scores[0], MixtureScore)
     direction = "mixture of both directions" if mixture else (scores[0].direction if scores else "forward")
     table = Table(title=f"sentence log-probabilities, {direction} (most probable first)", title_justify="left")
-    columns = ["rank", "log P", "log10 P", "ppl", "tokens", "unk"] + (["log P fwd", "log P bwd"] if mixture else [])
+    columns = ["rank", "log P", "log10 P", "ppl", "tokens", "unk"] + (["fwd", "bwd"] if mixture else [])
     for column in columns:
-        table.add_column(column, justify="right")
-    table.add_column("sentence")
+        table.add_column(column, justify="right", no_wrap=True, min_width=len(column))  # numbers never get cut
+    table.add_column("sentence", ratio=1)  # the sentence wraps instead
     rank = ranks(scores)
     separator = "" if level == "char" else " "
     for i in sorted(range(len(scores)), key=lambda i: rank[i]):
         s = scores[i]
-        extra = [f"{s.forward.logprob:.4f}", f"{s.backward.logprob:.4f}"] if mixture else []
+        extra = [f"{s.forward.logprob:.2f}", f"{s.backward.logprob:.2f}"] if mixture else []
         sentence = Text(s.sentence) if mixture else _colour_tokens(s, separator)
         table.add_row(
             str(rank[i]), f"{s.logprob:.4f}", f"{s.log10prob:.4f}", f"{s.perplexity:.2f}",
