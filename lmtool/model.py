@@ -107,24 +107,32 @@ class LanguageModel(nn.Module):
         """One token per stream, for generation: (B,) ids -> (B, V) scores. Equal to `forward` on a length-1
         input, but computed with PyTorch's single-step cell functions instead of the sequence kernel, whose
         set-up costs more than the step. Pass `weights=model.step_weights()` when stepping many times."""
-        x = self.embedding(token.int())  # (B, E)
+        hidden, state = self.step_hidden(token, state, weights, direction)
+        return self.scores(hidden), state
+
+    @torch.no_grad()
+    def step_hidden(
+        self, token: torch.Tensor, state: State, weights: list[tuple] | None = None, direction: str | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """`step` up to the top layer's output (B, H), before the output layer."""
+        # Functional calls and one unbind per state: at batch 1 the per-operation overhead is what costs.
+        x = F.embedding(token, self.embedding.weight)  # (B, E)
         weights = weights if weights is not None else self.step_weights(direction)
         cell_step = CELL_STEPS[self.config.cell]
         if self.config.cell == "lstm":
-            h_all, c_all = state
             hs, cs = [], []
-            for layer, w in enumerate(weights):
-                x, c = cell_step(x, (h_all[layer], c_all[layer]), *w)  # (B, H) each
+            for w, h, c in zip(weights, state[0].unbind(0), state[1].unbind(0)):
+                x, c = cell_step(x, (h, c), *w)  # (B, H) each
                 hs.append(x)
                 cs.append(c)
             new_state: State = (torch.stack(hs), torch.stack(cs))
         else:
             hs = []
-            for layer, w in enumerate(weights):
-                x = cell_step(x, state[layer], *w)  # (B, H)
+            for w, h in zip(weights, state.unbind(0)):
+                x = cell_step(x, h, *w)  # (B, H)
                 hs.append(x)
             new_state = torch.stack(hs)
-        return self.scores(x), new_state  # (B, V), dropout is off in generation
+        return x, new_state  # dropout is off in generation
 
     @torch.no_grad()
     def step_weights(self, direction: str | None = None) -> list[tuple]:
@@ -164,16 +172,22 @@ class LanguageModel(nn.Module):
             outputs = [self.forward(tokens[d], states[d], None if targets is None else targets[d], name)
                        for d, name in enumerate(self.directions)]
             return torch.stack([out for out, _ in outputs]), tuple(s for _, s in outputs)
+        output, state = self.read(tokens, state, direction)  # (B, T, H)
+        if targets is None:
+            return self.scores(output), state
+        return self.nll(output, targets), state
+
+    def read(
+        self, tokens: torch.Tensor, state: State | None = None, direction: str | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """The top layer's outputs (B, T, H) at every position, before the output layer, and the final state."""
         if tokens.dtype not in (torch.int32, torch.int64):
             tokens = tokens.int()  # the data pipeline stores ids in 1 or 2 bytes; the embedding wants int32/64
         emb = self.drop(self.embedding(tokens))  # (B, T, E)
         if state is None:
             state = self.init_state(tokens.size(0))
         output, state = self.stack(direction)(emb, state)  # (B, T, H)
-        output = self.drop(output)
-        if targets is None:
-            return self.scores(output), state
-        return self.nll(output, targets), state
+        return self.drop(output), state
 
     def scores(self, output: torch.Tensor) -> torch.Tensor:
         """(..., H) top-layer outputs -> (..., V) scores whose softmax is the next-token distribution."""
@@ -181,7 +195,7 @@ class LanguageModel(nn.Module):
             flat = output.float().reshape(-1, output.size(-1))  # log_prob wants (N, H)
             with _autocast_off(output):
                 return self.adaptive.log_prob(flat).view(*output.shape[:-1], self.vocab_size)
-        return self.decoder(output)
+        return F.linear(output, self.decoder.weight, self.decoder.bias)
 
     def nll(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """-log P(target) at every position: (B, T, H), (B, T) -> (B, T), in float32 whatever the precision."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
 from lmtool.errors import LmtoolError
 from lmtool.model import LanguageModel
@@ -69,15 +71,39 @@ def pick_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.G
     # about 1 ms over a 33k-word vocabulary on a CPU, this about 0.06 ms. Zero-probability tokens have no
     # width in the CDF, so they can never be picked.
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (B, V)
-    cdf = probs.cumsum(dim=-1)
-    if not bool(torch.isfinite(cdf[:, -1]).all()):  # a NaN anywhere in a row reaches its total: one cheap check
-        raise _non_finite()
-    u = torch.rand((logits.size(0), 1), generator=generator, device=logits.device) * cdf[:, -1:]
-    picked = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.size(-1) - 1)  # (B, 1)
+    picked = _draw(probs, generator)  # (B, 1)
     if filtered:  # a parallel (GPU) cumsum can round a filtered token to a sliver of width: never return one
         allowed = probs.gather(-1, picked) > 0
         picked = torch.where(allowed, picked, probs.argmax(dim=-1, keepdim=True))
     return picked.squeeze(-1)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of (B, V) probabilities, by inverse CDF: (B, 1)."""
+    cdf = probs.cumsum(dim=-1)
+    totals = cdf[:, -1:]  # (B, 1): a NaN anywhere in a row reaches its total, so one cheap check covers it
+    if not (math.isfinite(totals.item()) if totals.numel() == 1 else bool(torch.isfinite(totals).all())):
+        raise _non_finite()
+    u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device) * totals
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)  # (B, 1)
+
+
+def draw_adaptive(head: nn.AdaptiveLogSoftmaxWithLoss, hidden: torch.Tensor, generator: torch.Generator | None
+                  ) -> torch.Tensor:
+    """An exact draw from an adaptive softmax at temperature 1, (B, H) -> (B,): draw from the head (the frequent
+    tokens and one entry per tail cluster), then, only for the streams that drew a cluster, within that cluster.
+    P(token) = P_head(cluster) x P(token | cluster) is the model's probability, but the work is the head and
+    at most one cluster instead of the whole vocabulary."""
+    hidden = hidden.float()
+    with torch.autocast(hidden.device.type, enabled=False):
+        drawn = _draw(torch.softmax(head.head(hidden), dim=-1), generator).squeeze(-1)  # (B,) in the head
+        token = drawn.clone()
+        for i, cluster in enumerate(head.tail):
+            rows = (drawn == head.shortlist_size + i).nonzero().flatten()
+            if rows.numel():
+                within = _draw(torch.softmax(cluster(hidden[rows]), dim=-1), generator).squeeze(-1)
+                token[rows] = head.cutoffs[i] + within
+    return token
 
 
 def _non_finite() -> LmtoolError:
@@ -103,13 +129,19 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(options.seed)
     batch = options.num_samples
     context = torch.tensor([EOS_ID] + list(prime_ids), device=device).expand(batch, -1)  # (B, P + 1)
-    logits, state = model(context, direction=direction)  # reads the prompt once; from here on, constant work per token
-    last = logits[:, -1]  # (B, V)
+    hidden, state = model.read(context, direction=direction)  # reads the prompt once; then constant work per token
+    last = hidden[:, -1]  # (B, H)
     weights = model.step_weights(direction)
+    # At temperature 1 with no filter an adaptive softmax samples without computing the whole distribution.
+    two_level = (model.config.softmax == "adaptive" and options.temperature == 1
+                 and options.top_k is None and options.top_p is None)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out: list[torch.Tensor] = []
     for _ in range(options.length):
-        token = pick_next(last, options, generator)  # (B,)
+        if two_level:
+            token = draw_adaptive(model.adaptive, last, generator)  # (B,)
+        else:
+            token = pick_next(model.scores(last), options, generator)  # (B,)
         if options.stop_at_eos:
             token = token.masked_fill(done, EOS_ID)
         out.append(token)
@@ -119,7 +151,7 @@ def generate(
             done |= token == EOS_ID
             if bool(done.all()):
                 break
-        last, state = model.step(token, state, weights, direction)  # (B, V): constant work per token
+        last, state = model.step_hidden(token, state, weights, direction)  # (B, H): constant work per token
     ids = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(batch)]
     if options.stop_at_eos:  # cut each sample after its first <EOS>
         ids = [row[: row.index(EOS_ID) + 1] if EOS_ID in row else row for row in ids]

@@ -154,6 +154,9 @@ def test_char_level_ending(tmp_path, run_cli, small_corpus):
     result = run_cli("sample", "--model", run, "--ending", "to bed.", "--length", "40", "--seed", "2")
     assert result.code == 0, result.err
     assert result.out.endswith("to bed.\n") and len(result.out) > len("to bed.\n")
+    refused = run_cli("sample", "--model", run, "--prime", "ROMEO:")
+    assert refused.code == 2 and refused.out == "" and "give --ending TEXT" in refused.err
+    assert "has no forward direction" in run_cli("score", "to bed", "--model", run, "--direction", "forward").err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -315,3 +315,28 @@ def test_non_finite_scores_stop_sampling_with_a_clear_error():
 
     with pytest.raises(LmtoolError, match="non-finite scores"):
         pick_next(torch.tensor([[0.1, float("nan"), 0.3]]), SamplingOptions(), None)
+
+
+def test_two_level_adaptive_sampling_draws_from_the_exact_distribution():
+    from lmtool.config import ModelConfig
+    from lmtool.model import LanguageModel
+    from lmtool.sample import draw_adaptive
+
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(embedding_size=4, hidden_size=8, softmax="adaptive", adaptive_cutoffs=(3, 6),
+                                      adaptive_div_value=1.0, init_range=1.0), vocab_size=10).eval()
+    hidden = torch.randn(1, 8).expand(40_000, 8)  # one context, many independent draws
+    with torch.no_grad():
+        expected = model.scores(hidden[:1]).exp()[0]  # (V,)
+        draws = draw_adaptive(model.adaptive, hidden, torch.Generator().manual_seed(1))
+    observed = torch.bincount(draws, minlength=10).double() / draws.numel()
+    assert expected[3:6].sum() > 0.05 and expected[6:].sum() > 0.05  # both tail clusters are really exercised
+    torch.testing.assert_close(observed, expected.double(), atol=0.01, rtol=0)  # 4 standard errors at most
+
+
+def test_sampling_an_adaptive_model_at_other_temperatures_uses_the_full_distribution(word_run):
+    lm = lmtool.load_model(word_run)
+    for options in (SamplingOptions(length=20, seed=5), SamplingOptions(length=20, seed=5, temperature=0.7),
+                    SamplingOptions(length=20, seed=5, top_k=3)):
+        a, b = lm.sample("the cat", options), lm.sample("the cat", options)
+        assert a == b and len(a[0].split()) >= 10
