@@ -8,6 +8,7 @@ give every rank the same answer bit for bit: ranks that decided differently woul
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import warnings
 from contextlib import contextmanager
@@ -218,6 +219,9 @@ def distributed_session(device: torch.device) -> Iterator[DistributedContext]:
             if rank != 0:  # rank 0 warns for everyone (the ranks read the same data)
                 warnings.simplefilter("ignore")
             yield DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, host_group=host_group)
+        if owned:  # no rank tears the group down while another is still in its last collective (gloo aborts)
+            dist.barrier(group=host_group)
     finally:
         if owned:
+            gc.collect()  # DDP wrappers dropped by the caller (they sit in reference cycles) go before their group
             dist.destroy_process_group()

@@ -76,8 +76,11 @@ def train(
     with distributed_session(device) as ctx:
         run, corpus, sources = _start_run(ctx, config, corpus_path, valid_path, test_path, out, overwrite)
         trainer = _Trainer(config, corpus, run, ctx.device(device), on_event, sources, ctx)
-        with ctx.reported_by_main():
-            return trainer.run()
+        try:
+            with ctx.reported_by_main():
+                return trainer.run()
+        finally:
+            trainer.close()
 
 
 def _start_run(ctx: DistributedContext, config: Config, corpus_path, valid_path, test_path, out, overwrite):
@@ -153,8 +156,11 @@ def resume(
                 run.mark_latest()
         trainer = _Trainer(config, corpus, run, ctx.device(torch_device), on_event, saved["sources"], ctx)
         trainer.restore(saved)
-        with ctx.reported_by_main():
-            return trainer.run()
+        try:
+            with ctx.reported_by_main():
+                return trainer.run()
+        finally:
+            trainer.close()
 
 
 def _resumable(run: RunDir, config: Config, tokenizer, changed: bool, ctx: DistributedContext):
@@ -259,6 +265,11 @@ class _Trainer:
         self.start_time = time.perf_counter()
         self.last_checkpoint_time = self.start_time
         self.signal_received: int | None = None
+
+    def close(self) -> None:
+        """Drop the DistributedDataParallel wrapper now: freed later, after its process group is destroyed (at
+        interpreter exit), its pending gloo work can abort the process."""
+        self.train_model = self.model
 
     # --- the loop ---------------------------------------------------------------------------------------
 
