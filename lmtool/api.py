@@ -16,9 +16,21 @@ from lmtool.checkpoint import LoadedModel, load_model_file, resolve_model_path
 from lmtool.data import encode_file_to_disk, iter_lines
 from lmtool.devices import resolve_device
 from lmtool.errors import LmtoolError
-from lmtool.evaluate import MixtureScore, SentenceScore, StreamScore, combined, score_sentences, stream_nll
+from lmtool.evaluate import (
+    MixtureScore,
+    SentenceScore,
+    StreamScore,
+    combined,
+    log_mean_exp,
+    score_sentences,
+    stream_nll,
+)
 from lmtool.sample import SamplingOptions, encode_prime, generate
 from lmtool.tokenizer import EOS_ID
+
+
+# Lines longer than this many characters are scored alone in windows: a padded batch holds whole lines.
+LONG_LINE = 2000
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,8 @@ class Model:
             if prime:
                 raise LmtoolError("give --prime or --ending, not both: a model writes in one direction at a time")
             ending_ids, _ = encode_prime(self.tokenizer, ending)
+            if ending_ids and ending_ids[-1] == EOS_ID:  # "...\n": it ends a line, which the reading starts from
+                ending_ids = ending_ids[:-1]
             samples = generate(self.network, ending_ids[::-1], options, None, "backward")
             if options.stop_at_eos:  # read backward, <EOS> is where the line starts: nothing to print
                 samples = [ids[:-1] if ids and ids[-1] == EOS_ID else ids for ids in samples]
@@ -120,19 +134,27 @@ class Model:
                 for d in directions:
                     totals[d] = combined([totals[d], stream_nll(self.network, ids, batch_size, bptt, d)])
                 del ids
-        mixture = self._line_mixture(paths) if len(directions) == 2 else None
+        mixture = self._line_mixture(paths, bptt) if len(directions) == 2 else None
         return FileEvaluation(files=tuple(map(str, paths)), score=totals[directions[0]],
                               seconds=time.perf_counter() - start, by_direction=totals, mixture=mixture)
 
-    def _line_mixture(self, paths: Sequence[str | Path], lines_per_batch: int = 1024) -> StreamScore:
-        """Sum over lines of -log(1/2 P_forward + 1/2 P_backward), reading the files a batch of lines at a time."""
+    def _line_mixture(self, paths: Sequence[str | Path], bptt: int, lines_per_batch: int = 1024) -> StreamScore:
+        """Sum over lines of -log(1/2 P_forward + 1/2 P_backward), reading the files a batch of lines at a time.
+        Short lines are scored together in padded batches; a long line alone, `bptt` tokens at a time, so memory
+        stays bounded however long a line is."""
         nll, tokens = [], 0
         for path in paths:
             lines = iter_lines(Path(path), "evaluation")
             while batch := list(itertools.islice(lines, lines_per_batch)):
-                for mix in self.score(batch, batch_size=64):
+                short = [line for line in batch if len(line) <= LONG_LINE]
+                for mix in self.score(short, batch_size=64) if short else []:
                     nll.append(-mix.logprob)
                     tokens += mix.num_tokens
+                for line in (line for line in batch if len(line) > LONG_LINE):
+                    ids = torch.tensor([EOS_ID] + self.tokenizer.encode_line(line))  # from the sentence start
+                    parts = [stream_nll(self.network, ids, 1, bptt, d) for d in self.directions]
+                    nll.append(-log_mean_exp(-parts[0].nll, -parts[1].nll))
+                    tokens += parts[0].tokens
         return StreamScore(nll=math.fsum(nll), tokens=tokens)
 
 

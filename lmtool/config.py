@@ -169,6 +169,9 @@ def load_config(
     resolved = defaults_for_level(level if level in ("char", "word") else "char")
     for _, tree in layers:
         resolved = _merge(resolved, tree)
+    tie_asked = any("tie_weights" in (tree.get("model") or {}) for _, tree in layers)
+    if resolved["model"].get("softmax") == "adaptive" and not tie_asked:
+        resolved["model"]["tie_weights"] = False  # the word defaults tie; an adaptive softmax has no matrix to tie
     return config_from_dict(resolved)
 
 
@@ -374,6 +377,8 @@ def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
         raise LmtoolError(f"{dotted}: expected text, got {value!r}")
     if origin is tuple:  # tuple[int, ...]: a YAML list, or "2000,10000" from the command line
         items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, int) and not isinstance(items, bool):
+            items = [items]  # one cut point
         if not isinstance(items, (list, tuple)) or not items:
             raise LmtoolError(f"{dotted}: expected a list like [2000, 10000], got {value!r}")
         return tuple(_coerce(dotted, item, args[0]) for item in items)

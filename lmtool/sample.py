@@ -72,7 +72,9 @@ def pick_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.G
     # width in the CDF, so they can never be picked.
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (B, V)
     picked = _draw(probs, generator)  # (B, 1)
-    if filtered:  # a parallel (GPU) cumsum can round a filtered token to a sliver of width: never return one
+    # A parallel (GPU) cumsum can give a filtered token, or one whose probability underflowed to 0 at a low
+    # temperature, a sliver of width: never return one.
+    if filtered or options.temperature != 1:
         allowed = probs.gather(-1, picked) > 0
         picked = torch.where(allowed, picked, probs.argmax(dim=-1, keepdim=True))
     return picked.squeeze(-1)

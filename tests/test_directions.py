@@ -106,6 +106,22 @@ def test_evaluate_perplexity_reports_each_direction_and_the_mixture(bidirectiona
     mixtures = lm.score(["the cat sat on the log", "a dog saw the cat"])
     expected = math.exp(-sum(m.logprob for m in mixtures) / sum(m.num_tokens for m in mixtures))
     assert record["mixture_per_line"]["perplexity"] == pytest.approx(expected, rel=1e-9)
+    # a line too long for a padded batch is read in windows, with the same result
+    import lmtool.api as api
+
+    long_line = " ".join(["the cat sat on the mat"] * 60)
+    held_out.write_text(long_line + "\nthe cat\n")
+    original = api.LONG_LINE
+    try:
+        api.LONG_LINE = 100  # the long line is windowed (tiny.yaml's bptt is 16), the short one batched
+        windowed = lm.perplexity(held_out).mixture
+        api.LONG_LINE = 10**9  # both batched
+        batched = lm.perplexity(held_out).mixture
+    finally:
+        api.LONG_LINE = original
+    assert windowed.tokens == batched.tokens == 361 + 3
+    assert windowed.nll == pytest.approx(batched.nll, rel=1e-5)
+    held_out.write_text("the cat sat on the log\na dog saw the cat\n")
     table = run_cli("evaluate-perplexity", held_out, "--model", bidirectional_run)
     assert "perplexity, backward" in table.out and "mixture" in table.out
     one = json.loads(run_cli("evaluate-perplexity", held_out, "--model", bidirectional_run, "--direction",
@@ -134,6 +150,8 @@ def test_an_ending_is_written_toward_right_to_left(bidirectional_run, run_cli, t
     lm = lmtool.load_model(bidirectional_run)
     texts = lm.sample(ending=ending, length=30, num_samples=3, seed=1)
     assert len(texts) == 3 and all(t and t.split()[-1] in lm.tokenizer.tokens for t in texts)
+    # an ending that finishes a line ("...\n") is read the same as one without the newline
+    assert lm.sample(ending="the mat\n", length=8, seed=2) == lm.sample(ending="the mat", length=8, seed=2)
     # greedy backward generation is the reversed greedy path of the backward stack
     greedy = lm.sample(ending="the mat", length=1, temperature=0)[0]
     ids = [0] + lm.tokenizer.encode_line("the mat")[-2::-1]

@@ -111,7 +111,7 @@ def test_adaptive_softmax_has_a_much_smaller_output_layer():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.softmax=adaptive"], "cannot be combined with model.softmax=adaptive"),  # word defaults tie weights
+    (["model.softmax=adaptive", "model.tie_weights=true"], "cannot be combined with model.softmax=adaptive"),
     (["model.softmax=adaptive", "model.tie_weights=false", "model.adaptive_cutoffs=[10, 5]"], "must be increasing"),
     (["model.softmax=adaptive", "model.tie_weights=false", "model.adaptive_cutoffs=[0]"], "out of range"),
     (["model.softmax=adaptive", "model.tie_weights=false", "model.adaptive_cutoffs=lots"], "expected a whole number"),
@@ -123,7 +123,13 @@ def test_adaptive_softmax_config_errors(overrides, message):
         load_config(None, ["data.level=word", *overrides])
 
 
+def test_adaptive_softmax_unties_the_word_defaults_unless_tying_is_asked_for():
+    assert load_config(None, ["data.level=word"]).model.tie_weights
+    assert not load_config(None, ["data.level=word", "model.softmax=adaptive"]).model.tie_weights
+
+
 def test_adaptive_cutoffs_parse_from_a_list_or_commas_and_must_fit_the_vocabulary():
+    assert load_config(None, ["model.softmax=adaptive", "model.adaptive_cutoffs=20"]).model.adaptive_cutoffs == (20,)
     for value in ("[20, 40]", "20,40"):
         cfg = load_config(None, ["model.softmax=adaptive", f"model.adaptive_cutoffs={value}"])
         assert cfg.model.adaptive_cutoffs == (20, 40)
