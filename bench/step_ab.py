@@ -1,0 +1,93 @@
+"""lmtool's training step against the bare loop's, interleaved step by step: a fairer "never slower" check.
+
+Usage: python bench/step_ab.py [--rounds 12] [--precision bf16|fp32]
+On a shared machine whose speed drifts by tens of percent within a minute, timing two loops one after the
+other mostly measures the drift. Here one step of each runs in turn, on the same windows, so both see the
+same moments; the figure is the median of the per-pair time ratios. lmtool's step is the trainer's hot path:
+`LanguageModel(x, state, targets=y)` (the one loss), mean, backward, gradient-norm clipping, the one host
+sync that checks for a bad step, the optimiser step. The bare step: nn.Embedding -> nn.LSTM -> nn.Linear ->
+cross-entropy, SGD. Workload: the char 2x512 LSTM at batch 64 x BPTT 128, no dropout. One JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lmtool.config import ModelConfig  # noqa: E402
+from lmtool.model import LanguageModel, detach_state  # noqa: E402
+
+VOCAB, BATCH, BPTT = 66, 64, 128
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    data = torch.randint(0, VOCAB, (BATCH, BPTT * args.rounds + 1), dtype=torch.uint8)
+    autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    embedding, lstm, out = nn.Embedding(VOCAB, 128), nn.LSTM(128, 512, 2, batch_first=True), nn.Linear(512, VOCAB)
+    bare_opt = torch.optim.SGD([*embedding.parameters(), *lstm.parameters(), *out.parameters()], lr=0.1)
+    bare_state = [None]
+
+    def bare(x, y):
+        with torch.autocast(**autocast):
+            h, state = lstm(embedding(x.long()), bare_state[0])
+            logits = out(h)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.long().flatten())
+        bare_opt.zero_grad()
+        loss.backward()
+        bare_opt.step()
+        bare_state[0] = tuple(s.detach() for s in state)
+
+    model = LanguageModel(ModelConfig(embedding_size=128, hidden_size=512, dropout=0.0), VOCAB)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = [model.init_state(BATCH)]
+
+    def ours(x, y):
+        with torch.autocast(**autocast):
+            nll, next_state = model(x, state[0], targets=y)
+        loss = nll.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        torch.stack([nll.detach().mean(), norm.detach().float()]).tolist()
+        opt.step()
+        state[0] = detach_state(next_state)
+
+    ratios, bare_times, our_times = [], [], []
+    for i in range(args.rounds):
+        x, y = data[:, i * BPTT : (i + 1) * BPTT], data[:, i * BPTT + 1 : (i + 1) * BPTT + 1]
+        pair = []
+        for step in (bare, ours) if i % 2 == 0 else (ours, bare):  # alternate which goes first
+            start = time.perf_counter()
+            step(x, y)
+            pair.append((step, time.perf_counter() - start))
+        times = dict(pair)
+        if i >= 2:  # warm-up
+            bare_times.append(times[bare])
+            our_times.append(times[ours])
+            ratios.append(times[bare] / times[ours])
+    print(json.dumps({**machine_info(), "workload": "char 2x512 LSTM, batch 64 x BPTT 128", "precision": args.precision,
+                      "pairs": len(ratios), "bare_tokens_per_s": round(BATCH * BPTT / statistics.median(bare_times)),
+                      "lmtool_tokens_per_s": round(BATCH * BPTT / statistics.median(our_times)),
+                      "lmtool_over_bare_median_of_pairs": round(statistics.median(ratios), 3),
+                      "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
