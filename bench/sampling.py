@@ -5,7 +5,8 @@ Builds untrained models of the reference sizes (char 2x512 LSTM, 66 symbols; wor
 WikiText-2 vocabulary of 33,278, with full and adaptive softmax) and times, in one process: the bare products of one step (each layer's
 input and hidden weights, then the output layer), a naive loop that calls nn.LSTM on length-1 inputs, and
 `lmtool.sample.generate` (sampling included); for the word models also the PyTorch example's generator
-(bench/peer_example.py) of the same size. Then batched generation for 1..64 streams. One JSON line each.
+(bench/peer_example.py) of the same size. Then batched generation for 1..64 streams, with the model FLOP/s
+against the fp32 matrix-multiply peak measured in the same run. One JSON line each.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import machine_info, matmul_peak_gflops  # noqa: E402
 from peer_example import PeerModel, generate_words_per_s  # noqa: E402
 
 import torch  # noqa: E402
@@ -89,14 +90,20 @@ def main() -> None:
                           over_reference_185=round(1000 / lmtool_ms / 185, 2))
         print(json.dumps(record), flush=True)
     model = models["char 2x512 LSTM, V=66"]
+    # Many streams turn the matrix-vector products into matrix products: the ceiling is then the matmul peak.
+    peak = matmul_peak_gflops(torch.float32)
+    macs = sum(w.numel() for w in model.rnn.parameters() if w.dim() == 2) + model.decoder.weight.numel()
     single = None
     for streams in (1, 8, 64):
         options = SamplingOptions(length=args.tokens // 2, num_samples=streams, seed=1)
         ms = per_token_ms(lambda n: generate(model, [], options), args.tokens // 2, repeats=3)
         throughput = streams * 1000 / ms
         single = single or throughput
+        gflops = throughput * 2 * macs / 1e9
         print(json.dumps({**info, "model": "char 2x512 LSTM, V=66", "streams": streams,
-                          "tokens_per_s": round(throughput), "scaling_vs_one_stream": round(throughput / single, 1)}),
+                          "tokens_per_s": round(throughput), "scaling_vs_one_stream": round(throughput / single, 1),
+                          "model_gflop_per_s": round(gflops, 1), "fp32_peak_gflop_per_s": round(peak, 1),
+                          "fraction_of_peak": round(gflops / peak, 3)}),
               flush=True)
 
 
