@@ -75,7 +75,8 @@ def train(
     device = resolve_device(config.train.device)
     with distributed_session(device) as ctx:
         run, corpus, sources = _start_run(ctx, config, corpus_path, valid_path, test_path, out, overwrite)
-        trainer = _Trainer(config, corpus, run, ctx.device(device), on_event, sources, ctx)
+        with ctx.reported_by_main():  # a config that does not fit the corpus fails on every rank: say it once
+            trainer = _Trainer(config, corpus, run, ctx.device(device), on_event, sources, ctx)
         try:
             with ctx.reported_by_main():
                 return trainer.run()
@@ -154,8 +155,9 @@ def resume(
                 run.write_config(config)  # only now that the run is known to be resumable
             if (run.path / BEST_MODEL).is_file():
                 run.mark_latest()
-        trainer = _Trainer(config, corpus, run, ctx.device(torch_device), on_event, saved["sources"], ctx)
-        trainer.restore(saved)
+        with ctx.reported_by_main():
+            trainer = _Trainer(config, corpus, run, ctx.device(torch_device), on_event, saved["sources"], ctx)
+            trainer.restore(saved)
         try:
             with ctx.reported_by_main():
                 return trainer.run()

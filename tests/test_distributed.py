@@ -190,6 +190,13 @@ def test_torchrun_with_a_missing_corpus_fails_once_with_its_message(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_torchrun_with_a_model_that_does_not_fit_the_vocabulary_fails_once(small_corpus, tmp_path):
+    done = torchrun("train", small_corpus, "--config", TINY, "--set", "model.softmax=adaptive",
+                    "--set", "model.adaptive_cutoffs=500", "--out", "run", cwd=tmp_path, timeout=60)
+    assert done.returncode != 0  # torchrun's own code for failed workers; each worker exited with 2
+    assert done.stderr.count("lmtool: error: model.adaptive_cutoffs [500] must all lie below") == 1
+
+
 def test_a_bidirectional_adaptive_softmax_model_trains_on_two_processes_as_on_one(tmp_path):
     # Both stacks run in one forward call (one gradient reduction), and the adaptive softmax's tail clusters
     # that a rank's batch never reaches still get their (zero) share of the reduction.
