@@ -100,13 +100,17 @@ class Model:
         gives the mixture of both directions unless `direction` picks one."""
         if isinstance(sentences, str):
             sentences = [sentences]
-        if direction in (None, "both") and len(self.directions) == 2:
-            forward, backward = (score_sentences(self.network, self.tokenizer, list(sentences), batch_size, d)
-                                 for d in self.directions)
-            return [MixtureScore(f, b) for f, b in zip(forward, backward)]
-        if direction == "both":
+        scores = [score_sentences(self.network, self.tokenizer, list(sentences), batch_size, d)
+                  for d in self._directions(direction)]
+        return [MixtureScore(f, b) for f, b in zip(*scores)] if len(scores) == 2 else scores[0]
+
+    def _directions(self, direction: str | None) -> tuple[str, ...]:
+        """The directions a request reads: all the model has for None or "both", else the one named."""
+        if direction == "both" and len(self.directions) < 2:
             raise LmtoolError(f"--direction both needs a bidirectional model; this one reads {self.directions[0]} only")
-        return score_sentences(self.network, self.tokenizer, list(sentences), batch_size, direction)
+        if direction in (None, "both"):
+            return self.directions
+        return (self.network.direction_of(direction),)
 
     def perplexity(
         self,
@@ -121,11 +125,7 @@ class Model:
         if isinstance(paths, (str, Path)):
             paths = [paths]
         bptt = bptt or self.config.data.bptt
-        directions = self.directions if direction in (None, "both") else (direction,)
-        if direction == "both" and len(self.directions) < 2:
-            raise LmtoolError(f"--direction both needs a bidirectional model; this one reads {self.directions[0]} only")
-        for d in directions:
-            self.network.stack(d)  # a clear error before any work for a direction the model lacks
+        directions = self._directions(direction)  # a clear error before any work for a direction the model lacks
         totals = {d: StreamScore(nll=0.0, tokens=0) for d in directions}
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="lmtool-eval-") as tmp:

@@ -185,7 +185,7 @@ def _sample_toward(lm, ending: str, options, output: Optional[Path]) -> None:
     _, unknown = encode_prime(lm.tokenizer, ending)
     if unknown:
         warnings.warn(f"{unknown} token(s) of --ending are not in the vocabulary and are read as <UNK>")
-    texts = [_joined_before(lm.tokenizer, t, ending) for t in lm.sample(options=options, ending=ending)]
+    texts = [t + _joined(lm.tokenizer, t, ending) for t in lm.sample(options=options, ending=ending)]
     if len(texts) == 1:
         sys.stdout.write(texts[0] + "\n")
     else:
@@ -195,16 +195,10 @@ def _sample_toward(lm, ending: str, options, output: Optional[Path]) -> None:
         atomic_write(output, "".join(t + "\n" for t in texts).encode("utf-8"))
 
 
-def _joined_before(tokenizer, text: str, ending: str) -> str:
-    """The generated text, then the ending (a space between words unless a line ends there)."""
-    if tokenizer.level == "word" and text and ending and not text.endswith("\n") and not ending.startswith("\n"):
-        return f"{text} {ending}"
-    return text + ending
-
-
-def _joined(tokenizer, prime: str, text: str) -> str:
-    """Word-level text after a prime needs a space between them (unless the prime ends a line)."""
-    if tokenizer.level == "word" and prime and not prime.endswith("\n") and text and not text.startswith("\n"):
+def _joined(tokenizer, before: str, text: str) -> str:
+    """`text` as it follows `before` (a prime, or a sample before its ending): word-level text needs a space
+    between the two, unless a line ends there."""
+    if tokenizer.level == "word" and before and not before.endswith("\n") and text and not text.startswith("\n"):
         return " " + text
     return text
 

@@ -68,8 +68,7 @@ def stream_nll(
     backward direction reads the stream reversed.
 
     `rows` scores only those streams (one rank's share in distributed training; the sums add up)."""
-    direction = direction or model.directions[0]
-    model.stack(direction)  # a clear error for a direction the model lacks
+    direction = model.direction_of(direction)
     streams = batchify(oriented(stream, direction), batch_size)  # (B, N // B), still on the host
     if streams.size(1) < 2:
         raise LmtoolError(f"the text has {stream.numel()} tokens: too short to score with batch size {batch_size}")
@@ -124,8 +123,23 @@ class TokenScore:
         return -self.logprob / math.log(2)
 
 
+class _SentenceTotals:
+    """What follows from a sentence's log-probability and its token count."""
+
+    logprob: float
+    num_tokens: int
+
+    @property
+    def log10prob(self) -> float:
+        return self.logprob * LOG10_E
+
+    @property
+    def perplexity(self) -> float:
+        return safe_exp(-self.logprob / self.num_tokens)
+
+
 @dataclass(frozen=True)
-class SentenceScore:
+class SentenceScore(_SentenceTotals):
     """log P(tokens..., <EOS>) of one sentence, from the sentence-start state. Tokens are in sentence order;
     read backward, each token is predicted from the ones after it and the final <EOS> row is the sentence
     start, predicted from the whole sentence."""
@@ -139,10 +153,6 @@ class SentenceScore:
         return math.fsum(t.logprob for t in self.tokens)
 
     @property
-    def log10prob(self) -> float:
-        return self.logprob * LOG10_E
-
-    @property
     def num_tokens(self) -> int:
         return len(self.tokens)
 
@@ -150,13 +160,9 @@ class SentenceScore:
     def num_unknown(self) -> int:
         return sum(not t.known for t in self.tokens)
 
-    @property
-    def perplexity(self) -> float:
-        return safe_exp(-self.logprob / self.num_tokens)
-
 
 @dataclass(frozen=True)
-class MixtureScore:
+class MixtureScore(_SentenceTotals):
     """A bidirectional model's sentence probability: the mixture 1/2 P_forward + 1/2 P_backward, a proper
     distribution over sentences, kept in log space (a long sentence's probabilities underflow any float)."""
 
@@ -172,20 +178,12 @@ class MixtureScore:
         return log_mean_exp(self.forward.logprob, self.backward.logprob)
 
     @property
-    def log10prob(self) -> float:
-        return self.logprob * LOG10_E
-
-    @property
     def num_tokens(self) -> int:
         return self.forward.num_tokens
 
     @property
     def num_unknown(self) -> int:
         return self.forward.num_unknown
-
-    @property
-    def perplexity(self) -> float:
-        return safe_exp(-self.logprob / self.num_tokens)
 
 
 def log_mean_exp(a: float, b: float) -> float:
@@ -211,8 +209,7 @@ def score_sentences(
             raise LmtoolError("a sentence to score cannot contain a newline; give one sentence per line")
     model.eval()
     device = model.device
-    direction = direction or model.directions[0]
-    model.stack(direction)  # a clear error for a direction the model lacks
+    direction = model.direction_of(direction)
     backward = direction == "backward"
     in_order = [tokenizer.encode_line(s) for s in sentences]
     # Read backward, "w1 .. wT <EOS>" is "wT .. w1 <EOS>": the <EOS> then stands for the sentence start.

@@ -146,15 +146,19 @@ class LanguageModel(nn.Module):
     def device(self) -> torch.device:
         return self.embedding.weight.device
 
-    def stack(self, direction: str | None = None) -> nn.RNNBase:
-        """The recurrent stack that reads in `direction` (default: the model's first, or only, direction)."""
+    def direction_of(self, direction: str | None = None) -> str:
+        """The direction asked for (default: the model's first, or only, one); a clear error for one it lacks."""
         direction = direction or self.directions[0]
         if direction not in self.directions:
             raise LmtoolError(
                 f"this model reads {' and '.join(self.directions)} only: it has no {direction} direction "
                 f"(train one with --set model.direction={direction} or bidirectional)"
             )
-        return self.rnn if direction == self.directions[0] else self.rnn_backward
+        return direction
+
+    def stack(self, direction: str | None = None) -> nn.RNNBase:
+        """The recurrent stack that reads in `direction` (default: the model's first, or only, direction)."""
+        return self.rnn if self.direction_of(direction) == self.directions[0] else self.rnn_backward
 
     def forward(
         self,

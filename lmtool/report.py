@@ -186,37 +186,38 @@ def _stream_record(s: StreamScore, level: str) -> dict:
 
 
 def print_evaluation(console: Console, evaluation: FileEvaluation, level: str) -> None:
+    """One table per direction evaluated; the per-line mixture (if any), time and speed close the list."""
     unit = token_unit(level)
     several = len(evaluation.by_direction) > 1
-    for direction, s in (evaluation.by_direction.items() if several else [("", evaluation.score)]):
-        title = f"perplexity, {direction}" if several else "perplexity"
+    scores = evaluation.by_direction.items() if several else [("", evaluation.score)]
+    sections = [(f"perplexity, {d}" if several else "perplexity", _stream_rows(evaluation, s, unit)) for d, s in scores]
+    closing = []
+    m = evaluation.mixture
+    if m is not None:
+        closing += [("tokens scored", f"{m.tokens:,}"), ("perplexity", f"{m.perplexity:.3f}"),
+                    (f"bits per {unit}", f"{m.bits_per_token:.4f}")]
+    closing += [("time", f"{evaluation.seconds:.2f}s"), ("tokens/s", f"{evaluation.tokens_per_s:,.0f}")]
+    if several:
+        sections.append(("mixture 1/2 P_forward + 1/2 P_backward, per line" if m else "speed", closing))
+    else:
+        sections[-1][1].extend(closing)
+    for title, rows in sections:
         table = Table(title=title, show_header=False, title_justify="left")
         table.add_column("what", style="bold")
         table.add_column("value", justify="right")
-        known = s.perplexity_known
-        rows = [
-            ("files", ", ".join(evaluation.files)),
-            ("tokens scored", f"{s.tokens:,}"),
-            ("unknown tokens", f"{s.unknown:,} ({100 * s.unknown_rate:.2f}%)"),
-            ("mean NLL", f"{s.loss:.4f} nats/{unit}"),
-            ("perplexity", f"{s.perplexity:.3f}"),
-            (f"bits per {unit}", f"{s.bits_per_token:.4f}"),
-            ("perplexity excluding <UNK>", f"{known:.3f}" if known is not None else "-"),
-        ]
         for what, value in rows:
             table.add_row(what, value)
-        if several:
-            console.print(table)
-    m = evaluation.mixture
-    if several:
-        table = Table(title="mixture 1/2 P_forward + 1/2 P_backward, per line" if m else "speed",
-                      show_header=False, title_justify="left")
-        table.add_column("what", style="bold")
-        table.add_column("value", justify="right")
-    if m is not None:
-        table.add_row("tokens scored", f"{m.tokens:,}")
-        table.add_row("perplexity", f"{m.perplexity:.3f}")
-        table.add_row(f"bits per {unit}", f"{m.bits_per_token:.4f}")
-    table.add_row("time", f"{evaluation.seconds:.2f}s")
-    table.add_row("tokens/s", f"{evaluation.tokens_per_s:,.0f}")
-    console.print(table)
+        console.print(table)
+
+
+def _stream_rows(evaluation: FileEvaluation, s: StreamScore, unit: str) -> list[tuple[str, str]]:
+    known = s.perplexity_known
+    return [
+        ("files", ", ".join(evaluation.files)),
+        ("tokens scored", f"{s.tokens:,}"),
+        ("unknown tokens", f"{s.unknown:,} ({100 * s.unknown_rate:.2f}%)"),
+        ("mean NLL", f"{s.loss:.4f} nats/{unit}"),
+        ("perplexity", f"{s.perplexity:.3f}"),
+        (f"bits per {unit}", f"{s.bits_per_token:.4f}"),
+        ("perplexity excluding <UNK>", f"{known:.3f}" if known is not None else "-"),
+    ]

@@ -122,8 +122,7 @@ def generate(
 ) -> list[list[int]]:
     """Generate `options.length` tokens per sample after <EOS> + prime; `on_token` sees each (B,) step.
     In the backward direction the prime is an ending, reversed, and so are the tokens returned."""
-    direction = direction or model.directions[0]
-    model.stack(direction)  # a clear error for a direction the model lacks
+    direction = model.direction_of(direction)
     model.eval()
     device = model.device
     generator = None
