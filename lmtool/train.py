@@ -309,11 +309,12 @@ class _Trainer:
         self.model.train()
         state = self.hidden if self.hidden is not None else self._zero_state()
         both = "both" if len(self.directions) > 1 else None
-        window_start = time.perf_counter()
-        for x, y in windows(self.streams, dc.bptt, start=self.window * dc.bptt):
+        if self.window < self.steps_per_epoch:  # after that, each step checks the limits when it ends
             reason = self._limit_reached()  # a run resumed at its limit (or given a lower one) trains nothing
             if reason:
                 return reason
+        window_start = time.perf_counter()
+        for x, y in windows(self.streams, dc.bptt, start=self.window * dc.bptt):
             lr = learning_rate(tc, self.step, self.epoch, self.plateau.divisions, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
