@@ -62,6 +62,12 @@ def adaptive_cutoffs(config: ModelConfig, vocab_size: int) -> list[int]:
     return cutoffs
 
 
+def check_fits(config: ModelConfig, vocab_size: int) -> None:
+    """Fail, before anything is written, if the model's config cannot work with this vocabulary."""
+    if config.softmax == "adaptive":
+        adaptive_cutoffs(config, vocab_size)
+
+
 class LanguageModel(nn.Module):
     """Predicts token t+1 from tokens 1..t. `forward` gives scores over the vocabulary whose softmax is the
     model's distribution or, given targets, -log P(target) at every position: the one definition of the loss."""

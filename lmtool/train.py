@@ -31,7 +31,7 @@ from lmtool.devices import resolve_device, resolve_precision
 from lmtool.distributed import DistributedContext, distributed_session
 from lmtool.errors import Interrupted, LmtoolError, TrainingFailed
 from lmtool.evaluate import StreamScore, combined, safe_exp, stream_nll
-from lmtool.model import LanguageModel, State, count_parameters, detach_state
+from lmtool.model import LanguageModel, State, check_fits, count_parameters, detach_state
 from lmtool.schedule import PlateauTracker, learning_rate
 from lmtool.tokenizer import Tokenizer
 
@@ -93,6 +93,7 @@ def _start_run(ctx: DistributedContext, config: Config, corpus_path, valid_path,
         try:
             check_run_target(run_path, overwrite)  # fail before the slow part
             corpus = _load_corpus(config, corpus_path, valid_path, test_path)
+            check_fits(config.model, len(corpus.tokenizer))  # e.g. adaptive cutoffs above the vocabulary size
         except LmtoolError as err:
             error = err
     ctx.agree(error)

@@ -116,3 +116,10 @@ def test_plateau_divides_after_patience_and_counts_for_early_stop():
     assert (tracker.divisions, tracker.since_best) == (1, 2)
     cfg = TrainConfig(schedule="plateau", lr=1.0, plateau_factor=4.0)
     assert learning_rate(cfg, 0, 1, tracker.divisions, None) == 0.25
+
+
+def test_a_model_that_does_not_fit_the_vocabulary_fails_before_writing_a_run(small_corpus, tmp_path, run_cli):
+    result = run_cli("train", small_corpus, "--config", TINY, "--set", "model.softmax=adaptive",
+                     "--set", "model.adaptive_cutoffs=500", "--out", tmp_path / "run")
+    assert result.code == 2 and "must all lie below the vocabulary size" in result.err
+    assert not (tmp_path / "run").exists()  # so fixing the config and running again needs no --overwrite
