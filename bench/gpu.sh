@@ -1,9 +1,40 @@
 #!/usr/bin/env bash
-# One short GPU check (a few minutes) for a session that is lent a GPU: training tokens/s and utilisation of
-# the char model and PTB-medium through lmtool and a bare loop, fp32 and bf16, plus the GPU's matmul peak.
-# Usage: bash bench/gpu.sh [DATA_DIR]   (DATA_DIR defaults to ../shared/data)
+# One short GPU check (about 4 minutes) for a session that is lent a GPU. In order:
+#   1. the CLI end to end on CUDA: train the char model for 300 steps, then sample, score and evaluate with it
+#      (one exact stream, then 64 streams);
+#   2. host syncs per training step, counted by PyTorch's sync detector (bench/gpu_syncs.py; target 0);
+#   3. training tokens/s and utilisation of the char model and PTB-medium, lmtool against a bare loop, fp32
+#      and bf16, with the GPU's matmul peaks measured in the same run (bench/train_throughput.py);
+#   4. bf16 against fp32 for the same tokens: speed and validation loss (bench/precision.py);
+#   5. kernels and GPU time per step against wall time per step, lmtool and the bare loop (bench/gpu_profile.py).
+# Usage: bash bench/gpu.sh [DATA_DIR]   (DATA_DIR defaults to ../shared/data; set PYTHON to pick the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data="${1:-../shared/data}"
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print('gpu:', torch.cuda.get_device_name(0), 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
-python bench/train_throughput.py --device cuda --steps 30 --only char,ptb-medium --data "$data"
+py="${PYTHON:-python}"
+export PYTHONUNBUFFERED=1
+$py -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print('gpu:', torch.cuda.get_device_name(0), 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
+date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+echo "== 1. CLI end to end on cuda"
+$py -m lmtool train "$data/tinyshakespeare/input.txt" --device cuda --max-steps 300 --out "$work/char" \
+    --set train.eval_every=150 --set train.log_every=50
+$py -m lmtool sample --model "$work/char" --device cuda --prime "ROMEO:" --length 120 --seed 1
+$py -m lmtool sample --model "$work/char" --device cuda --length 60 --num-samples 4 --seed 1
+$py -m lmtool score --model "$work/char" --device cuda "To be, or not to be: that is the question."
+$py -m lmtool evaluate-perplexity --model "$work/char" --device cuda "$data/tinyshakespeare/input.txt"
+$py -m lmtool evaluate-perplexity --model "$work/char" --device cuda --batch-size 64 "$data/tinyshakespeare/input.txt"
+
+echo "== 2. host syncs per training step"
+$py bench/gpu_syncs.py --data "$data"
+
+echo "== 3. training throughput"
+$py bench/train_throughput.py --device cuda --steps 200 --only char,ptb,ptb-medium --data "$data"
+
+echo "== 4. bf16 against fp32 on the char model"
+$py bench/precision.py --device cuda --steps 300 --corpus "$data/tinyshakespeare/input.txt"
+
+echo "== 5. where a step's time goes"
+$py bench/gpu_profile.py --data "$data" --only ptb-medium,char

@@ -1,6 +1,7 @@
 """bf16 autocast against fp32 for the same training tokens: speed ratio and validation loss.
 
-Usage: python bench/precision.py [--steps 150] [--corpus data/tinyshakespeare.txt] [--set key=value ...]
+Usage: python bench/precision.py [--steps 150] [--corpus data/tinyshakespeare.txt] [--device cpu|cuda]
+                                 [--set key=value ...]
 Trains the default character model twice in this process, fp32 then bf16, for the same number of steps
 (same seed, same batches), and prints one JSON line: median training tokens/s of each, their ratio, and
 the validation loss of each after the same tokens.
@@ -30,13 +31,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--corpus", default=str(REPO / "data" / "tinyshakespeare.txt"))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     results = {}
     for precision in ("fp32", "bf16"):
         records = []
         cfg = load_config(None, [*args.overrides, f"train.max_steps={args.steps}", f"train.precision={precision}",
-                                 "train.log_every=10"])
+                                 "train.log_every=10", f"train.device={args.device}"])
         with tempfile.TemporaryDirectory() as tmp:
             result = train(cfg, Path(args.corpus), out=Path(tmp) / "run", on_event=records.append)
         speeds = [r["tokens_per_s"] for r in records if r["event"] == "train"][1:]
@@ -45,8 +47,9 @@ def main() -> None:
     fp32, bf16 = results["fp32"], results["bf16"]
     print(json.dumps({
         **machine_info(),
-        "peak_gflops_fp32": round(matmul_peak_gflops(torch.float32)),
-        "peak_gflops_bf16": round(matmul_peak_gflops(torch.bfloat16)),
+        "device": args.device,
+        "peak_gflops_fp32": round(matmul_peak_gflops(torch.float32, args.device)),
+        "peak_gflops_bf16": round(matmul_peak_gflops(torch.bfloat16, args.device)),
         "steps": args.steps,
         "fp32": fp32,
         "bf16": bf16,

@@ -4,8 +4,8 @@ Usage: python bench/step_ab.py [--rounds 12] [--precision bf16|fp32]
 On a shared machine whose speed drifts by tens of percent within a minute, timing two loops one after the
 other mostly measures the drift. Here one step of each runs in turn, on the same windows, so both see the
 same moments; the figure is the median of the per-pair time ratios. lmtool's step is the trainer's hot path:
-`LanguageModel(x, state, targets=y)` (the one loss), mean, backward, gradient-norm clipping, the one host
-sync that checks for a bad step, the optimiser step. The bare step: nn.Embedding -> nn.LSTM -> nn.Linear ->
+`LanguageModel(x, state, targets=y)` (the one loss), mean, backward, gradient-norm clipping, the bad-step
+guard decided on the device, the fused optimiser step that skips a bad step, and the running loss. The bare step: nn.Embedding -> nn.LSTM -> nn.Linear ->
 cross-entropy, SGD. Workload: the char 2x512 LSTM at batch 64 x BPTT 128, no dropout. One JSON line.
 """
 
@@ -26,7 +26,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lmtool.config import ModelConfig  # noqa: E402
+from lmtool.config import TrainConfig  # noqa: E402
 from lmtool.model import LanguageModel, detach_state  # noqa: E402
+from lmtool.step_guard import StepGuard, skip_if  # noqa: E402
+from lmtool.train import OPTIMIZERS  # noqa: E402
 
 VOCAB, BATCH, BPTT = 66, 64, 128
 
@@ -55,7 +58,9 @@ def main() -> None:
         bare_state[0] = tuple(s.detach() for s in state)
 
     model = LanguageModel(ModelConfig(embedding_size=128, hidden_size=512, dropout=0.0), VOCAB)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = OPTIMIZERS["sgd"](model.parameters(), TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0), True)
+    guard = StepGuard(torch.device("cpu"), blowup_factor=5.0, max_bad_steps=5)
+    running_nll = torch.zeros(())
     state = [model.init_state(BATCH)]
 
     def ours(x, y):
@@ -65,8 +70,11 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        torch.stack([nll.detach().mean(), norm.detach().float()]).tolist()
-        opt.step()
+        step_loss = nll.detach().mean()
+        bad = guard.check(step_loss, norm)
+        skip_if(opt, bad, on_device=True)
+        guard.record(bad, step_loss, 1)
+        running_nll.add_(torch.where(bad, 0.0, nll.detach().sum()))
         state[0] = detach_state(next_state)
 
     ratios, bare_times, our_times = [], [], []

@@ -117,7 +117,7 @@ def main() -> None:
             streams = batchify(corpus.train, cfg.data.batch_size)
             m = cfg.model
             bare_tps = bare_loop(streams, len(corpus.tokenizer), m.embedding_size, m.hidden_size, m.num_layers,
-                                 cfg.data.bptt, min(args.steps, 20), precision == "bf16", args.device)
+                                 cfg.data.bptt, args.steps, precision == "bf16", args.device)
             macs = multiply_adds_per_token(m.embedding_size, m.hidden_size, m.num_layers, start["vocab_size"])
             flops = 6 * macs
             print(json.dumps({

@@ -77,6 +77,18 @@ class DistributedContext:
         device_ids = [model_device.index] if (model_device := next(model.parameters()).device).type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
+    def average(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of a tensor on this rank's device (NCCL on GPUs: the host does not wait).
+        Every rank receives the same reduced bits."""
+        if not self.enabled:
+            return tensor
+        import torch.distributed as dist
+
+        total = tensor.detach().clone()
+        with _peers_lost():
+            dist.all_reduce(total)
+        return total / self.world_size
+
     # --- collectives on the host (CPU tensors, gloo); each is a no-op in a single process --------------
 
     def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:

@@ -33,14 +33,17 @@ from lmtool.errors import Interrupted, LmtoolError, TrainingFailed
 from lmtool.evaluate import StreamScore, combined, safe_exp, stream_nll
 from lmtool.model import LanguageModel, State, check_fits, count_parameters, detach_state
 from lmtool.schedule import PlateauTracker, learning_rate
+from lmtool.step_guard import SKIPS_ON_DEVICE, StepGuard, skip_if, start_momentum
 from lmtool.tokenizer import Tokenizer
 
 Event = dict[str, Any]
 
+# (parameters, train config, fused) -> optimiser; fused kernels can skip a bad step without the host.
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
-    "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay),
-    "adamw": lambda params, c: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
+    "sgd": lambda params, c, fused: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                                                    fused=fused),
+    "adam": lambda params, c, fused: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay, fused=fused),
+    "adamw": lambda params, c, fused: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay, fused=fused),
 }
 
 
@@ -225,7 +228,9 @@ class _Trainer:
         # Adaptive softmax leaves the tail clusters that no target of a batch falls in without a gradient.
         self.train_model = ctx.wrap(self.model, find_unused_parameters=config.model.softmax == "adaptive")
         self.autocast_dtype = resolve_precision(tc.precision, device)  # master weights and the loss stay fp32
-        self.optimizer = OPTIMIZERS[tc.optimizer](self.model.parameters(), tc)
+        self.skips_on_device = device.type in SKIPS_ON_DEVICE
+        self.optimizer = OPTIMIZERS[tc.optimizer](self.model.parameters(), tc, self.skips_on_device or None)
+        start_momentum(self.optimizer)
         # data.batch_size is per process: the streams are cut as one process with the global batch would cut
         # them, and rank r trains the contiguous rows [r*B, (r+1)*B), carrying their hidden state.
         world = ctx.world_size
@@ -257,12 +262,9 @@ class _Trainer:
         self.hidden: State | None = None
         self.tokens_seen = 0
         self.last_validated_step = -1
-        self.running_nll = torch.zeros((), device=device)
-        self.running_tokens = 0
-        self.bad_steps = 0
-        self.skipped_steps = 0
-        self.good_steps = 0
-        self.loss_ema: float | None = None  # running mean of the per-token training loss
+        self.running_nll = torch.zeros((), device=device)  # since the last log, on the device: no per-step sync
+        self.running_tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.guard = StepGuard(device, tc.blowup_factor, tc.max_bad_steps)
         self.elapsed_before = 0.0  # training time of earlier sessions of this run
         self.resumed = False
         self.start_time = time.perf_counter()
@@ -323,34 +325,22 @@ class _Trainer:
                                 enabled=self.autocast_dtype is not None):
                 nll, next_state = self.train_model(x, state, targets=y, direction=both)  # ([D,] B, T), float32
             loss = nll.mean() if tc.loss_reduction == "mean" else nll.sum(dim=-1).mean()
-            loss = loss * len(self.directions)  # a bidirectional model trains on the sum of both losses
+            if len(self.directions) > 1:
+                loss = loss * len(self.directions)  # a bidirectional model trains on the sum of both losses
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), tc.clip_grad_norm if tc.clip_grad_norm is not None else math.inf
             )
-            # One host sync per step: a non-finite or exploding step must never reach the weights.
-            step_loss, step_norm = torch.stack([nll.detach().mean(), norm.detach().float()]).tolist()
-            step_loss, step_norm = self.ctx.mean_in_rank_order([step_loss, step_norm])  # one decision for all ranks
-            problem = self._bad_step_reason(step_loss, step_norm)
-            if problem is None:
-                self.optimizer.step()
-                self.bad_steps = 0
-                self.good_steps += 1
-                self.loss_ema = step_loss if self.loss_ema is None else 0.98 * self.loss_ema + 0.02 * step_loss
-                self.running_nll += nll.detach().sum()
-                self.running_tokens += y.numel()
-            else:
-                self.bad_steps += 1
-                self.skipped_steps += 1
-                next_state = self._zero_state()  # never carry an inf/NaN state on
-                if self.bad_steps >= tc.max_bad_steps:
-                    raise TrainingFailed(
-                        f"training diverged: {self.bad_steps} bad steps in a row up to step {self.step + 1} "
-                        f"({problem}); the best model in {self.run_dir.path} is intact. "
-                        "Lower train.lr or set train.clip_grad_norm"
-                    )
-            state = detach_state(next_state)
+            # A non-finite or exploding step must never reach the weights. Decided on the device (the host does
+            # not wait for it); the gradients are averaged over ranks, so the norm and this mean agree everywhere.
+            step_loss = self.ctx.average(nll.detach().mean())
+            bad = self.guard.check(step_loss, norm)
+            skip_if(self.optimizer, bad, self.skips_on_device)
+            self.guard.record(bad, step_loss, self.step + 1)
+            self.running_nll += torch.where(bad, 0.0, nll.detach().sum())
+            self.running_tokens += (~bad) * y.numel()
+            state = _zeroed_if(bad, detach_state(next_state))  # never carry an inf/NaN state on
             self.hidden = state
             self.step += 1
             self.window += 1
@@ -375,17 +365,19 @@ class _Trainer:
                 window_start = time.perf_counter()
         return None
 
-    def _bad_step_reason(self, loss: float, norm: float) -> str | None:
-        """Why a step must be skipped: a non-finite loss or gradient, or a loss far above the running mean."""
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            return "non-finite loss or gradient"
-        factor = self.config.train.blowup_factor
-        if factor is not None and self.good_steps >= 50 and loss > factor * self.loss_ema:
-            return f"loss {loss:.3g} above {factor:g} x the running mean {self.loss_ema:.3g}"
-        return None
+    def _stop_if_diverged(self) -> None:
+        """Raise once `max_bad_steps` bad steps came in a row (the weights have not moved since)."""
+        problem = self.guard.failure()
+        if problem is not None:
+            raise TrainingFailed(
+                f"training diverged: {problem}; the best model in {self.run_dir.path} is intact. "
+                "Lower train.lr or set train.clip_grad_norm"
+            )
 
     def _log_train(self, lr: float, seconds: float) -> None:
-        nll, all_tokens = self.ctx.sum_in_rank_order([float(self.running_nll), self.running_tokens])  # every rank's
+        self._stop_if_diverged()
+        local_nll, local_tokens = torch.stack([self.running_nll.double(), self.running_tokens.double()]).tolist()
+        nll, all_tokens = self.ctx.sum_in_rank_order([local_nll, local_tokens])  # every rank's
         tokens = max(1, all_tokens)
         loss = nll / tokens
         self.emit(
@@ -398,13 +390,13 @@ class _Trainer:
                 "lr": lr,
                 "tokens_per_s": all_tokens / len(self.directions) / seconds if seconds > 0 else 0.0,
                 "tokens_seen": self.tokens_seen,
-                "skipped_steps": self.skipped_steps,
+                "skipped_steps": self.guard.skipped_steps,
                 "elapsed": self.elapsed,
                 "eta": self._eta(),
             }
         )
         self.running_nll.zero_()
-        self.running_tokens = 0
+        self.running_tokens.zero_()
 
     def _stop_if_signalled(self) -> None:
         """After Ctrl-C or SIGTERM: save a checkpoint here, at a step boundary, and stop with the resume command."""
@@ -440,6 +432,7 @@ class _Trainer:
     def _validate(self) -> str | None:
         """Score the validation text, keep the best model, save the last; returns a stop reason for early stop."""
         tc, dc = self.config.train, self.config.data
+        self._stop_if_diverged()
         self.last_validated_step = self.step
         scores = {d: self._score_shared(self.corpus.valid, self.eval_batch["validation"], d) for d in self.directions}
         score = combined(list(scores.values()))
@@ -498,6 +491,7 @@ class _Trainer:
         )
 
     def _finish(self, stop_reason: str) -> TrainResult:
+        self._stop_if_diverged()
         test = None
         if self.corpus.test is not None and self.ctx.is_main:  # the best model is on rank 0's disk only
             with torch.random.fork_rng(devices=[]):  # building the model must not move the training RNG
@@ -522,7 +516,7 @@ class _Trainer:
                 "steps": self.step,
                 "epochs": self.epoch,
                 "tokens_seen": self.tokens_seen,
-                "skipped_steps": self.skipped_steps,
+                "skipped_steps": self.guard.skipped_steps,
                 "elapsed": self.elapsed,
                 "best_valid_loss": best.loss if best else None,
                 "best_valid_ppl": best.perplexity if best else None,
@@ -555,7 +549,7 @@ class _Trainer:
         ranks = None
         if self.ctx.enabled:  # what differs between ranks, in rank order
             rngs = {key: self.ctx.gather(value) for key, value in rng.items()}
-            running = self.ctx.gather(torch.tensor([float(self.running_nll), self.running_tokens], dtype=torch.float64))
+            running = self.ctx.gather(torch.stack([self.running_nll.double(), self.running_tokens.double()]))
             ranks = {
                 "rng": [{key: parts[i] for key, parts in rngs.items()} for i in range(self.ctx.world_size)],
                 "running_nll": [float(r[0]) for r in running],
@@ -575,11 +569,8 @@ class _Trainer:
             "tokens_seen": self.tokens_seen,
             "last_validated_step": self.last_validated_step,
             "running_nll": self.running_nll.detach().cpu(),
-            "running_tokens": self.running_tokens,
-            "bad_steps": self.bad_steps,
-            "skipped_steps": self.skipped_steps,
-            "good_steps": self.good_steps,
-            "loss_ema": self.loss_ema,
+            "running_tokens": int(self.running_tokens),
+            **self.guard.state_dict(),  # good_steps, bad_steps, skipped_steps, loss_ema
             "plateau": {"best_loss": self.plateau.best_loss, "since_best": self.plateau.since_best,
                         "divisions": self.plateau.divisions},
             "best": None if best is None else {"nll": best.nll, "tokens": best.tokens, "unknown": best.unknown,
@@ -599,6 +590,7 @@ class _Trainer:
         return torch.cat(self.ctx.gather(state), dim=1)
 
     def save_checkpoint(self, finished: bool = False, stop_reason: str | None = None) -> None:
+        self._stop_if_diverged()  # a diverged run is never checkpointed: its last good checkpoint stays
         snapshot = self.snapshot(finished, stop_reason)  # every rank takes part; rank 0 writes it
         if self.ctx.is_main:
             self.run_dir.save_training_state(snapshot)
@@ -617,6 +609,7 @@ class _Trainer:
     def _restore(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
+        start_momentum(self.optimizer)  # a checkpoint taken before the first step holds no buffers
         # A run keeps the precision it started with, even on another machine.
         self.autocast_dtype = torch.bfloat16 if saved.get("precision", "fp32") == "bf16" else None
         self.step, self.epoch, self.window = saved["step"], saved["epoch"], saved["window"]
@@ -626,15 +619,14 @@ class _Trainer:
         self.tokens_seen = saved["tokens_seen"]
         self.last_validated_step = saved["last_validated_step"]
         self.running_nll = saved["running_nll"].to(self.device)
-        self.running_tokens = saved["running_tokens"]
+        self.running_tokens = torch.tensor(saved["running_tokens"], device=self.device)
         rng = saved["rng"]
         ranks = saved.get("ranks")
         if ranks is not None:
             rng = ranks["rng"][self.ctx.rank]
             self.running_nll = torch.tensor(ranks["running_nll"][self.ctx.rank], device=self.device)
-            self.running_tokens = ranks["running_tokens"][self.ctx.rank]
-        self.bad_steps, self.skipped_steps = saved["bad_steps"], saved["skipped_steps"]
-        self.good_steps, self.loss_ema = saved["good_steps"], saved["loss_ema"]
+            self.running_tokens = torch.tensor(ranks["running_tokens"][self.ctx.rank], device=self.device)
+        self.guard.load(saved)
         self.plateau = PlateauTracker(**saved["plateau"])
         self.best = None if saved["best"] is None else StreamScore(**saved["best"])
         self.elapsed_before = saved["elapsed"]
@@ -715,6 +707,13 @@ class _Trainer:
 def _as_lists(state):
     """A (nested) tuple state as nested lists of tensors: what a weights_only checkpoint stores."""
     return [_as_lists(s) for s in state] if isinstance(state, tuple) else state
+
+
+def _zeroed_if(bad: torch.Tensor, state):
+    """The state, or zeros where `bad` (a bool tensor) is set: chosen on the device."""
+    if isinstance(state, tuple):
+        return tuple(_zeroed_if(bad, s) for s in state)
+    return state.masked_fill(bad, 0.0)
 
 
 def _as_tuples(saved, device: torch.device, rows: slice):

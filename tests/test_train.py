@@ -123,3 +123,66 @@ def test_a_model_that_does_not_fit_the_vocabulary_fails_before_writing_a_run(sma
                      "--set", "model.adaptive_cutoffs=500", "--out", tmp_path / "run")
     assert result.code == 2 and "must all lie below the vocabulary size" in result.err
     assert not (tmp_path / "run").exists()  # so fixing the config and running again needs no --overwrite
+
+
+def count_host_reads(monkeypatch):
+    """Count every way a tensor's value reaches Python (each one waits for the GPU when training runs there)."""
+    calls = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            calls["n"] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_the_training_step_reads_nothing_back_from_the_device(small_corpus, tmp_path, monkeypatch, optimizer):
+    """Steps between two logs add no host reads: 10 more steps, the same count (the GPU is never waited for)."""
+    calls = count_host_reads(monkeypatch)
+    counts = []
+    for steps in (5, 15):
+        calls["n"] = 0
+        cfg = load_config(TINY, [f"train.max_steps={steps}", "train.log_every=1000", "train.eval_every=null",
+                                 f"train.optimizer={optimizer}", "train.momentum=0.9", "train.checkpoint_every=null",
+                                 "train.checkpoint_time=null"])
+        train(cfg, small_corpus, out=tmp_path / f"run{steps}")
+        counts.append(calls["n"])
+    assert counts[0] > 0  # the counter sees the reads of validation and checkpoints
+    assert counts[1] == counts[0]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_a_skipped_step_leaves_the_optimiser_as_if_it_never_happened(optimizer):
+    """A bad first step (NaN gradient) skipped on the device, then a good one: the same weights as one plain step,
+    momentum and Adam's step count included."""
+    from lmtool.step_guard import skip_if, start_momentum
+    from lmtool.train import OPTIMIZERS
+
+    cfg = TrainConfig(optimizer=optimizer, lr=0.1, momentum=0.9, weight_decay=0.01)
+    torch.manual_seed(0)
+    start, grad = torch.randn(7, 3), torch.randn(7, 3)
+    fused_param, plain_param = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    fused, plain = OPTIMIZERS[optimizer]([fused_param], cfg, True), OPTIMIZERS[optimizer]([plain_param], cfg, None)
+    start_momentum(fused)
+    fused_param.grad = torch.full_like(start, float("nan"))
+    skip_if(fused, torch.tensor(True), on_device=True)
+    assert torch.equal(fused_param.detach(), start)
+    for _ in range(2):  # two good steps: momentum and bias correction both count from the first good one
+        fused_param.grad, plain_param.grad = grad.clone(), grad.clone()
+        skip_if(fused, torch.tensor(False), on_device=True)
+        plain.step()
+    torch.testing.assert_close(fused_param.detach(), plain_param.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_loss_blow_up_run_stops_with_the_step_and_the_reason(small_corpus, tmp_path, monkeypatch):
+    from lmtool.errors import TrainingFailed
+    from test_resume import corrupt_loss
+
+    corrupt_loss(monkeypatch, lambda call: 1000.0 if call > 60 else 1.0)
+    cfg = load_config(TINY, ["train.max_bad_steps=2", "train.max_steps=90", "train.eval_every=null"])
+    with pytest.raises(TrainingFailed, match=r"2 bad steps in a row up to step 62 \(loss .* above 5 x the running mean"):
+        train(cfg, small_corpus, out=tmp_path / "run")

@@ -1,0 +1,103 @@
+"""Keep bad training steps (a non-finite loss or gradient, or a loss blow-up) away from the weights, deciding
+on the device so that the host never waits for the GPU inside the training loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# Optimisers whose fused kernels skip an update, step count included, when their `found_inf` tensor is
+# non-zero: PyTorch's own mechanism for mixed-precision loss scaling, used here for every bad step.
+SKIPS_ON_DEVICE = ("cpu", "cuda")
+
+
+class StepGuard:
+    """Per-step decisions and counters, all as device tensors; the host reads them only at log, validation and
+    checkpoint time (`failure`, `counts`), so a diverged run stops there, with the step it diverged at."""
+
+    def __init__(self, device: torch.device, blowup_factor: float | None, max_bad_steps: int, warmup: int = 50):
+        self.device, self.blowup_factor, self.max_bad_steps, self.warmup = device, blowup_factor, max_bad_steps, warmup
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        self.good_steps, self.bad_run, self.skipped = zero.clone(), zero.clone(), zero.clone()
+        self.loss_ema = torch.zeros((), dtype=torch.float32, device=device)  # running mean of the step loss
+        # The first time `max_bad_steps` came in a row: the step (-1: never), why, and the loss and mean then.
+        self.failed_at = torch.full((), -1, dtype=torch.int64, device=device)
+        self.failed_blowup = torch.zeros((), dtype=torch.bool, device=device)
+        self.failed_loss, self.failed_ema = self.loss_ema.clone(), self.loss_ema.clone()
+
+    def check(self, loss: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """Whether this step must be skipped (a bool tensor): non-finite, a blow-up, or the run already failed."""
+        loss, norm = loss.detach().float(), norm.detach().float()
+        non_finite = ~(torch.isfinite(loss) & torch.isfinite(norm))
+        bad = non_finite | (self.failed_at >= 0)
+        if self.blowup_factor is not None:
+            bad = bad | ((self.good_steps >= self.warmup) & (loss > self.blowup_factor * self.loss_ema))
+        return bad
+
+    def record(self, bad: torch.Tensor, loss: torch.Tensor, step: int) -> None:
+        """Count the step `check` judged; `step` is its 1-based number."""
+        loss = loss.detach().float()
+        good = ~bad
+        ema = torch.where(self.good_steps == 0, loss, 0.98 * self.loss_ema + 0.02 * loss)
+        self.loss_ema = torch.where(good, ema, self.loss_ema)
+        self.good_steps += good
+        self.skipped += bad
+        self.bad_run = torch.where(bad, self.bad_run + 1, 0)
+        newly_failed = (self.bad_run >= self.max_bad_steps) & (self.failed_at < 0)
+        self.failed_at = torch.where(newly_failed, step, self.failed_at)
+        self.failed_blowup = torch.where(newly_failed, torch.isfinite(loss), self.failed_blowup)
+        self.failed_loss = torch.where(newly_failed, loss, self.failed_loss)
+        self.failed_ema = torch.where(newly_failed, self.loss_ema, self.failed_ema)
+
+    def failure(self) -> str | None:
+        """Why the run diverged, if `max_bad_steps` bad steps came in a row (reads the device: call rarely)."""
+        failed_at, blowup, loss, ema = torch.stack(
+            [self.failed_at.double(), self.failed_blowup.double(), self.failed_loss.double(), self.failed_ema.double()]
+        ).tolist()
+        if failed_at < 0:
+            return None
+        problem = (f"loss {loss:.3g} above {self.blowup_factor:g} x the running mean {ema:.3g}" if blowup
+                   else "non-finite loss or gradient")
+        return f"{self.max_bad_steps} bad steps in a row up to step {int(failed_at)} ({problem})"
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values for the training checkpoint (the keys earlier checkpoints used, read by `load`)."""
+        good_steps, bad_run, skipped, ema = torch.stack(
+            [self.good_steps.double(), self.bad_run.double(), self.skipped.double(), self.loss_ema.double()]
+        ).tolist()
+        return {"good_steps": int(good_steps), "bad_steps": int(bad_run), "skipped_steps": int(skipped),
+                "loss_ema": ema if good_steps else None}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        as_int = lambda value: torch.tensor(value, dtype=torch.int64, device=self.device)  # noqa: E731
+        self.good_steps, self.bad_run = as_int(saved["good_steps"]), as_int(saved["bad_steps"])
+        self.skipped = as_int(saved["skipped_steps"])
+        ema = saved["loss_ema"]
+        self.loss_ema = torch.tensor(0.0 if ema is None else ema, dtype=torch.float32, device=self.device)
+
+
+def skip_if(optimizer: torch.optim.Optimizer, bad: torch.Tensor, on_device: bool) -> None:
+    """`optimizer.step()`, unless `bad`: decided by the fused kernel on the device, else by the host."""
+    if on_device:
+        optimizer.found_inf = bad.float()  # read by the fused kernels: no update, no step count, when 1
+        optimizer.step()
+    elif not bool(bad):
+        optimizer.step()
+
+
+def start_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give SGD with momentum zero buffers before its first step. A fused SGD whose very first update is skipped
+    otherwise keeps uninitialised buffers and uses them next step; from zeros, the first real update is the
+    same as PyTorch's (the buffer becomes the gradient, since lmtool uses no dampening)."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) == 0:
+            continue
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
