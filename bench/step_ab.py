@@ -1,12 +1,14 @@
 """lmtool's training step against the bare loop's, interleaved step by step: a fairer "never slower" check.
 
-Usage: python bench/step_ab.py [--rounds 12] [--precision bf16|fp32]
+Usage: python bench/step_ab.py [--rounds 12] [--precision bf16|fp32] [--workload char|ptb|wt2]
 On a shared machine whose speed drifts by tens of percent within a minute, timing two loops one after the
 other mostly measures the drift. Here one step of each runs in turn, on the same windows, so both see the
 same moments; the figure is the median of the per-pair time ratios. lmtool's step is the trainer's hot path:
 `LanguageModel(x, state, targets=y)` (the one loss), mean, backward, gradient-norm clipping, the bad-step
 guard decided on the device, the fused optimiser step that skips a bad step, and the running loss. The bare step: nn.Embedding -> nn.LSTM -> nn.Linear ->
-cross-entropy, SGD. Workload: the char 2x512 LSTM at batch 64 x BPTT 128, no dropout. One JSON line.
+cross-entropy, SGD. Workloads (no dropout; random tokens, since only speed is measured): the char 2x512 LSTM at
+batch 64 x BPTT 128, Zaremba-small on PTB's 10k words (2x200, batch 20 x BPTT 20), 2x200 on WikiText-2's 33,278
+words (batch 20 x BPTT 35). One JSON line.
 """
 
 from __future__ import annotations
@@ -28,22 +30,29 @@ from torch import nn  # noqa: E402
 from lmtool.config import ModelConfig  # noqa: E402
 from lmtool.config import TrainConfig  # noqa: E402
 from lmtool.model import LanguageModel, detach_state  # noqa: E402
-from lmtool.step_guard import StepGuard, skip_if  # noqa: E402
+from lmtool.step_guard import StepGuard, guarded_update  # noqa: E402
 from lmtool.train import OPTIMIZERS  # noqa: E402
 
-VOCAB, BATCH, BPTT = 66, 64, 128
+# name -> (vocabulary, embedding, hidden, batch, bptt, description)
+WORKLOADS = {
+    "char": (66, 128, 512, 64, 128, "char 2x512 LSTM, batch 64 x BPTT 128"),
+    "ptb": (10000, 200, 200, 20, 20, "PTB-small 2x200 LSTM, 10k words, batch 20 x BPTT 20"),
+    "wt2": (33278, 200, 200, 20, 35, "WikiText-2 2x200 LSTM, 33,278 words, batch 20 x BPTT 35"),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--workload", default="char", choices=sorted(WORKLOADS))
     args = parser.parse_args()
+    VOCAB, EMB, HIDDEN, BATCH, BPTT, description = WORKLOADS[args.workload]
     torch.manual_seed(0)
-    data = torch.randint(0, VOCAB, (BATCH, BPTT * args.rounds + 1), dtype=torch.uint8)
+    data = torch.randint(0, VOCAB, (BATCH, BPTT * args.rounds + 1), dtype=torch.int32)
     autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
-    embedding, lstm, out = nn.Embedding(VOCAB, 128), nn.LSTM(128, 512, 2, batch_first=True), nn.Linear(512, VOCAB)
+    embedding, lstm, out = nn.Embedding(VOCAB, EMB), nn.LSTM(EMB, HIDDEN, 2, batch_first=True), nn.Linear(HIDDEN, VOCAB)
     bare_opt = torch.optim.SGD([*embedding.parameters(), *lstm.parameters(), *out.parameters()], lr=0.1)
     bare_state = [None]
 
@@ -57,8 +66,9 @@ def main() -> None:
         bare_opt.step()
         bare_state[0] = tuple(s.detach() for s in state)
 
-    model = LanguageModel(ModelConfig(embedding_size=128, hidden_size=512, dropout=0.0), VOCAB)
-    opt = OPTIMIZERS["sgd"](model.parameters(), TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0), True)
+    model = LanguageModel(ModelConfig(embedding_size=EMB, hidden_size=HIDDEN, dropout=0.0, tie_weights=False), VOCAB)
+    params = list(model.parameters())
+    opt = OPTIMIZERS["sgd"](params, TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0), True)
     guard = StepGuard(torch.device("cpu"), blowup_factor=5.0, max_bad_steps=5)
     running_nll = torch.zeros(())
     state = [model.init_state(BATCH)]
@@ -69,11 +79,8 @@ def main() -> None:
         loss = nll.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         step_loss = nll.detach().mean()
-        bad = guard.check(step_loss, norm)
-        skip_if(opt, bad, on_device=True)
-        guard.record(bad, step_loss, 1)
+        bad = guarded_update(opt, params, guard, step_loss, 5.0, 1, on_device=True)
         running_nll.add_(torch.where(bad, 0.0, nll.detach().sum()))
         state[0] = detach_state(next_state)
 
@@ -90,7 +97,7 @@ def main() -> None:
             bare_times.append(times[bare])
             our_times.append(times[ours])
             ratios.append(times[bare] / times[ours])
-    print(json.dumps({**machine_info(), "workload": "char 2x512 LSTM, batch 64 x BPTT 128", "precision": args.precision,
+    print(json.dumps({**machine_info(), "workload": description, "precision": args.precision,
                       "pairs": len(ratios), "bare_tokens_per_s": round(BATCH * BPTT / statistics.median(bare_times)),
                       "lmtool_tokens_per_s": round(BATCH * BPTT / statistics.median(our_times)),
                       "lmtool_over_bare_median_of_pairs": round(statistics.median(ratios), 3),

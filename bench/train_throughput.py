@@ -5,7 +5,8 @@ Usage: python bench/train_throughput.py [--steps 30] [--data ../shared/data] [--
 Three reference workloads: char 2x512 LSTM on tinyshakespeare (batch 64, BPTT 128); Zaremba-small on PTB
 (2x200, 10k words, batch 20, BPTT 20); 2x200 LSTM on WikiText-2 (33k words, batch 20, BPTT 35). For each, in
 one process: the bare loop (nn.Embedding -> nn.LSTM -> nn.Linear -> cross-entropy, SGD) and `lmtool.train`
-with the same sizes, each in fp32 and bf16 autocast, and the machine's matrix-multiply peak measured now.
+with the same sizes, each in fp32 and bf16 autocast, and the machine's matrix-multiply peak measured before
+each workload and once more at the end (the highest is used: a shared machine's speed drifts).
 Utilisation = tokens/s x 6 x (multiply-adds per token) / peak of the precision used.
 Prints one JSON line per workload and precision.
 """
@@ -94,9 +95,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     info = machine_info()
-    peaks = {"fp32": matmul_peak_gflops(torch.float32, args.device),
-             "bf16": matmul_peak_gflops(torch.bfloat16, args.device)}
+    peaks = {"fp32": 0.0, "bf16": 0.0}
+
+    def measure_peaks() -> None:
+        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            peaks[precision] = max(peaks[precision], matmul_peak_gflops(dtype, args.device))
+
+    rows = []
     for name in args.only.split(","):
+        measure_peaks()
         train_file, valid_file, overrides = WORKLOADS[name]
         for precision in ("fp32", "bf16"):
             records = []
@@ -119,16 +126,18 @@ def main() -> None:
             bare_tps = bare_loop(streams, len(corpus.tokenizer), m.embedding_size, m.hidden_size, m.num_layers,
                                  cfg.data.bptt, args.steps, precision == "bf16", args.device)
             macs = multiply_adds_per_token(m.embedding_size, m.hidden_size, m.num_layers, start["vocab_size"])
-            flops = 6 * macs
-            print(json.dumps({
-                **info, "workload": name, "device": args.device, "precision": precision, "vocab": start["vocab_size"],
-                "batch": cfg.data.batch_size, "bptt": cfg.data.bptt,
-                "lmtool_tokens_per_s": round(lmtool_tps), "bare_loop_tokens_per_s": round(bare_tps),
-                "lmtool_over_bare": round(lmtool_tps / bare_tps, 2),
-                "model_gflop_per_s": round(lmtool_tps * flops / 1e9, 1),
-                "peak_gflop_per_s": round(peaks[precision], 1),
-                "utilisation": round(lmtool_tps * flops / 1e9 / peaks[precision], 3),
-            }), flush=True)
+            rows.append((name, precision, cfg, start["vocab_size"], lmtool_tps, bare_tps, 6 * macs))
+    measure_peaks()
+    for name, precision, cfg, vocab, lmtool_tps, bare_tps, flops in rows:
+        print(json.dumps({
+            **info, "workload": name, "device": args.device, "precision": precision, "vocab": vocab,
+            "batch": cfg.data.batch_size, "bptt": cfg.data.bptt,
+            "lmtool_tokens_per_s": round(lmtool_tps), "bare_loop_tokens_per_s": round(bare_tps),
+            "lmtool_over_bare": round(lmtool_tps / bare_tps, 2),
+            "model_gflop_per_s": round(lmtool_tps * flops / 1e9, 1),
+            "peak_gflop_per_s": round(peaks[precision], 1),
+            "utilisation": round(lmtool_tps * flops / 1e9 / peaks[precision], 3),
+        }), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ on the device so that the host never waits for the GPU inside the training loop.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -81,13 +81,37 @@ class StepGuard:
         self.loss_ema = torch.tensor(0.0 if ema is None else ema, dtype=torch.float32, device=self.device)
 
 
-def skip_if(optimizer: torch.optim.Optimizer, bad: torch.Tensor, on_device: bool) -> None:
-    """`optimizer.step()`, unless `bad`: decided by the fused kernel on the device, else by the host."""
+def guarded_update(
+    optimizer: torch.optim.Optimizer,
+    parameters: Sequence[torch.nn.Parameter],
+    guard: StepGuard,
+    step_loss: torch.Tensor,
+    max_norm: float | None,
+    step: int,
+    on_device: bool,
+) -> torch.Tensor:
+    """Clip the gradients to `max_norm`, judge the step and update the weights unless it is bad; returns `bad`.
+
+    With fused optimisers (`on_device`) nothing waits for the device, and clipping costs one read of the
+    gradients: the fused kernel divides each gradient by the clipping factor as it updates (its `grad_scale`
+    input, which mixed-precision loss scaling uses), instead of a separate pass rescaling them in memory.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    bad = guard.check(step_loss, norm)
+    # clip_grad_norm_'s factor, as a divisor: max_norm / (norm + 1e-6), at most 1
+    divisor = None if max_norm is None else torch.clamp((norm + 1e-6) / max_norm, min=1.0)
     if on_device:
-        optimizer.found_inf = bad.float()  # read by the fused kernels: no update, no step count, when 1
+        optimizer.grad_scale = divisor
+        optimizer.found_inf = bad.float()  # no update and no step count where 1
         optimizer.step()
-    elif not bool(bad):
-        optimizer.step()
+    else:
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+        if not bool(bad):
+            optimizer.step()
+    guard.record(bad, step_loss, step)
+    return bad
 
 
 def start_momentum(optimizer: torch.optim.Optimizer) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -33,7 +32,7 @@ from lmtool.errors import Interrupted, LmtoolError, TrainingFailed
 from lmtool.evaluate import StreamScore, combined, safe_exp, stream_nll
 from lmtool.model import LanguageModel, State, check_fits, count_parameters, detach_state
 from lmtool.schedule import PlateauTracker, learning_rate
-from lmtool.step_guard import SKIPS_ON_DEVICE, StepGuard, skip_if, start_momentum
+from lmtool.step_guard import SKIPS_ON_DEVICE, StepGuard, guarded_update, start_momentum
 from lmtool.tokenizer import Tokenizer
 
 Event = dict[str, Any]
@@ -229,7 +228,8 @@ class _Trainer:
         self.train_model = ctx.wrap(self.model, find_unused_parameters=config.model.softmax == "adaptive")
         self.autocast_dtype = resolve_precision(tc.precision, device)  # master weights and the loss stay fp32
         self.skips_on_device = device.type in SKIPS_ON_DEVICE
-        self.optimizer = OPTIMIZERS[tc.optimizer](self.model.parameters(), tc, self.skips_on_device or None)
+        self.parameters = list(self.model.parameters())
+        self.optimizer = OPTIMIZERS[tc.optimizer](self.parameters, tc, self.skips_on_device or None)
         start_momentum(self.optimizer)
         # data.batch_size is per process: the streams are cut as one process with the global batch would cut
         # them, and rank r trains the contiguous rows [r*B, (r+1)*B), carrying their hidden state.
@@ -329,15 +329,11 @@ class _Trainer:
                 loss = loss * len(self.directions)  # a bidirectional model trains on the sum of both losses
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), tc.clip_grad_norm if tc.clip_grad_norm is not None else math.inf
-            )
             # A non-finite or exploding step must never reach the weights. Decided on the device (the host does
             # not wait for it); the gradients are averaged over ranks, so the norm and this mean agree everywhere.
             step_loss = self.ctx.average(nll.detach().mean())
-            bad = self.guard.check(step_loss, norm)
-            skip_if(self.optimizer, bad, self.skips_on_device)
-            self.guard.record(bad, step_loss, self.step + 1)
+            bad = guarded_update(self.optimizer, self.parameters, self.guard, step_loss, tc.clip_grad_norm,
+                                 self.step + 1, self.skips_on_device)
             self.running_nll += torch.where(bad, 0.0, nll.detach().sum())
             self.running_tokens += (~bad) * y.numel()
             state = _zeroed_if(bad, detach_state(next_state))  # never carry an inf/NaN state on

@@ -155,27 +155,32 @@ def test_the_training_step_reads_nothing_back_from_the_device(small_corpus, tmp_
     assert counts[1] == counts[0]
 
 
+@pytest.mark.parametrize("on_device", [True, False])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
-def test_a_skipped_step_leaves_the_optimiser_as_if_it_never_happened(optimizer):
-    """A bad first step (NaN gradient) skipped on the device, then a good one: the same weights as one plain step,
-    momentum and Adam's step count included."""
-    from lmtool.step_guard import skip_if, start_momentum
+def test_a_skipped_step_leaves_the_optimiser_as_if_it_never_happened(optimizer, on_device):
+    """A bad first step (NaN gradient) skipped, then clipped good ones: the same weights as clip_grad_norm_ and
+    plain steps, momentum and Adam's step count included (the fused kernels clip through their grad_scale)."""
+    from lmtool.step_guard import StepGuard, guarded_update, start_momentum
     from lmtool.train import OPTIMIZERS
 
     cfg = TrainConfig(optimizer=optimizer, lr=0.1, momentum=0.9, weight_decay=0.01)
     torch.manual_seed(0)
-    start, grad = torch.randn(7, 3), torch.randn(7, 3)
-    fused_param, plain_param = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    fused, plain = OPTIMIZERS[optimizer]([fused_param], cfg, True), OPTIMIZERS[optimizer]([plain_param], cfg, None)
-    start_momentum(fused)
-    fused_param.grad = torch.full_like(start, float("nan"))
-    skip_if(fused, torch.tensor(True), on_device=True)
-    assert torch.equal(fused_param.detach(), start)
-    for _ in range(2):  # two good steps: momentum and bias correction both count from the first good one
-        fused_param.grad, plain_param.grad = grad.clone(), grad.clone()
-        skip_if(fused, torch.tensor(False), on_device=True)
+    start = torch.randn(7, 3)
+    ours, plain_param = [torch.nn.Parameter(start.clone())], torch.nn.Parameter(start.clone())
+    mine, plain = OPTIMIZERS[optimizer](ours, cfg, on_device or None), OPTIMIZERS[optimizer]([plain_param], cfg, None)
+    start_momentum(mine)
+    guard = StepGuard(torch.device("cpu"), blowup_factor=None, max_bad_steps=5)
+    ours[0].grad = torch.full_like(start, float("nan"))
+    bad = guarded_update(mine, ours, guard, torch.tensor(float("nan")), 0.5, 1, on_device)
+    assert bool(bad) and torch.equal(ours[0].detach(), start)
+    for step in range(3):  # clipped good steps: momentum and bias correction count from the first good one
+        grad = torch.randn(7, 3) * (1 + step)  # norms of about 4.6, 9 and 14, all clipped to 0.5
+        ours[0].grad, plain_param.grad = grad.clone(), grad.clone()
+        assert not guarded_update(mine, ours, guard, torch.tensor(1.0), 0.5, step + 2, on_device)
+        torch.nn.utils.clip_grad_norm_([plain_param], 0.5)
         plain.step()
-    torch.testing.assert_close(fused_param.detach(), plain_param.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ours[0].detach(), plain_param.detach(), rtol=1e-5, atol=1e-6)
+    assert guard.state_dict()["skipped_steps"] == 1 and guard.state_dict()["good_steps"] == 3
 
 
 def test_a_loss_blow_up_run_stops_with_the_step_and_the_reason(small_corpus, tmp_path, monkeypatch):
