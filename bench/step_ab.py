@@ -8,7 +8,9 @@ same moments; the figure is the median of the per-pair time ratios. lmtool's ste
 guard decided on the device, the fused optimiser step that skips a bad step, and the running loss. The bare step: nn.Embedding -> nn.LSTM -> nn.Linear ->
 cross-entropy, SGD. Workloads (no dropout; random tokens, since only speed is measured): the char 2x512 LSTM at
 batch 64 x BPTT 128, Zaremba-small on PTB's 10k words (2x200, batch 20 x BPTT 20), 2x200 on WikiText-2's 33,278
-words (batch 20 x BPTT 35). One JSON line.
+words (batch 20 x BPTT 35). After each pair, one 2048x2048 matrix product in the precision used probes the
+machine's matrix-multiply peak at that moment, so utilisation (model FLOP/s / peak, 6 x multiply-adds per
+token) is also a median of per-pair figures, robust to the drift. One JSON line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
+from train_throughput import multiply_adds_per_token  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -84,7 +87,11 @@ def main() -> None:
         running_nll.add_(torch.where(bad, 0.0, nll.detach().sum()))
         state[0] = detach_state(next_state)
 
-    ratios, bare_times, our_times = [], [], []
+    probe_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    probe_a, probe_b = torch.randn(2048, 2048, dtype=probe_dtype), torch.randn(2048, 2048, dtype=probe_dtype)
+    probe_a @ probe_b
+    flops_per_token = 6 * multiply_adds_per_token(EMB, HIDDEN, 2, VOCAB)
+    ratios, bare_times, our_times, bare_use, our_use, peaks = [], [], [], [], [], []
     for i in range(args.rounds):
         x, y = data[:, i * BPTT : (i + 1) * BPTT], data[:, i * BPTT + 1 : (i + 1) * BPTT + 1]
         pair = []
@@ -93,15 +100,24 @@ def main() -> None:
             step(x, y)
             pair.append((step, time.perf_counter() - start))
         times = dict(pair)
+        start = time.perf_counter()
+        probe_a @ probe_b
+        peak = 2 * 2048**3 / (time.perf_counter() - start)  # FLOP/s now
         if i >= 2:  # warm-up
             bare_times.append(times[bare])
             our_times.append(times[ours])
             ratios.append(times[bare] / times[ours])
+            peaks.append(peak)
+            bare_use.append(BATCH * BPTT * flops_per_token / times[bare] / peak)
+            our_use.append(BATCH * BPTT * flops_per_token / times[ours] / peak)
     print(json.dumps({**machine_info(), "workload": description, "precision": args.precision,
                       "pairs": len(ratios), "bare_tokens_per_s": round(BATCH * BPTT / statistics.median(bare_times)),
                       "lmtool_tokens_per_s": round(BATCH * BPTT / statistics.median(our_times)),
                       "lmtool_over_bare_median_of_pairs": round(statistics.median(ratios), 3),
-                      "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)]}), flush=True)
+                      "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+                      "peak_gflop_per_s_median": round(statistics.median(peaks) / 1e9, 1),
+                      "lmtool_utilisation_median": round(statistics.median(our_use), 3),
+                      "bare_utilisation_median": round(statistics.median(bare_use), 3)}), flush=True)
 
 
 if __name__ == "__main__":

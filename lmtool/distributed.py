@@ -119,9 +119,13 @@ class DistributedContext:
 
     def max(self, value: int) -> int:
         """The largest of every rank's value."""
+        return self.max_each([value])[0]
+
+    def max_each(self, values: Sequence[int]) -> list[int]:
+        """The largest of every rank's values, position by position, in one collective."""
         if not self.enabled:
-            return value
-        return int(max(int(part) for part in self.gather(torch.tensor(value, dtype=torch.int64))))
+            return list(values)
+        return torch.stack(self.gather(torch.tensor(values, dtype=torch.int64))).max(dim=0).values.tolist()
 
     def any(self, flag: bool) -> bool:
         """Whether any rank's flag is set (a time limit or a signal seen by one rank stops them all together)."""

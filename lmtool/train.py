@@ -353,13 +353,23 @@ class _Trainer:
                 if reason:
                     return reason
                 window_start = time.perf_counter()  # tokens/s counts training time only
-            reason = self._limit_reached()
+            time_up, signum, checkpoint_due = self._agreed_step_end()  # one collective per step under torchrun
+            reason = self._limit_reached(time_up)
             if reason:
                 return reason
-            self._stop_if_signalled()
-            if self._maybe_checkpoint():
+            self._stop_if_signalled(signum)
+            if self._maybe_checkpoint(checkpoint_due):
                 window_start = time.perf_counter()
         return None
+
+    def _agreed_step_end(self) -> tuple[bool, int, bool]:
+        """Whether max_time is reached, the signal received (0: none) and whether checkpoint_time is due: every
+        rank's view merged in one collective, so that all ranks act on them at the same step."""
+        tc = self.config.train
+        time_up = tc.max_time is not None and self.elapsed >= tc.max_time
+        due = tc.checkpoint_time is not None and time.perf_counter() - self.last_checkpoint_time >= tc.checkpoint_time
+        time_up, signum, due = self.ctx.max_each([int(time_up), self.signal_received or 0, int(due)])
+        return bool(time_up), signum, bool(due)
 
     def _stop_if_diverged(self) -> None:
         """Raise once `max_bad_steps` bad steps came in a row (the weights have not moved since)."""
@@ -394,9 +404,11 @@ class _Trainer:
         self.running_nll.zero_()
         self.running_tokens.zero_()
 
-    def _stop_if_signalled(self) -> None:
-        """After Ctrl-C or SIGTERM: save a checkpoint here, at a step boundary, and stop with the resume command."""
-        signum = self.ctx.max(self.signal_received or 0)  # a signal to one rank stops every rank at this step
+    def _stop_if_signalled(self, signum: int | None = None) -> None:
+        """After Ctrl-C or SIGTERM: save a checkpoint here, at a step boundary, and stop with the resume command.
+        `signum`: the signal as every rank agreed on it (asked for here when not given)."""
+        if signum is None:
+            signum = self.ctx.max(self.signal_received or 0)  # a signal to one rank stops every rank at this step
         if not signum:
             return
         self.save_checkpoint()
@@ -407,20 +419,20 @@ class _Trainer:
             exit_code=128 + signum,
         )
 
-    def _limit_reached(self) -> str | None:
+    def _limit_reached(self, time_up: bool | None = None) -> str | None:
+        """Why training must stop now, if a limit is reached. `time_up`: max_time as every rank agreed on it."""
         tc = self.config.train
         if tc.max_steps is not None and self.step >= tc.max_steps:
             return f"reached max_steps={tc.max_steps}"
-        if tc.max_time is not None and self.ctx.any(self.elapsed >= tc.max_time):
+        if time_up is None:
+            time_up = tc.max_time is not None and self.ctx.any(self.elapsed >= tc.max_time)
+        if time_up:
             return f"reached max_time={tc.max_time:g}s"
         return None
 
-    def _maybe_checkpoint(self) -> bool:
+    def _maybe_checkpoint(self, due_time: bool) -> bool:
         tc = self.config.train
         due_steps = tc.checkpoint_every is not None and self.step % tc.checkpoint_every == 0
-        due_time = tc.checkpoint_time is not None and self.ctx.any(
-            time.perf_counter() - self.last_checkpoint_time >= tc.checkpoint_time
-        )
         if due_steps or due_time:
             self.save_checkpoint()
         return due_steps or due_time

@@ -216,3 +216,18 @@ def test_a_bidirectional_adaptive_softmax_model_trains_on_two_processes_as_on_on
     valid = [[r["directions"] for r in records(tmp_path / run) if r["event"] == "valid"][-1] for run in ("ddp", "single")]
     for direction in ("forward", "backward"):
         assert valid[0][direction]["loss"] == pytest.approx(valid[1][direction]["loss"], rel=1e-6)
+
+
+def test_time_limit_and_checkpoint_times_are_agreed_by_every_rank(runs, tmp_path):
+    """Each rank sees its own clock; one collective per step merges them, so both stop and checkpoint at the
+    same steps (a disagreement would hang one rank in a collective the other never joins)."""
+    config = load_config(TINY, SETTINGS + ["train.max_steps=null", "train.max_epochs=1000", "train.max_time=2",
+                                           "train.checkpoint_time=0.3", "train.checkpoint_every=null",
+                                           "train.eval_every=null"])
+    run_ranks(tmp_path, 2, tmp_path / "timed", config, [runs / "train.txt"] * 2, runs / "valid.txt", timeout=90)
+    end = records(tmp_path / "timed")[-1]
+    assert end["event"] == "end" and end["stop_reason"] == "reached max_time=2s"
+    assert load_training_state(tmp_path / "timed")["step"] == end["steps"] > 10
+    first, second = rank_weights(tmp_path, "timed", 0), rank_weights(tmp_path, "timed", 1)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
