@@ -1,9 +1,12 @@
 """Evaluation and scoring speed against training speed for the same model.
 
 Usage: python bench/eval_throughput.py [--train-steps 20] [--sentences 10000] [--batch-size 64]
-Trains the default character model on tinyshakespeare for a few steps (its tokens/s is the reference), then,
-with that model: `evaluate-perplexity` of the corpus's first 1 MB (batch 1 and --batch-size), and `score` of
-10,000 lines of it in padded batches. Prints one JSON line with the tokens/s of each and the ratios.
+Trains the default character model on tinyshakespeare for a few steps (its tokens/s is the reference; then
+the same steps in fp32 for a second reference), then, with that model: `evaluate-perplexity` of the corpus's
+first 200,000 characters (batch 1 and --batch-size), and `score` of 10,000 lines of it in padded batches.
+Evaluation computes in fp32, so its model FLOP/s (2 x multiply-adds per token, forward only) is also given
+against the fp32 matrix-multiply peak measured around it. Prints one JSON line with the tokens/s of each and
+the ratios.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import machine_info, matmul_peak_gflops  # noqa: E402
+from train_throughput import multiply_adds_per_token  # noqa: E402
+
+import torch  # noqa: E402
 
 import lmtool  # noqa: E402
 from lmtool.config import load_config  # noqa: E402
@@ -39,11 +45,19 @@ def main() -> None:
         cfg = load_config(None, [f"train.max_steps={args.train_steps}", "train.log_every=5"])
         train(cfg, corpus, out=tmp / "run", on_event=records.append)
         train_tps = statistics.median([r["tokens_per_s"] for r in records if r["event"] == "train"][1:])
+        fp32_records = []
+        fp32_cfg = load_config(None, [f"train.max_steps={args.train_steps}", "train.log_every=5", "train.precision=fp32"])
+        train(fp32_cfg, corpus, out=tmp / "fp32", on_event=fp32_records.append)
+        fp32_train_tps = statistics.median([r["tokens_per_s"] for r in fp32_records if r["event"] == "train"][1:])
         lm = lmtool.load_model(tmp / "run")
         sample = tmp / "eval.txt"
         sample.write_text(corpus.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
         eval_1 = lm.perplexity(sample, batch_size=1)
+        peak = matmul_peak_gflops(torch.float32)
         eval_b = lm.perplexity(sample, batch_size=args.batch_size)
+        peak = max(peak, matmul_peak_gflops(torch.float32))
+        m = cfg.model
+        forward_flops = 2 * multiply_adds_per_token(m.embedding_size, m.hidden_size, m.num_layers, records[0]["vocab_size"])
         lines = [l for l in corpus.read_text(encoding="utf-8").split("\n") if l][: args.sentences]
         start = time.perf_counter()
         scores = lm.score(lines, batch_size=args.batch_size)
@@ -56,6 +70,11 @@ def main() -> None:
         f"evaluate_batch{args.batch_size}_tokens_per_s": round(eval_b.tokens_per_s),
         "score_tokens_per_s": round(score_tps), "sentences": len(lines),
         "evaluate_over_train": round(eval_b.tokens_per_s / train_tps, 2),
+        "fp32_train_tokens_per_s": round(fp32_train_tps),
+        "evaluate_over_fp32_train": round(eval_b.tokens_per_s / fp32_train_tps, 2),
+        "evaluate_gflop_per_s": round(eval_b.tokens_per_s * forward_flops / 1e9, 1),
+        "fp32_peak_gflop_per_s": round(peak, 1),
+        "evaluate_utilisation": round(eval_b.tokens_per_s * forward_flops / 1e9 / peak, 3),
         "score_over_evaluate": round(score_tps / eval_b.tokens_per_s, 2),
     }))
 
