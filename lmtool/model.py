@@ -121,24 +121,38 @@ class LanguageModel(nn.Module):
         self, token: torch.Tensor, state: State, weights: list[tuple] | None = None, direction: str | None = None
     ) -> tuple[torch.Tensor, State]:
         """`step` up to the top layer's output (B, H), before the output layer."""
-        # Functional calls and one unbind per state: at batch 1 the per-operation overhead is what costs.
-        x = F.embedding(token, self.embedding.weight)  # (B, E)
         weights = weights if weights is not None else self.step_weights(direction)
+        output, layers = self.step_layers(token, self.layer_states(state), weights)
+        return output, self.stacked_state(layers)
+
+    @torch.no_grad()
+    def step_layers(self, token: torch.Tensor, layers: list, weights: list[tuple]) -> tuple[torch.Tensor, list]:
+        """`step_hidden` on the state kept as one entry per layer ((h, c) for an LSTM, else h; see
+        `layer_states`): a generation loop then never splits and restacks it. At batch 1 the per-operation
+        overhead is what costs, so this is plain functional calls."""
+        x = F.embedding(token, self.embedding.weight)  # (B, E)
         cell_step = CELL_STEPS[self.config.cell]
+        new_layers = []
+        for w, layer in zip(weights, layers):
+            if self.config.cell == "lstm":
+                x, c = cell_step(x, layer, *w)  # (B, H) each
+                new_layers.append((x, c))
+            else:
+                x = cell_step(x, layer, *w)  # (B, H)
+                new_layers.append(x)
+        return x, new_layers  # dropout is off in generation
+
+    def layer_states(self, state: State) -> list:
+        """A stack's state, (layers, B, H) or an LSTM's pair of them, as one entry per layer."""
         if self.config.cell == "lstm":
-            hs, cs = [], []
-            for w, h, c in zip(weights, state[0].unbind(0), state[1].unbind(0)):
-                x, c = cell_step(x, (h, c), *w)  # (B, H) each
-                hs.append(x)
-                cs.append(c)
-            new_state: State = (torch.stack(hs), torch.stack(cs))
-        else:
-            hs = []
-            for w, h in zip(weights, state.unbind(0)):
-                x = cell_step(x, h, *w)  # (B, H)
-                hs.append(x)
-            new_state = torch.stack(hs)
-        return x, new_state  # dropout is off in generation
+            return list(zip(state[0].unbind(0), state[1].unbind(0)))
+        return list(state.unbind(0))
+
+    def stacked_state(self, layers: list) -> State:
+        """The inverse of `layer_states`."""
+        if self.config.cell == "lstm":
+            return torch.stack([h for h, _ in layers]), torch.stack([c for _, c in layers])
+        return torch.stack(layers)
 
     @torch.no_grad()
     def step_weights(self, direction: str | None = None) -> list[tuple]:

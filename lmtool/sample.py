@@ -133,6 +133,7 @@ def generate(
     hidden, state = model.read(context, direction=direction)  # reads the prompt once; then constant work per token
     last = hidden[:, -1]  # (B, H)
     weights = model.step_weights(direction)
+    layers = model.layer_states(state)
     # At temperature 1 with no filter an adaptive softmax samples without computing the whole distribution.
     two_level = (model.config.softmax == "adaptive" and options.temperature == 1
                  and options.top_k is None and options.top_p is None)
@@ -152,7 +153,7 @@ def generate(
             done |= token == EOS_ID
             if bool(done.all()):
                 break
-        last, state = model.step_hidden(token, state, weights, direction)  # (B, H): constant work per token
+        last, layers = model.step_layers(token, layers, weights)  # (B, H): constant work per token
     ids = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(batch)]
     if options.stop_at_eos:  # cut each sample after its first <EOS>
         ids = [row[: row.index(EOS_ID) + 1] if EOS_ID in row else row for row in ids]
