@@ -6,8 +6,9 @@ WikiText-2 vocabulary of 33,278, with full and adaptive softmax) and times, in o
 input and hidden weights, then the output layer), a naive loop that calls nn.LSTM on length-1 inputs, and
 `lmtool.sample.generate` (sampling included), all three in turn round after round, so the lmtool / bare ratio
 is a median of per-round ratios on a drifting machine; for the word models also the PyTorch example's generator
-(bench/peer_example.py) of the same size. Then batched generation for 1..64 streams, with the model FLOP/s
-against the fp32 matrix-multiply peak measured in the same run. One JSON line each.
+(bench/peer_example.py) of the same size. Then batched generation for 1..64 streams, fp32 and --precision bf16,
+with the model FLOP/s against the matrix-multiply peak of that precision measured in the same run. One JSON
+line each.
 """
 
 from __future__ import annotations
@@ -111,18 +112,22 @@ def main() -> None:
     # Many streams turn the matrix-vector products into matrix products: the ceiling is then the matmul peak.
     peak = matmul_peak_gflops(torch.float32)
     macs = sum(w.numel() for w in model.rnn.parameters() if w.dim() == 2) + model.decoder.weight.numel()
+    bf16_peak = matmul_peak_gflops(torch.bfloat16)
     single = None
     for streams in (1, 8, 64):
-        options = SamplingOptions(length=args.tokens // 2, num_samples=streams, seed=1)
-        ms = per_token_ms(lambda n: generate(model, [], options), args.tokens // 2, repeats=3)
-        throughput = streams * 1000 / ms
-        single = single or throughput
-        gflops = throughput * 2 * macs / 1e9
-        print(json.dumps({**info, "model": "char 2x512 LSTM, V=66", "streams": streams,
-                          "tokens_per_s": round(throughput), "scaling_vs_one_stream": round(throughput / single, 1),
-                          "model_gflop_per_s": round(gflops, 1), "fp32_peak_gflop_per_s": round(peak, 1),
-                          "fraction_of_peak": round(gflops / peak, 3)}),
-              flush=True)
+        for precision in ("fp32", "bf16"):  # --precision bf16: the recurrent layers step in bfloat16
+            options = SamplingOptions(length=args.tokens // 2, num_samples=streams, seed=1, precision=precision)
+            ms = per_token_ms(lambda n: generate(model, [], options), args.tokens // 2, repeats=3)
+            throughput = streams * 1000 / ms
+            single = single or throughput  # one fp32 stream
+            gflops = throughput * 2 * macs / 1e9
+            peak_now = peak if precision == "fp32" else bf16_peak
+            print(json.dumps({**info, "model": "char 2x512 LSTM, V=66", "streams": streams, "precision": precision,
+                              "tokens_per_s": round(throughput),
+                              "scaling_vs_one_fp32_stream": round(throughput / single, 1),
+                              "model_gflop_per_s": round(gflops, 1), "peak_gflop_per_s": round(peak_now, 1),
+                              "fraction_of_peak": round(gflops / peak_now, 3)}),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ No I/O, no globals."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -33,6 +34,15 @@ CELL_STEPS = {
     "gru": torch.gru_cell,
     "lstm": torch.lstm_cell,
 }
+
+
+@dataclass(frozen=True)
+class StepWeights:
+    """What one generation step reads, detached (and cast, for bf16 generation): the embedding table and each
+    layer's (w_ih, w_hh, b_ih, b_hh)."""
+
+    embedding: torch.Tensor
+    layers: list[tuple[torch.Tensor, ...]]
 
 
 def detach_state(state):
@@ -108,7 +118,7 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def step(
-        self, token: torch.Tensor, state: State, weights: list[tuple] | None = None, direction: str | None = None
+        self, token: torch.Tensor, state: State, weights: StepWeights | None = None, direction: str | None = None
     ) -> tuple[torch.Tensor, State]:
         """One token per stream, for generation: (B,) ids -> (B, V) scores. Equal to `forward` on a length-1
         input, but computed with PyTorch's single-step cell functions instead of the sequence kernel, whose
@@ -118,7 +128,7 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def step_hidden(
-        self, token: torch.Tensor, state: State, weights: list[tuple] | None = None, direction: str | None = None
+        self, token: torch.Tensor, state: State, weights: StepWeights | None = None, direction: str | None = None
     ) -> tuple[torch.Tensor, State]:
         """`step` up to the top layer's output (B, H), before the output layer."""
         weights = weights if weights is not None else self.step_weights(direction)
@@ -126,14 +136,14 @@ class LanguageModel(nn.Module):
         return output, self.stacked_state(layers)
 
     @torch.no_grad()
-    def step_layers(self, token: torch.Tensor, layers: list, weights: list[tuple]) -> tuple[torch.Tensor, list]:
+    def step_layers(self, token: torch.Tensor, layers: list, weights: StepWeights) -> tuple[torch.Tensor, list]:
         """`step_hidden` on the state kept as one entry per layer ((h, c) for an LSTM, else h; see
         `layer_states`): a generation loop then never splits and restacks it. At batch 1 the per-operation
         overhead is what costs, so this is plain functional calls."""
-        x = F.embedding(token, self.embedding.weight)  # (B, E)
+        x = F.embedding(token, weights.embedding)  # (B, E)
         cell_step = CELL_STEPS[self.config.cell]
         new_layers = []
-        for w, layer in zip(weights, layers):
+        for w, layer in zip(weights.layers, layers):
             if self.config.cell == "lstm":
                 x, c = cell_step(x, layer, *w)  # (B, H) each
                 new_layers.append((x, c))
@@ -155,12 +165,17 @@ class LanguageModel(nn.Module):
         return torch.stack(layers)
 
     @torch.no_grad()
-    def step_weights(self, direction: str | None = None) -> list[tuple]:
-        """Each layer's (w_ih, w_hh, b_ih, b_hh), detached, for `step` in that direction."""
+    def step_weights(self, direction: str | None = None, dtype: torch.dtype | None = None) -> StepWeights:
+        """The embedding and each layer's (w_ih, w_hh, b_ih, b_hh), detached, for `step` in that direction;
+        cast to `dtype` if given (bf16 generation)."""
         rnn = self.stack(direction)
-        return [tuple(getattr(rnn, f"{kind}_l{layer}").detach()
-                      for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-                for layer in range(self.config.num_layers)]
+
+        def ready(t: torch.Tensor) -> torch.Tensor:
+            return t.detach() if dtype is None else t.detach().to(dtype)
+
+        layers = [tuple(ready(getattr(rnn, f"{kind}_l{layer}")) for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                  for layer in range(self.config.num_layers)]
+        return StepWeights(embedding=ready(self.embedding.weight), layers=layers)
 
     @property
     def device(self) -> torch.device:

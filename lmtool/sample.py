@@ -25,8 +25,11 @@ class SamplingOptions:
     num_samples: int = 1  # generated together as one batch
     stop_at_eos: bool = False
     seed: int | None = None
+    precision: str = "fp32"  # bf16: the recurrent layers step in bfloat16 (faster for many streams, not exact)
 
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise LmtoolError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         if self.temperature < 0 or self.temperature != self.temperature:
             raise LmtoolError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -132,8 +135,13 @@ def generate(
     context = torch.tensor([EOS_ID] + list(prime_ids), device=device).expand(batch, -1)  # (B, P + 1)
     hidden, state = model.read(context, direction=direction)  # reads the prompt once; then constant work per token
     last = hidden[:, -1]  # (B, H)
-    weights = model.step_weights(direction)
-    layers = model.layer_states(state)
+    # bf16 generation: the prompt is read in fp32, then the recurrent layers step in bf16; scores and sampling
+    # stay fp32, so only the hidden state carries bf16 rounding.
+    dtype = torch.bfloat16 if options.precision == "bf16" else None
+    if dtype is not None and device.type == "mps":
+        raise LmtoolError("--precision bf16 is not supported on mps; use fp32")
+    weights = model.step_weights(direction, dtype)
+    layers = _cast(model.layer_states(state), dtype)
     # At temperature 1 with no filter an adaptive softmax samples without computing the whole distribution.
     two_level = (model.config.softmax == "adaptive" and options.temperature == 1
                  and options.top_k is None and options.top_p is None)
@@ -141,9 +149,9 @@ def generate(
     out: list[torch.Tensor] = []
     for _ in range(options.length):
         if two_level:
-            token = draw_adaptive(model.adaptive, last, generator)  # (B,)
+            token = draw_adaptive(model.adaptive, last.float(), generator)  # (B,)
         else:
-            token = pick_next(model.scores(last), options, generator)  # (B,)
+            token = pick_next(model.scores(last.float()), options, generator)  # (B,)
         if options.stop_at_eos:
             token = token.masked_fill(done, EOS_ID)
         out.append(token)
@@ -158,6 +166,13 @@ def generate(
     if options.stop_at_eos:  # cut each sample after its first <EOS>
         ids = [row[: row.index(EOS_ID) + 1] if EOS_ID in row else row for row in ids]
     return ids
+
+
+def _cast(layers: list, dtype: torch.dtype | None) -> list:
+    """Per-layer states (tensors or (h, c) pairs) in `dtype` (unchanged for None)."""
+    if dtype is None:
+        return layers
+    return [tuple(t.to(dtype) for t in layer) if isinstance(layer, tuple) else layer.to(dtype) for layer in layers]
 
 
 def encode_prime(tokenizer: Tokenizer, prime: str) -> tuple[list[int], int]:
