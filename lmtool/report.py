@@ -69,13 +69,19 @@ def score_kenlm_lines(scores: Sequence[SentenceScore], tokenizer) -> list[str]:
     total_log10, total_tokens, total_oov, known_log10 = 0.0, 0, 0, 0.0
     for score in scores:
         parts = []
-        for position, t in enumerate(score.tokens, start=1):
-            word = "</s>" if t.token == "<EOS>" else t.token
+        backward = score.direction == "backward"
+        n = len(score.tokens)
+        for index, t in enumerate(score.tokens, start=1):
             our_id = tokenizer.token_id(t.token) if t.known else UNK_ID
             if t.token == "<EOS>":
                 our_id = EOS_ID
-            # For an RNN the context is the whole history, so the "n-gram length" is the position.
-            parts.append(f"{word}={kenlm_id(our_id)} {position} {t.logprob / math.log(10):.6g}")
+            word, kenlm = t.token, kenlm_id(our_id)
+            if t.token == "<EOS>":  # read backward, the last row predicts the sentence start: KenLM's <s> (id 1)
+                word, kenlm = ("<s>", 1) if backward else ("</s>", 2)
+            # For an RNN the context is the whole history read so far, so the "n-gram length" is the number of
+            # predictions made up to this one: the position in reading order.
+            position = index if not backward else (n if index == n else n - index)
+            parts.append(f"{word}={kenlm} {position} {t.logprob / math.log(10):.6g}")
             if t.known:
                 known_log10 += t.logprob / math.log(10)
         lines.append("\t".join(parts) + f"\tTotal: {score.log10prob:.6g} OOV: {score.num_unknown}")

@@ -198,8 +198,15 @@ def test_asking_for_a_direction_the_model_lacks_is_a_clear_error(tmp_path, run_c
 def test_kenlm_format_needs_one_direction(bidirectional_run, run_cli):
     result = run_cli("score", "the cat", "--model", bidirectional_run, "--format", "kenlm")
     assert result.code == 2 and "add --direction forward or backward" in result.err
-    assert run_cli("score", "the cat", "--model", bidirectional_run, "--format", "kenlm",
-                   "--direction", "forward").code == 0
+    forward = run_cli("score", "the cat", "--model", bidirectional_run, "--format", "kenlm", "--direction", "forward")
+    assert forward.code == 0 and forward.out.startswith("the=") and "\tcat=" in forward.out
+    assert " 1 " in forward.out.split("\t")[0] and "</s>=2 3 " in forward.out
+    # Read backward, "cat" is predicted first and the sentence start, KenLM's <s>, last.
+    backward = run_cli("score", "the cat", "--model", bidirectional_run, "--format", "kenlm", "--direction", "backward")
+    first, second, start = backward.out.splitlines()[0].split("\t")[:3]
+    assert first.startswith("the=") and first.split()[1] == "2"
+    assert second.startswith("cat=") and second.split()[1] == "1"
+    assert start.startswith("<s>=1 3 ") and "</s>" not in backward.out
 
 
 @pytest.mark.parametrize("cell", ["lstm", "rnn_tanh"])
