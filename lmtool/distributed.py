@@ -1,8 +1,9 @@
 """Several training processes (torchrun): who this process is, and the few collectives the trainer needs.
 
 Every helper is a no-op in a single process, so the training loop reads the same either way. Decisions that
-depend on something local (wall time, a signal, a loss) go through `any`/`max`/`mean_in_rank_order`, which
-give every rank the same answer bit for bit: ranks that decided differently would wait for each other forever.
+depend on something local go through helpers that give every rank the same answer bit for bit: wall time and
+signals through `max_each`/`any`/`max` (host values), the step loss through `average` (an all-reduce on the
+device). Ranks that decided differently would wait for each other forever.
 """
 
 from __future__ import annotations

@@ -128,6 +128,8 @@ def generate(
     direction = model.direction_of(direction)
     model.eval()
     device = model.device
+    if options.precision == "bf16" and device.type == "mps":
+        raise LmtoolError("--precision bf16 is not supported on mps; use fp32")
     generator = None
     if options.seed is not None:
         generator = torch.Generator(device=device).manual_seed(options.seed)
@@ -138,8 +140,6 @@ def generate(
     # bf16 generation: the prompt is read in fp32, then the recurrent layers step in bf16; scores and sampling
     # stay fp32, so only the hidden state carries bf16 rounding.
     dtype = torch.bfloat16 if options.precision == "bf16" else None
-    if dtype is not None and device.type == "mps":
-        raise LmtoolError("--precision bf16 is not supported on mps; use fp32")
     weights = model.step_weights(direction, dtype)
     layers = _cast(model.layer_states(state), dtype)
     # At temperature 1 with no filter an adaptive softmax samples without computing the whole distribution.

@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import torch
 
 # Optimisers whose fused kernels skip an update, step count included, when their `found_inf` tensor is
-# non-zero: PyTorch's own mechanism for mixed-precision loss scaling, used here for every bad step.
+# non-zero: PyTorch's own mechanism for mixed-precision loss scaling, used here for every bad step. Recent
+# PyTorch also fuses on MPS, but that is unchecked here, so MPS takes the host-side path.
 SKIPS_ON_DEVICE = ("cpu", "cuda")
 
 
@@ -26,16 +27,17 @@ class StepGuard:
         self.failed_blowup = torch.zeros((), dtype=torch.bool, device=device)
         self.failed_loss, self.failed_ema = self.loss_ema.clone(), self.loss_ema.clone()
 
-    def check(self, loss: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-        """Whether this step must be skipped (a bool tensor): non-finite, a blow-up, or the run already failed."""
+    def check(self, loss: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whether this step must be skipped, and whether its loss or gradient is non-finite (bool tensors).
+        A step is skipped when non-finite, when its loss blows up, or when the run has already failed."""
         loss, norm = loss.detach().float(), norm.detach().float()
         non_finite = ~(torch.isfinite(loss) & torch.isfinite(norm))
         bad = non_finite | (self.failed_at >= 0)
         if self.blowup_factor is not None:
             bad = bad | ((self.good_steps >= self.warmup) & (loss > self.blowup_factor * self.loss_ema))
-        return bad
+        return bad, non_finite
 
-    def record(self, bad: torch.Tensor, loss: torch.Tensor, step: int) -> None:
+    def record(self, bad: torch.Tensor, non_finite: torch.Tensor, loss: torch.Tensor, step: int) -> None:
         """Count the step `check` judged; `step` is its 1-based number."""
         loss = loss.detach().float()
         good = ~bad
@@ -46,20 +48,22 @@ class StepGuard:
         self.bad_run = torch.where(bad, self.bad_run + 1, 0)
         newly_failed = (self.bad_run >= self.max_bad_steps) & (self.failed_at < 0)
         self.failed_at = torch.where(newly_failed, step, self.failed_at)
-        self.failed_blowup = torch.where(newly_failed, torch.isfinite(loss), self.failed_blowup)
+        self.failed_blowup = torch.where(newly_failed, ~non_finite, self.failed_blowup)
         self.failed_loss = torch.where(newly_failed, loss, self.failed_loss)
         self.failed_ema = torch.where(newly_failed, self.loss_ema, self.failed_ema)
 
     def failure(self) -> str | None:
         """Why the run diverged, if `max_bad_steps` bad steps came in a row (reads the device: call rarely)."""
-        failed_at, blowup, loss, ema = torch.stack(
-            [self.failed_at.double(), self.failed_blowup.double(), self.failed_loss.double(), self.failed_ema.double()]
-        ).tolist()
+        # Moved to the CPU before any conversion: MPS has no float64, and int64 keeps counts exact.
+        failed_at, blowup = torch.stack([self.failed_at, self.failed_blowup.long()]).cpu().tolist()
         if failed_at < 0:
             return None
-        problem = (f"loss {loss:.3g} above {self.blowup_factor:g} x the running mean {ema:.3g}" if blowup
-                   else "non-finite loss or gradient")
-        return f"{self.max_bad_steps} bad steps in a row up to step {int(failed_at)} ({problem})"
+        if blowup:
+            loss, ema = torch.stack([self.failed_loss, self.failed_ema]).cpu().tolist()
+            problem = f"loss {loss:.3g} above {self.blowup_factor:g} x the running mean {ema:.3g}"
+        else:
+            problem = "non-finite loss or gradient"
+        return f"{self.max_bad_steps} bad steps in a row up to step {failed_at} ({problem})"
 
     @property
     def skipped_steps(self) -> int:
@@ -67,10 +71,9 @@ class StepGuard:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values for the training checkpoint (the keys earlier checkpoints used, read by `load`)."""
-        good_steps, bad_run, skipped, ema = torch.stack(
-            [self.good_steps.double(), self.bad_run.double(), self.skipped.double(), self.loss_ema.double()]
-        ).tolist()
-        return {"good_steps": int(good_steps), "bad_steps": int(bad_run), "skipped_steps": int(skipped),
+        good_steps, bad_run, skipped = torch.stack([self.good_steps, self.bad_run, self.skipped]).cpu().tolist()
+        ema = float(self.loss_ema.cpu())
+        return {"good_steps": good_steps, "bad_steps": bad_run, "skipped_steps": skipped,
                 "loss_ema": ema if good_steps else None}
 
     def load(self, saved: dict[str, Any]) -> None:
@@ -98,7 +101,7 @@ def guarded_update(
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
-    bad = guard.check(step_loss, norm)
+    bad, non_finite = guard.check(step_loss, norm)
     # clip_grad_norm_'s factor, as a divisor: max_norm / (norm + 1e-6), at most 1
     divisor = None if max_norm is None else torch.clamp((norm + 1e-6) / max_norm, min=1.0)
     if on_device:
@@ -110,7 +113,7 @@ def guarded_update(
             torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
         if not bool(bad):
             optimizer.step()
-    guard.record(bad, step_loss, step)
+    guard.record(bad, non_finite, step_loss, step)
     return bad
 
 

@@ -382,7 +382,7 @@ class _Trainer:
 
     def _log_train(self, lr: float, seconds: float) -> None:
         self._stop_if_diverged()
-        local_nll, local_tokens = torch.stack([self.running_nll.double(), self.running_tokens.double()]).tolist()
+        local_nll, local_tokens = float(self.running_nll.cpu()), int(self.running_tokens.cpu())
         nll, all_tokens = self.ctx.sum_in_rank_order([local_nll, local_tokens])  # every rank's
         tokens = max(1, all_tokens)
         loss = nll / tokens
@@ -557,7 +557,8 @@ class _Trainer:
         ranks = None
         if self.ctx.enabled:  # what differs between ranks, in rank order
             rngs = {key: self.ctx.gather(value) for key, value in rng.items()}
-            running = self.ctx.gather(torch.stack([self.running_nll.double(), self.running_tokens.double()]))
+            running = self.ctx.gather(torch.tensor([float(self.running_nll.cpu()), int(self.running_tokens.cpu())],
+                                                   dtype=torch.float64))
             ranks = {
                 "rng": [{key: parts[i] for key, parts in rngs.items()} for i in range(self.ctx.world_size)],
                 "running_nll": [float(r[0]) for r in running],
@@ -616,6 +617,10 @@ class _Trainer:
 
     def _restore(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
+        for group in saved["optimizer"]["param_groups"]:
+            # load_state_dict takes these from the checkpoint; they must be this machine's: a checkpoint from an
+            # older lmtool (or another device) was saved unfused, and only fused kernels can skip a bad step here.
+            group["fused"], group["foreach"] = self.skips_on_device or None, None
         self.optimizer.load_state_dict(saved["optimizer"])
         start_momentum(self.optimizer)  # a checkpoint taken before the first step holds no buffers
         # A run keeps the precision it started with, even on another machine.

@@ -292,3 +292,48 @@ def test_a_checkpoint_from_before_precision_was_recorded_still_resumes(small_cor
     torch.save(state, tmp_path / "run" / TRAINING_STATE)
     whole = train(cfg, small_corpus, out=tmp_path / "whole")
     assert_same_weights(whole.run_dir, resume(tmp_path / "run").run_dir)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_checkpoint_of_an_unfused_optimiser_resumes(small_corpus, tmp_path, optimizer):
+    """Checkpoints of older lmtool versions (or of a device without fused optimisers) hold fused=None in their
+    param groups; resuming must still train with the fused kernels that skip bad steps, to the same weights."""
+    cfg = load_config(TINY, RESUMABLE + ["train.precision=fp32", f"train.optimizer={optimizer}", "train.momentum=0.5",
+                                         "train.max_epochs=1"])
+    with pytest.raises(Crash):
+        train(cfg, small_corpus, out=tmp_path / "run", on_event=crash_at_step(30))
+    state = load_training_state(tmp_path / "run")
+    for group in state["optimizer"]["param_groups"]:
+        assert group["fused"] is True
+        group["fused"] = None
+    torch.save(state, tmp_path / "run" / TRAINING_STATE)
+    resumed = resume(tmp_path / "run")
+    whole = train(cfg, small_corpus, out=tmp_path / "whole")
+    assert resumed.steps == whole.steps > 30
+    wa, wb = load_file(whole.run_dir / LAST_MODEL), load_file(resumed.run_dir / LAST_MODEL)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("blowup_factor", ["5", "null"])
+def test_a_finite_loss_with_an_infinite_gradient_is_reported_as_non_finite(small_corpus, tmp_path, monkeypatch,
+                                                                            blowup_factor):
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda grads: torch.tensor(float("inf")))
+    cfg = load_config(TINY, ["train.max_bad_steps=3", "train.max_steps=20", f"train.blowup_factor={blowup_factor}"])
+    with pytest.raises(TrainingFailed, match=r"3 bad steps in a row up to step 3 \(non-finite loss or gradient\)"):
+        train(cfg, small_corpus, out=tmp_path / "run")
+
+
+def test_the_trainer_starts_momentum_buffers_when_it_builds_and_when_it_resumes(small_corpus, tmp_path, monkeypatch):
+    """A fused SGD whose first update is skipped would otherwise step from uninitialised buffers."""
+    import lmtool.train as training
+
+    started = []
+    real = training.start_momentum
+    monkeypatch.setattr(training, "start_momentum", lambda optimizer: started.append(optimizer) or real(optimizer))
+    cfg = load_config(TINY, ["train.optimizer=sgd", "train.momentum=0.9", "train.max_steps=4"])
+    train(cfg, small_corpus, out=tmp_path / "run")
+    resume(tmp_path / "run", limits={"max_steps": 6})
+    assert len(started) == 3 and started[1] is started[2]  # built; then the resumed one built, and again after loading
+    for optimizer in started:
+        assert all("momentum_buffer" in optimizer.state[p] for p in optimizer.param_groups[0]["params"])

@@ -128,7 +128,7 @@ def test_a_model_that_does_not_fit_the_vocabulary_fails_before_writing_a_run(sma
 def count_host_reads(monkeypatch):
     """Count every way a tensor's value reaches Python (each one waits for the GPU when training runs there)."""
     calls = {"n": 0}
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
         real = getattr(torch.Tensor, name)
 
         def counted(self, *args, _real=real, **kwargs):

@@ -359,6 +359,18 @@ def test_bf16_generation_stays_close_to_fp32_and_samples_valid_tokens(char_run, 
             probs[dtype] = torch.softmax(model.scores(hidden.float()), dim=-1)
         difference = (probs[None] - probs[torch.bfloat16]).abs().max().item()
         assert 0 < difference < 0.03  # bf16 rounding is there, and small
-        texts = lm.sample("", length=30, num_samples=3, seed=2, precision="bf16")
+        asked = []
+        real_weights = type(model).step_weights
+
+        def spy(self, direction=None, dtype=None):
+            asked.append(dtype)
+            return real_weights(self, direction, dtype)
+
+        type(model).step_weights = spy
+        try:
+            texts = lm.sample("", length=30, num_samples=3, seed=2, precision="bf16")
+        finally:
+            type(model).step_weights = real_weights
+        assert asked == [torch.bfloat16]  # generation really stepped with bf16 weights
         assert len(texts) == 3 and all(texts)
         assert texts == lm.sample("", length=30, num_samples=3, seed=2, precision="bf16")  # same seed, same text
