@@ -276,6 +276,10 @@ def score(
 app.command("score-sentence-probability", help="Same as 'score'.")(score)
 
 
+# Above this much text, scoring one exact stream takes minutes on a CPU: say how to go faster.
+EXACT_STREAM_HINT_BYTES = 2_000_000
+
+
 @app.command("evaluate-perplexity")
 def evaluate_perplexity(
     files: List[Path] = typer.Argument(..., help="held-out text files"),
@@ -302,6 +306,11 @@ def evaluate_perplexity(
         raise LmtoolError(f"--bptt must be at least 1, got {bptt}")
     _check_direction(direction)
     lm = load_model(model, device)
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    if batch_size == 1 and size > EXACT_STREAM_HINT_BYTES:
+        print(f"lmtool: hint: {size / 1e6:.0f} MB scored as one exact stream, one token at a time; --batch-size 64 is "
+              "about 5x faster on a CPU (36x on a GPU) and changes the perplexity in about the fourth digit",
+              file=sys.stderr)
     evaluation = lm.perplexity(files, batch_size=batch_size, bptt=bptt, direction=direction)
     if json_out:
         print(json.dumps(evaluation_record(evaluation, lm.level)))

@@ -374,3 +374,17 @@ def test_bf16_generation_stays_close_to_fp32_and_samples_valid_tokens(char_run, 
         assert asked == [torch.bfloat16]  # generation really stepped with bf16 weights
         assert len(texts) == 3 and all(texts)
         assert texts == lm.sample("", length=30, num_samples=3, seed=2, precision="bf16")  # same seed, same text
+
+
+def test_evaluating_a_big_file_as_one_exact_stream_hints_at_batch_size(run_cli, char_run, tmp_path, monkeypatch):
+    import lmtool.cli
+
+    held = tmp_path / "held.txt"
+    held.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    monkeypatch.setattr(lmtool.cli, "EXACT_STREAM_HINT_BYTES", 2000)  # a 3 kB file stands for a big one
+    exact = run_cli("evaluate-perplexity", held, "--model", char_run)
+    assert exact.code == 0 and "lmtool: hint:" in exact.err and "--batch-size 64" in exact.err
+    assert len(exact.err.strip().splitlines()) == 1
+    assert "hint" not in run_cli("evaluate-perplexity", held, "--model", char_run, "--batch-size", "8").err
+    monkeypatch.setattr(lmtool.cli, "EXACT_STREAM_HINT_BYTES", 2_000_000)
+    assert "hint" not in run_cli("evaluate-perplexity", held, "--model", char_run).err
