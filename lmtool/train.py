@@ -439,7 +439,7 @@ class _Trainer:
 
     def _validate(self) -> str | None:
         """Score the validation text, keep the best model, save the last; returns a stop reason for early stop."""
-        tc, dc = self.config.train, self.config.data
+        tc = self.config.train
         self._stop_if_diverged()
         self.last_validated_step = self.step
         scores = {d: self._score_shared(self.corpus.valid, self.eval_batch["validation"], d) for d in self.directions}
