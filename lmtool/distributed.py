@@ -2,7 +2,7 @@
 
 Every helper is a no-op in a single process, so the training loop reads the same either way. Decisions that
 depend on something local go through helpers that give every rank the same answer bit for bit: wall time and
-signals through `max_each`/`any`/`max` (host values), the step loss through `average` (an all-reduce on the
+signals through `max_each` (host values), the step loss through `average` (an all-reduce on the
 device). Ranks that decided differently would wait for each other forever.
 """
 
@@ -118,19 +118,11 @@ class DistributedContext:
             total += part
         return total.tolist()
 
-    def max(self, value: int) -> int:
-        """The largest of every rank's value."""
-        return self.max_each([value])[0]
-
     def max_each(self, values: Sequence[int]) -> list[int]:
         """The largest of every rank's values, position by position, in one collective."""
         if not self.enabled:
             return list(values)
         return torch.stack(self.gather(torch.tensor(values, dtype=torch.int64))).max(dim=0).values.tolist()
-
-    def any(self, flag: bool) -> bool:
-        """Whether any rank's flag is set (a time limit or a signal seen by one rank stops them all together)."""
-        return bool(self.max(int(flag)))
 
     def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
         """Rank `src`'s bytes on every rank (JSON text, never pickle)."""

@@ -45,12 +45,14 @@ class StepWeights:
     layers: list[tuple[torch.Tensor, ...]]
 
 
+def map_state(fn, state):
+    """`fn` applied to every tensor of a state: one tensor, an LSTM's (h, c), or a tuple of directions' states."""
+    return tuple(map_state(fn, s) for s in state) if isinstance(state, tuple) else fn(state)
+
+
 def detach_state(state):
-    """Cut the graph at a window boundary while keeping the values (truncated BPTT); states of several
-    directions are tuples of states."""
-    if isinstance(state, tuple):
-        return tuple(detach_state(s) for s in state)
-    return state.detach()
+    """Cut the graph at a window boundary while keeping the values (truncated BPTT)."""
+    return map_state(torch.Tensor.detach, state)
 
 
 # Where the adaptive softmax's tail clusters start when the config leaves it to us (Grave et al. used

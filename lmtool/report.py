@@ -45,8 +45,8 @@ def _score_record(score: SentenceScore | MixtureScore, with_tokens: bool) -> dic
         "logprob": score.logprob,
         "log10prob": score.log10prob,
         "perplexity": score.perplexity,
-            "tokens": score.num_tokens,
-            "unknown": score.num_unknown,
+        "tokens": score.num_tokens,
+        "unknown": score.num_unknown,
     }
     if isinstance(score, SentenceScore):
         record["direction"] = score.direction

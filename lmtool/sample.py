@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lmtool.errors import LmtoolError
-from lmtool.model import LanguageModel
+from lmtool.model import LanguageModel, map_state
 from lmtool.tokenizer import EOS_ID, UNK_ID, Tokenizer
 
 
@@ -141,7 +141,9 @@ def generate(
     # stay fp32, so only the hidden state carries bf16 rounding.
     dtype = torch.bfloat16 if options.precision == "bf16" else None
     weights = model.step_weights(direction, dtype)
-    layers = _cast(model.layer_states(state), dtype)
+    layers = model.layer_states(state)
+    if dtype is not None:
+        layers = [map_state(lambda t: t.to(dtype), layer) for layer in layers]
     # At temperature 1 with no filter an adaptive softmax samples without computing the whole distribution.
     two_level = (model.config.softmax == "adaptive" and options.temperature == 1
                  and options.top_k is None and options.top_p is None)
@@ -166,13 +168,6 @@ def generate(
     if options.stop_at_eos:  # cut each sample after its first <EOS>
         ids = [row[: row.index(EOS_ID) + 1] if EOS_ID in row else row for row in ids]
     return ids
-
-
-def _cast(layers: list, dtype: torch.dtype | None) -> list:
-    """Per-layer states (tensors or (h, c) pairs) in `dtype` (unchanged for None)."""
-    if dtype is None:
-        return layers
-    return [tuple(t.to(dtype) for t in layer) if isinstance(layer, tuple) else layer.to(dtype) for layer in layers]
 
 
 def encode_prime(tokenizer: Tokenizer, prime: str) -> tuple[list[int], int]:

@@ -30,7 +30,7 @@ from lmtool.devices import resolve_device, resolve_precision
 from lmtool.distributed import DistributedContext, distributed_session
 from lmtool.errors import Interrupted, LmtoolError, TrainingFailed
 from lmtool.evaluate import StreamScore, combined, safe_exp, stream_nll
-from lmtool.model import LanguageModel, State, check_fits, count_parameters, detach_state
+from lmtool.model import LanguageModel, State, check_fits, count_parameters, detach_state, map_state
 from lmtool.schedule import PlateauTracker, learning_rate
 from lmtool.step_guard import SKIPS_ON_DEVICE, StepGuard, guarded_update, start_momentum
 from lmtool.tokenizer import Tokenizer
@@ -292,7 +292,7 @@ class _Trainer:
                         stop_reason = self._validate()
                     self.epoch_closed = True
                     if stop_reason is None:
-                        self._stop_if_signalled()
+                        self._stop_if_signalled(self._agreed_step_end()[1])
                     if stop_reason is not None:
                         break
                 if tc.max_epochs is not None and self.epoch >= tc.max_epochs:
@@ -313,7 +313,7 @@ class _Trainer:
         state = self.hidden if self.hidden is not None else self._zero_state()
         both = "both" if len(self.directions) > 1 else None
         if self.window < self.steps_per_epoch:  # after that, each step checks the limits when it ends
-            reason = self._limit_reached()  # a run resumed at its limit (or given a lower one) trains nothing
+            reason = self._limit_reached(self._agreed_step_end()[0])  # a run resumed at its limit trains nothing
             if reason:
                 return reason
         window_start = time.perf_counter()
@@ -336,7 +336,8 @@ class _Trainer:
                                  self.step + 1, self.skips_on_device)
             self.running_nll += torch.where(bad, 0.0, nll.detach().sum())
             self.running_tokens += (~bad) * y.numel()
-            state = _zeroed_if(bad, detach_state(next_state))  # never carry an inf/NaN state on
+            # Never carry an inf/NaN state on: zeros after a bad step, chosen on the device.
+            state = map_state(lambda t: t.masked_fill(bad, 0.0), detach_state(next_state))
             self.hidden = state
             self.step += 1
             self.window += 1
@@ -404,11 +405,9 @@ class _Trainer:
         self.running_nll.zero_()
         self.running_tokens.zero_()
 
-    def _stop_if_signalled(self, signum: int | None = None) -> None:
+    def _stop_if_signalled(self, signum: int) -> None:
         """After Ctrl-C or SIGTERM: save a checkpoint here, at a step boundary, and stop with the resume command.
-        `signum`: the signal as every rank agreed on it (asked for here when not given)."""
-        if signum is None:
-            signum = self.ctx.max(self.signal_received or 0)  # a signal to one rank stops every rank at this step
+        `signum`: the signal as every rank agreed on it (a signal to one rank stops every rank at this step)."""
         if not signum:
             return
         self.save_checkpoint()
@@ -419,13 +418,11 @@ class _Trainer:
             exit_code=128 + signum,
         )
 
-    def _limit_reached(self, time_up: bool | None = None) -> str | None:
+    def _limit_reached(self, time_up: bool) -> str | None:
         """Why training must stop now, if a limit is reached. `time_up`: max_time as every rank agreed on it."""
         tc = self.config.train
         if tc.max_steps is not None and self.step >= tc.max_steps:
             return f"reached max_steps={tc.max_steps}"
-        if time_up is None:
-            time_up = tc.max_time is not None and self.ctx.any(self.elapsed >= tc.max_time)
         if time_up:
             return f"reached max_time={tc.max_time:g}s"
         return None
@@ -594,9 +591,8 @@ class _Trainer:
         }
 
     def _gathered(self, state):
-        if state is None or isinstance(state, tuple):
-            return state if state is None else tuple(self._gathered(s) for s in state)
-        return torch.cat(self.ctx.gather(state), dim=1)
+        """Every rank's rows of `state`, in rank order."""
+        return None if state is None else map_state(lambda t: torch.cat(self.ctx.gather(t), dim=1), state)
 
     def save_checkpoint(self, finished: bool = False, stop_reason: str | None = None) -> None:
         self._stop_if_diverged()  # a diverged run is never checkpointed: its last good checkpoint stays
@@ -720,13 +716,6 @@ class _Trainer:
 def _as_lists(state):
     """A (nested) tuple state as nested lists of tensors: what a weights_only checkpoint stores."""
     return [_as_lists(s) for s in state] if isinstance(state, tuple) else state
-
-
-def _zeroed_if(bad: torch.Tensor, state):
-    """The state, or zeros where `bad` (a bool tensor) is set: chosen on the device."""
-    if isinstance(state, tuple):
-        return tuple(_zeroed_if(bad, s) for s in state)
-    return state.masked_fill(bad, 0.0)
 
 
 def _as_tuples(saved, device: torch.device, rows: slice):
