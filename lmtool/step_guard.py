@@ -15,7 +15,8 @@ SKIPS_ON_DEVICE = ("cpu", "cuda")
 
 class StepGuard:
     """Per-step decisions and counters, all as device tensors; the host reads them only at log, validation and
-    checkpoint time (`failure`, `counts`), so a diverged run stops there, with the step it diverged at."""
+    checkpoint time (`failure`, `skipped_steps`, `state_dict`), so a diverged run stops there, with the step it
+    diverged at."""
 
     def __init__(self, device: torch.device, blowup_factor: float | None, max_bad_steps: int, warmup: int = 50):
         self.device, self.blowup_factor, self.max_bad_steps, self.warmup = device, blowup_factor, max_bad_steps, warmup
