@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmtool.chunked_nll import linear_nll, saves_traffic
 from lmtool.config import ModelConfig
 from lmtool.errors import LmtoolError
 
@@ -246,6 +247,14 @@ class LanguageModel(nn.Module):
             with _autocast_off(output):
                 logprob = self.adaptive(output.float().reshape(-1, output.size(-1)), flat_targets).output
             return -logprob.view(targets.shape)
+        if output.device.type == "cpu" and saves_traffic(flat_targets.numel(), self.vocab_size):
+            # A CPU spends as long moving large (B*T, V) scores through memory as computing them: score the
+            # vocabulary a cache-sized slice at a time instead. GPUs keep PyTorch's path (measured on CPUs only).
+            autocast = torch.is_autocast_enabled("cpu")
+            dtype = torch.get_autocast_dtype("cpu") if autocast else self.decoder.weight.dtype
+            nll = linear_nll(output.reshape(-1, output.size(-1)), self.decoder.weight, self.decoder.bias,
+                             flat_targets, compute_dtype=dtype)
+            return nll.view(targets.shape)
         logits = self.decoder(output)  # (B, T, V)
         return F.cross_entropy(logits.float().flatten(0, 1), flat_targets, reduction="none").view(targets.shape)
 

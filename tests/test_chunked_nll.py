@@ -1,0 +1,86 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmtool.chunked_nll import linear_nll, saves_traffic, slice_size
+from lmtool.config import ModelConfig
+from lmtool.model import LanguageModel
+
+
+def _inputs(rows=60, hidden=16, vocab=1001, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, hidden, generator=gen, dtype=dtype)
+    w = torch.randn(vocab, hidden, generator=gen, dtype=dtype) * 0.5
+    b = torch.randn(vocab, generator=gen, dtype=dtype) * 0.5
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    weights = torch.rand(rows, generator=gen, dtype=dtype)  # a different dLoss/dNLL per row
+    return h, w, b, targets, weights
+
+
+def _nll_and_grads(fn, h, w, b, targets, weights):
+    h, w, b = (t.detach().clone().requires_grad_() for t in (h, w, b))
+    nll = fn(h, w, b, targets)
+    (nll.to(weights.dtype) * weights).sum().backward()
+    return nll.detach(), h.grad, w.grad, b.grad
+
+
+def _reference(h, w, b, targets):
+    return F.cross_entropy(F.linear(h, w, b), targets, reduction="none")
+
+
+@pytest.mark.parametrize("columns", [256, 300, 1001, None])
+def test_sliced_nll_and_gradients_match_pytorch_in_fp32(columns):
+    # Slices that divide the vocabulary unevenly, one slice, and the default; rows weighted unequally, so the
+    # backward pass must use each row's own gradient.
+    inputs = _inputs(dtype=torch.float32)
+    expected = _nll_and_grads(_reference, *inputs)
+    got = _nll_and_grads(lambda h, w, b, t: linear_nll(h, w, b, t, slice_columns=columns), *inputs)
+    assert got[0].dtype == torch.float32
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_products_are_as_accurate_as_autocast():
+    exact = _nll_and_grads(_reference, *_inputs(dtype=torch.float64))
+    inputs = _inputs(dtype=torch.float32)
+
+    def autocast_reference(h, w, b, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = F.linear(h, w, b)
+        return F.cross_entropy(scores.float(), t, reduction="none")
+
+    ours = _nll_and_grads(lambda h, w, b, t: linear_nll(h, w, b, t, torch.bfloat16, slice_columns=256), *inputs)
+    theirs = _nll_and_grads(autocast_reference, *inputs)
+    for mine, autocast, truth in zip(ours, theirs, exact):
+        error, autocast_error = ((x.double() - truth).abs().max() for x in (mine, autocast))
+        assert 0 < error <= 2 * autocast_error  # bf16 really was used, and no worse than PyTorch's own
+
+
+def test_slices_are_cache_sized_and_used_only_where_they_pay():
+    assert slice_size(700, 33278) == 2048  # 700 rows x 2048 float32 scores ~ 5.5 MB
+    assert slice_size(100_000, 33278) == 256
+    assert slice_size(10, 500) == 500
+    assert saves_traffic(700, 33278)
+    assert not saves_traffic(8192, 66)  # a character vocabulary fits one slice: PyTorch's path is as good
+
+
+def test_model_nll_for_a_large_vocabulary_matches_the_scores_softmax():
+    # Tied weights: the decoder's gradient and the embedding's meet in one tensor.
+    vocab = 9000
+    model = LanguageModel(ModelConfig(embedding_size=12, hidden_size=12, dropout=0.0, tie_weights=True), vocab)
+    x, y = torch.randint(0, vocab, (4, 50)), torch.randint(0, vocab, (4, 50))
+    assert saves_traffic(y.numel(), vocab)
+    nll, _ = model(x, targets=y)
+    nll.mean().backward()
+    sliced_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    scores, _ = model(x)
+    expected = F.cross_entropy(scores.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+    expected.mean().backward()
+    torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-5)
+    for got, p in zip(sliced_grads, model.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_nll, _ = model(x, targets=y)
+    assert bf16_nll.dtype == torch.float32
+    torch.testing.assert_close(bf16_nll, expected, rtol=0, atol=0.1)
