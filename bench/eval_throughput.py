@@ -5,8 +5,9 @@ Trains the default character model on tinyshakespeare for a few steps (its token
 the same steps in fp32 for a second reference), then, with that model: `evaluate-perplexity` of the corpus's
 first 200,000 characters (batch 1 and --batch-size), and `score` of 10,000 lines of it in padded batches.
 Evaluation computes in fp32, so its model FLOP/s (2 x multiply-adds per token, forward only) is also given
-against the fp32 matrix-multiply peak measured around it. Prints one JSON line with the tokens/s of each and
-the ratios.
+against the fp32 matrix-multiply peak measured around it. Then the same evaluations and scores with
+`--precision bf16`, with how far their perplexities and log-probabilities moved. Prints one JSON line with the
+tokens/s of each and the ratios.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ def main() -> None:
         sample = tmp / "eval.txt"
         sample.write_text(corpus.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
         eval_1 = lm.perplexity(sample, batch_size=1)
+        eval_1_bf16 = lm.perplexity(sample, batch_size=1, precision="bf16")
         peak = matmul_peak_gflops(torch.float32)
         eval_b = lm.perplexity(sample, batch_size=args.batch_size)
+        eval_b_bf16 = lm.perplexity(sample, batch_size=args.batch_size, precision="bf16")
         peak = max(peak, matmul_peak_gflops(torch.float32))
         m = cfg.model
         forward_flops = 2 * multiply_adds_per_token(m.embedding_size, m.hidden_size, m.num_layers, records[0]["vocab_size"])
@@ -63,6 +66,13 @@ def main() -> None:
         scores = lm.score(lines, batch_size=args.batch_size)
         score_s = time.perf_counter() - start
         score_tps = sum(s.num_tokens for s in scores) / score_s
+        start = time.perf_counter()
+        scores_bf16 = lm.score(lines, batch_size=args.batch_size, precision="bf16")
+        score_bf16_tps = sum(s.num_tokens for s in scores_bf16) / (time.perf_counter() - start)
+        score_bf16_gap = max(abs(a.logprob - b.logprob) / abs(a.logprob) for a, b in zip(scores, scores_bf16))
+
+    def relative(a: float, b: float) -> float:
+        return round(100 * (b - a) / a, 5)
     print(json.dumps({
         **machine_info(),
         "train_tokens_per_s": round(train_tps), "train_precision": records[0]["precision"],
@@ -76,6 +86,21 @@ def main() -> None:
         "fp32_peak_gflop_per_s": round(peak, 1),
         "evaluate_utilisation": round(eval_b.tokens_per_s * forward_flops / 1e9 / peak, 3),
         "score_over_evaluate": round(score_tps / eval_b.tokens_per_s, 2),
+        "perplexity_batch1": round(eval_1.score.perplexity, 6),
+        f"perplexity_batch{args.batch_size}": round(eval_b.score.perplexity, 6),
+        "bf16": {
+            "evaluate_batch1_tokens_per_s": round(eval_1_bf16.tokens_per_s),
+            f"evaluate_batch{args.batch_size}_tokens_per_s": round(eval_b_bf16.tokens_per_s),
+            "evaluate_over_train": round(eval_b_bf16.tokens_per_s / train_tps, 2),
+            "evaluate_over_fp32_evaluate": round(eval_b_bf16.tokens_per_s / eval_b.tokens_per_s, 2),
+            "perplexity_batch1": round(eval_1_bf16.score.perplexity, 6),
+            f"perplexity_batch{args.batch_size}": round(eval_b_bf16.score.perplexity, 6),
+            "perplexity_change_pct_batch1": relative(eval_1.score.perplexity, eval_1_bf16.score.perplexity),
+            f"perplexity_change_pct_batch{args.batch_size}": relative(eval_b.score.perplexity,
+                                                                     eval_b_bf16.score.perplexity),
+            "score_tokens_per_s": round(score_bf16_tps),
+            "score_largest_logprob_change_pct": round(100 * score_bf16_gap, 5),
+        },
     }))
 
 

@@ -14,7 +14,7 @@ import torch
 
 from lmtool.checkpoint import LoadedModel, load_model_file, resolve_model_path
 from lmtool.data import encode_file_to_disk, iter_lines
-from lmtool.devices import resolve_device
+from lmtool.devices import inference_autocast, resolve_device
 from lmtool.errors import LmtoolError
 from lmtool.evaluate import (
     MixtureScore,
@@ -44,6 +44,7 @@ class FileEvaluation:
     # A bidirectional model's per-line mixture 1/2 P_forward(line) + 1/2 P_backward(line), each line read from
     # the sentence-start state (as `score` does), unlike the streams above that carry the state across lines.
     mixture: StreamScore | None = None
+    precision: str = "fp32"  # bf16: products in bfloat16, not exact
 
     @property
     def tokens_per_s(self) -> float:
@@ -94,14 +95,16 @@ class Model:
         return [self.tokenizer.decode(ids) for ids in samples]
 
     def score(
-        self, sentences: Sequence[str] | str, batch_size: int = 64, direction: str | None = None
+        self, sentences: Sequence[str] | str, batch_size: int = 64, direction: str | None = None,
+        precision: str = "fp32",
     ) -> list[SentenceScore] | list[MixtureScore]:
         """log P(sentence, <EOS>) from the sentence-start state, with a per-token breakdown. A bidirectional model
-        gives the mixture of both directions unless `direction` picks one."""
+        gives the mixture of both directions unless `direction` picks one. precision="bf16": as in `perplexity`."""
         if isinstance(sentences, str):
             sentences = [sentences]
-        scores = [score_sentences(self.network, self.tokenizer, list(sentences), batch_size, d)
-                  for d in self._directions(direction)]
+        with inference_autocast(precision, self.device):
+            scores = [score_sentences(self.network, self.tokenizer, list(sentences), batch_size, d)
+                      for d in self._directions(direction)]
         return [MixtureScore(f, b) for f, b in zip(*scores)] if len(scores) == 2 else scores[0]
 
     def _directions(self, direction: str | None) -> tuple[str, ...]:
@@ -118,25 +121,29 @@ class Model:
         batch_size: int = 1,
         bptt: int | None = None,
         direction: str | None = None,
+        precision: str = "fp32",
     ) -> FileEvaluation:
         """Stream files through the model as validation does (state carried across lines); memory stays bounded.
         A bidirectional model is evaluated in both directions and as a per-line mixture unless `direction`
-        picks one."""
+        picks one. precision="bf16" computes the products in bfloat16 (autocast, as bf16 training does): faster
+        on hardware with native bf16, and no longer exact."""
         if isinstance(paths, (str, Path)):
             paths = [paths]
         bptt = bptt or self.config.data.bptt
         directions = self._directions(direction)  # a clear error before any work for a direction the model lacks
+        autocast = inference_autocast(precision, self.device)
         totals = {d: StreamScore(nll=0.0, tokens=0) for d in directions}
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="lmtool-eval-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="lmtool-eval-") as tmp, autocast:
             for n, path in enumerate(paths):
                 ids = encode_file_to_disk(self.tokenizer, Path(path), Path(tmp) / f"{n}.ids")
                 for d in directions:
                     totals[d] = combined([totals[d], stream_nll(self.network, ids, batch_size, bptt, d)])
                 del ids
-        mixture = self._line_mixture(paths, bptt) if len(directions) == 2 else None
+            mixture = self._line_mixture(paths, bptt) if len(directions) == 2 else None
         return FileEvaluation(files=tuple(map(str, paths)), score=totals[directions[0]],
-                              seconds=time.perf_counter() - start, by_direction=totals, mixture=mixture)
+                              seconds=time.perf_counter() - start, by_direction=totals, mixture=mixture,
+                              precision=precision)
 
     def _line_mixture(self, paths: Sequence[str | Path], bptt: int, lines_per_batch: int = 1024) -> StreamScore:
         """Sum over lines of -log(1/2 P_forward + 1/2 P_backward), reading the files a batch of lines at a time.

@@ -44,3 +44,18 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto" and device.type == "cpu" and bf16_is_native(device):
         return torch.bfloat16
     return None
+
+
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """`--precision` of sample and evaluate-perplexity: fp32 (None: exact) or bf16, checked against the device."""
+    if precision not in ("fp32", "bf16"):
+        raise LmtoolError(f"--precision must be fp32 or bf16, got {precision!r}")
+    if precision == "bf16" and device.type == "mps":
+        raise LmtoolError("--precision bf16 is not supported on mps; use fp32")
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def inference_autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context that `--precision` asks for: bf16 products, or (fp32) none at all."""
+    dtype = inference_dtype(precision, device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype is not None)

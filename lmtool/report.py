@@ -165,7 +165,7 @@ def _colour_tokens(score: SentenceScore, separator: str) -> Text:
 
 def evaluation_record(evaluation: FileEvaluation, level: str) -> dict:
     record = {"files": list(evaluation.files), **_stream_record(evaluation.score, level),
-              "seconds": evaluation.seconds, "tokens_per_s": evaluation.tokens_per_s}
+              "seconds": evaluation.seconds, "tokens_per_s": evaluation.tokens_per_s, "precision": evaluation.precision}
     if len(evaluation.by_direction) > 1:
         record["directions"] = {d: _stream_record(s, level) for d, s in evaluation.by_direction.items()}
     if evaluation.mixture is not None:
@@ -203,6 +203,8 @@ def print_evaluation(console: Console, evaluation: FileEvaluation, level: str) -
         closing += [("tokens scored", f"{m.tokens:,}"), ("perplexity", f"{m.perplexity:.3f}"),
                     (f"bits per {unit}", f"{m.bits_per_token:.4f}")]
     closing += [("time", f"{evaluation.seconds:.2f}s"), ("tokens/s", f"{evaluation.tokens_per_s:,.0f}")]
+    if evaluation.precision != "fp32":
+        closing.append(("precision", f"{evaluation.precision} (approximate)"))
     if several:
         sections.append(("mixture 1/2 P_forward + 1/2 P_backward, per line" if m else "speed", closing))
     else:

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lmtool.devices import inference_dtype
 from lmtool.errors import LmtoolError
 from lmtool.model import LanguageModel, map_state
 from lmtool.tokenizer import EOS_ID, UNK_ID, Tokenizer
@@ -28,8 +29,7 @@ class SamplingOptions:
     precision: str = "fp32"  # bf16: the recurrent layers step in bfloat16 (faster for many streams, not exact)
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise LmtoolError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        inference_dtype(self.precision, torch.device("cpu"))  # the name; the device is checked when sampling
         if self.temperature < 0 or self.temperature != self.temperature:
             raise LmtoolError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -128,8 +128,7 @@ def generate(
     direction = model.direction_of(direction)
     model.eval()
     device = model.device
-    if options.precision == "bf16" and device.type == "mps":
-        raise LmtoolError("--precision bf16 is not supported on mps; use fp32")
+    dtype = inference_dtype(options.precision, device)
     generator = None
     if options.seed is not None:
         generator = torch.Generator(device=device).manual_seed(options.seed)
@@ -139,7 +138,6 @@ def generate(
     last = hidden[:, -1]  # (B, H)
     # bf16 generation: the prompt is read in fp32, then the recurrent layers step in bf16; scores and sampling
     # stay fp32, so only the hidden state carries bf16 rounding.
-    dtype = torch.bfloat16 if options.precision == "bf16" else None
     weights = model.step_weights(direction, dtype)
     layers = model.layer_states(state)
     if dtype is not None:

@@ -236,6 +236,34 @@ def test_evaluate_perplexity_command(run_cli, word_run, tmp_path):
     assert missing.code == 2 and "not found" in missing.err
 
 
+def test_bf16_evaluation_and_scores_are_close_to_fp32_and_say_so(run_cli, char_run, tmp_path):
+    held = tmp_path / "held.txt"
+    held.write_text(SHAKESPEARE.read_text(encoding="utf-8")[6000:9000], encoding="utf-8")
+    exact = json.loads(run_cli("evaluate-perplexity", held, "--model", char_run, "--json").out)
+    result = run_cli("evaluate-perplexity", held, "--model", char_run, "--json", "--precision", "bf16",
+                     "--batch-size", "4")
+    assert result.code == 0, result.err
+    fast = json.loads(result.out)
+    assert exact["precision"] == "fp32" and fast["precision"] == "bf16"
+    assert fast["perplexity"] == pytest.approx(exact["perplexity"], rel=0.01)
+    assert "bf16 (approximate)" in run_cli("evaluate-perplexity", held, "--model", char_run, "--precision", "bf16").out
+    lm = lmtool.load_model(char_run)
+    lines = ["ROMEO: what light", "First Citizen:"]
+    pairs = zip(lm.score(lines), lm.score(lines, precision="bf16"))
+    gaps = [abs(fp32.logprob - bf16.logprob) / abs(fp32.logprob) for fp32, bf16 in pairs]
+    assert 0 < max(gaps) < 0.01  # bf16 really computed, and close
+
+
+@pytest.mark.parametrize("command", ["evaluate-perplexity", "score"])
+def test_bad_precision_is_one_line(run_cli, char_run, tmp_path, command):
+    held = tmp_path / "held.txt"
+    held.write_text("ROMEO:\n")
+    target = ["--file", held] if command == "score" else [held]
+    result = run_cli(command, *target, "--model", char_run, "--precision", "half")
+    assert result.code == 2 and "--precision must be fp32 or bf16, got 'half'" in result.err
+    assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
+
+
 def test_constant_logits_give_perplexity_equal_to_the_vocabulary_size(char_run):
     from lmtool.data import encode_lines
     from lmtool.evaluate import stream_nll
