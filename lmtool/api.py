@@ -140,12 +140,13 @@ class Model:
                 for d in directions:
                     totals[d] = combined([totals[d], stream_nll(self.network, ids, batch_size, bptt, d)])
                 del ids
-            mixture = self._line_mixture(paths, bptt) if len(directions) == 2 else None
+            mixture = self._line_mixture(paths, bptt, precision) if len(directions) == 2 else None
         return FileEvaluation(files=tuple(map(str, paths)), score=totals[directions[0]],
                               seconds=time.perf_counter() - start, by_direction=totals, mixture=mixture,
                               precision=precision)
 
-    def _line_mixture(self, paths: Sequence[str | Path], bptt: int, lines_per_batch: int = 1024) -> StreamScore:
+    def _line_mixture(self, paths: Sequence[str | Path], bptt: int, precision: str,
+                      lines_per_batch: int = 1024) -> StreamScore:
         """Sum over lines of -log(1/2 P_forward + 1/2 P_backward), reading the files a batch of lines at a time.
         Short lines are scored together in padded batches; a long line alone, `bptt` tokens at a time, so memory
         stays bounded however long a line is."""
@@ -154,7 +155,7 @@ class Model:
             lines = iter_lines(Path(path), "evaluation")
             while batch := list(itertools.islice(lines, lines_per_batch)):
                 short = [line for line in batch if len(line) <= LONG_LINE]
-                for mix in self.score(short, batch_size=64) if short else []:
+                for mix in self.score(short, batch_size=64, precision=precision) if short else []:
                     nll.append(-mix.logprob)
                     tokens += mix.num_tokens
                 for line in (line for line in batch if len(line) > LONG_LINE):

@@ -37,7 +37,7 @@ def linear_nll(
     (bf16 under autocast, as `nn.Linear` would) and everything else in float32. Differentiable in hidden,
     weight and bias."""
     columns = slice_columns or slice_size(hidden.size(0), weight.size(0))
-    return _LinearNLL.apply(hidden, weight, bias, targets, compute_dtype, columns)
+    return _LinearNLL.apply(hidden, weight, bias, targets.long(), compute_dtype, columns)
 
 
 class _LinearNLL(torch.autograd.Function):
@@ -72,11 +72,15 @@ class _LinearNLL(torch.autograd.Function):
             grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)  # (N, H)
             grad_w = torch.empty(w.shape, dtype=torch.float32, device=w.device)  # (V, H)
             grad_b = torch.empty(b.shape, dtype=torch.float32, device=b.device)  # (V,)
-            # dNLL/dscores = softmax - onehot: the softmax part slice by slice, the one-hot part after the loop.
+            # dNLL/dscores = g * (softmax - onehot), formed whole in fp32 before any bf16 rounding: a confident
+            # prediction's gradient is a small difference of two numbers close to g.
             for start in range(0, w.size(0), columns):
                 w_slice = w[start:start + columns]  # (C, H)
                 probs = torch.addmm(b[start:start + columns], h, w_slice.t()).float()  # (N, C) scores
                 probs.sub_(lse[:, None]).exp_().mul_(g[:, None])  # g * softmax
+                column = targets - start  # (N,) the target's column in this slice, if it is in it
+                inside = (column >= 0) & (column < w_slice.size(0))
+                probs.scatter_add_(1, column.clamp(0, w_slice.size(0) - 1)[:, None], torch.where(inside, -g, 0)[:, None])
                 torch.sum(probs, dim=0, out=grad_b[start:start + columns])
                 if probs.dtype == w.dtype:
                     grad_h.addmm_(probs, w_slice)
@@ -85,8 +89,5 @@ class _LinearNLL(torch.autograd.Function):
                     probs = probs.to(w.dtype)
                     grad_h += probs @ w_slice
                     grad_w[start:start + columns] = probs.t() @ h
-            grad_h -= g[:, None] * w[targets].float()
-            grad_w.index_add_(0, targets, h.float() * -g[:, None])
-            grad_b.index_add_(0, targets, -g)
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         return grad_h.to(hidden_dtype), grad_w.to(weight_dtype), grad_b.to(bias_dtype), None, None, None

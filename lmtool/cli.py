@@ -118,6 +118,12 @@ def _check_direction(direction: Optional[str]) -> None:
         raise LmtoolError(f"--direction must be forward, backward or both, got '{direction}'")
 
 
+def _check_precision(precision: str) -> None:
+    from lmtool.devices import inference_dtype
+
+    inference_dtype(precision)  # the name, before any work; the device is checked once the model is on it
+
+
 @app.command()
 def sample(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
@@ -255,6 +261,7 @@ def score(
     from lmtool.report import print_scores, score_json_lines, score_kenlm_lines
 
     _check_direction(direction)
+    _check_precision(precision)
     if fmt not in ("table", "kenlm"):
         raise LmtoolError(f"--format must be table or kenlm, got '{fmt}'")
     if batch_size < 1:
@@ -309,6 +316,7 @@ def evaluate_perplexity(
     if bptt is not None and bptt < 1:
         raise LmtoolError(f"--bptt must be at least 1, got {bptt}")
     _check_direction(direction)
+    _check_precision(precision)
     lm = load_model(model, device)
     size = sum(f.stat().st_size for f in files if f.is_file())
     if batch_size == 1 and size > EXACT_STREAM_HINT_BYTES:

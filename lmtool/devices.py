@@ -46,11 +46,12 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """`--precision` of sample and evaluate-perplexity: fp32 (None: exact) or bf16, checked against the device."""
+def inference_dtype(precision: str, device: torch.device | None = None) -> torch.dtype | None:
+    """`--precision` of sample, score and evaluate-perplexity: fp32 (None: exact) or bf16, checked against the
+    device if given."""
     if precision not in ("fp32", "bf16"):
         raise LmtoolError(f"--precision must be fp32 or bf16, got {precision!r}")
-    if precision == "bf16" and device.type == "mps":
+    if precision == "bf16" and device is not None and device.type == "mps":
         raise LmtoolError("--precision bf16 is not supported on mps; use fp32")
     return torch.bfloat16 if precision == "bf16" else None
 

@@ -28,6 +28,11 @@ CELLS: dict[str, tuple[type[nn.RNNBase], dict]] = {
 # The recurrent stacks of each direction setting, in the order they are built.
 DIRECTIONS = {"forward": ("forward",), "backward": ("backward",), "bidirectional": ("forward", "backward")}
 
+# Devices whose autocast must not reach the recurrent stack: on CUDA, PyTorch's autocast runs cuDNN's recurrent
+# layers in float16 whatever dtype was asked for (cuDNN has no bf16 LSTM), and float16 gradients underflow
+# without loss scaling. There the stack stays fp32 and bf16 speeds up the rest.
+FP32_RECURRENCE_UNDER_AUTOCAST = {"cuda"}
+
 # The same cells one step at a time: PyTorch's fused single-step functions, with nn.RNNBase's weight layout.
 CELL_STEPS = {
     "rnn_tanh": torch.rnn_tanh_cell,
@@ -228,7 +233,12 @@ class LanguageModel(nn.Module):
         emb = self.drop(self.embedding(tokens))  # (B, T, E)
         if state is None:
             state = self.init_state(tokens.size(0))
-        output, state = self.stack(direction)(emb, state)  # (B, T, H)
+        stack = self.stack(direction)
+        if emb.device.type in FP32_RECURRENCE_UNDER_AUTOCAST and torch.is_autocast_enabled(emb.device.type):
+            with torch.autocast(emb.device.type, enabled=False):
+                output, state = stack(emb.float(), map_state(lambda t: t.float(), state))  # (B, T, H)
+        else:
+            output, state = stack(emb, state)  # (B, T, H)
         return self.drop(output), state
 
     def scores(self, output: torch.Tensor) -> torch.Tensor:

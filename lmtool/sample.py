@@ -29,7 +29,7 @@ class SamplingOptions:
     precision: str = "fp32"  # bf16: the recurrent layers step in bfloat16 (faster for many streams, not exact)
 
     def __post_init__(self) -> None:
-        inference_dtype(self.precision, torch.device("cpu"))  # the name; the device is checked when sampling
+        inference_dtype(self.precision)  # the name; the device is checked when sampling
         if self.temperature < 0 or self.temperature != self.temperature:
             raise LmtoolError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:

@@ -129,6 +129,16 @@ def test_evaluate_perplexity_reports_each_direction_and_the_mixture(bidirectiona
     assert "directions" not in one and one["perplexity"] == pytest.approx(record["directions"]["backward"]["perplexity"])
 
 
+def test_bf16_evaluation_computes_the_mixture_in_bf16_too(bidirectional_run, tmp_path):
+    held_out = tmp_path / "held.txt"
+    held_out.write_text("the cat sat on the log\na dog saw the cat\n")
+    lm = lmtool.load_model(bidirectional_run)
+    exact, fast = lm.perplexity(held_out), lm.perplexity(held_out, precision="bf16")
+    assert fast.precision == "bf16"
+    for a, b in [(exact.mixture, fast.mixture), *zip(exact.by_direction.values(), fast.by_direction.values())]:
+        assert a.nll != b.nll and b.nll == pytest.approx(a.nll, rel=0.01)
+
+
 def test_score_command_prints_both_directions_and_the_mixture(bidirectional_run, run_cli):
     result = run_cli("score", "the cat sat", "a dog", "--model", bidirectional_run, "--json", "--tokens")
     assert result.code == 0, result.err

@@ -140,3 +140,19 @@ def test_adaptive_cutoffs_parse_from_a_list_or_commas_and_must_fit_the_vocabular
     auto = load_config(None, ["model.softmax=adaptive"]).model
     assert LanguageModel(auto, vocab_size=30000).adaptive.cutoffs == [2000, 10000, 30000]
     assert LanguageModel(auto, vocab_size=65).adaptive.cutoffs == [32, 65]
+
+
+def test_recurrence_stays_fp32_under_autocast_where_autocast_would_mistype_it(monkeypatch):
+    # On CUDA PyTorch's autocast runs cuDNN's recurrent layers in float16 even when bf16 was asked for; there
+    # the stack must run in fp32. Exercised here by listing the CPU among those devices.
+    import lmtool.model as model_module
+
+    model = LanguageModel(ModelConfig(embedding_size=8, hidden_size=8, dropout=0.0), vocab_size=11)
+    seen = []
+    model.rnn.register_forward_hook(lambda module, inputs, output: seen.append(output[0].dtype))
+    x = torch.randint(0, 11, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, targets=x)
+        monkeypatch.setattr(model_module, "FP32_RECURRENCE_UNDER_AUTOCAST", {"cpu"})
+        model(x, targets=x)
+    assert seen == [torch.bfloat16, torch.float32]

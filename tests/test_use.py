@@ -258,7 +258,7 @@ def test_bf16_evaluation_and_scores_are_close_to_fp32_and_say_so(run_cli, char_r
 def test_bad_precision_is_one_line(run_cli, char_run, tmp_path, command):
     held = tmp_path / "held.txt"
     held.write_text("ROMEO:\n")
-    target = ["--file", held] if command == "score" else [held]
+    target = [] if command == "score" else [held]  # score: checked before it looks for sentences
     result = run_cli(command, *target, "--model", char_run, "--precision", "half")
     assert result.code == 2 and "--precision must be fp32 or bf16, got 'half'" in result.err
     assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
