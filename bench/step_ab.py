@@ -44,6 +44,30 @@ WORKLOADS = {
 }
 
 
+def lmtool_step(vocab: int, emb: int, hidden: int, batch: int, autocast: dict):
+    """The trainer's hot path for a 2-layer LSTM without dropout, as a function of one (x, y) window."""
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(embedding_size=emb, hidden_size=hidden, dropout=0.0, tie_weights=False), vocab)
+    params = list(model.parameters())
+    opt = OPTIMIZERS["sgd"](params, TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0), True)
+    guard = StepGuard(torch.device("cpu"), blowup_factor=5.0, max_bad_steps=5)
+    running_nll = torch.zeros(())
+    state = [model.init_state(batch)]
+
+    def step(x, y):
+        with torch.autocast(**autocast):
+            nll, next_state = model(x, state[0], targets=y)
+        loss = nll.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        step_loss = nll.detach().mean()
+        bad = guarded_update(opt, params, guard, step_loss, 5.0, 1, on_device=True)
+        running_nll.add_(torch.where(bad, 0.0, nll.detach().sum()))
+        state[0] = detach_state(next_state)
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=12)
@@ -69,23 +93,7 @@ def main() -> None:
         bare_opt.step()
         bare_state[0] = tuple(s.detach() for s in state)
 
-    model = LanguageModel(ModelConfig(embedding_size=EMB, hidden_size=HIDDEN, dropout=0.0, tie_weights=False), VOCAB)
-    params = list(model.parameters())
-    opt = OPTIMIZERS["sgd"](params, TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0), True)
-    guard = StepGuard(torch.device("cpu"), blowup_factor=5.0, max_bad_steps=5)
-    running_nll = torch.zeros(())
-    state = [model.init_state(BATCH)]
-
-    def ours(x, y):
-        with torch.autocast(**autocast):
-            nll, next_state = model(x, state[0], targets=y)
-        loss = nll.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        step_loss = nll.detach().mean()
-        bad = guarded_update(opt, params, guard, step_loss, 5.0, 1, on_device=True)
-        running_nll.add_(torch.where(bad, 0.0, nll.detach().sum()))
-        state[0] = detach_state(next_state)
+    ours = lmtool_step(VOCAB, EMB, HIDDEN, BATCH, autocast)
 
     probe_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     probe_a, probe_b = torch.randn(2048, 2048, dtype=probe_dtype), torch.randn(2048, 2048, dtype=probe_dtype)
