@@ -276,11 +276,11 @@ def score(
     if fmt == "kenlm" and not hasattr(scores[0], "tokens"):
         raise LmtoolError("--format kenlm lists one direction's tokens: add --direction forward or backward")
     if json_out:
-        print("\n".join(score_json_lines(scores, with_tokens=tokens)))
+        print("\n".join(score_json_lines(scores, with_tokens=tokens, precision=precision)))
     elif fmt == "kenlm":
         print("\n".join(score_kenlm_lines(scores, lm.tokenizer)))
     else:
-        print_scores(Console(highlight=False), scores, with_tokens=tokens, level=lm.level)
+        print_scores(Console(highlight=False), scores, with_tokens=tokens, level=lm.level, precision=precision)
 
 
 app.command("score-sentence-probability", help="Same as 'score'.")(score)

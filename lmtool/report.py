@@ -25,12 +25,15 @@ def ranks(scores: Sequence[SentenceScore]) -> list[int]:
     return rank
 
 
-def score_json_lines(scores: Sequence[SentenceScore] | Sequence[MixtureScore], with_tokens: bool) -> list[str]:
+def score_json_lines(
+    scores: Sequence[SentenceScore] | Sequence[MixtureScore], with_tokens: bool, precision: str = "fp32"
+) -> list[str]:
     """One JSON object per sentence, in input order; a mixture also holds each direction's own record."""
     lines = []
     for score, rank in zip(scores, ranks(scores)):
         record = _score_record(score, with_tokens)
         record["rank"] = rank
+        record["precision"] = precision
         if isinstance(score, MixtureScore):
             record["direction"] = "mixture"
             record["forward"] = _score_record(score.forward, with_tokens)
@@ -109,12 +112,15 @@ def _surprisal_style(bits: float) -> str:
 
 
 def print_scores(
-    console: Console, scores: Sequence[SentenceScore] | Sequence[MixtureScore], with_tokens: bool, level: str = "word"
+    console: Console, scores: Sequence[SentenceScore] | Sequence[MixtureScore], with_tokens: bool, level: str = "word",
+    precision: str = "fp32",
 ) -> None:
     """Sentences ranked most probable first, and optionally each one's per-token table (per direction)."""
     mixture = bool(scores) and isinstance(scores[0], MixtureScore)
     direction = "mixture of both directions" if mixture else (scores[0].direction if scores else "forward")
-    table = Table(title=f"sentence log-probabilities, {direction} (most probable first)", title_justify="left")
+    approximate = "" if precision == "fp32" else f", {precision} (approximate)"
+    table = Table(title=f"sentence log-probabilities, {direction}{approximate} (most probable first)",
+                  title_justify="left")
     columns = ["rank", "log P", "log10 P", "ppl", "tokens", "unk"] + (["fwd", "bwd"] if mixture else [])
     for column in columns:
         table.add_column(column, justify="right", no_wrap=True, min_width=len(column))  # numbers never get cut

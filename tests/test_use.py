@@ -252,6 +252,10 @@ def test_bf16_evaluation_and_scores_are_close_to_fp32_and_say_so(run_cli, char_r
     pairs = zip(lm.score(lines), lm.score(lines, precision="bf16"))
     gaps = [abs(fp32.logprob - bf16.logprob) / abs(fp32.logprob) for fp32, bf16 in pairs]
     assert 0 < max(gaps) < 0.01  # bf16 really computed, and close
+    table = run_cli("score", *lines, "--model", char_run, "--precision", "bf16")
+    assert table.code == 0 and "bf16 (approximate)" in table.out
+    records = [json.loads(line) for line in run_cli("score", *lines, "--model", char_run, "--json").out.splitlines()]
+    assert [r["precision"] for r in records] == ["fp32", "fp32"]
 
 
 @pytest.mark.parametrize("command", ["evaluate-perplexity", "score"])
