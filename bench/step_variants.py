@@ -1,0 +1,113 @@
+"""lmtool's training step against the same step without one of its parts, interleaved: what each part costs.
+
+Usage: python bench/step_variants.py [--variant unsliced|unguarded] [--workload ptb|wt2|word|char]
+                                     [--precision fp32|bf16] [--rounds 22]
+Variants:
+- unsliced: PyTorch's linear + cross-entropy instead of the sliced output layer. On a CPU `LanguageModel.nll`
+  scores a large vocabulary a cache-sized slice at a time (lmtool/chunked_nll.py), where PyTorch writes the
+  (B*T, V) scores to memory and moves matrices of that size several times more.
+- unguarded: a plain optimiser step instead of the bad-step guard and gradient-norm clipping (which read
+  every gradient once for the norm), i.e. what the bare loop does.
+One step of each in turn on the same windows (the order alternating); prints the median of the per-pair time
+ratios, variant / lmtool (> 1: lmtool's step is faster), with the size of the scores matrix, as one JSON line.
+Workloads: PTB-small (10k words, batch 20 x 20), WikiText-2 at the PyTorch example's size (33,278 words,
+20 x 35), the word defaults (2x256 LSTM, 30,000 words, batch 32 x 35) and the char 2x512 model; random tokens,
+since only speed is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info  # noqa: E402
+from step_ab import WORKLOADS, lmtool_step  # noqa: E402
+
+import torch  # noqa: E402
+
+import lmtool.model  # noqa: E402
+import step_ab  # noqa: E402
+
+ALL_WORKLOADS = {**WORKLOADS,
+                 "word": (30000, 256, 256, 32, 35, "word defaults 2x256 LSTM, 30,000 words, batch 32 x BPTT 35")}
+
+
+def unsliced(step):
+    """`step` with PyTorch's output layer: no vocabulary counts as worth slicing."""
+    chooses_slices = lmtool.model.saves_traffic
+
+    def run(x, y):
+        lmtool.model.saves_traffic = lambda rows, vocab_size: False
+        try:
+            step(x, y)
+        finally:
+            lmtool.model.saves_traffic = chooses_slices
+
+    return run
+
+
+def unguarded(step):
+    """`step` with a plain optimiser step: no norm, no clipping, no bad-step check."""
+    guarded_update = step_ab.guarded_update
+
+    def plain_update(optimizer, parameters, guard, step_loss, max_norm, step_number, on_device):
+        optimizer.step()
+        return torch.zeros((), dtype=torch.bool)
+
+    def run(x, y):
+        step_ab.guarded_update = plain_update
+        try:
+            step(x, y)
+        finally:
+            step_ab.guarded_update = guarded_update
+
+    return run
+
+
+VARIANTS = {"unsliced": unsliced, "unguarded": unguarded}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=22)
+    parser.add_argument("--variant", default="unsliced", choices=sorted(VARIANTS))
+    parser.add_argument("--precision", default="fp32", choices=["bf16", "fp32"])
+    parser.add_argument("--workload", default="wt2", choices=sorted(ALL_WORKLOADS))
+    args = parser.parse_args()
+    vocab, emb, hidden, batch, bptt, description = ALL_WORKLOADS[args.workload]
+    autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    torch.manual_seed(0)
+    data = torch.randint(0, vocab, (batch, bptt * args.rounds + 1), dtype=torch.int32)
+    ours = lmtool_step(vocab, emb, hidden, batch, autocast)
+    variant = VARIANTS[args.variant](lmtool_step(vocab, emb, hidden, batch, autocast))
+
+    ratios, our_times, variant_times = [], [], []
+    for i in range(args.rounds):
+        x, y = data[:, i * bptt:(i + 1) * bptt], data[:, i * bptt + 1:(i + 1) * bptt + 1]
+        times = {}
+        for step in (ours, variant) if i % 2 == 0 else (variant, ours):
+            start = time.perf_counter()
+            step(x, y)
+            times[step] = time.perf_counter() - start
+        if i >= 2:  # warm-up
+            our_times.append(times[ours])
+            variant_times.append(times[variant])
+            ratios.append(times[variant] / times[ours])
+    tokens = batch * bptt
+    print(json.dumps({**machine_info(), "workload": description, "precision": args.precision,
+                      "variant": args.variant, "pairs": len(ratios),
+                      "slices_output_layer": lmtool.model.saves_traffic(tokens, vocab),
+                      "scores_matrix_mb": round(tokens * vocab * 4 / 2**20, 1),
+                      "lmtool_tokens_per_s": round(tokens / statistics.median(our_times)),
+                      "variant_tokens_per_s": round(tokens / statistics.median(variant_times)),
+                      "variant_time_over_lmtool_median_of_pairs": round(statistics.median(ratios), 3),
+                      "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
