@@ -1,13 +1,13 @@
 """Evaluation and scoring speed against training speed for the same model.
 
-Usage: python bench/eval_throughput.py [--train-steps 20] [--sentences 10000] [--batch-size 64]
-Trains the default character model on tinyshakespeare for a few steps (its tokens/s is the reference; then
-the same steps in fp32 for a second reference), then, with that model: `evaluate-perplexity` of the corpus's
-first 200,000 characters (batch 1 and --batch-size), and `score` of 10,000 lines of it in padded batches.
-Evaluation computes in fp32, so its model FLOP/s (2 x multiply-adds per token, forward only) is also given
-against the fp32 matrix-multiply peak measured around it. Then the same evaluations and scores with
-`--precision bf16`, with how far their perplexities and log-probabilities moved. Prints one JSON line with the
-tokens/s of each and the ratios.
+Usage: python bench/eval_throughput.py [--train-steps 20] [--sentences 10000] [--batch-size 64] [--level char|word]
+Trains the default character model (with --level word, the default word model) on tinyshakespeare for a few
+steps (its tokens/s is the reference; then the same steps in fp32 for a second reference), then, with that
+model: `evaluate-perplexity` of the corpus's first 200,000 characters (batch 1, on the first 20,000 at word
+level, and --batch-size), and `score` of 10,000 lines of it in padded batches. Evaluation computes in fp32, so
+its model FLOP/s (2 x multiply-adds per token, forward only) is also given against the fp32 matrix-multiply
+peak measured around it. Then the same evaluations and scores with `--precision bf16`, with how far their
+perplexities and log-probabilities moved. Prints one JSON line with the tokens/s of each and the ratios.
 """
 
 from __future__ import annotations
@@ -38,23 +38,31 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--sentences", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--level", default="char", choices=["char", "word"],
+                        help="word: the word defaults (a 2x256 LSTM over up to 30,000 words, full softmax)")
     args = parser.parse_args()
+    level = [f"data.level={args.level}"]
     corpus = REPO / "data" / "tinyshakespeare.txt"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         records = []
-        cfg = load_config(None, [f"train.max_steps={args.train_steps}", "train.log_every=5"])
+        cfg = load_config(None, [f"train.max_steps={args.train_steps}", "train.log_every=5", *level])
         train(cfg, corpus, out=tmp / "run", on_event=records.append)
         train_tps = statistics.median([r["tokens_per_s"] for r in records if r["event"] == "train"][1:])
         fp32_records = []
-        fp32_cfg = load_config(None, [f"train.max_steps={args.train_steps}", "train.log_every=5", "train.precision=fp32"])
+        fp32_cfg = load_config(None, [f"train.max_steps={args.train_steps}", "train.log_every=5", "train.precision=fp32",
+                                      *level])
         train(fp32_cfg, corpus, out=tmp / "fp32", on_event=fp32_records.append)
         fp32_train_tps = statistics.median([r["tokens_per_s"] for r in fp32_records if r["event"] == "train"][1:])
         lm = lmtool.load_model(tmp / "run")
         sample = tmp / "eval.txt"
         sample.write_text(corpus.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
-        eval_1 = lm.perplexity(sample, batch_size=1)
-        eval_1_bf16 = lm.perplexity(sample, batch_size=1, precision="bf16")
+        # One exact stream reads one token at a time; over 30,000 words that takes minutes for 200,000 characters.
+        stream = sample if args.level == "char" else tmp / "eval-start.txt"
+        if args.level == "word":
+            stream.write_text(corpus.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+        eval_1 = lm.perplexity(stream, batch_size=1)
+        eval_1_bf16 = lm.perplexity(stream, batch_size=1, precision="bf16")
         peak = matmul_peak_gflops(torch.float32)
         eval_b = lm.perplexity(sample, batch_size=args.batch_size)
         eval_b_bf16 = lm.perplexity(sample, batch_size=args.batch_size, precision="bf16")
@@ -75,6 +83,7 @@ def main() -> None:
         return round(100 * (b - a) / a, 5)
     print(json.dumps({
         **machine_info(),
+        "level": args.level, "vocab_size": records[0]["vocab_size"],
         "train_tokens_per_s": round(train_tps), "train_precision": records[0]["precision"],
         "evaluate_batch1_tokens_per_s": round(eval_1.tokens_per_s),
         f"evaluate_batch{args.batch_size}_tokens_per_s": round(eval_b.tokens_per_s),
