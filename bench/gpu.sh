@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One short GPU check (about 4 minutes) for a session that is lent a GPU. In order:
 #   1. the CLI end to end on CUDA: train the char model for 300 steps, then sample, score and evaluate with it
-#      (one exact stream, then 64 streams);
+#      (one exact stream, then 64 streams in fp32 and in bf16);
 #   2. host syncs per training step, counted by PyTorch's sync detector (bench/gpu_syncs.py; target 0);
 #   3. training tokens/s and utilisation of the char model and PTB-medium, lmtool against a bare loop, fp32
 #      and bf16, with the GPU's matmul peaks measured in the same run (bench/train_throughput.py);
@@ -26,6 +26,8 @@ $py -m lmtool sample --model "$work/char" --device cuda --length 60 --num-sample
 $py -m lmtool score --model "$work/char" --device cuda "To be, or not to be: that is the question."
 $py -m lmtool evaluate-perplexity --model "$work/char" --device cuda "$data/tinyshakespeare/input.txt"
 $py -m lmtool evaluate-perplexity --model "$work/char" --device cuda --batch-size 64 "$data/tinyshakespeare/input.txt"
+$py -m lmtool evaluate-perplexity --model "$work/char" --device cuda --batch-size 64 --precision bf16 \
+    "$data/tinyshakespeare/input.txt"
 
 echo "== 2. host syncs per training step"
 $py bench/gpu_syncs.py --data "$data"
