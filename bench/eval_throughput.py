@@ -4,8 +4,8 @@ Usage: python bench/eval_throughput.py [--train-steps 20] [--sentences 10000] [-
 Trains the default character model (with --level word, the default word model) on tinyshakespeare for a few
 steps (its tokens/s is the reference; then the same steps in fp32 for a second reference), then, with that
 model: `evaluate-perplexity` of the corpus's first 200,000 characters (batch 1, on the first 20,000 at word
-level, and --batch-size), and `score` of 10,000 lines of it in padded batches. Evaluation computes in fp32, so
-its model FLOP/s (2 x multiply-adds per token, forward only) is also given against the fp32 matrix-multiply
+level, and --batch-size), and `score` of 10,000 lines of it in padded batches. For the fp32 evaluation its
+model FLOP/s (2 x multiply-adds per token, forward only) is also given against the fp32 matrix-multiply
 peak measured around it. Then the same evaluations and scores with `--precision bf16`, with how far their
 perplexities and log-probabilities moved. Prints one JSON line with the tokens/s of each and the ratios.
 """
