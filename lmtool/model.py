@@ -235,8 +235,8 @@ class LanguageModel(nn.Module):
             state = self.init_state(tokens.size(0))
         stack = self.stack(direction)
         if emb.device.type in FP32_RECURRENCE_UNDER_AUTOCAST and torch.is_autocast_enabled(emb.device.type):
-            with torch.autocast(emb.device.type, enabled=False):
-                output, state = stack(emb.float(), map_state(lambda t: t.float(), state))  # (B, T, H)
+            with _autocast_off(emb):  # the embedding is fp32 under autocast; a carried state may not be
+                output, state = stack(emb, map_state(lambda t: t.float(), state))  # (B, T, H)
         else:
             output, state = stack(emb, state)  # (B, T, H)
         return self.drop(output), state
