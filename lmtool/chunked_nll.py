@@ -2,10 +2,12 @@
 
 PyTorch's `cross_entropy(linear(h))` writes the (N, V) scores to memory and then reads and writes matrices of
 that size several more times (log-softmax, the one-hot gradient, its backward, the bias sum), so over a large
-vocabulary a CPU spends a large part of the step moving them. Here the scores exist only one cache-sized
-slice (N, C) at a time: the forward pass keeps one log-sum-exp per row, and the backward pass recomputes each
-slice's scores and turns them straight into the gradients of h, W and b. That costs a fourth matrix product
-and saves the traffic. Each row's NLL and every gradient match PyTorch's to float rounding.
+vocabulary a CPU spends a large part of the step moving them. Here each cache-sized slice (N, C) of scores is
+turned into exp(score - the slice's row maximum) while it is still in cache; the forward pass keeps one
+log-sum-exp per row and, when a gradient is wanted, those exponentials. The backward pass rescales each kept
+slice into g * (softmax - one-hot) and turns it straight into the gradients of h, W and b: the (N, V) matrix
+is written once and read once. Without a gradient (evaluation) nothing of size (N, V) is kept. Each row's NLL
+and every gradient match PyTorch's to float rounding.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ def slice_size(rows: int, vocab_size: int) -> int:
 
 
 def saves_traffic(rows: int, vocab_size: int) -> bool:
-    """Whether slicing pays: scores that fit in one slice stay in cache on PyTorch's path too, where slicing would
-    only add its fourth product (bench/step_variants.py measured 1.0-1.08x at 10k words, 1.24-1.35x from 30k
-    words, in fp32)."""
+    """Whether slicing pays: scores that fit in one slice stay in cache on PyTorch's path too (a character
+    vocabulary measured slower sliced), while from 10k words on the sliced layer was faster in fp32 and bf16
+    (bench/step_variants.py)."""
     return slice_size(rows, vocab_size) < vocab_size
 
 
@@ -36,49 +38,57 @@ def linear_nll(
 ) -> torch.Tensor:
     """(N, H), (V, H), (V,), (N,) int64 -> (N,) float32 NLL of each target. The products run in `compute_dtype`
     (bf16 under autocast, as `nn.Linear` would) and everything else in float32. Differentiable in hidden,
-    weight and bias."""
+    weight and bias; its backward pass runs once (it reuses the kept exponentials in place)."""
     columns = slice_columns or slice_size(hidden.size(0), weight.size(0))
-    return _LinearNLL.apply(hidden, weight, bias, targets.long(), compute_dtype, columns)
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weight, bias))
+    return _LinearNLL.apply(hidden, weight, bias, targets.long(), compute_dtype, columns, keep)
 
 
 class _LinearNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, compute_dtype, columns):
+    def forward(ctx, hidden, weight, bias, targets, compute_dtype, columns, keep):
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen here, explicitly
             h = hidden.to(compute_dtype)  # (N, H)
             w = weight.to(compute_dtype)  # (V, H)
             b = bias.to(compute_dtype)  # (V,)
             slices = range(0, w.size(0), columns)
-            slice_lse = h.new_empty((len(slices), h.size(0)), dtype=torch.float32)  # (slices, N)
+            slice_max = h.new_empty((len(slices), h.size(0)), dtype=torch.float32)  # (slices, N)
+            slice_lse = torch.empty_like(slice_max)
+            kept = []
             for i, start in enumerate(slices):
-                scores = torch.addmm(b[start:start + columns], h, w[start:start + columns].t()).float()  # (N, C)
-                # log-sum-exp in place: torch.logsumexp would allocate another (N, C) matrix.
-                row_max = scores.amax(dim=1)  # (N,)
-                torch.add(row_max, scores.sub_(row_max[:, None]).exp_().sum(dim=1).log_(), out=slice_lse[i])
+                exps = _scores(h, w[start:start + columns], b[start:start + columns])  # (N, C)
+                torch.amax(exps, dim=1, out=slice_max[i])
+                exps.sub_(slice_max[i][:, None]).exp_()  # in place, while the slice is in cache
+                torch.add(slice_max[i], exps.sum(dim=1).log_(), out=slice_lse[i])
+                if keep:
+                    kept.append(exps)
             lse = torch.logsumexp(slice_lse, dim=0)  # (N,)
             # The target's score, rounded to the product's dtype like every score that went into lse.
             target_scores = (h.float() * w[targets].float()).sum(1) + b[targets].float()  # (N,)
             target_scores = target_scores.to(compute_dtype).float()
-        ctx.save_for_backward(h, w, b, targets, lse)
-        ctx.columns, ctx.dtypes = columns, (hidden.dtype, weight.dtype, bias.dtype)
+        if keep:
+            ctx.save_for_backward(h, w, targets, lse, slice_max, *kept)
+            ctx.columns, ctx.dtypes, ctx.used = columns, (hidden.dtype, weight.dtype, bias.dtype), False
         return lse - target_scores
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_nll):
-        h, w, b, targets, lse = ctx.saved_tensors
+        if ctx.used:
+            raise RuntimeError("linear_nll's backward pass can run only once (retain_graph is not supported)")
+        ctx.used = True
+        h, w, targets, lse, slice_max, *kept = ctx.saved_tensors
         columns = ctx.columns
         g = grad_nll.float().contiguous()  # (N,) dLoss/dNLL of each row
         with torch.autocast(h.device.type, enabled=False):
             grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)  # (N, H)
             grad_w = torch.empty(w.shape, dtype=torch.float32, device=w.device)  # (V, H)
-            grad_b = torch.empty(b.shape, dtype=torch.float32, device=b.device)  # (V,)
+            grad_b = torch.empty(w.size(0), dtype=torch.float32, device=w.device)  # (V,)
             # dNLL/dscores = g * (softmax - onehot), formed whole in fp32 before any bf16 rounding: a confident
             # prediction's gradient is a small difference of two numbers close to g.
-            for start in range(0, w.size(0), columns):
+            for i, start in enumerate(range(0, w.size(0), columns)):
                 w_slice = w[start:start + columns]  # (C, H)
-                probs = torch.addmm(b[start:start + columns], h, w_slice.t()).float()  # (N, C) scores
-                probs.sub_(lse[:, None]).exp_().mul_(g[:, None])  # g * softmax
+                probs = kept[i].mul_((slice_max[i] - lse).exp_().mul_(g)[:, None])  # (N, C) g * softmax
                 column = targets - start  # (N,) the target's column in this slice, if it is in it
                 inside = (column >= 0) & (column < w_slice.size(0))
                 one_hot = torch.where(inside, -g, 0)[:, None]  # (N, 1), subtracted at the target's column
@@ -92,4 +102,12 @@ class _LinearNLL(torch.autograd.Function):
                     grad_h += probs @ w_slice
                     grad_w[start:start + columns] = probs.t() @ h
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        return grad_h.to(hidden_dtype), grad_w.to(weight_dtype), grad_b.to(bias_dtype), None, None, None
+        return grad_h.to(hidden_dtype), grad_w.to(weight_dtype), grad_b.to(bias_dtype), None, None, None, None
+
+
+def _scores(h: torch.Tensor, w_slice: torch.Tensor, b_slice: torch.Tensor) -> torch.Tensor:
+    """(N, H), (C, H), (C,) -> (N, C) float32 scores, rounded once to the product's dtype as `nn.Linear` would."""
+    if h.dtype == torch.float32:
+        # addmm would first copy the bias into every row of the output: adding it afterwards moves less.
+        return torch.mm(h, w_slice.t()).add_(b_slice)
+    return torch.addmm(b_slice, h, w_slice.t()).float()

@@ -89,3 +89,29 @@ def test_model_nll_for_a_large_vocabulary_matches_the_scores_softmax():
         bf16_nll, _ = model(x, targets=y)
     assert bf16_nll.dtype == torch.float32
     torch.testing.assert_close(bf16_nll, expected, rtol=0, atol=0.1)
+
+
+def test_a_second_backward_pass_is_refused_rather_than_wrong():
+    # The backward pass turns the kept exponentials into gradients in place, so it can run only once.
+    h, w, b, targets, _ = _inputs(dtype=torch.float32)
+    h.requires_grad_()
+    nll = linear_nll(h, w, b, targets, slice_columns=256)
+    nll.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        nll.sum().backward()
+
+
+def test_only_a_pass_that_needs_gradients_keeps_the_exponentials(monkeypatch):
+    # Evaluation must not hold (N, V) floats: `keep` is what decides whether the forward pass stores them.
+    import lmtool.chunked_nll as chunked_nll
+
+    seen = []
+    original = chunked_nll._LinearNLL.apply
+    monkeypatch.setattr(chunked_nll._LinearNLL, "apply", lambda *args: seen.append(args[-1]) or original(*args))
+    h, w, b, targets, _ = _inputs(dtype=torch.float32)
+    with torch.no_grad():
+        evaluated = linear_nll(h.requires_grad_(), w, b, targets, slice_columns=256)
+    trained = linear_nll(h, w, b, targets, slice_columns=256)
+    linear_nll(h.detach(), w, b, targets, slice_columns=256)  # nothing requires a gradient
+    assert seen == [False, True, False]
+    torch.testing.assert_close(evaluated, trained.detach())
