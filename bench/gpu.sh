@@ -6,9 +6,12 @@
 #   3. training tokens/s and utilisation of the char model and PTB-medium, lmtool against a bare loop, fp32
 #      and bf16, with the GPU's matmul peaks measured in the same run (bench/train_throughput.py);
 #   4. bf16 against fp32 for the same tokens: speed and validation loss (bench/precision.py);
-#   5. kernels and GPU time per step against wall time per step, lmtool and the bare loop (bench/gpu_profile.py).
+#   5. kernels and GPU time per step against wall time per step, lmtool and the bare loop (bench/gpu_profile.py);
+#   6. training-step variants timed in turn: lmtool against the bare loop, bf16 recurrences, and lmtool's step
+#      replayed as a CUDA graph (bench/gpu_steps.py).
+# A section that fails says so and the next one still runs, so one run of this script reports everything it can.
 # Usage: bash bench/gpu.sh [DATA_DIR]   (DATA_DIR defaults to ../shared/data; set PYTHON to pick the interpreter)
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 data="${1:-../shared/data}"
 py="${PYTHON:-python}"
@@ -18,25 +21,30 @@ date -u +"date: %Y-%m-%dT%H:%M:%SZ"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-echo "== 1. CLI end to end on cuda"
-$py -m lmtool train "$data/tinyshakespeare/input.txt" --device cuda --max-steps 300 --out "$work/char" \
-    --set train.eval_every=150 --set train.log_every=50
-$py -m lmtool sample --model "$work/char" --device cuda --prime "ROMEO:" --length 120 --seed 1
-$py -m lmtool sample --model "$work/char" --device cuda --length 60 --num-samples 4 --seed 1
-$py -m lmtool score --model "$work/char" --device cuda "To be, or not to be: that is the question."
-$py -m lmtool evaluate-perplexity --model "$work/char" --device cuda "$data/tinyshakespeare/input.txt"
-$py -m lmtool evaluate-perplexity --model "$work/char" --device cuda --batch-size 64 "$data/tinyshakespeare/input.txt"
-$py -m lmtool evaluate-perplexity --model "$work/char" --device cuda --batch-size 64 --precision bf16 \
-    "$data/tinyshakespeare/input.txt"
+section() {  # section TITLE COMMAND...: run it, and say so if it fails
+    echo "== $1"
+    shift
+    "$@" || echo "!! failed with exit code $?: $*"
+}
 
-echo "== 2. host syncs per training step"
-$py bench/gpu_syncs.py --data "$data"
+cli_end_to_end() {  # each command only after the one before it worked
+    $py -m lmtool train "$data/tinyshakespeare/input.txt" --device cuda --max-steps 300 --out "$work/char" \
+        --set train.eval_every=150 --set train.log_every=50 &&
+    $py -m lmtool sample --model "$work/char" --device cuda --prime "ROMEO:" --length 120 --seed 1 &&
+    $py -m lmtool sample --model "$work/char" --device cuda --length 60 --num-samples 4 --seed 1 &&
+    $py -m lmtool score --model "$work/char" --device cuda "To be, or not to be: that is the question." &&
+    $py -m lmtool evaluate-perplexity --model "$work/char" --device cuda "$data/tinyshakespeare/input.txt" &&
+    $py -m lmtool evaluate-perplexity --model "$work/char" --device cuda --batch-size 64 "$data/tinyshakespeare/input.txt" &&
+    $py -m lmtool evaluate-perplexity --model "$work/char" --device cuda --batch-size 64 --precision bf16 \
+        "$data/tinyshakespeare/input.txt"
+}
 
-echo "== 3. training throughput"
-$py bench/train_throughput.py --device cuda --steps 200 --only char,ptb,ptb-medium --data "$data"
-
-echo "== 4. bf16 against fp32 on the char model"
-$py bench/precision.py --device cuda --steps 300 --corpus "$data/tinyshakespeare/input.txt"
-
-echo "== 5. where a step's time goes"
-$py bench/gpu_profile.py --data "$data" --only ptb-medium,char
+section "1. CLI end to end on cuda" cli_end_to_end
+section "2. host syncs per training step" $py bench/gpu_syncs.py --data "$data"
+section "3. training throughput" \
+    $py bench/train_throughput.py --device cuda --steps 200 --only char,ptb,ptb-medium --data "$data"
+section "4. bf16 against fp32 on the char model" \
+    $py bench/precision.py --device cuda --steps 300 --corpus "$data/tinyshakespeare/input.txt"
+section "5. where a step's time goes" $py bench/gpu_profile.py --data "$data" --only ptb-medium,char
+section "6a. step variants, PTB-medium" $py bench/gpu_steps.py --workload ptb-medium
+section "6b. step variants, char" $py bench/gpu_steps.py --workload char

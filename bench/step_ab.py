@@ -44,14 +44,16 @@ WORKLOADS = {
 }
 
 
-def lmtool_step(vocab: int, emb: int, hidden: int, batch: int, autocast: dict):
-    """The trainer's hot path for a 2-layer LSTM without dropout, as a function of one (x, y) window."""
+def lmtool_step(vocab: int, emb: int, hidden: int, batch: int, autocast: dict, device: str = "cpu"):
+    """The trainer's hot path for a 2-layer LSTM without dropout, as a function of one (x, y) window that
+    returns the step's loss (a device tensor)."""
     torch.manual_seed(0)
-    model = LanguageModel(ModelConfig(embedding_size=emb, hidden_size=hidden, dropout=0.0, tie_weights=False), vocab)
+    config = ModelConfig(embedding_size=emb, hidden_size=hidden, dropout=0.0, tie_weights=False)
+    model = LanguageModel(config, vocab).to(device)
     params = list(model.parameters())
     opt = OPTIMIZERS["sgd"](params, TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0), True)
-    guard = StepGuard(torch.device("cpu"), blowup_factor=5.0, max_bad_steps=5)
-    running_nll = torch.zeros(())
+    guard = StepGuard(torch.device(device), blowup_factor=5.0, max_bad_steps=5)
+    running_nll = torch.zeros((), device=device)
     state = [model.init_state(batch)]
 
     def step(x, y):
@@ -64,6 +66,42 @@ def lmtool_step(vocab: int, emb: int, hidden: int, batch: int, autocast: dict):
         bad = guarded_update(opt, params, guard, step_loss, 5.0, 1, on_device=True)
         running_nll.add_(torch.where(bad, 0.0, nll.detach().sum()))
         state[0] = detach_state(next_state)
+        return step_loss
+
+    step.state = state  # the carried state, for a caller that replays the step as a CUDA graph
+    return step
+
+
+def bare_step(vocab: int, emb: int, hidden: int, autocast: dict, device: str = "cpu", bf16_lstm: bool = False):
+    """The bare loop's step (nn.Embedding -> 2-layer nn.LSTM -> nn.Linear -> cross-entropy, SGD) as a function of
+    one (x, y) window that returns the loss. `bf16_lstm` runs the LSTM in bfloat16 as autocast would if it chose
+    bf16 for cuDNN's recurrent layers: the weights are cast inside the graph, so the fp32 master weights get the
+    gradients, and the state is carried in bf16."""
+    torch.manual_seed(0)
+    embedding, lstm, out = nn.Embedding(vocab, emb), nn.LSTM(emb, hidden, 2, batch_first=True), nn.Linear(hidden, vocab)
+    embedding, lstm, out = embedding.to(device), lstm.to(device), out.to(device)
+    opt = torch.optim.SGD([*embedding.parameters(), *lstm.parameters(), *out.parameters()], lr=0.1)
+    state = [None]
+
+    def recurrence(inputs):
+        if not bf16_lstm:
+            return lstm(inputs, state[0])
+        weights = [w.to(torch.bfloat16) for w in lstm._flat_weights]
+        carried = state[0] or tuple(inputs.new_zeros(2, inputs.size(0), hidden, dtype=torch.bfloat16) for _ in "hc")
+        with torch.autocast(inputs.device.type, enabled=False):
+            output, h, c = torch._VF.lstm(inputs.to(torch.bfloat16), carried, weights, True, 2, 0.0, True, False, True)
+        return output, (h, c)
+
+    def step(x, y):
+        with torch.autocast(**autocast):
+            h, next_state = recurrence(embedding(x.long()))
+            logits = out(h)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.long().flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        state[0] = tuple(s.detach() for s in next_state)
+        return loss.detach()
 
     return step
 
@@ -79,20 +117,7 @@ def main() -> None:
     data = torch.randint(0, VOCAB, (BATCH, BPTT * args.rounds + 1), dtype=torch.int32)
     autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
-    embedding, lstm, out = nn.Embedding(VOCAB, EMB), nn.LSTM(EMB, HIDDEN, 2, batch_first=True), nn.Linear(HIDDEN, VOCAB)
-    bare_opt = torch.optim.SGD([*embedding.parameters(), *lstm.parameters(), *out.parameters()], lr=0.1)
-    bare_state = [None]
-
-    def bare(x, y):
-        with torch.autocast(**autocast):
-            h, state = lstm(embedding(x.long()), bare_state[0])
-            logits = out(h)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.long().flatten())
-        bare_opt.zero_grad()
-        loss.backward()
-        bare_opt.step()
-        bare_state[0] = tuple(s.detach() for s in state)
-
+    bare = bare_step(VOCAB, EMB, HIDDEN, autocast)
     ours = lmtool_step(VOCAB, EMB, HIDDEN, BATCH, autocast)
 
     probe_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
