@@ -104,6 +104,10 @@ class TrainConfig:
     precision: Precision = _opt(
         "auto", "fp32 | bf16 (autocast; weights, optimiser and loss stay fp32) | auto (bf16 on CPUs with native bf16)"
     )
+    cuda_graph: bool = _opt(
+        True, "on one CUDA GPU, replay each training step as one captured CUDA graph (full softmax; every "
+        "schedule but cosine); false: launch its kernels one by one"
+    )
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ class TrainDisplay:
         batch = f"{e['batch_size']} ({world} processes x {e['batch_size'] // world})" if world > 1 else e["batch_size"]
         self.err.print(
             f"run {e['run']} | {_directions(e)}{e['cell']} {e['parameters']:,} parameters on {e['device']} "
-            f"({e['precision']}) | "
+            f"({e['precision']}{', CUDA graph' if e.get('cuda_graph') else ''}) | "
             f"vocabulary {e['vocab_size']:,} {self.unit}s | {e['train_tokens']:,} training / "
             f"{e['valid_tokens']:,} validation tokens | batch {batch} x {e['bptt']}, "
             f"{e['steps_per_epoch']:,} steps per epoch"
@@ -97,6 +97,9 @@ class TrainDisplay:
                 f"epoch {e['epoch']} step {e['step']:,} | loss {loss} | ppl {ppl} | lr {lr} | "
                 f"{speed} tok/s | elapsed {format_duration(e['elapsed'])} | eta {eta}"
             )
+
+    def _on_notice(self, e: Event) -> None:
+        self.err.print(f"lmtool: note: {e['message']}", markup=False)
 
     def _on_valid(self, e: Event) -> None:
         mark = " (best)" if e["best"] else ""

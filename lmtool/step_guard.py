@@ -38,20 +38,21 @@ class StepGuard:
             bad = bad | ((self.good_steps >= self.warmup) & (loss > self.blowup_factor * self.loss_ema))
         return bad, non_finite
 
-    def record(self, bad: torch.Tensor, non_finite: torch.Tensor, loss: torch.Tensor, step: int) -> None:
-        """Count the step `check` judged; `step` is its 1-based number."""
+    def record(self, bad: torch.Tensor, non_finite: torch.Tensor, loss: torch.Tensor, step: int | torch.Tensor) -> None:
+        """Count the step `check` judged; `step` is its 1-based number (a device tensor in a CUDA graph).
+        Every counter is updated in place: a captured step reads and writes the same tensors on each replay."""
         loss = loss.detach().float()
         good = ~bad
         ema = torch.where(self.good_steps == 0, loss, 0.98 * self.loss_ema + 0.02 * loss)
-        self.loss_ema = torch.where(good, ema, self.loss_ema)
+        self.loss_ema.copy_(torch.where(good, ema, self.loss_ema))
         self.good_steps += good
         self.skipped += bad
-        self.bad_run = torch.where(bad, self.bad_run + 1, 0)
+        self.bad_run.copy_(torch.where(bad, self.bad_run + 1, 0))
         newly_failed = (self.bad_run >= self.max_bad_steps) & (self.failed_at < 0)
-        self.failed_at = torch.where(newly_failed, step, self.failed_at)
-        self.failed_blowup = torch.where(newly_failed, ~non_finite, self.failed_blowup)
-        self.failed_loss = torch.where(newly_failed, loss, self.failed_loss)
-        self.failed_ema = torch.where(newly_failed, self.loss_ema, self.failed_ema)
+        self.failed_at.copy_(torch.where(newly_failed, step, self.failed_at))
+        self.failed_blowup.copy_(torch.where(newly_failed, ~non_finite, self.failed_blowup))
+        self.failed_loss.copy_(torch.where(newly_failed, loss, self.failed_loss))
+        self.failed_ema.copy_(torch.where(newly_failed, self.loss_ema, self.failed_ema))
 
     def failure(self) -> str | None:
         """Why the run diverged, if `max_bad_steps` bad steps came in a row (reads the device: call rarely)."""

@@ -30,6 +30,7 @@ from lmtool.devices import resolve_device, resolve_precision
 from lmtool.distributed import DistributedContext, distributed_session
 from lmtool.errors import Interrupted, LmtoolError, TrainingFailed
 from lmtool.evaluate import StreamScore, combined, safe_exp, stream_nll
+from lmtool.graphed_step import GraphedStep
 from lmtool.model import LanguageModel, State, check_fits, count_parameters, detach_state, map_state
 from lmtool.schedule import PlateauTracker, learning_rate
 from lmtool.step_guard import SKIPS_ON_DEVICE, StepGuard, guarded_update, start_momentum
@@ -37,13 +38,25 @@ from lmtool.tokenizer import Tokenizer
 
 Event = dict[str, Any]
 
-# (parameters, train config, fused) -> optimiser; fused kernels can skip a bad step without the host.
+# (parameters, train config, fused, capturable) -> optimiser; fused kernels can skip a bad step without the
+# host, and Adam's step must be told it runs inside a CUDA graph (SGD has nothing to keep on the device).
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": lambda params, c, fused: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
-                                                    fused=fused),
-    "adam": lambda params, c, fused: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay, fused=fused),
-    "adamw": lambda params, c, fused: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay, fused=fused),
+    "sgd": lambda params, c, fused, capturable=False: torch.optim.SGD(
+        params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, fused=fused),
+    "adam": lambda params, c, fused, capturable=False: torch.optim.Adam(
+        params, lr=c.lr, weight_decay=c.weight_decay, fused=fused, capturable=capturable),
+    "adamw": lambda params, c, fused, capturable=False: torch.optim.AdamW(
+        params, lr=c.lr, weight_decay=c.weight_decay, fused=fused, capturable=capturable),
 }
+
+
+def uses_cuda_graph(config: Config, device: torch.device, ctx: DistributedContext) -> bool:
+    """Whether the training step is captured as a CUDA graph: asked for, on one CUDA GPU, with a full softmax
+    (the adaptive one picks rows by their targets, so its shapes change every step) and a learning rate that
+    changes rarely (a graph is captured again for each new one; cosine changes it every step)."""
+    tc = config.train
+    return (tc.cuda_graph and device.type == "cuda" and not ctx.enabled and config.model.softmax == "full"
+            and tc.schedule != "cosine")
 
 
 @dataclass(frozen=True)
@@ -229,7 +242,11 @@ class _Trainer:
         self.autocast_dtype = resolve_precision(tc.precision, device)  # master weights and the loss stay fp32
         self.skips_on_device = device.type in SKIPS_ON_DEVICE
         self.parameters = list(self.model.parameters())
-        self.optimizer = OPTIMIZERS[tc.optimizer](self.parameters, tc, self.skips_on_device or None)
+        capture = device.type == "cuda"  # elsewhere (tests) the same step runs on the same buffers, uncaptured
+        self.graphed = GraphedStep(self._train_step, capture) if uses_cuda_graph(config, device, ctx) else None
+        self.graph_failure_reported = False
+        self.optimizer = OPTIMIZERS[tc.optimizer](self.parameters, tc, self.skips_on_device or None,
+                                                  self.captures_steps)
         start_momentum(self.optimizer)
         # data.batch_size is per process: the streams are cut as one process with the global batch would cut
         # them, and rank r trains the contiguous rows [r*B, (r+1)*B), carrying their hidden state.
@@ -311,7 +328,6 @@ class _Trainer:
         tc, dc = self.config.train, self.config.data
         self.model.train()
         state = self.hidden if self.hidden is not None else self._zero_state()
-        both = "both" if len(self.directions) > 1 else None
         if self.window < self.steps_per_epoch:  # after that, each step checks the limits when it ends
             reason = self._limit_reached(self._agreed_step_end()[0])  # a run resumed at its limit trains nothing
             if reason:
@@ -321,23 +337,11 @@ class _Trainer:
             lr = learning_rate(tc, self.step, self.epoch, self.plateau.divisions, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
-                nll, next_state = self.train_model(x, state, targets=y, direction=both)  # ([D,] B, T), float32
-            loss = nll.mean() if tc.loss_reduction == "mean" else nll.sum(dim=-1).mean()
-            if len(self.directions) > 1:
-                loss = loss * len(self.directions)  # a bidirectional model trains on the sum of both losses
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # A non-finite or exploding step must never reach the weights. Decided on the device (the host does
-            # not wait for it); the gradients are averaged over ranks, so the norm and this mean agree everywhere.
-            step_loss = self.ctx.average(nll.detach().mean())
-            bad = guarded_update(self.optimizer, self.parameters, self.guard, step_loss, tc.clip_grad_norm,
-                                 self.step + 1, self.skips_on_device)
-            self.running_nll += torch.where(bad, 0.0, nll.detach().sum())
-            self.running_tokens += (~bad) * y.numel()
-            # Never carry an inf/NaN state on: zeros after a bad step, chosen on the device.
-            state = map_state(lambda t: t.masked_fill(bad, 0.0), detach_state(next_state))
+            if self.graphed is not None:
+                state = self.graphed(x, y, state, self.step + 1, lr)
+                self._report_graph_failure()
+            else:
+                state = self._train_step(x, y, state, self.step + 1)
             self.hidden = state
             self.step += 1
             self.window += 1
@@ -362,6 +366,42 @@ class _Trainer:
             if self._maybe_checkpoint(checkpoint_due):
                 window_start = time.perf_counter()
         return None
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, state: State, step: int | torch.Tensor) -> State:
+        """One optimiser step on window (x, y) from `state`; returns the state to carry on. `step` is its 1-based
+        number. Everything it keeps is updated in place, so that it can run as a captured CUDA graph."""
+        tc = self.config.train
+        both = "both" if len(self.directions) > 1 else None
+        # The autocast context lies wholly inside a captured step, so its cache of cast weights does too.
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            nll, next_state = self.train_model(x, state, targets=y, direction=both)  # ([D,] B, T), float32
+        loss = nll.mean() if tc.loss_reduction == "mean" else nll.sum(dim=-1).mean()
+        if len(self.directions) > 1:
+            loss = loss * len(self.directions)  # a bidirectional model trains on the sum of both losses
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # A non-finite or exploding step must never reach the weights. Decided on the device (the host does
+        # not wait for it); the gradients are averaged over ranks, so the norm and this mean agree everywhere.
+        step_loss = self.ctx.average(nll.detach().mean())
+        bad = guarded_update(self.optimizer, self.parameters, self.guard, step_loss, tc.clip_grad_norm, step,
+                             self.skips_on_device)
+        self.running_nll += torch.where(bad, 0.0, nll.detach().sum())
+        self.running_tokens += (~bad) * y.numel()
+        # Never carry an inf/NaN state on: zeros after a bad step, chosen on the device.
+        return map_state(lambda t: t.masked_fill(bad, 0.0), detach_state(next_state))
+
+    @property
+    def captures_steps(self) -> bool:
+        return self.graphed is not None and self.graphed.capture
+
+    def _report_graph_failure(self) -> None:
+        """Once, if the step could not be captured as a CUDA graph (training goes on without one)."""
+        if self.graphed.failure is not None and not self.graph_failure_reported:
+            self.graph_failure_reported = True
+            self.emit({"event": "notice", "message": "the training step could not be captured as a CUDA graph "
+                       f"({self.graphed.failure}); training goes on without one (train.cuda_graph=false skips "
+                       "the attempt)"})
 
     def _agreed_step_end(self) -> tuple[bool, int, bool]:
         """Whether max_time is reached, the signal received (0: none) and whether checkpoint_time is due: every
@@ -617,6 +657,8 @@ class _Trainer:
             # load_state_dict takes these from the checkpoint; they must be this machine's: a checkpoint from an
             # older lmtool (or another device) was saved unfused, and only fused kernels can skip a bad step here.
             group["fused"], group["foreach"] = self.skips_on_device or None, None
+            if "capturable" in group:  # Adam's: whether this run's steps are captured, not the saving run's
+                group["capturable"] = self.captures_steps
         self.optimizer.load_state_dict(saved["optimizer"])
         start_momentum(self.optimizer)  # a checkpoint taken before the first step holds no buffers
         # A run keeps the precision it started with, even on another machine.
@@ -684,6 +726,7 @@ class _Trainer:
             "run": str(self.run_dir.path),
             "device": str(self.device),
             "precision": "bf16" if self.autocast_dtype is not None else "fp32",
+            "cuda_graph": self.graphed is not None,
             "level": dc.level,
             "cell": self.config.model.cell,
             "vocab_size": len(self.corpus.tokenizer),
