@@ -349,8 +349,7 @@ class _Trainer:
             self.tokens_seen += y.numel() // len(self.directions) * self.ctx.world_size
 
             if self.step % tc.log_every == 0:
-                seconds = time.perf_counter() - window_start
-                self._log_train(lr, seconds)
+                self._log_train(lr, window_start)
                 window_start = time.perf_counter()
             if tc.eval_every is not None and self.step % tc.eval_every == 0:
                 reason = self._validate()
@@ -421,9 +420,12 @@ class _Trainer:
                 "Lower train.lr or set train.clip_grad_norm"
             )
 
-    def _log_train(self, lr: float, seconds: float) -> None:
+    def _log_train(self, lr: float, since: float) -> None:
+        """Report the steps since `since` (a perf_counter time). Reading the running sums waits for the device, so
+        the time taken after it covers the work the host had queued ahead (many steps, with a CUDA graph)."""
         self._stop_if_diverged()
         local_nll, local_tokens = float(self.running_nll.cpu()), int(self.running_tokens.cpu())
+        seconds = time.perf_counter() - since
         nll, all_tokens = self.ctx.sum_in_rank_order([local_nll, local_tokens])  # every rank's
         tokens = max(1, all_tokens)
         loss = nll / tokens
