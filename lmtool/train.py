@@ -30,7 +30,7 @@ from lmtool.devices import resolve_device, resolve_precision
 from lmtool.distributed import DistributedContext, distributed_session
 from lmtool.errors import Interrupted, LmtoolError, TrainingFailed
 from lmtool.evaluate import StreamScore, combined, safe_exp, stream_nll
-from lmtool.graphed_step import GraphedStep
+from lmtool.graphed_step import Capture, GraphedStep, capture_cuda_graph
 from lmtool.model import LanguageModel, State, check_fits, count_parameters, detach_state, map_state
 from lmtool.schedule import PlateauTracker, learning_rate
 from lmtool.step_guard import SKIPS_ON_DEVICE, StepGuard, guarded_update, start_momentum
@@ -48,6 +48,11 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": lambda params, c, fused, capturable=False: torch.optim.AdamW(
         params, lr=c.lr, weight_decay=c.weight_decay, fused=fused, capturable=capturable),
 }
+
+
+def step_capture(device: torch.device) -> Capture | None:
+    """How the training step is captured on `device`: as a CUDA graph on CUDA; elsewhere it runs uncaptured."""
+    return capture_cuda_graph if device.type == "cuda" else None
 
 
 def uses_cuda_graph(config: Config, device: torch.device, ctx: DistributedContext) -> bool:
@@ -224,6 +229,45 @@ def _load_corpus(config: Config, train_path, valid_path, test_path, tokenizer=No
     )
 
 
+class TrainingClock:
+    """Training time since the last log line, pauses (validation, checkpoints, between epochs) left out.
+    Stopping it first waits for the device (`wait`), so steps the host queued ahead of the GPU, many of them
+    with a CUDA graph, count as training time and are not left to the pause that follows."""
+
+    def __init__(self, wait: Callable[[], Any]) -> None:
+        self.wait = wait
+        self.seconds = 0.0  # counted since the last lap
+        self.since: float | None = None  # when it was last started, if it runs
+
+    def start(self) -> None:
+        self.since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.since is not None:
+            self.wait()
+            self.seconds += time.perf_counter() - self.since
+            self.since = None
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        running = self.since is not None
+        self.stop()
+        try:
+            yield
+        finally:
+            if running:
+                self.start()
+
+    def lap(self) -> float:
+        """Seconds counted since the last lap; counting starts again from zero (a running clock keeps running)."""
+        running = self.since is not None
+        self.stop()
+        seconds, self.seconds = self.seconds, 0.0
+        if running:
+            self.start()
+        return seconds
+
+
 class _Trainer:
     """State of one training run; `run` is the whole loop, `snapshot`/`restore` make it resumable exactly."""
 
@@ -242,11 +286,15 @@ class _Trainer:
         self.autocast_dtype = resolve_precision(tc.precision, device)  # master weights and the loss stay fp32
         self.skips_on_device = device.type in SKIPS_ON_DEVICE
         self.parameters = list(self.model.parameters())
-        capture = device.type == "cuda"  # elsewhere (tests) the same step runs on the same buffers, uncaptured
-        self.graphed = GraphedStep(self._train_step, capture) if uses_cuda_graph(config, device, ctx) else None
+        self.graphed = (GraphedStep(self._train_step, config.data.bptt, step_capture(device))
+                        if uses_cuda_graph(config, device, ctx) else None)
         self.graph_failure_reported = False
         self.optimizer = OPTIMIZERS[tc.optimizer](self.parameters, tc, self.skips_on_device or None,
                                                   self.captures_steps)
+        if self.captures_steps:
+            # Warm-up steps and short windows run Adam uncaptured, as they must: PyTorch's warning that this
+            # "can impair performance" would only alarm the user.
+            self.optimizer._warned_capturable_if_run_uncaptured = True
         start_momentum(self.optimizer)
         # data.batch_size is per process: the streams are cut as one process with the global batch would cut
         # them, and rank r trains the contiguous rows [r*B, (r+1)*B), carrying their hidden state.
@@ -282,6 +330,7 @@ class _Trainer:
         self.running_nll = torch.zeros((), device=device)  # since the last log, on the device: no per-step sync
         self.running_tokens = torch.zeros((), dtype=torch.int64, device=device)
         self.guard = StepGuard(device, tc.blowup_factor, tc.max_bad_steps)
+        self.clock = TrainingClock(lambda: self.running_tokens.cpu())
         self.elapsed_before = 0.0  # training time of earlier sessions of this run
         self.resumed = False
         self.start_time = time.perf_counter()
@@ -325,14 +374,21 @@ class _Trainer:
 
     def _train_epoch(self) -> str | None:
         """Train from the current window to the end of the epoch; returns a stop reason if a limit was hit."""
-        tc, dc = self.config.train, self.config.data
         self.model.train()
         state = self.hidden if self.hidden is not None else self._zero_state()
         if self.window < self.steps_per_epoch:  # after that, each step checks the limits when it ends
             reason = self._limit_reached(self._agreed_step_end()[0])  # a run resumed at its limit trains nothing
             if reason:
                 return reason
-        window_start = time.perf_counter()
+        self.clock.start()
+        try:
+            return self._train_windows(state)
+        finally:
+            self.clock.stop()
+
+    def _train_windows(self, state: State) -> str | None:
+        """The steps of `_train_epoch`, while the training clock runs."""
+        tc, dc = self.config.train, self.config.data
         for x, y in windows(self.streams, dc.bptt, start=self.window * dc.bptt):
             lr = learning_rate(tc, self.step, self.epoch, self.plateau.divisions, self.total_steps)
             for group in self.optimizer.param_groups:
@@ -349,21 +405,21 @@ class _Trainer:
             self.tokens_seen += y.numel() // len(self.directions) * self.ctx.world_size
 
             if self.step % tc.log_every == 0:
-                self._log_train(lr, window_start)
-                window_start = time.perf_counter()
+                self._log_train(lr)
             if tc.eval_every is not None and self.step % tc.eval_every == 0:
-                reason = self._validate()
+                with self.clock.paused():  # tokens/s counts training time only
+                    reason = self._validate()
                 self.model.train()
                 if reason:
                     return reason
-                window_start = time.perf_counter()  # tokens/s counts training time only
             time_up, signum, checkpoint_due = self._agreed_step_end()  # one collective per step under torchrun
             reason = self._limit_reached(time_up)
             if reason:
                 return reason
             self._stop_if_signalled(signum)
-            if self._maybe_checkpoint(checkpoint_due):
-                window_start = time.perf_counter()
+            if self._checkpoint_due(checkpoint_due):
+                with self.clock.paused():
+                    self.save_checkpoint()
         return None
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, state: State, step: int | torch.Tensor) -> State:
@@ -392,12 +448,16 @@ class _Trainer:
 
     @property
     def captures_steps(self) -> bool:
-        return self.graphed is not None and self.graphed.capture
+        """Whether optimiser steps run inside CUDA graphs (Adam must be built for that)."""
+        return self.graphed is not None and self.device.type == "cuda" and self.graphed.failure is None
 
     def _report_graph_failure(self) -> None:
         """Once, if the step could not be captured as a CUDA graph (training goes on without one)."""
         if self.graphed.failure is not None and not self.graph_failure_reported:
             self.graph_failure_reported = True
+            for group in self.optimizer.param_groups:
+                if "capturable" in group:
+                    group["capturable"] = False
             self.emit({"event": "notice", "message": "the training step could not be captured as a CUDA graph "
                        f"({self.graphed.failure}); training goes on without one (train.cuda_graph=false skips "
                        "the attempt)"})
@@ -420,12 +480,11 @@ class _Trainer:
                 "Lower train.lr or set train.clip_grad_norm"
             )
 
-    def _log_train(self, lr: float, since: float) -> None:
-        """Report the steps since `since` (a perf_counter time). Reading the running sums waits for the device, so
-        the time taken after it covers the work the host had queued ahead (many steps, with a CUDA graph)."""
+    def _log_train(self, lr: float) -> None:
+        """Report the steps since the last log: their loss, and their tokens over the training clock's time."""
         self._stop_if_diverged()
         local_nll, local_tokens = float(self.running_nll.cpu()), int(self.running_tokens.cpu())
-        seconds = time.perf_counter() - since
+        seconds = self.clock.lap()
         nll, all_tokens = self.ctx.sum_in_rank_order([local_nll, local_tokens])  # every rank's
         tokens = max(1, all_tokens)
         loss = nll / tokens
@@ -469,12 +528,10 @@ class _Trainer:
             return f"reached max_time={tc.max_time:g}s"
         return None
 
-    def _maybe_checkpoint(self, due_time: bool) -> bool:
+    def _checkpoint_due(self, due_time: bool) -> bool:
+        """Whether a checkpoint is due now: every checkpoint_every steps, or `due_time` (checkpoint_time)."""
         tc = self.config.train
-        due_steps = tc.checkpoint_every is not None and self.step % tc.checkpoint_every == 0
-        if due_steps or due_time:
-            self.save_checkpoint()
-        return due_steps or due_time
+        return due_time or (tc.checkpoint_every is not None and self.step % tc.checkpoint_every == 0)
 
     def _validate(self) -> str | None:
         """Score the validation text, keep the best model, save the last; returns a stop reason for early stop."""
