@@ -1,6 +1,6 @@
 """lmtool's training step against the bare loop's, interleaved step by step: a fairer "never slower" check.
 
-Usage: python bench/step_ab.py [--rounds 12] [--precision bf16|fp32] [--workload char|ptb|wt2]
+Usage: python bench/step_ab.py [--rounds 12] [--precision bf16|fp32] [--workload char|ptb|wt2] [--keep-freed-memory]
 On a shared machine whose speed drifts by tens of percent within a minute, timing two loops one after the
 other mostly measures the drift. Here one step of each runs in turn, on the same windows, so both see the
 same moments; the figure is the median of the per-pair time ratios. lmtool's step is the trainer's hot path:
@@ -32,6 +32,7 @@ from torch import nn  # noqa: E402
 
 from lmtool.config import ModelConfig  # noqa: E402
 from lmtool.config import TrainConfig  # noqa: E402
+from lmtool.host_memory import keep_freed_memory  # noqa: E402
 from lmtool.model import LanguageModel, detach_state  # noqa: E402
 from lmtool.step_guard import StepGuard, guarded_update  # noqa: E402
 from lmtool.train import OPTIMIZERS  # noqa: E402
@@ -111,7 +112,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--workload", default="char", choices=sorted(WORKLOADS))
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="first set malloc to keep freed memory, as lmtool's CPU training does (both steps gain)")
     args = parser.parse_args()
+    if args.keep_freed_memory and not keep_freed_memory():
+        sys.exit("this C library cannot keep freed memory (needs glibc's mallopt)")
     VOCAB, EMB, HIDDEN, BATCH, BPTT, description = WORKLOADS[args.workload]
     torch.manual_seed(0)
     data = torch.randint(0, VOCAB, (BATCH, BPTT * args.rounds + 1), dtype=torch.int32)
@@ -144,6 +149,7 @@ def main() -> None:
             bare_use.append(BATCH * BPTT * flops_per_token / times[bare] / peak)
             our_use.append(BATCH * BPTT * flops_per_token / times[ours] / peak)
     print(json.dumps({**machine_info(), "workload": description, "precision": args.precision,
+                      "keep_freed_memory": args.keep_freed_memory,
                       "pairs": len(ratios), "bare_tokens_per_s": round(BATCH * BPTT / statistics.median(bare_times)),
                       "lmtool_tokens_per_s": round(BATCH * BPTT / statistics.median(our_times)),
                       "lmtool_over_bare_median_of_pairs": round(statistics.median(ratios), 3),

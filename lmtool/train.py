@@ -31,6 +31,7 @@ from lmtool.distributed import DistributedContext, distributed_session
 from lmtool.errors import Interrupted, LmtoolError, TrainingFailed
 from lmtool.evaluate import StreamScore, combined, safe_exp, stream_nll
 from lmtool.graphed_step import Capture, GraphedStep, capture_cuda_graph
+from lmtool.host_memory import keep_freed_memory
 from lmtool.model import LanguageModel, State, check_fits, count_parameters, detach_state, map_state
 from lmtool.schedule import PlateauTracker, learning_rate
 from lmtool.step_guard import SKIPS_ON_DEVICE, StepGuard, guarded_update, start_momentum
@@ -346,6 +347,8 @@ class _Trainer:
 
     def run(self) -> TrainResult:
         tc = self.config.train
+        if self.device.type == "cpu":
+            keep_freed_memory()  # every step frees and allocates the same large tensors again
         self.emit(self._resume_record() if self.resumed else self._start_record())
         with self._signals_caught():
             stop_reason = None

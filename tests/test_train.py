@@ -213,3 +213,39 @@ def test_a_loss_blow_up_run_stops_with_the_step_and_the_reason(small_corpus, tmp
     cfg = load_config(TINY, ["train.max_bad_steps=2", "train.max_steps=90", "train.eval_every=null"])
     with pytest.raises(TrainingFailed, match=r"2 bad steps in a row up to step 62 \(loss .* above 5 x the running mean"):
         train(cfg, small_corpus, out=tmp_path / "run")
+
+
+def test_cpu_training_keeps_freed_host_memory_for_reuse(small_corpus, tmp_path, monkeypatch):
+    import lmtool.host_memory
+    import lmtool.train
+
+    calls = []
+    monkeypatch.setattr(lmtool.train, "keep_freed_memory", lambda: calls.append(1) or True)
+    train(load_config(TINY, ["train.max_steps=2"]), small_corpus, out=tmp_path / "run")
+    assert calls == [1]
+    monkeypatch.setattr(lmtool.host_memory.sys, "platform", "darwin")
+    assert lmtool.host_memory.keep_freed_memory() is False  # elsewhere it changes nothing
+
+
+def test_keeping_freed_memory_stops_page_faults_for_repeated_large_tensors():
+    # Run in a fresh interpreter: once set, glibc's thresholds stay for the life of the process.
+    import subprocess
+    import sys
+
+    script = """
+import resource, sys, torch
+from lmtool.host_memory import keep_freed_memory
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(64, 2**20).sum()  # 256 MB allocated, touched and freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+default = faults()
+assert keep_freed_memory()
+faults()
+print(default, faults())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    default, kept = map(int, out.split())
+    assert default > 50_000 and kept < default / 10
