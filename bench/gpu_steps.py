@@ -19,7 +19,7 @@ Each round runs every variant for `--block` steps (synchronised before and after
 each round; a variant's figure is the median over rounds. Each variant's last loss is printed beside
 lmtool-fp32's on the same windows. On an H100 (2026-11-26) the graph variants' losses drifted from
 lmtool-fp32's when other variants trained between their replays, while replayed alone they matched it exactly;
-that is not explained. The trainer's own capture (lmtool/graphed_step.py) is compared with eager training by
+that is not explained (it happened with the guard updating its counters in place too). The trainer's own capture (lmtool/graphed_step.py) is compared with eager training by
 bench/cuda_graph.py.
 One JSON line per variant, then one with the GPU's matmul peaks.
 """
