@@ -9,7 +9,8 @@
 #   5. kernels and GPU time per step against wall time per step, lmtool and the bare loop (bench/gpu_profile.py);
 #   6. training-step variants timed in turn: lmtool against the bare loop, bf16 recurrences, and lmtool's step
 #      replayed as a CUDA graph (bench/gpu_steps.py);
-#   7. lmtool's training with and without its step captured as a CUDA graph: speed and losses (bench/cuda_graph.py).
+#   7. lmtool's training with and without its step captured as a CUDA graph: speed and losses (bench/cuda_graph.py);
+#   8. whether replays stay exact with other GPU work between them (bench/gpu_replay_check.py).
 # A section that fails says so and the next one still runs, so one run of this script reports everything it can.
 # Usage: bash bench/gpu.sh [DATA_DIR]   (DATA_DIR defaults to ../shared/data; set PYTHON to pick the interpreter)
 set -uo pipefail
@@ -50,3 +51,4 @@ section "5. where a step's time goes" $py bench/gpu_profile.py --data "$data" --
 section "6a. step variants, PTB-medium" $py bench/gpu_steps.py --workload ptb-medium
 section "6b. step variants, char" $py bench/gpu_steps.py --workload char
 section "7. training with and without a CUDA graph" $py bench/cuda_graph.py --data "$data"
+section "8. replays with other GPU work between them" $py bench/gpu_replay_check.py
