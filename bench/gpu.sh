@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU check (sections 1-6 took 6 minutes on an H100 in one run; section 7 is not timed yet) for a session that is lent a GPU. In order:
+# One short GPU check (sections 1-6 took 6 minutes on an H100 in one run; sections 7-8 are not timed yet) for a session that is lent a GPU. In order:
 #   1. the CLI end to end on CUDA: train the char model for 300 steps, then sample, score and evaluate with it
 #      (one exact stream, then 64 streams in fp32 and in bf16);
 #   2. host syncs per training step, counted by PyTorch's sync detector (bench/gpu_syncs.py; target 0);
