@@ -107,16 +107,24 @@ def bare_step(vocab: int, emb: int, hidden: int, autocast: dict, device: str = "
     return step
 
 
+def add_memory_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="first set malloc to keep freed memory, as lmtool's CPU training does (both steps gain)")
+
+
+def apply_memory_option(args: argparse.Namespace) -> None:
+    if args.keep_freed_memory and not keep_freed_memory():
+        sys.exit("this C library cannot keep freed memory (needs glibc's mallopt)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--workload", default="char", choices=sorted(WORKLOADS))
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="first set malloc to keep freed memory, as lmtool's CPU training does (both steps gain)")
+    add_memory_option(parser)
     args = parser.parse_args()
-    if args.keep_freed_memory and not keep_freed_memory():
-        sys.exit("this C library cannot keep freed memory (needs glibc's mallopt)")
+    apply_memory_option(args)
     VOCAB, EMB, HIDDEN, BATCH, BPTT, description = WORKLOADS[args.workload]
     torch.manual_seed(0)
     data = torch.randint(0, VOCAB, (BATCH, BPTT * args.rounds + 1), dtype=torch.int32)

@@ -1,13 +1,15 @@
 """lmtool's training step against the same step without one of its parts, interleaved: what each part costs.
 
-Usage: python bench/step_variants.py [--variant unsliced|unguarded] [--workload ptb|wt2|word|char]
-                                     [--precision fp32|bf16] [--rounds 22]
+Usage: python bench/step_variants.py [--variant unsliced|unguarded|small-slices] [--workload ptb|wt2|word|char]
+                                     [--precision fp32|bf16] [--rounds 22] [--keep-freed-memory]
 Variants:
 - unsliced: PyTorch's linear + cross-entropy instead of the sliced output layer. On a CPU `LanguageModel.nll`
   scores a large vocabulary a cache-sized slice at a time (lmtool/chunked_nll.py), where PyTorch writes the
   (B*T, V) scores to memory and moves matrices of that size several times more.
 - unguarded: a plain optimiser step instead of the bad-step guard and gradient-norm clipping (which read
   every gradient once for the norm), i.e. what the bare loop does.
+- small-slices: the output layer always in cache-sized slices, even where its scores are small enough
+  (chunked_nll.WHOLE_BYTES) to be handled whole.
 One step of each in turn on the same windows (the order alternating); prints the median of the per-pair time
 ratios, variant / lmtool (> 1: lmtool's step is faster), with the size of the scores matrix, as one JSON line.
 Workloads: PTB-small (10k words, batch 20 x 20), WikiText-2 at the PyTorch example's size (33,278 words,
@@ -26,10 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
-from step_ab import WORKLOADS, lmtool_step  # noqa: E402
+from step_ab import WORKLOADS, add_memory_option, apply_memory_option, lmtool_step  # noqa: E402
 
 import torch  # noqa: E402
 
+import lmtool.chunked_nll  # noqa: E402
 import lmtool.model  # noqa: E402
 import step_ab  # noqa: E402
 
@@ -69,7 +72,21 @@ def unguarded(step):
     return run
 
 
-VARIANTS = {"unsliced": unsliced, "unguarded": unguarded}
+def small_slices(step):
+    """`step` with the output layer always cut into cache-sized slices."""
+    whole_bytes = lmtool.chunked_nll.WHOLE_BYTES
+
+    def run(x, y):
+        lmtool.chunked_nll.WHOLE_BYTES = 0
+        try:
+            step(x, y)
+        finally:
+            lmtool.chunked_nll.WHOLE_BYTES = whole_bytes
+
+    return run
+
+
+VARIANTS = {"unsliced": unsliced, "unguarded": unguarded, "small-slices": small_slices}
 
 
 def main() -> None:
@@ -78,7 +95,9 @@ def main() -> None:
     parser.add_argument("--variant", default="unsliced", choices=sorted(VARIANTS))
     parser.add_argument("--precision", default="fp32", choices=["bf16", "fp32"])
     parser.add_argument("--workload", default="wt2", choices=sorted(ALL_WORKLOADS))
+    add_memory_option(parser)
     args = parser.parse_args()
+    apply_memory_option(args)
     vocab, emb, hidden, batch, bptt, description = ALL_WORKLOADS[args.workload]
     autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
     torch.manual_seed(0)
@@ -100,7 +119,7 @@ def main() -> None:
             ratios.append(times[variant] / times[ours])
     tokens = batch * bptt
     print(json.dumps({**machine_info(), "workload": description, "precision": args.precision,
-                      "variant": args.variant, "pairs": len(ratios),
+                      "variant": args.variant, "keep_freed_memory": args.keep_freed_memory, "pairs": len(ratios),
                       "slices_output_layer": lmtool.model.saves_traffic(tokens, vocab),
                       "scores_matrix_mb": round(tokens * vocab * 4 / 2**20, 1),
                       "lmtool_tokens_per_s": round(tokens / statistics.median(our_times)),

@@ -19,17 +19,27 @@ import torch
 SLICE_BYTES = 6 * 2**20
 
 
+# Scores up to this size are handled as one slice: there fewer, larger operations beat cache residency (a PTB
+# training step, 15 MB of scores, ran 1.00-1.04x faster whole in bench/step_variants.py --variant small-slices
+# --keep-freed-memory); larger ones, like WikiText-2's 89 MB, stay sliced.
+WHOLE_BYTES = 32 * 2**20
+# Vocabularies below this size keep PyTorch's path (a character model's scores are small and it was faster).
+MIN_VOCAB = 4096
+
+
 def slice_size(rows: int, vocab_size: int) -> int:
-    """Vocabulary entries per slice for `rows` scored positions: a multiple of 256, at least 256."""
+    """Vocabulary entries per slice for `rows` scored positions: the whole vocabulary when its scores fit
+    WHOLE_BYTES, else a multiple of 256, at least 256."""
+    if 4 * rows * vocab_size <= WHOLE_BYTES:
+        return vocab_size
     columns = SLICE_BYTES // (4 * max(rows, 1)) // 256 * 256
     return min(vocab_size, max(256, columns))
 
 
 def saves_traffic(rows: int, vocab_size: int) -> bool:
-    """Whether slicing pays: scores that fit in one slice stay in cache on PyTorch's path too (a character
-    vocabulary measured slower sliced), while from 10k words on the sliced layer was faster in fp32 and bf16
-    (bench/step_variants.py)."""
-    return slice_size(rows, vocab_size) < vocab_size
+    """Whether this layer beats PyTorch's: from 10k words on it was faster in fp32 and bf16, while a character
+    vocabulary measured slower (bench/step_variants.py)."""
+    return vocab_size >= MIN_VOCAB
 
 
 def linear_nll(

@@ -64,9 +64,10 @@ def test_bf16_products_are_as_accurate_as_autocast(confident):
 def test_slices_are_cache_sized_and_used_only_where_they_pay():
     assert slice_size(700, 33278) == 2048  # 700 rows x 2048 float32 scores ~ 5.5 MB
     assert slice_size(100_000, 33278) == 256
-    assert slice_size(10, 500) == 500
-    assert saves_traffic(700, 33278)
-    assert not saves_traffic(8192, 66)  # a character vocabulary fits one slice: PyTorch's path is as good
+    assert slice_size(400, 10000) == 10000  # 15 MB of scores: one slice
+    assert slice_size(1120, 10000) < 10000  # 43 MB: sliced again
+    assert saves_traffic(700, 33278) and saves_traffic(400, 10000)
+    assert not saves_traffic(8192, 66)  # a character vocabulary: PyTorch's path was faster
 
 
 def test_model_nll_for_a_large_vocabulary_matches_the_scores_softmax():
