@@ -6,8 +6,10 @@ vocabulary a CPU spends a large part of the step moving them. Here each cache-si
 turned into exp(score - the slice's row maximum) while it is still in cache; the forward pass keeps one
 log-sum-exp per row and, when a gradient is wanted, those exponentials. The backward pass rescales each kept
 slice into g * (softmax - one-hot) and turns it straight into the gradients of h, W and b: the (N, V) matrix
-is written once and read once. Without a gradient (evaluation) nothing of size (N, V) is kept. Each row's NLL
-and every gradient match PyTorch's to float rounding.
+is written once and read once; in training it is held from the forward pass to the backward, N x V floats,
+as PyTorch's path holds its log-softmax. Without a gradient (evaluation) nothing of size (N, V) is kept.
+Small score matrices (WHOLE_BYTES) are one slice. Each row's NLL and every gradient match PyTorch's to float
+rounding.
 """
 
 from __future__ import annotations
