@@ -118,8 +118,4 @@ class GraphedStep:
 
 def _copy_state(into: State, source: State) -> None:
     """Copy `source` into the tensors of `into`, which has the same structure."""
-    if isinstance(into, tuple):
-        for a, b in zip(into, source):
-            _copy_state(a, b)
-    elif into is not source:
-        into.copy_(source)
+    map_state(lambda a, b: a if a is b else a.copy_(b), into, source)

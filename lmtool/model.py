@@ -29,8 +29,8 @@ CELLS: dict[str, tuple[type[nn.RNNBase], dict]] = {
 DIRECTIONS = {"forward": ("forward",), "backward": ("backward",), "bidirectional": ("forward", "backward")}
 
 # Devices whose autocast must not reach the recurrent stack: on CUDA, PyTorch's autocast runs cuDNN's recurrent
-# layers in float16 whatever dtype was asked for (cuDNN has no bf16 LSTM), and float16 gradients underflow
-# without loss scaling. There the stack stays fp32 and bf16 speeds up the rest.
+# layers in float16 whatever dtype was asked for, and float16 gradients underflow without loss scaling. There
+# the stack stays fp32 and bf16 speeds up the rest (cuDNN's own bf16 LSTM was no faster on an H100).
 FP32_RECURRENCE_UNDER_AUTOCAST = {"cuda"}
 
 # The same cells one step at a time: PyTorch's fused single-step functions, with nn.RNNBase's weight layout.
@@ -51,9 +51,12 @@ class StepWeights:
     layers: list[tuple[torch.Tensor, ...]]
 
 
-def map_state(fn, state):
-    """`fn` applied to every tensor of a state: one tensor, an LSTM's (h, c), or a tuple of directions' states."""
-    return tuple(map_state(fn, s) for s in state) if isinstance(state, tuple) else fn(state)
+def map_state(fn, state, *others):
+    """`fn` applied to every tensor of a state: one tensor, an LSTM's (h, c), or a tuple of directions' states.
+    With `others` (states of the same structure), fn gets the matching tensor of each as further arguments."""
+    if isinstance(state, tuple):
+        return tuple(map_state(fn, *parts) for parts in zip(state, *others))
+    return fn(state, *others)
 
 
 def detach_state(state):
