@@ -25,6 +25,8 @@ from step_ab import bare_step  # noqa: E402
 
 import torch  # noqa: E402
 
+import lmtool.data  # noqa: E402
+
 from lmtool.config import ModelConfig, TrainConfig  # noqa: E402
 from lmtool.graphed_step import WARMUP_STEPS, GraphedStep, capture_cuda_graph  # noqa: E402
 from lmtool.model import LanguageModel, detach_state, map_state  # noqa: E402
@@ -73,7 +75,7 @@ def main() -> None:
     torch.manual_seed(1)
     total = WARMUP_STEPS + args.steps
     data = torch.randint(0, vocab, (batch, bptt * total + 1), device=device)
-    windows = [(data[:, i * bptt:(i + 1) * bptt], data[:, i * bptt + 1:(i + 1) * bptt + 1]) for i in range(total)]
+    windows = list(lmtool.data.windows(data, bptt))
     reference_step = trainer_like(vocab, emb, hidden, batch, bptt, device, graphed=False)
     reference = [reference_step(x, y, n + 1) for n, (x, y) in enumerate(windows)]
     del reference_step

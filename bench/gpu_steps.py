@@ -40,6 +40,8 @@ from train_throughput import multiply_adds_per_token  # noqa: E402
 
 import torch  # noqa: E402
 
+import lmtool.data  # noqa: E402
+
 # name -> (vocabulary, embedding, hidden, batch, bptt)
 WORKLOADS = {
     "ptb-medium": (10000, 650, 650, 20, 35),
@@ -91,7 +93,7 @@ def main() -> None:
     steps = WARMUP_STEPS + args.rounds * args.block
     torch.manual_seed(1)
     data = torch.randint(0, vocab, (batch, bptt * steps + 1), device=device)
-    windows = [(data[:, i * bptt:(i + 1) * bptt], data[:, i * bptt + 1:(i + 1) * bptt + 1]) for i in range(steps)]
+    windows = list(lmtool.data.windows(data, bptt))
 
     makers = {
         "bare-fp32": lambda: bare_step(vocab, emb, hidden, fp32, device),

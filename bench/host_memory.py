@@ -27,6 +27,7 @@ sys.path.insert(0, {bench!r})
 import torch
 from lmtool.host_memory import keep_freed_memory
 from step_ab import WORKLOADS, bare_step, lmtool_step
+from lmtool.data import windows
 vocab, emb, hidden, batch, bptt, _ = WORKLOADS[{workload!r}]
 kept = keep_freed_memory() if {keep!r} else False
 autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled={bf16!r})
@@ -34,11 +35,11 @@ data = torch.randint(0, vocab, (batch, bptt * ({steps} + 3) + 1), dtype=torch.in
 result = {{"kept": kept}}
 for name, step in (("lmtool", lmtool_step(vocab, emb, hidden, batch, autocast)), ("bare", bare_step(vocab, emb, hidden, autocast))):
     times = []
-    for i in range({steps} + 3):
+    for i, (x, y) in enumerate(windows(data, bptt)):
         if i == 3:
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
-        step(data[:, i * bptt:(i + 1) * bptt], data[:, i * bptt + 1:(i + 1) * bptt + 1])
+        step(x, y)
         times.append(time.perf_counter() - start)
     result[name] = {{"ms": 1000 * statistics.median(times[3:]),
                     "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / {steps}}}

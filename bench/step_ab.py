@@ -32,6 +32,7 @@ from torch import nn  # noqa: E402
 
 from lmtool.config import ModelConfig  # noqa: E402
 from lmtool.config import TrainConfig  # noqa: E402
+from lmtool.data import windows  # noqa: E402
 from lmtool.host_memory import keep_freed_memory  # noqa: E402
 from lmtool.model import LanguageModel, detach_state  # noqa: E402
 from lmtool.step_guard import StepGuard, guarded_update  # noqa: E402
@@ -107,28 +108,33 @@ def bare_step(vocab: int, emb: int, hidden: int, autocast: dict, device: str = "
     return step
 
 
-def add_memory_option(parser: argparse.ArgumentParser) -> None:
+def add_step_options(parser: argparse.ArgumentParser, workloads: dict, workload: str, rounds: int, precision: str):
+    """The options every interleaved step bench takes: --rounds, --precision, --workload, --keep-freed-memory."""
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--precision", default=precision, choices=["bf16", "fp32"])
+    parser.add_argument("--workload", default=workload, choices=sorted(workloads))
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="first set malloc to keep freed memory, as lmtool's CPU training does (both steps gain)")
 
 
-def apply_memory_option(args: argparse.Namespace) -> None:
+def step_inputs(args: argparse.Namespace, workloads: dict) -> tuple[tuple, list, dict]:
+    """(the workload's sizes, --rounds random (x, y) windows, the autocast settings), once --keep-freed-memory
+    is applied."""
     if args.keep_freed_memory and not keep_freed_memory():
         sys.exit("this C library cannot keep freed memory (needs glibc's mallopt)")
+    sizes = workloads[args.workload]
+    vocab, _, _, batch, bptt, _ = sizes
+    torch.manual_seed(0)
+    data = torch.randint(0, vocab, (batch, bptt * args.rounds + 1), dtype=torch.int32)
+    autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    return sizes, list(windows(data, bptt)), autocast
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--workload", default="char", choices=sorted(WORKLOADS))
-    add_memory_option(parser)
+    add_step_options(parser, WORKLOADS, workload="char", rounds=12, precision="bf16")
     args = parser.parse_args()
-    apply_memory_option(args)
-    VOCAB, EMB, HIDDEN, BATCH, BPTT, description = WORKLOADS[args.workload]
-    torch.manual_seed(0)
-    data = torch.randint(0, VOCAB, (BATCH, BPTT * args.rounds + 1), dtype=torch.int32)
-    autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    (VOCAB, EMB, HIDDEN, BATCH, BPTT, description), pairs, autocast = step_inputs(args, WORKLOADS)
 
     bare = bare_step(VOCAB, EMB, HIDDEN, autocast)
     ours = lmtool_step(VOCAB, EMB, HIDDEN, BATCH, autocast)
@@ -138,8 +144,7 @@ def main() -> None:
     probe_a @ probe_b
     flops_per_token = 6 * multiply_adds_per_token(EMB, HIDDEN, 2, VOCAB)
     ratios, bare_times, our_times, bare_use, our_use, peaks = [], [], [], [], [], []
-    for i in range(args.rounds):
-        x, y = data[:, i * BPTT : (i + 1) * BPTT], data[:, i * BPTT + 1 : (i + 1) * BPTT + 1]
+    for i, (x, y) in enumerate(pairs):
         pair = []
         for step in (bare, ours) if i % 2 == 0 else (ours, bare):  # alternate which goes first
             start = time.perf_counter()

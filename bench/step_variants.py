@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
-from step_ab import WORKLOADS, add_memory_option, apply_memory_option, lmtool_step  # noqa: E402
+from step_ab import WORKLOADS, add_step_options, lmtool_step, step_inputs  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -91,23 +91,15 @@ VARIANTS = {"unsliced": unsliced, "unguarded": unguarded, "small-slices": small_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=22)
     parser.add_argument("--variant", default="unsliced", choices=sorted(VARIANTS))
-    parser.add_argument("--precision", default="fp32", choices=["bf16", "fp32"])
-    parser.add_argument("--workload", default="wt2", choices=sorted(ALL_WORKLOADS))
-    add_memory_option(parser)
+    add_step_options(parser, ALL_WORKLOADS, workload="wt2", rounds=22, precision="fp32")
     args = parser.parse_args()
-    apply_memory_option(args)
-    vocab, emb, hidden, batch, bptt, description = ALL_WORKLOADS[args.workload]
-    autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    torch.manual_seed(0)
-    data = torch.randint(0, vocab, (batch, bptt * args.rounds + 1), dtype=torch.int32)
+    (vocab, emb, hidden, batch, bptt, description), pairs, autocast = step_inputs(args, ALL_WORKLOADS)
     ours = lmtool_step(vocab, emb, hidden, batch, autocast)
     variant = VARIANTS[args.variant](lmtool_step(vocab, emb, hidden, batch, autocast))
 
     ratios, our_times, variant_times = [], [], []
-    for i in range(args.rounds):
-        x, y = data[:, i * bptt:(i + 1) * bptt], data[:, i * bptt + 1:(i + 1) * bptt + 1]
+    for i, (x, y) in enumerate(pairs):
         times = {}
         for step in (ours, variant) if i % 2 == 0 else (variant, ours):
             start = time.perf_counter()
