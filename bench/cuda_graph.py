@@ -48,7 +48,7 @@ CASES = {
 def run(case: str, data: Path, steps: int, graph: bool, device: str) -> dict:
     corpus, valid, config_file, overrides = CASES[case]
     cfg = load_config(config_file, [*overrides, f"train.max_steps={steps}", f"train.eval_every={steps}",
-                                    "train.log_every=25", "train.checkpoint_every=null", "train.checkpoint_time=null",
+                                    f"train.log_every={max(1, min(25, steps // 4))}", "train.checkpoint_every=null", "train.checkpoint_time=null",
                                     f"train.device={device}", f"train.cuda_graph={str(graph).lower()}"])
     records = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One short GPU check (sections 1-6 took 6 minutes on an H100 in one run; sections 7-8 are not timed yet) for a session that is lent a GPU. In order:
+# One short GPU check for a session that is lent a GPU (sections 1-6 took 6 minutes on an H100; on an H200,
+# sections 8, 7, 3 and 6a took 117 s, and 6a, 6b, 9, 2 and 1 took 148 s). In order:
 #   1. the CLI end to end on CUDA: train the char model for 300 steps, then sample, score and evaluate with it
 #      (one exact stream, then 64 streams in fp32 and in bf16);
 #   2. host syncs per training step, counted by PyTorch's sync detector (bench/gpu_syncs.py; target 0);
@@ -10,12 +11,16 @@
 #   6. training-step variants timed in turn: lmtool against the bare loop, bf16 recurrences, and lmtool's step
 #      replayed as a CUDA graph (bench/gpu_steps.py);
 #   7. lmtool's training with and without its step captured as a CUDA graph: speed and losses (bench/cuda_graph.py);
-#   8. whether replays stay exact with other GPU work between them (bench/gpu_replay_check.py).
+#   8. whether replays stay exact with other GPU work between them (bench/gpu_replay_check.py);
+#   9. batched generation of the char model, 1 to 1,024 streams, fp32 and bf16 (bench/sampling.py --device cuda).
 # A section that fails says so and the next one still runs, so one run of this script reports everything it can.
-# Usage: bash bench/gpu.sh [DATA_DIR]   (DATA_DIR defaults to ../shared/data; set PYTHON to pick the interpreter)
+# Usage: bash bench/gpu.sh [DATA_DIR [SECTION ...]]   (DATA_DIR defaults to ../shared/data; SECTIONs, e.g. 8 7 3 6a,
+# run only those, in the order given; set PYTHON to pick the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 data="${1:-../shared/data}"
+shift $(( $# > 0 ? 1 : 0 ))
+chosen=("$@")
 py="${PYTHON:-python}"
 export PYTHONUNBUFFERED=1
 $py -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print('gpu:', torch.cuda.get_device_name(0), 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
@@ -41,14 +46,23 @@ cli_end_to_end() {  # each command only after the one before it worked
         "$data/tinyshakespeare/input.txt"
 }
 
-section "1. CLI end to end on cuda" cli_end_to_end
-section "2. host syncs per training step" $py bench/gpu_syncs.py --data "$data"
-section "3. training throughput" \
-    $py bench/train_throughput.py --device cuda --steps 200 --only char,ptb,ptb-medium --data "$data"
-section "4. bf16 against fp32 on the char model" \
-    $py bench/precision.py --device cuda --steps 300 --corpus "$data/tinyshakespeare/input.txt"
-section "5. where a step's time goes" $py bench/gpu_profile.py --data "$data" --only ptb-medium,char
-section "6a. step variants, PTB-medium" $py bench/gpu_steps.py --workload ptb-medium
-section "6b. step variants, char" $py bench/gpu_steps.py --workload char
-section "7. training with and without a CUDA graph" $py bench/cuda_graph.py --data "$data"
-section "8. replays with other GPU work between them" $py bench/gpu_replay_check.py
+run_section() {  # run_section NUMBER: one section of the list above
+    case "$1" in
+        1) section "1. CLI end to end on cuda" cli_end_to_end ;;
+        2) section "2. host syncs per training step" $py bench/gpu_syncs.py --data "$data" ;;
+        3) section "3. training throughput" \
+               $py bench/train_throughput.py --device cuda --steps 200 --only char,ptb,ptb-medium --data "$data" ;;
+        4) section "4. bf16 against fp32 on the char model" \
+               $py bench/precision.py --device cuda --steps 300 --corpus "$data/tinyshakespeare/input.txt" ;;
+        5) section "5. where a step's time goes" $py bench/gpu_profile.py --data "$data" --only ptb-medium,char ;;
+        6a) section "6a. step variants, PTB-medium" $py bench/gpu_steps.py --workload ptb-medium ;;
+        6b) section "6b. step variants, char" $py bench/gpu_steps.py --workload char ;;
+        7) section "7. training with and without a CUDA graph" $py bench/cuda_graph.py --data "$data" ;;
+        8) section "8. replays with other GPU work between them" $py bench/gpu_replay_check.py ;;
+        9) section "9. batched generation" $py bench/sampling.py --device cuda --streams 1,8,64,256,1024 ;;
+        *) echo "!! no section $1 (sections: 1 2 3 4 5 6a 6b 7 8 9)" ;;
+    esac
+}
+
+if [ ${#chosen[@]} -eq 0 ]; then chosen=(1 2 3 4 5 6a 6b 7 8 9); fi
+for number in "${chosen[@]}"; do run_section "$number"; done

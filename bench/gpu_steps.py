@@ -12,15 +12,17 @@ windows, SGD at lr 0.1. Variants:
   bare-bf16-lstm   the bare step with the LSTM's weights and inputs cast to bfloat16 (cuDNN RNNs take bf16 from
                    cuDNN 9.13 and PyTorch 2.10);
   lmtool-fp32-graph, lmtool-bf16-graph
-                   lmtool's step captured once as a CUDA graph and replayed (CUDA only): the host launches one
-                   graph instead of hundreds of kernels. Its bad-step guard's running mean is frozen at
-                   capture, so this measures speed, not a finished feature.
-Each round runs every variant for `--block` steps (synchronised before and after), in an order that rotates
-each round; a variant's figure is the median over rounds. Each variant's last loss is printed beside
-lmtool-fp32's on the same windows. On an H100 (2026-11-26) the graph variants' losses drifted from
-lmtool-fp32's when other variants trained between their replays, while replayed alone they matched it exactly;
-that is not explained (it happened with the guard updating its counters in place too). The trainer's own capture (lmtool/graphed_step.py) is compared with eager training by
-bench/cuda_graph.py.
+                   lmtool's step through the trainer's own GraphedStep (lmtool/graphed_step.py; CUDA only): 3
+                   eager warm-up steps, then the step captured once as a CUDA graph and replayed, so the host
+                   launches one graph instead of hundreds of kernels.
+After 3 warm-up steps, round 0 runs every variant for `--block` steps uncounted (the graphs are captured in
+it); then each round runs every variant for `--block` steps (synchronised before and after), in an order that
+rotates each round; a variant's figure is the median over the counted rounds. Each variant's last loss is
+printed beside lmtool-fp32's on the same windows: the graphed steps should match it to float rounding (the
+bare loop's model is initialised differently, so its loss differs). Until 2026-11-26 21:00 this bench captured
+the step with its own code, whose losses drifted from lmtool-fp32's when other variants trained between
+replays; the trainer's capture never did (bench/gpu_replay_check.py, bench/cuda_graph.py), and this bench
+now uses it.
 One JSON line per variant, then one with the GPU's matmul peaks.
 """
 
@@ -41,6 +43,7 @@ from train_throughput import multiply_adds_per_token  # noqa: E402
 import torch  # noqa: E402
 
 import lmtool.data  # noqa: E402
+from lmtool.graphed_step import WARMUP_STEPS, capture_cuda_graph  # noqa: E402
 
 # name -> (vocabulary, embedding, hidden, batch, bptt)
 WORKLOADS = {
@@ -48,35 +51,6 @@ WORKLOADS = {
     "ptb": (10000, 200, 200, 20, 20),
     "char": (66, 128, 512, 64, 128),
 }
-WARMUP_STEPS = 3
-
-
-def graphed(step, batch: int, bptt: int, device: str, warmup_windows):
-    """`step` (lmtool_step's) captured as one CUDA graph after eager warm-up steps on a side stream; the
-    returned function copies a window into the graph's inputs, replays it and carries the state in place."""
-    static_x = torch.zeros(batch, bptt, dtype=torch.int64, device=device)
-    static_y = torch.zeros_like(static_x)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for x, y in warmup_windows:
-            step(x, y)
-    torch.cuda.current_stream().wait_stream(side)
-    state_in = step.state[0]
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step(static_x, static_y)
-    state_out = step.state[0]
-
-    def replay(x, y):
-        static_x.copy_(x)
-        static_y.copy_(y)
-        graph.replay()
-        for carried, new in zip(state_in, state_out):
-            carried.copy_(new)
-        return loss
-
-    return replay
 
 
 def main() -> None:
@@ -90,7 +64,7 @@ def main() -> None:
     device = args.device
     fp32 = dict(device_type=device, enabled=False)
     bf16 = dict(device_type=device, dtype=torch.bfloat16, enabled=True)
-    steps = WARMUP_STEPS + args.rounds * args.block
+    steps = WARMUP_STEPS + (args.rounds + 1) * args.block
     torch.manual_seed(1)
     data = torch.randint(0, vocab, (batch, bptt * steps + 1), device=device)
     windows = list(lmtool.data.windows(data, bptt))
@@ -103,17 +77,14 @@ def main() -> None:
         "bare-bf16-lstm": lambda: bare_step(vocab, emb, hidden, bf16, device, bf16_lstm=True),
     }
     if device == "cuda":
-        makers["lmtool-fp32-graph"] = lambda: graphed(lmtool_step(vocab, emb, hidden, batch, fp32, device), batch,
-                                                      bptt, device, windows[:WARMUP_STEPS])
-        makers["lmtool-bf16-graph"] = lambda: graphed(lmtool_step(vocab, emb, hidden, batch, bf16, device), batch,
-                                                      bptt, device, windows[:WARMUP_STEPS])
+        makers["lmtool-fp32-graph"] = lambda: lmtool_step(vocab, emb, hidden, batch, fp32, device, capture_cuda_graph)
+        makers["lmtool-bf16-graph"] = lambda: lmtool_step(vocab, emb, hidden, batch, bf16, device, capture_cuda_graph)
     variants, failures = {}, {}
     for name, make in makers.items():
         try:
             step = make()
-            if not name.endswith("-graph"):  # a graphed step warmed up on these windows already
-                for x, y in windows[:WARMUP_STEPS]:
-                    step(x, y)
+            for x, y in windows[:WARMUP_STEPS]:  # a graphed step's eager warm-up steps
+                step(x, y)
             variants[name] = step
         except Exception as error:  # an experiment: report what does not work and measure the rest
             failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
@@ -124,7 +95,7 @@ def main() -> None:
 
     times = {name: [] for name in variants}
     last_loss = {}
-    for r in range(args.rounds):
+    for r in range(args.rounds + 1):  # round 0 is not counted: the graphed steps are captured in it
         block = windows[WARMUP_STEPS + r * args.block:WARMUP_STEPS + (r + 1) * args.block]
         names = list(variants)
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -134,7 +105,8 @@ def main() -> None:
                 for x, y in block:
                     loss = variants[name](x, y)
                 sync()
-                times[name].append((time.perf_counter() - start) / len(block))
+                if r > 0:
+                    times[name].append((time.perf_counter() - start) / len(block))
                 last_loss[name] = float(loss)
             except Exception as error:
                 failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"

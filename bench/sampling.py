@@ -1,6 +1,6 @@
 """Generation speed: lmtool's per-token step against the bare matrix-vector products and a naive nn.LSTM loop.
 
-Usage: python bench/sampling.py [--tokens 400]
+Usage: python bench/sampling.py [--tokens 400] [--device cuda --streams 1,8,64,256]
 Builds untrained models of the reference sizes (char 2x512 LSTM, 66 symbols; word 2x200 LSTM with the
 WikiText-2 vocabulary of 33,278, with full and adaptive softmax) and times, in one process: the bare products of one step (each layer's
 input and hidden weights, then the output layer), a naive loop that calls nn.LSTM on length-1 inputs, and
@@ -8,7 +8,7 @@ input and hidden weights, then the output layer), a naive loop that calls nn.LST
 is a median of per-round ratios on a drifting machine; for the word models also the PyTorch example's generator
 (bench/peer_example.py) of the same size. Then batched generation for 1..64 streams, fp32 and --precision bf16,
 with the model FLOP/s against the matrix-multiply peak of that precision measured in the same run. One JSON
-line each.
+line each. `--device cuda` runs only the batched generation, on the GPU (`--streams` picks the stream counts).
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def naive(model: LanguageModel, tokens: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=400)
+    parser.add_argument("--device", default="cpu", help="cuda: only the batched generation, on the GPU")
+    parser.add_argument("--streams", default="1,8,64", help="stream counts of the batched generation")
     args = parser.parse_args()
     info = machine_info()
     torch.manual_seed(0)
@@ -87,16 +89,24 @@ def main() -> None:
         "word 2x200 LSTM, V=33278, adaptive softmax": LanguageModel(
             ModelConfig(embedding_size=200, hidden_size=200, softmax="adaptive"), 33278).eval(),
     }
-    peer_words_per_s = generate_words_per_s(PeerModel(33278), args.tokens)  # the example's generator, now
+    if args.device == "cpu":
+        single_stream(models, args.tokens, info)
+    batched(models["char 2x512 LSTM, V=66"].to(args.device), args.tokens, [int(n) for n in args.streams.split(",")],
+            args.device, info)
+
+
+def single_stream(models: dict, tokens: int, info: dict) -> None:
+    """One stream of each model on the CPU: lmtool against the bare products, the naive loop and the example."""
+    peer_words_per_s = generate_words_per_s(PeerModel(33278), tokens)  # the example's generator, now
     for name, model in models.items():
-        options = SamplingOptions(length=args.tokens, seed=1)
+        options = SamplingOptions(length=tokens, seed=1)
         ours = lambda n: generate(model, [], SamplingOptions(length=n, seed=1))  # noqa: E731
         if model.config.softmax == "full":  # the bare products are defined for the plain output layer
             ms, ratio = interleaved_ms({"lmtool": ours, "bare": lambda n: bare(model, n),
-                                        "naive": lambda n: naive(model, n)}, args.tokens)
+                                        "naive": lambda n: naive(model, n)}, tokens)
             lmtool_ms = ms["lmtool"]
         else:
-            lmtool_ms = per_token_ms(lambda n: generate(model, [], options), args.tokens)
+            lmtool_ms = per_token_ms(lambda n: generate(model, [], options), tokens)
         record = {**info, "model": name, "streams": 1, "lmtool_ms_per_token": round(lmtool_ms, 4),
                   "lmtool_tokens_per_s": round(1000 / lmtool_ms)}
         if model.config.softmax == "full":
@@ -108,21 +118,25 @@ def main() -> None:
                           over_example_generator=round(1000 / lmtool_ms / peer_words_per_s, 2),
                           over_reference_185=round(1000 / lmtool_ms / 185, 2))
         print(json.dumps(record), flush=True)
-    model = models["char 2x512 LSTM, V=66"]
+
+
+def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device: str, info: dict) -> None:
+    """The char model generating for many streams at once, fp32 and --precision bf16."""
     # Many streams turn the matrix-vector products into matrix products: the ceiling is then the matmul peak.
-    peak = matmul_peak_gflops(torch.float32)
+    peak = matmul_peak_gflops(torch.float32, device)
     macs = sum(w.numel() for w in model.rnn.parameters() if w.dim() == 2) + model.decoder.weight.numel()
-    bf16_peak = matmul_peak_gflops(torch.bfloat16)
+    bf16_peak = matmul_peak_gflops(torch.bfloat16, device)
     single = None
-    for streams in (1, 8, 64):
+    for streams in stream_counts:
         for precision in ("fp32", "bf16"):  # --precision bf16: the recurrent layers step in bfloat16
-            options = SamplingOptions(length=args.tokens // 2, num_samples=streams, seed=1, precision=precision)
-            ms = per_token_ms(lambda n: generate(model, [], options), args.tokens // 2, repeats=3)
+            options = SamplingOptions(length=tokens // 2, num_samples=streams, seed=1, precision=precision)
+            ms = per_token_ms(lambda n: generate(model, [], options), tokens // 2, repeats=3)
             throughput = streams * 1000 / ms
             single = single or throughput  # one fp32 stream
             gflops = throughput * 2 * macs / 1e9
             peak_now = peak if precision == "fp32" else bf16_peak
-            print(json.dumps({**info, "model": "char 2x512 LSTM, V=66", "streams": streams, "precision": precision,
+            print(json.dumps({**info, "model": "char 2x512 LSTM, V=66", "device": device, "streams": streams,
+                              "precision": precision,
                               "tokens_per_s": round(throughput),
                               "scaling_vs_one_fp32_stream": round(throughput / single, 1),
                               "model_gflop_per_s": round(gflops, 1), "peak_gflop_per_s": round(peak_now, 1),

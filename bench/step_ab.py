@@ -33,8 +33,9 @@ from torch import nn  # noqa: E402
 from lmtool.config import ModelConfig  # noqa: E402
 from lmtool.config import TrainConfig  # noqa: E402
 from lmtool.data import windows  # noqa: E402
+from lmtool.graphed_step import Capture, GraphedStep  # noqa: E402
 from lmtool.host_memory import keep_freed_memory  # noqa: E402
-from lmtool.model import LanguageModel, detach_state  # noqa: E402
+from lmtool.model import LanguageModel, detach_state, map_state  # noqa: E402
 from lmtool.step_guard import StepGuard, guarded_update  # noqa: E402
 from lmtool.train import OPTIMIZERS  # noqa: E402
 
@@ -46,9 +47,13 @@ WORKLOADS = {
 }
 
 
-def lmtool_step(vocab: int, emb: int, hidden: int, batch: int, autocast: dict, device: str = "cpu"):
-    """The trainer's hot path for a 2-layer LSTM without dropout, as a function of one (x, y) window that
-    returns the step's loss (a device tensor)."""
+def lmtool_step(vocab: int, emb: int, hidden: int, batch: int, autocast: dict, device: str = "cpu",
+                capture: Capture | None = None):
+    """The trainer's hot path for a 2-layer LSTM without dropout (`_Trainer._train_step`: one loss, backward,
+    clipping, the bad-step guard, the fused optimiser, the running sums, a zeroed state after a bad step), as a
+    function of one (x, y) window that returns the step's loss (a device tensor, overwritten by the next step).
+    With `capture` (lmtool.graphed_step.capture_cuda_graph) the step runs through the trainer's GraphedStep:
+    WARMUP_STEPS eager steps, then one captured CUDA graph replayed on every full-width window."""
     torch.manual_seed(0)
     config = ModelConfig(embedding_size=emb, hidden_size=hidden, dropout=0.0, tie_weights=False)
     model = LanguageModel(config, vocab).to(device)
@@ -56,21 +61,36 @@ def lmtool_step(vocab: int, emb: int, hidden: int, batch: int, autocast: dict, d
     opt = OPTIMIZERS["sgd"](params, TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0), True)
     guard = StepGuard(torch.device(device), blowup_factor=5.0, max_bad_steps=5)
     running_nll = torch.zeros((), device=device)
-    state = [model.init_state(batch)]
+    running_tokens = torch.zeros((), dtype=torch.int64, device=device)
+    last_loss = torch.zeros((), device=device)
 
-    def step(x, y):
+    def body(x, y, state, number):
         with torch.autocast(**autocast):
-            nll, next_state = model(x, state[0], targets=y)
+            nll, next_state = model(x, state, targets=y)
         loss = nll.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         step_loss = nll.detach().mean()
-        bad = guarded_update(opt, params, guard, step_loss, 5.0, 1, on_device=True)
+        bad = guarded_update(opt, params, guard, step_loss, 5.0, number, on_device=True)
         running_nll.add_(torch.where(bad, 0.0, nll.detach().sum()))
-        state[0] = detach_state(next_state)
-        return step_loss
+        running_tokens.add_((~bad) * y.numel())
+        last_loss.copy_(step_loss)
+        return map_state(lambda t: t.masked_fill(bad, 0.0), detach_state(next_state))
 
-    step.state = state  # the carried state, for a caller that replays the step as a CUDA graph
+    state = model.init_state(batch)
+    number = 0
+    graphed: GraphedStep | None = None
+
+    def step(x, y):
+        nonlocal state, number, graphed
+        number += 1
+        if capture is None:
+            state = body(x, y, state, number)
+        else:
+            graphed = graphed or GraphedStep(body, x.size(-1), capture)
+            state = graphed(x, y, state, number, 0.1)
+        return last_loss
+
     return step
 
 
