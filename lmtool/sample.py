@@ -138,7 +138,7 @@ def generate(
     last = hidden[:, -1]  # (B, H)
     # bf16 generation: the prompt is read in fp32, then the recurrent layers step in bf16; scores and sampling
     # stay fp32, so only the hidden state carries bf16 rounding.
-    weights = model.step_weights(direction, dtype)
+    weights = model.step_weights(direction, dtype, streams=batch)
     layers = model.layer_states(state)
     if dtype is not None:
         layers = [map_state(lambda t: t.to(dtype), layer) for layer in layers]

@@ -3,7 +3,7 @@ import torch
 
 from lmtool.config import ModelConfig, load_config
 from lmtool.errors import LmtoolError
-from lmtool.model import CELLS, LanguageModel, count_parameters, detach_state
+from lmtool.model import CELLS, GATE_MAJOR_MIN_STREAMS, LanguageModel, count_parameters, detach_state
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
@@ -62,6 +62,44 @@ def test_single_token_step_equals_the_sequence_kernel(cell):
     full, _ = model(x[:, :1])
     logits, _ = model.step(x[:, 0], model.init_state(3))
     torch.testing.assert_close(logits, full[:, 0])
+
+
+def test_many_streams_step_in_the_gate_major_layout_like_the_sequence_kernel():
+    """Generation for several streams steps an LSTM with its weights transposed and its gates reordered: the
+    same scores and states as the sequence kernel."""
+    model = LanguageModel(ModelConfig(cell="lstm", embedding_size=6, hidden_size=10, num_layers=2), 13).eval()
+    x = torch.randint(0, 13, (5, 7))
+    full, (h_full, c_full) = model(x)
+    weights = model.step_weights(streams=5)
+    assert weights.gate_major and not model.step_weights(streams=GATE_MAJOR_MIN_STREAMS - 1).gate_major
+    state, steps = model.init_state(5), []
+    for t in range(7):
+        logits, state = model.step(x[:, t], state, weights)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full)
+    torch.testing.assert_close(state[0], h_full)
+    torch.testing.assert_close(state[1], c_full)
+    # only fp32 on a CPU uses it: in bf16 the cell's layout was faster
+    assert not model.step_weights(dtype=torch.bfloat16, streams=64).gate_major
+    # the other cells have no such layout
+    gru = LanguageModel(ModelConfig(cell="gru", embedding_size=6, hidden_size=10), 13)
+    assert not gru.step_weights(streams=64).gate_major
+
+
+def test_generation_for_many_streams_steps_in_the_gate_major_layout(monkeypatch):
+    import lmtool.model
+    from lmtool.sample import SamplingOptions, generate
+
+    model = LanguageModel(ModelConfig(embedding_size=6, hidden_size=10), 13).eval()
+    calls = []
+    real_step = lmtool.model.lstm_step_gate_major
+    monkeypatch.setattr(lmtool.model, "lstm_step_gate_major", lambda *args: calls.append(1) or real_step(*args))
+    generate(model, [], SamplingOptions(length=5, num_samples=GATE_MAJOR_MIN_STREAMS - 1, seed=0, stop_at_eos=False))
+    assert calls == []
+    samples = generate(model, [], SamplingOptions(length=5, num_samples=GATE_MAJOR_MIN_STREAMS, seed=0,
+                                                  stop_at_eos=False))
+    assert len(calls) == 5 * 2  # a step after each of the 5 draws, in each of the 2 layers
+    assert len(samples) == GATE_MAJOR_MIN_STREAMS and all(len(ids) == 5 for ids in samples)
 
 
 def test_precision_resolution():

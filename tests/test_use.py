@@ -394,9 +394,9 @@ def test_bf16_generation_stays_close_to_fp32_and_samples_valid_tokens(char_run, 
         asked = []
         real_weights = type(model).step_weights
 
-        def spy(self, direction=None, dtype=None):
+        def spy(self, direction=None, dtype=None, streams=1):
             asked.append(dtype)
-            return real_weights(self, direction, dtype)
+            return real_weights(self, direction, dtype, streams)
 
         type(model).step_weights = spy
         try:
