@@ -8,8 +8,8 @@ input and hidden weights, then the output layer), a naive loop that calls nn.LST
 is a median of per-round ratios on a drifting machine; for the word models also the PyTorch example's generator
 (bench/peer_example.py) of the same size. Then batched generation for 1..64 streams, fp32 and --precision bf16,
 with the model FLOP/s against the matrix-multiply peak of that precision measured in the same run. One JSON
-line each; in fp32 from 4 streams also the gate-major LSTM step against the cell layout it replaces, timed in
-alternating rounds. `--device cuda` runs only the batched generation, on the GPU (`--streams` picks the stream counts).
+line each; in fp32 on a CPU both of the LSTM's step layouts (the cell's, and the gate-major one lmtool uses
+from 4 streams) at every count, timed in alternating rounds. `--device cuda` runs only the batched generation, on the GPU (`--streams` picks the stream counts).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--device", default="cpu", help="cuda: only the batched generation, on the GPU")
-    parser.add_argument("--streams", default="1,8,64", help="stream counts of the batched generation")
+    parser.add_argument("--streams", default="1,8,64", help="stream counts of the batched generation (1 is always run)")
     args = parser.parse_args()
     info = machine_info()
     torch.manual_seed(0)
@@ -123,40 +123,41 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
 
 
 def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device: str, info: dict) -> None:
-    """The char model generating for many streams at once, fp32 and --precision bf16. From
-    GATE_MAJOR_MIN_STREAMS streams in fp32 on a CPU the LSTM steps in its gate-major layout; it is timed against
-    the cell layout it replaces, in alternating rounds."""
+    """The char model generating for many streams at once, fp32 and --precision bf16, against one fp32 stream.
+    In fp32 on a CPU, where lmtool picks the LSTM's step layout by the number of streams
+    (lmtool.model.GATE_MAJOR_MIN_STREAMS), both layouts are timed at every count, in alternating rounds."""
     # Many streams turn the matrix-vector products into matrix products: the ceiling is then the matmul peak.
     peak = matmul_peak_gflops(torch.float32, device)
     macs = sum(w.numel() for w in model.rnn.parameters() if w.dim() == 2) + model.decoder.weight.numel()
     bf16_peak = matmul_peak_gflops(torch.bfloat16, device)
-    single = None
-    for streams in stream_counts:
+    one_stream = None  # lmtool's fp32 tokens/s for one stream, the first count measured
+    for streams in sorted({1, *stream_counts}):
         for precision in ("fp32", "bf16"):  # --precision bf16: the recurrent layers step in bfloat16
             options = SamplingOptions(length=tokens // 2, num_samples=streams, seed=1, precision=precision)
-            # lmtool picks the gate-major layout for an LSTM in fp32 on a CPU (lmtool.model.StepWeights)
-            gate_major = streams >= GATE_MAJOR_MIN_STREAMS and precision == "fp32" and device == "cpu"
-            layouts = {"gate-major" if gate_major else "cell": streams}
-            if gate_major:
-                layouts["cell"] = streams + 1  # a threshold above `streams` keeps the cell layout
+            both = precision == "fp32" and device == "cpu"  # elsewhere lmtool always steps in the cell layout
+            # each layout forced through the threshold: 1 (always gate-major) or above `streams` (never)
+            layouts = {"gate-major": 1, "cell": streams + 1} if both else {"cell": streams + 1}
             times: dict[str, list[float]] = {name: [] for name in layouts}
-            for r in range(5):
-                for name, threshold in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
-                    lmtool.model.GATE_MAJOR_MIN_STREAMS = threshold if name == "cell" else GATE_MAJOR_MIN_STREAMS
-                    times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 2, repeats=2))
-            lmtool.model.GATE_MAJOR_MIN_STREAMS = GATE_MAJOR_MIN_STREAMS
-            ms = statistics.median(times[next(iter(layouts))])
-            throughput = streams * 1000 / ms
-            single = single or throughput  # one fp32 stream
+            try:
+                for r in range(5):
+                    for name, threshold in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
+                        lmtool.model.GATE_MAJOR_MIN_STREAMS = threshold
+                        times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 2, repeats=2))
+            finally:
+                lmtool.model.GATE_MAJOR_MIN_STREAMS = GATE_MAJOR_MIN_STREAMS
+            chosen = "gate-major" if both and streams >= GATE_MAJOR_MIN_STREAMS else "cell"  # what lmtool runs
+            throughput = streams * 1000 / statistics.median(times[chosen])
+            one_stream = one_stream or throughput
             gflops = throughput * 2 * macs / 1e9
             peak_now = peak if precision == "fp32" else bf16_peak
             record = {**info, "model": "char 2x512 LSTM, V=66", "device": device, "streams": streams,
-                      "precision": precision, "layout": next(iter(layouts)), "tokens_per_s": round(throughput),
-                      "scaling_vs_one_fp32_stream": round(throughput / single, 1),
+                      "precision": precision, "layout": chosen, "tokens_per_s": round(throughput),
+                      "scaling_vs_one_fp32_stream": round(throughput / one_stream, 1),
                       "model_gflop_per_s": round(gflops, 1), "peak_gflop_per_s": round(peak_now, 1),
-                      "fraction_of_peak": round(gflops / peak_now, 3)}
-            if "cell" in times and len(layouts) == 2:
-                record["cell_layout_tokens_per_s"] = round(streams * 1000 / statistics.median(times["cell"]))
+                      "fraction_of_peak": round(gflops / peak_now, 4)}
+            if both:
+                record.update({f"{name}_tokens_per_s": round(streams * 1000 / statistics.median(t))
+                               for name, t in times.items()})
                 record["gate_major_over_cell_median_of_rounds"] = round(statistics.median(
                     c / g for c, g in zip(times["cell"], times["gate-major"])), 2)
             print(json.dumps(record), flush=True)

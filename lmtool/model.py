@@ -44,9 +44,10 @@ CELL_STEPS = {
 
 # From this many streams an LSTM generating in fp32 on a CPU steps with its weights transposed into
 # (inputs, 4 x hidden) matrices: the matrix products of a few dozen rows then run faster than in
-# torch.lstm_cell's layout (`python bench/sampling.py`: 1.06-1.76x for 4-64 streams). For one or two streams the
-# cell's layout, a matrix-vector product over rows, is faster; in bf16 the gate-major layout was slower
-# (0.76-1.04x), and on CUDA torch.lstm_cell is one fused kernel.
+# torch.lstm_cell's layout, and fewer, larger operations run per step (`python bench/sampling.py` times both
+# layouts at every stream count). For one to three streams the cell's layout, a matrix-vector product over rows,
+# was as fast or faster; in bf16 the gate-major layout was mostly slower. CUDA keeps torch.lstm_cell, whose
+# pointwise part is one fused kernel there (not measured in the other layout).
 GATE_MAJOR_MIN_STREAMS = 4
 
 
@@ -216,10 +217,10 @@ class LanguageModel(nn.Module):
         layers = [tuple(ready(getattr(rnn, f"{kind}_l{layer}")) for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
                   for layer in range(self.config.num_layers)]
         gate_major = (self.config.cell == "lstm" and streams >= GATE_MAJOR_MIN_STREAMS
-                      and dtype in (None, torch.float32) and self.device.type == "cpu")
+                      and layers[0][0].dtype == torch.float32 and self.device.type == "cpu")
         if gate_major:
             # PyTorch stores the gates as input, forget, cell, output; move the cell gate last.
-            h = self.config.hidden_size
+            h = rnn.hidden_size
             order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
             order = order.to(self.device)
             layers = [(w_ih[order].t().contiguous(), w_hh[order].t().contiguous(), (b_ih + b_hh)[order])

@@ -66,21 +66,28 @@ def test_single_token_step_equals_the_sequence_kernel(cell):
 
 def test_many_streams_step_in_the_gate_major_layout_like_the_sequence_kernel():
     """Generation for several streams steps an LSTM with its weights transposed and its gates reordered: the
-    same scores and states as the sequence kernel."""
-    model = LanguageModel(ModelConfig(cell="lstm", embedding_size=6, hidden_size=10, num_layers=2), 13).eval()
+    same scores and states as the sequence kernel, in each direction of a bidirectional model."""
+    model = LanguageModel(ModelConfig(cell="lstm", embedding_size=6, hidden_size=10, num_layers=2,
+                                      direction="bidirectional"), 13).eval()
+    with torch.no_grad():  # larger weights than the initialisation's, so that a swapped gate shows clearly
+        for param in model.parameters():
+            param.mul_(8)
     x = torch.randint(0, 13, (5, 7))
-    full, (h_full, c_full) = model(x)
-    weights = model.step_weights(streams=5)
-    assert weights.gate_major and not model.step_weights(streams=GATE_MAJOR_MIN_STREAMS - 1).gate_major
-    state, steps = model.init_state(5), []
-    for t in range(7):
-        logits, state = model.step(x[:, t], state, weights)
-        steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, 1), full)
-    torch.testing.assert_close(state[0], h_full)
-    torch.testing.assert_close(state[1], c_full)
+    for direction in ("forward", "backward"):
+        full, (h_full, c_full) = model(x, direction=direction)
+        weights = model.step_weights(direction, streams=5)
+        assert weights.gate_major
+        state, steps = model.init_state(5), []
+        for t in range(7):
+            logits, state = model.step(x[:, t], state, weights)
+            steps.append(logits)
+        torch.testing.assert_close(torch.stack(steps, 1), full)
+        torch.testing.assert_close(state[0], h_full)
+        torch.testing.assert_close(state[1], c_full)
+    assert not model.step_weights(streams=GATE_MAJOR_MIN_STREAMS - 1).gate_major
     # only fp32 on a CPU uses it: in bf16 the cell's layout was faster
     assert not model.step_weights(dtype=torch.bfloat16, streams=64).gate_major
+    assert not model.to(torch.bfloat16).step_weights(streams=64).gate_major
     # the other cells have no such layout
     gru = LanguageModel(ModelConfig(cell="gru", embedding_size=6, hidden_size=10), 13)
     assert not gru.step_weights(streams=64).gate_major
