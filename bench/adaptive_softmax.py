@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info, matmul_peak_gflops  # noqa: E402
+from machine import log_every, machine_info, matmul_peak_gflops, median_tokens_per_s  # noqa: E402
 from peer_example import PeerModel, perplexity, train_for  # noqa: E402
 
 import torch  # noqa: E402
@@ -44,10 +43,9 @@ def run_lmtool(data: Path, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg, data / "wikitext-2/train.txt", valid_path=data / "wikitext-2/valid.txt", out=Path(tmp) / "run",
               on_event=records.append)
-    speeds = [r["tokens_per_s"] for r in records if r["event"] == "train"]
     valid = [r for r in records if r["event"] == "valid"][-1]
     end = [r for r in records if r["event"] == "end"][-1]
-    return {"tokens_per_s": round(statistics.median(speeds[1:] or speeds)), "tokens_trained": end["tokens_seen"],
+    return {"tokens_per_s": round(median_tokens_per_s(records)), "tokens_trained": end["tokens_seen"],
             "valid_ppl": round(valid["ppl"], 2), "vocab": records[0]["vocab_size"]}
 
 
@@ -61,7 +59,7 @@ def main() -> None:
     peaks = {"fp32": round(matmul_peak_gflops(torch.float32)), "bf16": round(matmul_peak_gflops(torch.bfloat16))}
 
     same = {softmax: run_lmtool(args.data, [f"model.softmax={softmax}", f"train.max_steps={args.steps}",
-                                            "train.precision=fp32"])
+                                            "train.precision=fp32", f"train.log_every={log_every(args.steps, 20)}"])
             for softmax in ("full", "adaptive")}
     print(json.dumps({**info, "part": "same tokens, fp32", "steps": args.steps, "full": same["full"],
                       "adaptive": same["adaptive"],

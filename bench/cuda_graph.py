@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import log_every, machine_info, median_tokens_per_s  # noqa: E402
 
 from lmtool.config import load_config  # noqa: E402
 from lmtool.train import train  # noqa: E402
@@ -48,15 +47,14 @@ CASES = {
 def run(case: str, data: Path, steps: int, graph: bool, device: str) -> dict:
     corpus, valid, config_file, overrides = CASES[case]
     cfg = load_config(config_file, [*overrides, f"train.max_steps={steps}", f"train.eval_every={steps}",
-                                    f"train.log_every={max(1, min(25, steps // 4))}", "train.checkpoint_every=null", "train.checkpoint_time=null",
+                                    f"train.log_every={log_every(steps, 25)}", "train.checkpoint_every=null", "train.checkpoint_time=null",
                                     f"train.device={device}", f"train.cuda_graph={str(graph).lower()}"])
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg, data / corpus, valid_path=data / valid if valid else None, out=Path(tmp) / "run",
               on_event=records.append)
-    speeds = [r["tokens_per_s"] for r in records if r["event"] == "train"]
     return {"cuda_graph": records[0].get("cuda_graph"),
-            "tokens_per_s": round(statistics.median(speeds[1:] or speeds)),
+            "tokens_per_s": round(median_tokens_per_s(records)),
             "train_losses": [round(r["loss"], 5) for r in records if r["event"] == "train"],
             "valid_loss": [round(r["loss"], 5) for r in records if r["event"] == "valid"][-1],
             "notices": [r["message"] for r in records if r["event"] == "notice"]}

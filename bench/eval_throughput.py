@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info, matmul_peak_gflops  # noqa: E402
+from machine import log_every, machine_info, matmul_peak_gflops, median_tokens_per_s  # noqa: E402
 from train_throughput import multiply_adds_per_token  # noqa: E402
 
 import torch  # noqa: E402
@@ -46,14 +45,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         records = []
-        cfg = load_config(None, [f"train.max_steps={args.train_steps}", "train.log_every=5", *level])
+        logs = f"train.log_every={log_every(args.train_steps, 5)}"
+        cfg = load_config(None, [f"train.max_steps={args.train_steps}", logs, *level])
         train(cfg, corpus, out=tmp / "run", on_event=records.append)
-        train_tps = statistics.median([r["tokens_per_s"] for r in records if r["event"] == "train"][1:])
+        train_tps = median_tokens_per_s(records)
         fp32_records = []
-        fp32_cfg = load_config(None, [f"train.max_steps={args.train_steps}", "train.log_every=5", "train.precision=fp32",
-                                      *level])
+        fp32_cfg = load_config(None, [f"train.max_steps={args.train_steps}", logs, "train.precision=fp32", *level])
         train(fp32_cfg, corpus, out=tmp / "fp32", on_event=fp32_records.append)
-        fp32_train_tps = statistics.median([r["tokens_per_s"] for r in fp32_records if r["event"] == "train"][1:])
+        fp32_train_tps = median_tokens_per_s(fp32_records)
         lm = lmtool.load_model(tmp / "run")
         sample = tmp / "eval.txt"
         sample.write_text(corpus.read_text(encoding="utf-8")[:200_000], encoding="utf-8")

@@ -63,3 +63,15 @@ def matmul_peak_gflops(dtype: torch.dtype = torch.float32, device: str = "cpu", 
                 times.append(begin.elapsed_time(end) / 1000)
         best = max(best, 2 * n**3 / statistics.median(times) / 1e9)
     return best
+
+
+def log_every(steps: int, most: int) -> int:
+    """A training-log interval for a bench run of `steps` steps: `most`, or less so that a short run still logs
+    a few times."""
+    return max(1, min(most, steps // 4))
+
+
+def median_tokens_per_s(records: list[dict]) -> float:
+    """The median training tokens/s of a run's log lines, leaving out the first (warm-up) when there are others."""
+    speeds = [r["tokens_per_s"] for r in records if r["event"] == "train"]
+    return statistics.median(speeds[1:] or speeds)

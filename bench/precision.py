@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info, matmul_peak_gflops  # noqa: E402
+from machine import log_every, machine_info, matmul_peak_gflops, median_tokens_per_s  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -38,11 +37,10 @@ def main() -> None:
     for precision in ("fp32", "bf16"):
         records = []
         cfg = load_config(None, [*args.overrides, f"train.max_steps={args.steps}", f"train.precision={precision}",
-                                 "train.log_every=10", f"train.device={args.device}"])
+                                 f"train.log_every={log_every(args.steps, 10)}", f"train.device={args.device}"])
         with tempfile.TemporaryDirectory() as tmp:
             result = train(cfg, Path(args.corpus), out=Path(tmp) / "run", on_event=records.append)
-        speeds = [r["tokens_per_s"] for r in records if r["event"] == "train"][1:]
-        results[precision] = {"median_tokens_per_s": round(statistics.median(speeds)),
+        results[precision] = {"median_tokens_per_s": round(median_tokens_per_s(records)),
                               "valid_loss": round(result.best_valid.loss, 4), "tokens": result.tokens_seen}
     fp32, bf16 = results["fp32"], results["bf16"]
     print(json.dumps({

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info, matmul_peak_gflops  # noqa: E402
+from machine import log_every, machine_info, matmul_peak_gflops, median_tokens_per_s  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -116,7 +116,8 @@ def main() -> None:
         train_file, valid_file, overrides = WORKLOADS[name]
         for precision in ("fp32", "bf16"):
             records = []
-            cfg = load_config(None, [*overrides, f"train.max_steps={args.steps}", "train.log_every=5",
+            cfg = load_config(None, [*overrides, f"train.max_steps={args.steps}",
+                                     f"train.log_every={log_every(args.steps, 5)}",
                                      f"train.precision={precision}", "train.optimizer=sgd", "train.lr=0.1",
                                      "train.checkpoint_every=null", "train.checkpoint_time=null",
                                      f"train.device={args.device}"])
@@ -124,8 +125,7 @@ def main() -> None:
                 valid = args.data / valid_file if valid_file else None
                 train(cfg, args.data / train_file, valid_path=valid, out=Path(tmp) / "run", on_event=records.append)
             start = records[0]
-            speeds = [r["tokens_per_s"] for r in records if r["event"] == "train"]
-            lmtool_tps = statistics.median(speeds[1:] or speeds)  # the first interval warms up
+            lmtool_tps = median_tokens_per_s(records)  # the first interval warms up
             # the bare loop on the same token stream (re-read through the library: the same ids)
             from lmtool.data import load_corpus
 
