@@ -177,13 +177,10 @@ class LanguageModel(nn.Module):
         `layer_states`): a generation loop then never splits and restacks it. At batch 1 the per-operation
         overhead is what costs, so this is plain functional calls."""
         x = F.embedding(token, weights.embedding)  # (B, E)
-        cell_step = CELL_STEPS[self.config.cell]
+        cell_step = lstm_step_gate_major if weights.gate_major else CELL_STEPS[self.config.cell]
         new_layers = []
         for w, layer in zip(weights.layers, layers):
-            if weights.gate_major:
-                x, c = lstm_step_gate_major(x, layer, *w)
-                new_layers.append((x, c))
-            elif self.config.cell == "lstm":
+            if self.config.cell == "lstm":
                 x, c = cell_step(x, layer, *w)  # (B, H) each
                 new_layers.append((x, c))
             else:
@@ -222,7 +219,6 @@ class LanguageModel(nn.Module):
             # PyTorch stores the gates as input, forget, cell, output; move the cell gate last.
             h = rnn.hidden_size
             order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
-            order = order.to(self.device)
             layers = [(w_ih[order].t().contiguous(), w_hh[order].t().contiguous(), (b_ih + b_hh)[order])
                       for w_ih, w_hh, b_ih, b_hh in layers]
         return StepWeights(embedding=ready(self.embedding.weight), layers=layers, gate_major=gate_major)
