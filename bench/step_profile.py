@@ -27,13 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info, matmul_peak_gflops  # noqa: E402
-from step_ab import WORKLOADS, lmtool_step  # noqa: E402
+from step_ab import WORKLOADS, lmtool_step, step_inputs  # noqa: E402
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from lmtool.data import windows  # noqa: E402
-from lmtool.host_memory import keep_freed_memory  # noqa: E402
 
 KINDS = {
     "output-layer products": ("aten::mm", "aten::addmm", "aten::addmm_"),
@@ -54,18 +51,16 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
-    keep_freed_memory()
-    vocab, emb, hidden, batch, bptt, description = WORKLOADS[args.workload]
-    autocast = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    # freed memory kept, as CPU training does; the warm-up windows first
+    inputs = argparse.Namespace(workload=args.workload, precision=args.precision, rounds=WARMUP + args.rounds,
+                                keep_freed_memory=True)
+    (vocab, emb, hidden, batch, bptt, description), windows, autocast = step_inputs(inputs, WORKLOADS)
     step = lmtool_step(vocab, emb, hidden, batch, autocast)
-    torch.manual_seed(0)
-    data = torch.randint(0, vocab, (batch, bptt * (WARMUP + args.rounds) + 1), dtype=torch.int32)
-    windows_ = list(windows(data, bptt))
-    for x, y in windows_[:WARMUP]:
+    for x, y in windows[:WARMUP]:
         step(x, y)
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         start = time.perf_counter()
-        for x, y in windows_[WARMUP:]:
+        for x, y in windows[WARMUP:]:
             step(x, y)
         wall_ms = (time.perf_counter() - start) * 1000 / args.rounds
     peak = matmul_peak_gflops(torch.float32 if args.precision == "fp32" else torch.bfloat16)
