@@ -137,6 +137,9 @@ class Model:
         with tempfile.TemporaryDirectory(prefix="lmtool-eval-") as tmp, autocast:
             for n, path in enumerate(paths):
                 ids = encode_file_to_disk(self.tokenizer, Path(path), Path(tmp) / f"{n}.ids")
+                if ids.numel() < 2 * batch_size:  # each of the batch's streams needs a token and its successor
+                    raise LmtoolError(f"{path} holds {ids.numel()} tokens, too few for --batch-size {batch_size}; "
+                                      f"use --batch-size {ids.numel() // 2} or less")
                 for d in directions:
                     totals[d] = combined([totals[d], stream_nll(self.network, ids, batch_size, bptt, d)])
                 del ids

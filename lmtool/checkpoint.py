@@ -310,6 +310,14 @@ def load_training_state(run_path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise LmtoolError(f"{run_path} has no training checkpoint ({TRAINING_STATE}); it cannot be resumed")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise LmtoolError(f"cannot read {path}: {err.strerror}") from None
+    # torch.save writes a zip archive; anything else is damage, not an attack (a pickle inside is refused below)
+    if magic != b"PK\x03\x04":
+        raise LmtoolError(f"{path} is damaged or truncated (not a PyTorch checkpoint); it cannot be resumed")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise LmtoolError(

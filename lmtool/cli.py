@@ -143,7 +143,7 @@ def sample(
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
     precision: str = typer.Option(
         "fp32", help="fp32 (exact) | bf16: the recurrent layers step in bfloat16; faster for many samples on CPUs "
-        "with native bf16 (1.6x at -n 64 in bench/sampling.py), slower for one"
+        "with native bf16 (1.3-1.4x at -n 64 in bench/sampling.py), slower for one"
     ),
 ) -> None:
     """Generate text from a trained model, one token at a time (the RNN state is carried, never re-read)."""
@@ -155,8 +155,8 @@ def sample(
         temperature=temperature, top_k=top_k, top_p=top_p, length=length, num_samples=num_samples,
         stop_at_eos=stop_at_eos, seed=seed, precision=precision,
     )
-    if output is not None and output.exists() and not overwrite:
-        raise LmtoolError(f"--output {output} already exists; pass --overwrite to replace it or choose another file")
+    if output is not None:
+        _check_output(output, overwrite)
     if ending is not None and prime:
         raise LmtoolError("give --prime or --ending, not both: a model writes in one direction at a time")
     lm = load_model(model, device)
@@ -182,6 +182,16 @@ def sample(
     if output is not None:
         body = "".join(f"{prime}{_joined(lm.tokenizer, prime, t)}\n" for t in texts)
         atomic_write(output, body.encode("utf-8"))
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """Fail before any work if the samples could not be written to `output`."""
+    if output.is_dir():
+        raise LmtoolError(f"--output {output} is a directory; give a file name")
+    if output.exists() and not overwrite:
+        raise LmtoolError(f"--output {output} already exists; pass --overwrite to replace it or choose another file")
+    if not output.parent.is_dir():
+        raise LmtoolError(f"--output {output}: the directory {output.parent} does not exist; create it first")
 
 
 def _sample_toward(lm, ending: str, options, output: Optional[Path]) -> None:
@@ -257,7 +267,7 @@ def score(
     from rich.console import Console
 
     from lmtool.api import load_model
-    from lmtool.data import iter_lines
+    from lmtool.data import iter_lines, stdin_lines
     from lmtool.report import print_scores, score_json_lines, score_kenlm_lines
 
     _check_direction(direction)
@@ -268,7 +278,10 @@ def score(
         raise LmtoolError(f"--batch-size must be at least 1, got {batch_size}")
     texts = list(sentences or [])
     if file is not None:
-        texts += [line.rstrip("\r\n") for line in sys.stdin] if file == "-" else list(iter_lines(Path(file), "sentence"))
+        from_file = stdin_lines() if file == "-" else list(iter_lines(Path(file), "sentence"))
+        if not from_file:
+            raise LmtoolError(f"{'standard input' if file == '-' else file} holds no sentences (one per line)")
+        texts += from_file
     if not texts:
         raise LmtoolError("no sentences to score; give them as arguments, or with --file FILE (or - for stdin)")
     lm = load_model(model, device)
@@ -280,7 +293,7 @@ def score(
     elif fmt == "kenlm":
         print("\n".join(score_kenlm_lines(scores, lm.tokenizer)))
     else:
-        print_scores(Console(highlight=False), scores, with_tokens=tokens, level=lm.level, precision=precision)
+        print_scores(Console(highlight=False, markup=False), scores, with_tokens=tokens, level=lm.level, precision=precision)
 
 
 app.command("score-sentence-probability", help="Same as 'score'.")(score)
@@ -327,7 +340,7 @@ def evaluate_perplexity(
     if json_out:
         print(json.dumps(evaluation_record(evaluation, lm.level)))
     else:
-        print_evaluation(Console(highlight=False), evaluation, lm.level)
+        print_evaluation(Console(highlight=False, markup=False), evaluation, lm.level)
 
 
 def _one_line(message: str) -> str:
@@ -336,6 +349,15 @@ def _one_line(message: str) -> str:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"lmtool: warning: {_one_line(str(message))}", file=sys.stderr)
+
+
+def _internal_error(err: Exception) -> None:
+    """A bug, not a user mistake: still one line and exit 1, unless LMTOOL_DEBUG asks for the traceback."""
+    if os.environ.get("LMTOOL_DEBUG"):
+        raise err
+    print(f"lmtool: internal error: {type(err).__name__}: {_one_line(str(err))} "
+          "(set LMTOOL_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
+    sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -359,11 +381,13 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, click.Abort, KeyboardInterrupt):
         print("lmtool: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as err:  # a bug, not a user mistake: still one line unless asked for the trace
-        if os.environ.get("LMTOOL_DEBUG"):
-            raise
-        print(f"lmtool: internal error: {type(err).__name__}: {_one_line(str(err))} "
-              "(set LMTOOL_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
-        sys.exit(1)
+    except OSError as err:
+        if err.filename is None:
+            _internal_error(err)
+        # a path the checks could not even look at (a directory without permission, a name too long)
+        print(f"lmtool: error: cannot access {err.filename}: {err.strerror or err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        _internal_error(err)
     if isinstance(result, int) and result != 0:
         sys.exit(result)

@@ -28,6 +28,10 @@ Softmax = Literal["full", "adaptive"]
 Direction = Literal["forward", "backward", "bidirectional"]
 
 
+# The largest seed PyTorch's generators take.
+MAX_SEED = 2**64 - 1
+
+
 def _opt(default: Any, help: str, **bounds: float) -> Any:
     """A config field with its one-line help and numeric bounds (gt, ge, lt, le)."""
     return field(default=default, metadata={"help": help, **bounds})
@@ -99,7 +103,7 @@ class TrainConfig:
     blowup_factor: float | None = _opt(
         5.0, "a step whose loss exceeds this many times the running mean is skipped as bad (null: never)", gt=1
     )
-    seed: int = _opt(1234, "random seed: the same seed and config give the same run", ge=0)
+    seed: int = _opt(1234, "random seed: the same seed and config give the same run", ge=0, le=MAX_SEED)
     device: Device = _opt("auto", "auto (cuda if present, else cpu) | cpu | cuda | mps")
     precision: Precision = _opt(
         "auto", "fp32 | bf16 (autocast; weights, optimiser and loss stay fp32) | auto (bf16 on CPUs with native bf16)"
@@ -225,7 +229,10 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("not a duration")
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError("too large") from None
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smhd]?)\s*", str(value))
     if not match:
         raise ValueError("not a duration")
@@ -312,6 +319,9 @@ def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise LmtoolError(f"--set expects section.key=value, got '{item}'")
+        if key in SECTIONS:
+            raise LmtoolError(f"--set expects section.key=value (e.g. model.cell=gru), got '{item}': '{key}' is a "
+                              "section, not a key")
         if "." not in key and key != "format_version":
             raise _unknown_key(key, "--set")
         try:
@@ -368,7 +378,10 @@ def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
         raise LmtoolError(f"{dotted}: expected a whole number, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise LmtoolError(f"{dotted}: {value} is too large a number") from None
         if isinstance(value, str):  # YAML reads 3e-3 (no dot) as a string
             try:
                 return float(value)

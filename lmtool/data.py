@@ -5,10 +5,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import torch
 
@@ -35,48 +36,50 @@ def iter_text_chunks(path: Path | str, what: str = "text", chunk_bytes: int = CH
     """
     path = Path(path)
     _check_readable_file(path, what)
-    offset = 0
     try:
         with open(path, "rb") as f:
-            carry: list[bytes] = []  # the pieces after the last newline seen (one line may span many blocks)
-            while True:
-                block = f.read(chunk_bytes)
-                if block:
-                    cut = block.rfind(b"\n") + 1  # search the new block only: long lines stay linear
-                    if cut == 0:
-                        carry.append(block)
-                        continue
-                    raw = b"".join(carry) + block[:cut]
-                    carry = [block[cut:]]
-                else:
-                    raw, carry = b"".join(carry), []
-                    if not raw:
-                        return
-                nul = raw.find(b"\x00")
-                if nul >= 0:
-                    raise LmtoolError(
-                        f"{what} file {path} looks binary (NUL byte at offset {offset + nul}); "
-                        "give a plain UTF-8 text file"
-                    )
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise LmtoolError(
-                        f"{what} file {path} is not UTF-8: undecodable byte 0x{raw[err.start]:02x} at offset "
-                        f"{offset + err.start}; convert it to UTF-8 (e.g. iconv -t utf-8)"
-                    ) from None
-                if offset == 0:
-                    text = text.removeprefix("\ufeff")
-                offset += len(raw)
-                if "\r" in text:  # a one-character search is far cheaper than a replace that finds nothing
-                    text = text.replace("\r\n", "\n")
-                yield text if text.endswith("\n") else text + "\n"
+            yield from checked_chunks(f, f"{what} file {path}", chunk_bytes)
     except PermissionError:
         raise LmtoolError(f"cannot read {what} file {path}: permission denied") from None
     except IsADirectoryError:
         raise LmtoolError(f"{what} path is a directory, not a text file: {path}") from None
     except OSError as err:
         raise LmtoolError(f"cannot read {what} file {path}: {err.strerror}") from None
+
+
+def checked_chunks(f: BinaryIO, source: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """`iter_text_chunks` on an open binary stream (a file, or standard input); `source` names it in errors."""
+    offset = 0
+    carry: list[bytes] = []  # the pieces after the last newline seen (one line may span many blocks)
+    while True:
+        block = f.read(chunk_bytes)
+        if block:
+            cut = block.rfind(b"\n") + 1  # search the new block only: long lines stay linear
+            if cut == 0:
+                carry.append(block)
+                continue
+            raw = b"".join(carry) + block[:cut]
+            carry = [block[cut:]]
+        else:
+            raw, carry = b"".join(carry), []
+            if not raw:
+                return
+        nul = raw.find(b"\x00")
+        if nul >= 0:
+            raise LmtoolError(f"{source} looks binary (NUL byte at offset {offset + nul}); give a plain UTF-8 text file")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise LmtoolError(
+                f"{source} is not UTF-8: undecodable byte 0x{raw[err.start]:02x} at offset "
+                f"{offset + err.start}; convert it to UTF-8 (e.g. iconv -t utf-8)"
+            ) from None
+        if offset == 0:
+            text = text.removeprefix("\ufeff")
+        offset += len(raw)
+        if "\r" in text:  # a one-character search is far cheaper than a replace that finds nothing
+            text = text.replace("\r\n", "\n")
+        yield text if text.endswith("\n") else text + "\n"
 
 
 def read_text(path: Path | str, what: str = "corpus") -> str:
@@ -91,6 +94,16 @@ def iter_lines(path: Path | str, what: str = "text") -> Iterator[str]:
     """Stream a UTF-8 file line by line (newlines removed) without holding it in memory."""
     for text in iter_text_chunks(path, what):
         yield from text.split("\n")[:-1]
+
+
+def stdin_lines() -> list[str]:
+    """The lines of standard input, checked as a file's are."""
+    if sys.stdin is None:
+        raise LmtoolError("standard input is closed; pipe the text in, or give a file instead of -")
+    try:
+        return [line for text in checked_chunks(sys.stdin.buffer, "standard input") for line in text.split("\n")[:-1]]
+    except OSError as err:
+        raise LmtoolError(f"cannot read standard input: {err.strerror}") from None
 
 
 def split_lines(text: str) -> list[str]:
@@ -179,17 +192,18 @@ def encode_stream(tokenizer: Tokenizer, pieces: Iterable[str], capacity: int) ->
 
 def encode_file_to_disk(tokenizer: Tokenizer, path: Path, ids_path: Path) -> torch.Tensor:
     """Encode a file of any size into an id file and map it: memory stays bounded by the page cache."""
-    count = 1
+    count, has_text = 1, False
     try:
         with open(ids_path, "wb") as out:
             out.write(_raw_bytes(torch.tensor([EOS_ID], dtype=tokenizer.dtype)))  # starts at a line start
             for text in iter_text_chunks(path, "evaluation"):
+                has_text = has_text or not text.isspace()  # as for training: blank lines alone are no text
                 ids = tokenizer.encode_lines_text(text)
                 out.write(_raw_bytes(ids))
                 count += ids.numel()
     except OSError as err:
         raise LmtoolError(f"cannot write the temporary id file {ids_path}: {err.strerror or err}", exit_code=1) from None
-    if count == 1:
+    if not has_text:
         raise LmtoolError(f"evaluation file {path} is empty (no text to score)")
     return torch.from_file(str(ids_path), shared=True, size=count, dtype=tokenizer.dtype)  # (N,), memory-mapped
 

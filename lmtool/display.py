@@ -33,11 +33,11 @@ class TrainDisplay:
     """Consumes the events of `lmtool.train.train`; progress goes to stderr, the summary to stdout."""
 
     def __init__(self, live: bool | None = None, err: TextIO | None = None, out: TextIO | None = None) -> None:
-        self.err = Console(file=err or sys.stderr, highlight=False)
-        self.out = Console(file=out or sys.stdout, highlight=False)
+        self.err = Console(file=err or sys.stderr, highlight=False, markup=False)
+        self.out = Console(file=out or sys.stdout, highlight=False, markup=False)
         self.live = self.err.is_terminal if live is None else live
         if not self.live:  # log files want whole lines, not lines wrapped at 80 columns
-            self.err = Console(file=err or sys.stderr, highlight=False, soft_wrap=True, no_color=True)
+            self.err = Console(file=err or sys.stderr, highlight=False, markup=False, soft_wrap=True, no_color=True)
         self.progress: Progress | None = None
         self.task = None
         self.unit = "token"

@@ -75,11 +75,10 @@ def score_kenlm_lines(scores: Sequence[SentenceScore], tokenizer) -> list[str]:
         backward = score.direction == "backward"
         n = len(score.tokens)
         for index, t in enumerate(score.tokens, start=1):
-            our_id = tokenizer.token_id(t.token) if t.known else UNK_ID
-            if t.token == "<EOS>":
-                our_id = EOS_ID
+            end = index == n  # the last row is the sentence end (a word written "<EOS>" in the text is not)
+            our_id = EOS_ID if end else tokenizer.token_id(t.token) if t.known else UNK_ID
             word, kenlm = t.token, kenlm_id(our_id)
-            if t.token == "<EOS>":  # read backward, the last row predicts the sentence start: KenLM's <s> (id 1)
+            if end:  # read backward, the last row predicts the sentence start: KenLM's <s> (id 1)
                 word, kenlm = ("<s>", 1) if backward else ("</s>", 2)
             # For an RNN the context is the whole history read so far, so the "n-gram length" is the number of
             # predictions made up to this one: the position in reading order.
@@ -148,10 +147,10 @@ def _print_token_table(console: Console, s: SentenceScore, title: str) -> None:
     for column, justify in (("token", "left"), ("known", "left"), ("prob", "right"), ("log P", "right"),
                             ("bits", "right")):
         tokens.add_column(column, justify=justify)
-    for t in s.tokens:
+    for index, t in enumerate(s.tokens, start=1):
         style = _surprisal_style(t.surprisal_bits)
         token = t.token.replace(" ", "␣")
-        if s.direction == "backward" and t.token == "<EOS>":
+        if s.direction == "backward" and index == len(s.tokens):
             token = "<EOS> (start)"  # read backward, the last step predicts the sentence start
         tokens.add_row(
             Text(token, style=style), "yes" if t.known else "<UNK>", f"{t.prob:.4g}", f"{t.logprob:.4f}",

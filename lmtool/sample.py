@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lmtool.config import MAX_SEED
 from lmtool.devices import inference_dtype
 from lmtool.errors import LmtoolError
 from lmtool.model import LanguageModel, map_state
@@ -40,6 +41,8 @@ class SamplingOptions:
             raise LmtoolError(f"--length must be at least 1, got {self.length}")
         if self.num_samples < 1:
             raise LmtoolError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise LmtoolError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -66,7 +69,9 @@ def pick_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.G
             raise _non_finite()
         return logits.argmax(dim=-1)
     if options.temperature != 1:
-        logits = logits / options.temperature
+        # Shifted so that the largest score is 0 first: a tiny temperature then sends the others to -inf
+        # instead of overflowing the largest to inf (the softmax is the same).
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / options.temperature
     filtered = options.top_k is not None or options.top_p is not None
     if filtered:
         logits = filter_logits(logits, options.top_k, options.top_p)

@@ -37,6 +37,7 @@ FILES = {
     "latin1.txt": "café au lait\n".encode("latin-1") * 5,
     "one-line.txt": b"x" * 50_000_000,
     "good.txt": SHAKESPEARE.read_bytes()[:3000],
+    "short.txt": b"to be\n",
     "malformed.yaml": b"model: {hidden_size: 3\n",
     "unknown-key.yaml": b"model:\n  hiden_size: 3\n",
     "wrong-type.yaml": b"model:\n  num_layers: two\n",
@@ -102,6 +103,18 @@ CASES = [
     ("evaluate non-utf8", "evaluate-perplexity {tmp}/latin1.txt --model {run}/run", "not UTF-8", 2),
     ("evaluate batch 0", "evaluate-perplexity {tmp}/good.txt --batch-size 0 --model {run}/run", "--batch-size must be at least 1", 2),
     ("evaluate no files", "evaluate-perplexity --model {run}/run", "Missing argument", 2),
+    ("evaluate whitespace file", "evaluate-perplexity {tmp}/blank.txt --model {run}/run", "is empty", 2),
+    ("evaluate batch too large", "evaluate-perplexity {tmp}/short.txt --batch-size 64 --model {run}/run",
+     "short.txt holds 7 tokens, too few for --batch-size 64; use --batch-size 3 or less", 2),
+    ("score empty file", "score --file {tmp}/empty.txt --model {run}/run", "empty.txt holds no sentences", 2),
+    ("seed too large", "train {tmp}/good.txt --seed 18446744073709551616", "train.seed: 18446744073709551616 is out of range", 2),
+    ("sample seed too large", "sample --model {run}/run --seed 18446744073709551616", "--seed must be between 0 and", 2),
+    ("set a whole section", "train {tmp}/good.txt --set model=gru", "'model' is a section, not a key", 2),
+    ("number too large", "train {tmp}/good.txt --set train.lr=" + "9" * 400, "is too large a number", 2),
+    ("output in a missing directory", "sample --model {run}/run --output {tmp}/nodir/out.txt",
+     "does not exist; create it first", 2),
+    ("output is a directory", "sample --model {run}/run --output {tmp}", "is a directory; give a file name", 2),
+    ("path name too long", "score --file {tmp}/" + "x" * 300 + "/a.txt --model {run}/run", "File name too long", 2),
 ]
 if not torch.cuda.is_available():
     CASES.append(("cuda without gpu", "train {tmp}/good.txt --device cuda", "PyTorch sees no CUDA GPU", 2))

@@ -126,3 +126,44 @@ def test_runs_latest_only_points_at_a_run_with_a_model(run_cli, small_corpus, tm
     with pytest.raises(RuntimeError):
         train(load_config(TINY), small_corpus, out=tmp_path / "run", on_event=crash)
     assert not (tmp_path / "runs" / "latest").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from lmtool.config import load_config
+    from lmtool.train import train
+
+    from conftest import SHAKESPEARE
+
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = root / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    train(load_config(TINY, ["train.max_steps=2"]), corpus, out=root / "run")
+    return root / "run"
+
+
+def _lmtool(*args, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "lmtool", *map(str, args)], capture_output=True, env=env, **kwargs)
+
+
+def test_score_reads_stdin_with_the_checks_a_file_gets(tiny_run):
+    ok = _lmtool("score", "--file", "-", "--json", "--model", tiny_run, input="\ufeffthe cat\nto be\n".encode())
+    assert ok.returncode == 0, ok.stderr
+    assert [json.loads(line)["sentence"] for line in ok.stdout.decode().splitlines()] == ["the cat", "to be"]
+    for data, message in ((b"abc\x00def\n", "standard input looks binary (NUL byte at offset 3)"),
+                          ("caf\u00e9\n".encode("latin-1"), "standard input is not UTF-8: undecodable byte 0xe9"),
+                          (b"", "standard input holds no sentences")):
+        bad = _lmtool("score", "--file", "-", "--model", tiny_run, input=data)
+        err = bad.stderr.decode().strip()
+        assert bad.returncode == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_reader_that_goes_away_ends_sample_quietly(tiny_run):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "lmtool", "sample", "--model", str(tiny_run), "--length",
+                                "200000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert len(process.stdout.read(10)) == 10  # like `| head -c 10`
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 1 and err == "", err  # click stops quietly on a closed pipe

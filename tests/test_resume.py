@@ -190,6 +190,14 @@ def test_a_pickle_that_would_run_code_is_refused_as_checkpoint_and_as_model(smal
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_checkpoint_overwritten_with_text_is_called_damaged(small_corpus, tmp_path, run_cli):
+    train(load_config(TINY, ["train.max_steps=3"]), small_corpus, out=tmp_path / "run")
+    (tmp_path / "run" / TRAINING_STATE).write_text("not a checkpoint\n" * 20)
+    result = run_cli("train", "--resume", tmp_path / "run", "--max-steps", "5")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert "damaged or truncated" in result.err and "run code" not in result.err
+
+
 def test_damaged_model_files_are_refused_naming_the_file(small_corpus, tmp_path, run_cli):
     train(load_config(TINY, ["train.max_steps=3"]), small_corpus, out=tmp_path / "run")
     model = tmp_path / "run" / BEST_MODEL

@@ -8,7 +8,7 @@ import torch
 
 import lmtool
 from lmtool.config import load_config
-from lmtool.sample import SamplingOptions, filter_logits
+from lmtool.sample import SamplingOptions, filter_logits, pick_next
 from lmtool.train import train
 
 from conftest import CONFIGS, SHAKESPEARE
@@ -214,6 +214,32 @@ def test_score_ranks_sentences_and_writes_json_and_kenlm(run_cli, word_run, tmp_
     sentences.write_text(f"{likely}\n{unlikely}\n")
     from_file = run_cli("score", "--file", sentences, "--model", word_run, "--json")
     assert [json.loads(l)["sentence"] for l in from_file.out.splitlines()] == [likely, unlikely]
+
+
+def test_a_word_written_eos_mid_sentence_is_not_the_sentence_end(run_cli, word_run):
+    kenlm = run_cli("score", "the cat <EOS> sat", "--model", word_run, "--format", "kenlm")
+    assert kenlm.code == 0, kenlm.err
+    words = kenlm.out.splitlines()[0].split("\t")
+    assert words[2].startswith("<EOS>=0 3 ") and words[4].startswith("</s>=2 5 ")  # unknown, then the real end
+    assert kenlm.out.count("</s>=2") == 1 and "OOV: 1" in kenlm.out
+
+
+def test_sentences_and_file_names_are_printed_as_written_not_as_markup(run_cli, char_run, tmp_path):
+    result = run_cli("score", "uh [/] yes [noise]", "--tokens", "--model", char_run)
+    assert result.code == 0, result.err
+    assert "1. uh [/] yes [noise]" in result.out  # the per-token table's title
+    named = tmp_path / "data [draft].txt"
+    named.write_text("to be or not to be\n")
+    result = run_cli("evaluate-perplexity", named.name, "--model", char_run)  # the test runs in tmp_path
+    assert result.code == 0, result.err
+    assert "data [draft].txt" in result.out
+
+
+def test_a_tiny_temperature_is_greedy_not_an_error():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 0.0]])
+    for temperature in (1e-40, 1e-3):
+        picked = pick_next(logits, SamplingOptions(temperature=temperature), torch.Generator().manual_seed(0))
+        assert picked.tolist() == [1, 0]
 
 
 def test_score_needs_sentences(run_cli, word_run):
