@@ -51,7 +51,7 @@ run_section() {  # run_section NUMBER: one section of the list above
         1) section "1. CLI end to end on cuda" cli_end_to_end ;;
         2) section "2. host syncs per training step" $py bench/gpu_syncs.py --data "$data" ;;
         3) section "3. training throughput" \
-               $py bench/train_throughput.py --device cuda --steps 200 --only char,ptb,ptb-medium --data "$data" ;;
+               $py bench/train_throughput.py --device cuda --steps 200 --rounds 1 --only char,ptb,ptb-medium --data "$data" ;;
         4) section "4. bf16 against fp32 on the char model" \
                $py bench/precision.py --device cuda --steps 300 --corpus "$data/tinyshakespeare/input.txt" ;;
         5) section "5. where a step's time goes" $py bench/gpu_profile.py --data "$data" --only ptb-medium,char ;;
