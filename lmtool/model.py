@@ -12,6 +12,7 @@ from torch import nn
 
 from lmtool.chunked_nll import linear_nll, saves_traffic
 from lmtool.config import ModelConfig
+from lmtool.dropout import dropout, fast_dropout_applies
 from lmtool.errors import LmtoolError
 
 # An LSTM carries (h, c); the other cells carry h alone. Each tensor is (num_layers, B, H).
@@ -40,6 +41,11 @@ CELL_STEPS = {
     "gru": torch.gru_cell,
     "lstm": torch.lstm_cell,
 }
+
+
+# The same cells over a whole sequence, one layer per call (nn.RNNBase's own functions): lmtool runs a stack's
+# layers one by one in CPU training, to put its own dropout between them (lmtool.dropout).
+LAYER_FUNCTIONS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru": torch.gru, "lstm": torch.lstm}
 
 
 # From this many streams an LSTM generating in fp32 on a CPU steps with its weights transposed into
@@ -123,7 +129,6 @@ class LanguageModel(nn.Module):
         self.config = config
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, config.embedding_size)
-        self.drop = nn.Dropout(config.dropout)
         # One recurrent stack per direction; a bidirectional model shares the embedding and output layer
         # between its two stacks, as ELMo does. A backward stack reads streams that the caller reversed.
         self.directions: tuple[str, ...] = DIRECTIONS[config.direction]
@@ -268,16 +273,36 @@ class LanguageModel(nn.Module):
         """The top layer's outputs (B, T, H) at every position, before the output layer, and the final state."""
         if tokens.dtype not in (torch.int32, torch.int64):
             tokens = tokens.int()  # the data pipeline stores ids in 1 or 2 bytes; the embedding wants int32/64
-        emb = self.drop(self.embedding(tokens))  # (B, T, E)
+        emb = dropout(self.embedding(tokens), self.config.dropout, self.training)  # (B, T, E)
         if state is None:
             state = self.init_state(tokens.size(0))
         stack = self.stack(direction)
         if emb.device.type in FP32_RECURRENCE_UNDER_AUTOCAST and torch.is_autocast_enabled(emb.device.type):
             with _autocast_off(emb):  # the embedding is fp32 under autocast; a carried state may not be
                 output, state = stack(emb, map_state(lambda t: t.float(), state))  # (B, T, H)
+        elif self.training and stack.dropout > 0 and fast_dropout_applies(stack.dropout, emb.device):
+            output, state = self._layer_by_layer(stack, emb, state)  # (B, T, H)
         else:
             output, state = stack(emb, state)  # (B, T, H)
-        return self.drop(output), state
+        return dropout(output, self.config.dropout, self.training), state
+
+    def _layer_by_layer(self, stack: nn.RNNBase, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """`stack(x, state)` in training, one layer per call with lmtool's dropout between layers instead of the
+        stack's own: the same kernels and results, with cheaper masks on a CPU."""
+        function = LAYER_FUNCTIONS[self.config.cell]
+        lstm = self.config.cell == "lstm"
+        finals = []
+        for layer in range(stack.num_layers):
+            if layer:
+                x = dropout(x, stack.dropout, True)
+            weights = [getattr(stack, f"{kind}_l{layer}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            start = (state[0][layer : layer + 1], state[1][layer : layer + 1]) if lstm else state[layer : layer + 1]
+            # (input, state, weights, has_biases, layers, dropout, train, bidirectional, batch_first)
+            x, *final = function(x, start, weights, True, 1, 0.0, True, False, True)
+            finals.append(final)
+        if lstm:
+            return x, (torch.cat([h for h, _ in finals]), torch.cat([c for _, c in finals]))
+        return x, torch.cat([h for h, in finals])
 
     def scores(self, output: torch.Tensor) -> torch.Tensor:
         """(..., H) top-layer outputs -> (..., V) scores whose softmax is the next-token distribution."""
