@@ -1,19 +1,24 @@
 """Evaluation and scoring speed against training speed for the same model.
 
 Usage: python bench/eval_throughput.py [--train-steps 20] [--sentences 10000] [--batch-size 64] [--level char|word]
+                                      [--rounds 3]
 Trains the default character model (with --level word, the default word model) on tinyshakespeare for a few
 steps (its tokens/s is the reference; then the same steps in fp32 for a second reference), then, with that
 model: `evaluate-perplexity` of the corpus's first 200,000 characters (batch 1, on the first 20,000 at word
 level, and --batch-size), and `score` of 10,000 lines of it in padded batches. For the fp32 evaluation its
 model FLOP/s (2 x multiply-adds per token, forward only) is also given against the fp32 matrix-multiply
 peak measured around it. Then the same evaluations and scores with `--precision bf16`, with how far their
-perplexities and log-probabilities moved. Prints one JSON line with the tokens/s of each and the ratios.
+perplexities and log-probabilities moved. Training and the --batch-size evaluations (fp32 and bf16) run in
+turn --rounds times, the order alternating, so that the evaluate/train ratios are medians of per-round ratios
+on a machine whose speed drifts; their tokens/s are medians too. Prints one JSON line with the tokens/s of each
+and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +42,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--sentences", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="training and evaluation in turn, this many times")
     parser.add_argument("--level", default="char", choices=["char", "word"],
                         help="word: the word defaults (a 2x256 LSTM over up to 30,000 words, full softmax)")
     args = parser.parse_args()
@@ -44,18 +50,33 @@ def main() -> None:
     corpus = REPO / "data" / "tinyshakespeare.txt"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        records = []
         logs = f"train.log_every={log_every(args.train_steps, 5)}"
         cfg = load_config(None, [f"train.max_steps={args.train_steps}", logs, *level])
-        train(cfg, corpus, out=tmp / "run", on_event=records.append)
-        train_tps = median_tokens_per_s(records)
+        sample = tmp / "eval.txt"
+        sample.write_text(corpus.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+        runs: dict[str, list[float]] = {"train": [], "fp32": [], "bf16": []}
+        records: list[dict] = []
+
+        def train_round(r: int) -> None:
+            records.clear()
+            train(cfg, corpus, out=tmp / f"run{r}", on_event=records.append)
+            runs["train"].append(median_tokens_per_s(records))
+
+        def evaluate_round(r: int) -> None:
+            lm = lmtool.load_model(tmp / "run0")
+            runs["fp32"].append(lm.perplexity(sample, batch_size=args.batch_size).tokens_per_s)
+            runs["bf16"].append(lm.perplexity(sample, batch_size=args.batch_size, precision="bf16").tokens_per_s)
+
+        for r in range(args.rounds):
+            for part in ((train_round, evaluate_round) if r % 2 == 0 else (evaluate_round, train_round)):
+                part(r)
+        train_tps = statistics.median(runs["train"])
+        over_train = {p: [e / t for e, t in zip(runs[p], runs["train"])] for p in ("fp32", "bf16")}
         fp32_records = []
         fp32_cfg = load_config(None, [f"train.max_steps={args.train_steps}", logs, "train.precision=fp32", *level])
         train(fp32_cfg, corpus, out=tmp / "fp32", on_event=fp32_records.append)
         fp32_train_tps = median_tokens_per_s(fp32_records)
-        lm = lmtool.load_model(tmp / "run")
-        sample = tmp / "eval.txt"
-        sample.write_text(corpus.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+        lm = lmtool.load_model(tmp / "run0")
         # One exact stream reads one token at a time; over 30,000 words that takes minutes for 200,000 characters.
         stream = sample if args.level == "char" else tmp / "eval-start.txt"
         if args.level == "word":
@@ -87,7 +108,10 @@ def main() -> None:
         "evaluate_batch1_tokens_per_s": round(eval_1.tokens_per_s),
         f"evaluate_batch{args.batch_size}_tokens_per_s": round(eval_b.tokens_per_s),
         "score_tokens_per_s": round(score_tps), "sentences": len(lines),
-        "evaluate_over_train": round(eval_b.tokens_per_s / train_tps, 2),
+        "rounds": args.rounds, "train_tokens_per_s_rounds": [round(t) for t in runs["train"]],
+        f"evaluate_batch{args.batch_size}_tokens_per_s_rounds": [round(t) for t in runs["fp32"]],
+        "evaluate_over_train": round(statistics.median(over_train["fp32"]), 2),
+        "evaluate_over_train_range": [round(min(over_train["fp32"]), 2), round(max(over_train["fp32"]), 2)],
         "fp32_train_tokens_per_s": round(fp32_train_tps),
         "evaluate_over_fp32_train": round(eval_b.tokens_per_s / fp32_train_tps, 2),
         "evaluate_gflop_per_s": round(eval_b.tokens_per_s * forward_flops / 1e9, 1),
@@ -99,7 +123,9 @@ def main() -> None:
         "bf16": {
             "evaluate_batch1_tokens_per_s": round(eval_1_bf16.tokens_per_s),
             f"evaluate_batch{args.batch_size}_tokens_per_s": round(eval_b_bf16.tokens_per_s),
-            "evaluate_over_train": round(eval_b_bf16.tokens_per_s / train_tps, 2),
+            f"evaluate_batch{args.batch_size}_tokens_per_s_rounds": [round(t) for t in runs["bf16"]],
+            "evaluate_over_train": round(statistics.median(over_train["bf16"]), 2),
+            "evaluate_over_train_range": [round(min(over_train["bf16"]), 2), round(max(over_train["bf16"]), 2)],
             "evaluate_over_fp32_evaluate": round(eval_b_bf16.tokens_per_s / eval_b.tokens_per_s, 2),
             "perplexity_batch1": round(eval_1_bf16.score.perplexity, 6),
             f"perplexity_batch{args.batch_size}": round(eval_b_bf16.score.perplexity, 6),
