@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -351,6 +352,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"lmtool: warning: {_one_line(str(message))}", file=sys.stderr)
 
 
+def _out_of_memory(err: Exception) -> bool:
+    """Whether err is an allocation failure, on the host or a GPU (told apart without importing torch)."""
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(err))
+
+
 def _internal_error(err: Exception) -> None:
     """A bug, not a user mistake: still one line and exit 1, unless LMTOOL_DEBUG asks for the traceback."""
     if os.environ.get("LMTOOL_DEBUG"):
@@ -388,6 +395,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lmtool: error: cannot access {err.filename}: {err.strerror or err}", file=sys.stderr)
         sys.exit(2)
     except Exception as err:
+        if _out_of_memory(err):
+            tried = re.search(r"allocate (\d+ bytes|[\d.]+ [KMGT]iB)", str(err), re.IGNORECASE)
+            print(f"lmtool: error: ran out of memory{f' (tried to allocate {tried.group(1)})' if tried else ''}; "
+                  "use smaller batches (--batch-size; data.batch_size in training), fewer --num-samples, a shorter "
+                  "--bptt (data.bptt), or a smaller model", file=sys.stderr)
+            sys.exit(1)
         _internal_error(err)
     if isinstance(result, int) and result != 0:
         sys.exit(result)

@@ -114,6 +114,8 @@ CASES = [
     ("output in a missing directory", "sample --model {run}/run --output {tmp}/nodir/out.txt",
      "does not exist; create it first", 2),
     ("output is a directory", "sample --model {run}/run --output {tmp}", "is a directory; give a file name", 2),
+    ("out of memory", "sample --model {run}/run --num-samples 1000000000000000 --length 1",
+     "ran out of memory (tried to allocate", 1),
     ("path name too long", "score --file {tmp}/" + "x" * 300 + "/a.txt --model {run}/run", "File name too long", 2),
 ]
 if not torch.cuda.is_available():
