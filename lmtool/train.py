@@ -259,6 +259,10 @@ class TrainingClock:
             if running:
                 self.start()
 
+    def counted(self) -> float:
+        """Seconds counted since the last lap, so far (without waiting for the device)."""
+        return self.seconds + (time.perf_counter() - self.since if self.since is not None else 0.0)
+
     def lap(self) -> float:
         """Seconds counted since the last lap; counting starts again from zero (a running clock keeps running)."""
         running = self.since is not None
@@ -678,6 +682,7 @@ class _Trainer:
             "last_validated_step": self.last_validated_step,
             "running_nll": self.running_nll.detach().cpu(),
             "running_tokens": int(self.running_tokens),
+            "clock_seconds": self.clock.counted(),  # the training time of those running tokens
             **self.guard.state_dict(),  # good_steps, bad_steps, skipped_steps, loss_ema
             "plateau": {"best_loss": self.plateau.best_loss, "since_best": self.plateau.since_best,
                         "divisions": self.plateau.divisions},
@@ -733,6 +738,8 @@ class _Trainer:
         self.last_validated_step = saved["last_validated_step"]
         self.running_nll = saved["running_nll"].to(self.device)
         self.running_tokens = torch.tensor(saved["running_tokens"], device=self.device)
+        # Without it, the first log line after a resume divided the interval's tokens by the time since the resume.
+        self.clock.seconds = saved.get("clock_seconds", 0.0)
         rng = saved["rng"]
         ranks = saved.get("ranks")
         if ranks is not None:

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -57,6 +58,20 @@ def test_resume_after_a_crash_is_bitwise_identical(small_corpus, tmp_path):
     assert_same_weights(whole.run_dir, resumed.run_dir)
     assert losses(whole.run_dir) == losses(resumed.run_dir)
     assert resumed.best_valid.loss == whole.best_valid.loss
+
+
+def test_the_first_log_line_after_a_resume_counts_the_time_before_the_interruption(small_corpus, tmp_path):
+    cfg = load_config(TINY, ["train.max_steps=250", "train.log_every=50", "train.checkpoint_every=45",
+                             "train.max_epochs=null", "train.patience=null"])
+    with pytest.raises(Crash):
+        train(cfg, small_corpus, out=tmp_path / "run", on_event=crash_at_step(100))  # checkpoint at step 90
+    resume(tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    speed = {r["step"]: r["tokens_per_s"] for r in records if r["event"] == "train"}
+    # steps 51-100: 40 timed before the crash, 10 after the resume; counted against the last 10 alone, the
+    # line read about five times too fast
+    others = [tokens_per_s for step, tokens_per_s in speed.items() if step not in (50, 100)]  # 50 warms up
+    assert len(others) >= 2 and speed[100] < 2.5 * statistics.median(others)
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
