@@ -313,7 +313,7 @@ def load_training_state(run_path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as err:
-        raise LmtoolError(f"cannot read {path}: {err.strerror}") from None
+        raise LmtoolError(f"cannot read {path}: {err.strerror or err}") from None
     # torch.save writes a zip archive; anything else is damage, not an attack (a pickle inside is refused below)
     if magic != b"PK\x03\x04":
         raise LmtoolError(f"{path} is damaged or truncated (not a PyTorch checkpoint); it cannot be resumed")

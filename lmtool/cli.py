@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -193,6 +194,8 @@ def _check_output(output: Path, overwrite: bool) -> None:
         raise LmtoolError(f"--output {output} already exists; pass --overwrite to replace it or choose another file")
     if not output.parent.is_dir():
         raise LmtoolError(f"--output {output}: the directory {output.parent} does not exist; create it first")
+    if not os.access(output.parent, os.W_OK | os.X_OK):
+        raise LmtoolError(f"--output {output}: the directory {output.parent} is not writable; choose another place")
 
 
 def _sample_toward(lm, ending: str, options, output: Optional[Path]) -> None:
@@ -280,7 +283,7 @@ def score(
     texts = list(sentences or [])
     if file is not None:
         from_file = stdin_lines() if file == "-" else list(iter_lines(Path(file), "sentence"))
-        if not from_file:
+        if not any(line.strip() for line in from_file):
             raise LmtoolError(f"{'standard input' if file == '-' else file} holds no sentences (one per line)")
         texts += from_file
     if not texts:
@@ -352,6 +355,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"lmtool: warning: {_one_line(str(message))}", file=sys.stderr)
 
 
+# OSError numbers that mean a path cannot be reached as given (exit 2); other I/O failures, such as a full or
+# read-only disk, are runtime failures (exit 1).
+PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EISDIR}
+
+
 def _out_of_memory(err: Exception) -> bool:
     """Whether err is an allocation failure, on the host or a GPU (told apart without importing torch)."""
     return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
@@ -391,9 +399,12 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as err:
         if err.filename is None:
             _internal_error(err)
-        # a path the checks could not even look at (a directory without permission, a name too long)
-        print(f"lmtool: error: cannot access {err.filename}: {err.strerror or err}", file=sys.stderr)
-        sys.exit(2)
+        paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+        if err.errno in PATH_ERRORS:  # a path the checks could not even look at: a usage error
+            print(f"lmtool: error: cannot access {paths}: {err.strerror or err}", file=sys.stderr)
+            sys.exit(2)
+        print(f"lmtool: error: cannot read or write {paths}: {err.strerror or err}", file=sys.stderr)  # disk full...
+        sys.exit(1)
     except Exception as err:
         if _out_of_memory(err):
             tried = re.search(r"allocate (\d+ bytes|[\d.]+ [KMGT]iB)", str(err), re.IGNORECASE)

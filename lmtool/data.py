@@ -103,7 +103,7 @@ def stdin_lines() -> list[str]:
     try:
         return [line for text in checked_chunks(sys.stdin.buffer, "standard input") for line in text.split("\n")[:-1]]
     except OSError as err:
-        raise LmtoolError(f"cannot read standard input: {err.strerror}") from None
+        raise LmtoolError(f"cannot read standard input: {err.strerror or err}") from None
 
 
 def split_lines(text: str) -> list[str]:

@@ -64,7 +64,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 
 def pick_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
     """The next token of every stream: (B, V) scores -> (B,) ids."""
-    if options.temperature == 0:
+    # A temperature below the smallest float32 would round to 0 in the division: it is greedy anyway.
+    if options.temperature < torch.finfo(torch.float32).tiny:
         if bool(torch.isnan(logits).any()):
             raise _non_finite()
         return logits.argmax(dim=-1)

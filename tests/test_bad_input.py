@@ -20,7 +20,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     corpus = root / "corpus.txt"
     corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:4000], encoding="utf-8")
-    train(load_config(CONFIGS / "tiny.yaml", ["train.max_steps=4"]), corpus, out=root / "run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # runs/latest goes there, not into the directory pytest started in
+        train(load_config(CONFIGS / "tiny.yaml", ["train.max_steps=4"]), corpus, out=root / "run")
     return root
 
 
@@ -107,6 +109,7 @@ CASES = [
     ("evaluate batch too large", "evaluate-perplexity {tmp}/short.txt --batch-size 64 --model {run}/run",
      "short.txt holds 7 tokens, too few for --batch-size 64; use --batch-size 3 or less", 2),
     ("score empty file", "score --file {tmp}/empty.txt --model {run}/run", "empty.txt holds no sentences", 2),
+    ("score blank file", "score --file {tmp}/blank.txt --model {run}/run", "blank.txt holds no sentences", 2),
     ("seed too large", "train {tmp}/good.txt --seed 18446744073709551616", "train.seed: 18446744073709551616 is out of range", 2),
     ("sample seed too large", "sample --model {run}/run --seed 18446744073709551616", "--seed must be between 0 and", 2),
     ("set a whole section", "train {tmp}/good.txt --set model=gru", "'model' is a section, not a key", 2),

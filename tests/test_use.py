@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,9 @@ def char_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("char")
     corpus = root / "small.txt"
     corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:6000], encoding="utf-8")
-    return train(load_config(TINY), corpus, out=root / "run").run_dir
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # runs/latest goes there, not into the directory pytest started in
+        return train(load_config(TINY), corpus, out=root / "run").run_dir
 
 
 # Every word-level identity is checked with both output layers: the adaptive softmax must be just as exact.
@@ -35,7 +38,9 @@ def word_run(tmp_path_factory, request):
     corpus = root / "words.txt"
     corpus.write_text(WORDS)
     overrides = ["data.level=word", "train.max_epochs=10", *SOFTMAX[request.param]]
-    return train(load_config(TINY, overrides), corpus, out=root / "run").run_dir
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        return train(load_config(TINY, overrides), corpus, out=root / "run").run_dir
 
 
 def assert_probabilities_sum_to_one(run_dir):
@@ -235,9 +240,35 @@ def test_sentences_and_file_names_are_printed_as_written_not_as_markup(run_cli, 
     assert "data [draft].txt" in result.out
 
 
+def test_sample_refuses_an_output_directory_it_cannot_write(run_cli, char_run, tmp_path, monkeypatch):
+    import os
+
+    real_access = os.access
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    result = run_cli("sample", "--model", char_run, "--output", locked / "out.txt")
+    assert result.code == 2 and "is not writable" in result.err and result.out == ""
+
+
+def test_a_full_disk_is_a_runtime_failure_that_names_the_path(run_cli, char_run, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/lmtool-eval-x")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", full)
+    held = tmp_path / "held.txt"
+    held.write_text("to be or not to be\n")
+    result = run_cli("evaluate-perplexity", held, "--model", char_run)
+    assert result.code == 1 and len(result.err.strip().splitlines()) == 1
+    assert "cannot read or write /tmp/lmtool-eval-x: No space left on device" in result.err
+
+
 def test_a_tiny_temperature_is_greedy_not_an_error():
     logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 0.0]])
-    for temperature in (1e-40, 1e-3):
+    for temperature in (1e-40, 1e-46, 1e-3):  # 1e-46 rounds to 0 in float32
         picked = pick_next(logits, SamplingOptions(temperature=temperature), torch.Generator().manual_seed(0))
         assert picked.tolist() == [1, 0]
 
