@@ -17,11 +17,13 @@ import torch.nn.functional as F
 # Devices where lmtool draws its own dropout masks (bench/dropout.py empties it to time PyTorch's instead).
 FAST_DEVICES = {"cpu"}
 LEVELS = 1 << 16  # the keep-or-drop decision's resolution
+MIN_KEPT_LEVELS = 256  # keep rates below 256/65536 (p above 0.996) use F.dropout
 
 
 def fast_dropout_applies(p: float, device: torch.device) -> bool:
     """Whether `dropout` draws its own masks for rate p on this device (else it is F.dropout)."""
-    return device.type in FAST_DEVICES and 0 < round(p * LEVELS) < LEVELS
+    # near p = 1 the few levels kept would round the keep rate too coarsely
+    return device.type in FAST_DEVICES and 0 < round(p * LEVELS) <= LEVELS - MIN_KEPT_LEVELS
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -36,5 +38,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     # 64 random bits per draw, viewed as four signed 16-bit numbers, each uniform over [-32768, 32767]
     lanes = torch.randint(-(2**63), 2**63 - 1, (words,), dtype=torch.int64, device=x.device).view(torch.int16)
     keep = (lanes[: x.numel()] >= dropped_levels - LEVELS // 2).view(x.shape)
-    # one multiply by a scaled 0/1 mask (the backward pass multiplies by the same): faster than torch.where here
-    return x * keep.to(x.dtype).mul_(LEVELS / (LEVELS - dropped_levels))
+    scale = LEVELS / (LEVELS - dropped_levels)
+    if x.dtype == torch.float32:  # one multiply by a scaled 0/1 mask (the backward pass multiplies by the same)
+        return x * keep.to(x.dtype).mul_(scale)
+    # in bf16 a scale rounded into the mask would bias every unit the same way: round each product instead
+    return (x * keep.to(x.dtype)).mul_(scale)
