@@ -138,7 +138,9 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     corpus = root / "corpus.txt"
     corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:4000], encoding="utf-8")
-    train(load_config(TINY, ["train.max_steps=2"]), corpus, out=root / "run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # runs/latest goes there, not into the directory pytest started in
+        train(load_config(TINY, ["train.max_steps=2"]), corpus, out=root / "run")
     return root / "run"
 
 

@@ -33,7 +33,9 @@ def bidirectional_run(tmp_path_factory):
     corpus = root / "words.txt"
     corpus.write_text(WORDS)
     overrides = ["data.level=word", "train.max_epochs=8", "model.direction=bidirectional", "model.cell=gru"]
-    return train(load_config(TINY, overrides), corpus, out=root / "run").run_dir
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # runs/latest goes there, not into the directory pytest started in
+        return train(load_config(TINY, overrides), corpus, out=root / "run").run_dir
 
 
 def test_a_backward_model_equals_a_forward_model_trained_on_the_reversed_text(tmp_path):
