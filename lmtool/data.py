@@ -92,7 +92,12 @@ def read_text(path: Path | str, what: str = "corpus") -> str:
 
 def iter_lines(path: Path | str, what: str = "text") -> Iterator[str]:
     """Stream a UTF-8 file line by line (newlines removed) without holding it in memory."""
-    for text in iter_text_chunks(path, what):
+    yield from _lines(iter_text_chunks(path, what))
+
+
+def _lines(chunks: Iterable[str]) -> Iterator[str]:
+    """The lines of whole-line chunks, newlines removed."""
+    for text in chunks:
         yield from text.split("\n")[:-1]
 
 
@@ -101,7 +106,7 @@ def stdin_lines() -> list[str]:
     if sys.stdin is None:
         raise LmtoolError("standard input is closed; pipe the text in, or give a file instead of -")
     try:
-        return [line for text in checked_chunks(sys.stdin.buffer, "standard input") for line in text.split("\n")[:-1]]
+        return list(_lines(checked_chunks(sys.stdin.buffer, "standard input")))
     except OSError as err:
         raise LmtoolError(f"cannot read standard input: {err.strerror or err}") from None
 

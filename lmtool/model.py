@@ -216,8 +216,7 @@ class LanguageModel(nn.Module):
         def ready(t: torch.Tensor) -> torch.Tensor:
             return t.detach() if dtype is None else t.detach().to(dtype)
 
-        layers = [tuple(ready(getattr(rnn, f"{kind}_l{layer}")) for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-                  for layer in range(self.config.num_layers)]
+        layers = [tuple(ready(w) for w in _layer_weights(rnn, layer)) for layer in range(self.config.num_layers)]
         gate_major = (self.config.cell == "lstm" and streams >= GATE_MAJOR_MIN_STREAMS
                       and layers[0][0].dtype == torch.float32 and self.device.type == "cpu")
         if gate_major:
@@ -290,19 +289,15 @@ class LanguageModel(nn.Module):
         """`stack(x, state)` in training, one layer per call with lmtool's dropout between layers instead of the
         stack's own: the same kernels and results, with cheaper masks on a CPU."""
         function = LAYER_FUNCTIONS[self.config.cell]
-        lstm = self.config.cell == "lstm"
         finals = []
         for layer in range(stack.num_layers):
             if layer:
                 x = dropout(x, stack.dropout, True)
-            weights = [getattr(stack, f"{kind}_l{layer}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            start = (state[0][layer : layer + 1], state[1][layer : layer + 1]) if lstm else state[layer : layer + 1]
+            start = map_state(lambda t: t[layer : layer + 1], state)
             # (input, state, weights, has_biases, layers, dropout, train, bidirectional, batch_first)
-            x, *final = function(x, start, weights, True, 1, 0.0, True, False, True)
-            finals.append(final)
-        if lstm:
-            return x, (torch.cat([h for h, _ in finals]), torch.cat([c for _, c in finals]))
-        return x, torch.cat([h for h, in finals])
+            x, *final = function(x, start, _layer_weights(stack, layer), True, 1, 0.0, True, False, True)
+            finals.append(tuple(final) if len(final) > 1 else final[0])  # an LSTM's (h, c), else h
+        return x, map_state(lambda *layers: torch.cat(layers), *finals)
 
     def scores(self, output: torch.Tensor) -> torch.Tensor:
         """(..., H) top-layer outputs -> (..., V) scores whose softmax is the next-token distribution."""
@@ -334,6 +329,11 @@ class LanguageModel(nn.Module):
 
 def _autocast_off(tensor: torch.Tensor) -> torch.autocast:
     return torch.autocast(tensor.device.type, enabled=False)
+
+
+def _layer_weights(stack: nn.RNNBase, layer: int) -> list[torch.Tensor]:
+    """One layer's (w_ih, w_hh, b_ih, b_hh) of a stack, in the order PyTorch's RNN functions take them."""
+    return [getattr(stack, f"{kind}_l{layer}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
 
 
 def _stack(config: ModelConfig) -> nn.RNNBase:
