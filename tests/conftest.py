@@ -15,6 +15,20 @@ def _in_tmp_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+def train_run(root: Path, corpus_name: str, text: str, overrides: list[str] = ()) -> Path:
+    """Train the tiny config (plus `overrides`) on `text` written to root/corpus_name, into root/run, with the
+    working directory at root, so runs/latest stays there too (module fixtures run before `_in_tmp_dir`);
+    returns the run directory."""
+    from lmtool.config import load_config
+    from lmtool.train import train
+
+    corpus = root / corpus_name
+    corpus.write_text(text, encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        return train(load_config(CONFIGS / "tiny.yaml", list(overrides)), corpus, out=root / "run").run_dir
+
+
 @pytest.fixture
 def small_corpus(tmp_path) -> Path:
     """About 6,000 characters of Shakespeare."""

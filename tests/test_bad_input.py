@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from lmtool.checkpoint import BEST_MODEL
-from lmtool.config import load_config
-from lmtool.train import train
 
-from conftest import CONFIGS, SHAKESPEARE
+from conftest import CONFIGS, SHAKESPEARE, train_run
 
 TINY = str(CONFIGS / "tiny.yaml")
 
@@ -18,11 +16,7 @@ TINY = str(CONFIGS / "tiny.yaml")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
-    corpus = root / "corpus.txt"
-    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:4000], encoding="utf-8")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)  # runs/latest goes there, not into the directory pytest started in
-        train(load_config(CONFIGS / "tiny.yaml", ["train.max_steps=4"]), corpus, out=root / "run")
+    train_run(root, "corpus.txt", SHAKESPEARE.read_text(encoding="utf-8")[:4000], ["train.max_steps=4"])
     return root
 
 

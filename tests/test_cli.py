@@ -7,7 +7,7 @@ import pytest
 
 from lmtool.model import CELLS
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, SHAKESPEARE, train_run
 
 TINY = CONFIGS / "tiny.yaml"
 
@@ -130,18 +130,8 @@ def test_runs_latest_only_points_at_a_run_with_a_model(run_cli, small_corpus, tm
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from lmtool.config import load_config
-    from lmtool.train import train
-
-    from conftest import SHAKESPEARE
-
-    root = tmp_path_factory.mktemp("tiny")
-    corpus = root / "corpus.txt"
-    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:4000], encoding="utf-8")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)  # runs/latest goes there, not into the directory pytest started in
-        train(load_config(TINY, ["train.max_steps=2"]), corpus, out=root / "run")
-    return root / "run"
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:4000]
+    return train_run(tmp_path_factory.mktemp("tiny"), "corpus.txt", text, ["train.max_steps=2"])
 
 
 def _lmtool(*args, **kwargs):

@@ -11,7 +11,7 @@ from lmtool.config import load_config
 from lmtool.evaluate import log_mean_exp
 from lmtool.train import resume, train
 
-from conftest import CONFIGS, SHAKESPEARE
+from conftest import CONFIGS, SHAKESPEARE, train_run
 
 TINY = CONFIGS / "tiny.yaml"
 WORDS = "the cat sat on the mat\nthe dog sat on the log\na cat saw a dog\n" * 40
@@ -29,13 +29,8 @@ def metrics(run_dir, event):
 
 @pytest.fixture(scope="module")
 def bidirectional_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bidi")
-    corpus = root / "words.txt"
-    corpus.write_text(WORDS)
     overrides = ["data.level=word", "train.max_epochs=8", "model.direction=bidirectional", "model.cell=gru"]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)  # runs/latest goes there, not into the directory pytest started in
-        return train(load_config(TINY, overrides), corpus, out=root / "run").run_dir
+    return train_run(tmp_path_factory.mktemp("bidi"), "words.txt", WORDS, overrides)
 
 
 def test_a_backward_model_equals_a_forward_model_trained_on_the_reversed_text(tmp_path):

@@ -10,9 +10,8 @@ import torch
 import lmtool
 from lmtool.config import load_config
 from lmtool.sample import SamplingOptions, filter_logits, pick_next
-from lmtool.train import train
 
-from conftest import CONFIGS, SHAKESPEARE
+from conftest import CONFIGS, SHAKESPEARE, train_run
 
 TINY = CONFIGS / "tiny.yaml"
 WORDS = "the cat sat on the mat\nthe dog sat on the log\na cat saw a dog\n" * 40
@@ -20,12 +19,7 @@ WORDS = "the cat sat on the mat\nthe dog sat on the log\na cat saw a dog\n" * 40
 
 @pytest.fixture(scope="module")
 def char_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("char")
-    corpus = root / "small.txt"
-    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:6000], encoding="utf-8")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)  # runs/latest goes there, not into the directory pytest started in
-        return train(load_config(TINY), corpus, out=root / "run").run_dir
+    return train_run(tmp_path_factory.mktemp("char"), "small.txt", SHAKESPEARE.read_text(encoding="utf-8")[:6000])
 
 
 # Every word-level identity is checked with both output layers: the adaptive softmax must be just as exact.
@@ -34,13 +28,8 @@ SOFTMAX = {"full": [], "adaptive": ["model.softmax=adaptive", "model.adaptive_cu
 
 @pytest.fixture(scope="module", params=sorted(SOFTMAX))
 def word_run(tmp_path_factory, request):
-    root = tmp_path_factory.mktemp("word")
-    corpus = root / "words.txt"
-    corpus.write_text(WORDS)
     overrides = ["data.level=word", "train.max_epochs=10", *SOFTMAX[request.param]]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        return train(load_config(TINY, overrides), corpus, out=root / "run").run_dir
+    return train_run(tmp_path_factory.mktemp("word"), "words.txt", WORDS, overrides)
 
 
 def assert_probabilities_sum_to_one(run_dir):
