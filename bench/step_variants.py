@@ -1,7 +1,8 @@
 """lmtool's training step against the same step without one of its parts, interleaved: what each part costs.
 
-Usage: python bench/step_variants.py [--variant unsliced|unguarded|small-slices] [--workload ptb|wt2|word|char]
-                                     [--precision fp32|bf16] [--rounds 22] [--keep-freed-memory]
+Usage: python bench/step_variants.py [--variant unsliced|unguarded|small-slices|foreach-norm]
+                                     [--workload ptb|wt2|word|char] [--precision fp32|bf16] [--rounds 22]
+                                     [--keep-freed-memory]
 Variants:
 - unsliced: PyTorch's linear + cross-entropy instead of the sliced output layer. On a CPU `LanguageModel.nll`
   scores a large vocabulary a cache-sized slice at a time (lmtool/chunked_nll.py), where PyTorch writes the
@@ -10,6 +11,8 @@ Variants:
   every gradient once for the norm), i.e. what the bare loop does.
 - small-slices: the output layer always in cache-sized slices, even where its scores are small enough
   (chunked_nll.WHOLE_BYTES) to be handled whole.
+- foreach-norm: PyTorch's multi-tensor norm (`torch.nn.utils.get_total_norm`) for the clipping norm instead of
+  lmtool's dot products on the CPU (lmtool/step_guard.py `gradient_norm`).
 One step of each in turn on the same windows (the order alternating); prints the median of the per-pair time
 ratios, variant / lmtool (> 1: lmtool's step is faster), with the size of the scores matrix, as one JSON line.
 Workloads: PTB-small (10k words, batch 20 x 20), WikiText-2 at the PyTorch example's size (33,278 words,
@@ -34,59 +37,39 @@ import torch  # noqa: E402
 
 import lmtool.chunked_nll  # noqa: E402
 import lmtool.model  # noqa: E402
+import lmtool.step_guard  # noqa: E402
 import step_ab  # noqa: E402
 
 ALL_WORKLOADS = {**WORKLOADS,
                  "word": (30000, 256, 256, 32, 35, "word defaults 2x256 LSTM, 30,000 words, batch 32 x BPTT 35")}
 
 
-def unsliced(step):
-    """`step` with PyTorch's output layer: no vocabulary counts as worth slicing."""
-    chooses_slices = lmtool.model.saves_traffic
-
+def patched(step, module, name, value):
+    """`step` with `module.name` set to `value` while it runs."""
     def run(x, y):
-        lmtool.model.saves_traffic = lambda rows, vocab_size: False
+        saved = getattr(module, name)
+        setattr(module, name, value)
         try:
             step(x, y)
         finally:
-            lmtool.model.saves_traffic = chooses_slices
+            setattr(module, name, saved)
 
     return run
 
 
-def unguarded(step):
-    """`step` with a plain optimiser step: no norm, no clipping, no bad-step check."""
-    guarded_update = step_ab.guarded_update
-
-    def plain_update(optimizer, parameters, guard, step_loss, max_norm, step_number, on_device):
-        optimizer.step()
-        return torch.zeros((), dtype=torch.bool)
-
-    def run(x, y):
-        step_ab.guarded_update = plain_update
-        try:
-            step(x, y)
-        finally:
-            step_ab.guarded_update = guarded_update
-
-    return run
+def plain_update(optimizer, parameters, guard, step_loss, max_norm, step_number, on_device):
+    """An optimiser step with no norm, no clipping and no bad-step check."""
+    optimizer.step()
+    return torch.zeros((), dtype=torch.bool)
 
 
-def small_slices(step):
-    """`step` with the output layer always cut into cache-sized slices."""
-    whole_bytes = lmtool.chunked_nll.WHOLE_BYTES
-
-    def run(x, y):
-        lmtool.chunked_nll.WHOLE_BYTES = 0
-        try:
-            step(x, y)
-        finally:
-            lmtool.chunked_nll.WHOLE_BYTES = whole_bytes
-
-    return run
-
-
-VARIANTS = {"unsliced": unsliced, "unguarded": unguarded, "small-slices": small_slices}
+VARIANTS = {
+    # no vocabulary counts as worth slicing
+    "unsliced": lambda step: patched(step, lmtool.model, "saves_traffic", lambda rows, vocab_size: False),
+    "unguarded": lambda step: patched(step, step_ab, "guarded_update", plain_update),
+    "small-slices": lambda step: patched(step, lmtool.chunked_nll, "WHOLE_BYTES", 0),
+    "foreach-norm": lambda step: patched(step, lmtool.step_guard, "gradient_norm", torch.nn.utils.get_total_norm),
+}
 
 
 def main() -> None:

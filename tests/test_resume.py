@@ -359,7 +359,9 @@ def test_a_checkpoint_of_an_unfused_optimiser_resumes(small_corpus, tmp_path, op
 @pytest.mark.parametrize("blowup_factor", ["5", "null"])
 def test_a_finite_loss_with_an_infinite_gradient_is_reported_as_non_finite(small_corpus, tmp_path, monkeypatch,
                                                                             blowup_factor):
-    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda grads: torch.tensor(float("inf")))
+    import lmtool.step_guard
+
+    monkeypatch.setattr(lmtool.step_guard, "gradient_norm", lambda grads: torch.tensor(float("inf")))
     cfg = load_config(TINY, ["train.max_bad_steps=3", "train.max_steps=20", f"train.blowup_factor={blowup_factor}"])
     with pytest.raises(TrainingFailed, match=r"3 bad steps in a row up to step 3 \(non-finite loss or gradient\)"):
         train(cfg, small_corpus, out=tmp_path / "run")

@@ -205,6 +205,22 @@ def test_a_skipped_step_leaves_the_optimiser_as_if_it_never_happened(optimizer, 
     assert guard.state_dict()["skipped_steps"] == 1 and guard.state_dict()["good_steps"] == 3
 
 
+def test_the_clipping_norm_is_the_norm_of_all_gradients_and_keeps_inf_and_nan():
+    """The CPU's dot-product norm: what clip_grad_norm_ would compute (closer to float64 than PyTorch's own norm
+    over ten million entries), and a non-finite gradient gives a non-finite norm for the bad-step check."""
+    from lmtool.step_guard import gradient_norm
+
+    torch.manual_seed(0)
+    grads = [torch.randn(10_000_000), torch.randn(200, 800)[:, ::2], torch.randn(3) * 1e-3]  # one non-contiguous
+    exact = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+    ours, pytorchs = float(gradient_norm(grads)), float(torch.nn.utils.get_total_norm(grads))
+    assert abs(ours - exact) <= abs(pytorchs - exact) + 1e-3 and abs(ours - exact) / exact < 5e-5
+    for bad, expected in ((float("inf"), math.isinf), (float("nan"), math.isnan), (1e30, math.isinf)):
+        broken = [g.clone() for g in grads]
+        broken[1][5, 7] = bad
+        assert expected(float(gradient_norm(broken)))  # 1e30 squared overflows, as in PyTorch's norm
+
+
 def test_a_loss_blow_up_run_stops_with_the_step_and_the_reason(small_corpus, tmp_path, monkeypatch):
     from lmtool.errors import TrainingFailed
     from test_resume import corrupt_loss
