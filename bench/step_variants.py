@@ -1,6 +1,6 @@
 """lmtool's training step against the same step without one of its parts, interleaved: what each part costs.
 
-Usage: python bench/step_variants.py [--variant unsliced|unguarded|small-slices|foreach-norm]
+Usage: python bench/step_variants.py [--variant unsliced|unguarded|small-slices|rescaled-exps|foreach-norm]
                                      [--workload ptb|wt2|word|char] [--precision fp32|bf16] [--rounds 22]
                                      [--keep-freed-memory]
 Variants:
@@ -11,6 +11,9 @@ Variants:
   every gradient once for the norm), i.e. what the bare loop does.
 - small-slices: the output layer always in cache-sized slices, even where its scores are small enough
   (chunked_nll.WHOLE_BYTES) to be handled whole.
+- rescaled-exps: the sliced output layer's backward pass rescaling each slice of kept exponentials in memory
+  into g * (softmax - one-hot), as it does under bf16, instead of applying each row's factor to the small
+  operands (lmtool/chunked_nll.py `folds_row_factors`; fp32 only, bf16 steps are the same either way).
 - foreach-norm: PyTorch's multi-tensor norm (`torch.nn.utils.get_total_norm`) for the clipping norm instead of
   lmtool's dot products on the CPU (lmtool/step_guard.py `gradient_norm`).
 One step of each in turn on the same windows (the order alternating); prints the median of the per-pair time
@@ -68,6 +71,7 @@ VARIANTS = {
     "unsliced": lambda step: patched(step, lmtool.model, "saves_traffic", lambda rows, vocab_size: False),
     "unguarded": lambda step: patched(step, step_ab, "guarded_update", plain_update),
     "small-slices": lambda step: patched(step, lmtool.chunked_nll, "WHOLE_BYTES", 0),
+    "rescaled-exps": lambda step: patched(step, lmtool.chunked_nll, "folds_row_factors", lambda dtype: False),
     "foreach-norm": lambda step: patched(step, lmtool.step_guard, "gradient_norm", torch.nn.utils.get_total_norm),
 }
 

@@ -4,10 +4,12 @@ PyTorch's `cross_entropy(linear(h))` writes the (N, V) scores to memory and then
 that size several more times (log-softmax, the one-hot gradient, its backward, the bias sum), so over a large
 vocabulary a CPU spends a large part of the step moving them. Here each cache-sized slice (N, C) of scores is
 turned into exp(score - the slice's row maximum) while it is still in cache; the forward pass keeps one
-log-sum-exp per row and, when a gradient is wanted, those exponentials. The backward pass rescales each kept
-slice into g * (softmax - one-hot) and turns it straight into the gradients of h, W and b: the (N, V) matrix
-is written once and read once; in training it is held from the forward pass to the backward, N x V floats,
-as PyTorch's path holds its log-softmax. Without a gradient (evaluation) nothing of size (N, V) is kept.
+log-sum-exp per row and, when a gradient is wanted, those exponentials. The backward pass turns each kept
+slice straight into the gradients of h, W and b. In fp32 each row's softmax factor is applied to the small
+(N, H) operands rather than to the slice, and the one-hot part is subtracted apart; under bf16 the slice is
+rescaled in place into g * (softmax - one-hot) before any rounding. So the (N, V) matrix is written once and
+read by the products (and once more under bf16); in training it is held from the forward pass to the
+backward, N x V floats, as PyTorch's path holds its log-softmax. Without a gradient (evaluation) nothing of size (N, V) is kept.
 Small score matrices (WHOLE_BYTES) are one slice. Each row's NLL and every gradient match PyTorch's to float
 rounding.
 """
@@ -42,6 +44,13 @@ def saves_traffic(rows: int, vocab_size: int) -> bool:
     """Whether this layer beats PyTorch's: from 10k words on it was faster in fp32 and bf16, while a character
     vocabulary measured slower (bench/step_variants.py)."""
     return vocab_size >= MIN_VOCAB
+
+
+def folds_row_factors(compute_dtype: torch.dtype) -> bool:
+    """Whether the backward pass leaves the kept exps as they are and applies each row's softmax factor to the
+    small operands instead: in fp32, where that saved a pass over the (N, V) matrix (bench/step_variants.py
+    --variant rescaled-exps); not where the products round, which needs g * (softmax - one-hot) formed first."""
+    return compute_dtype == torch.float32
 
 
 def linear_nll(
@@ -96,25 +105,47 @@ class _LinearNLL(torch.autograd.Function):
             grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)  # (N, H)
             grad_w = torch.empty(w.shape, dtype=torch.float32, device=w.device)  # (V, H)
             grad_b = torch.empty(w.size(0), dtype=torch.float32, device=w.device)  # (V,)
-            # dNLL/dscores = g * (softmax - onehot), formed whole in fp32 before any bf16 rounding: a confident
-            # prediction's gradient is a small difference of two numbers close to g.
+            folded = folds_row_factors(h.dtype)
             for i, start in enumerate(range(0, w.size(0), columns)):
-                w_slice = w[start:start + columns]  # (C, H)
-                probs = kept[i].mul_((slice_max[i] - lse).exp_().mul_(g)[:, None])  # (N, C) g * softmax
-                column = targets - start  # (N,) the target's column in this slice, if it is in it
-                inside = (column >= 0) & (column < w_slice.size(0))
-                one_hot = torch.where(inside, -g, 0)[:, None]  # (N, 1), subtracted at the target's column
-                probs.scatter_add_(1, column.clamp(0, w_slice.size(0) - 1)[:, None], one_hot)
-                torch.sum(probs, dim=0, out=grad_b[start:start + columns])
-                if probs.dtype == w.dtype:
-                    grad_h.addmm_(probs, w_slice)
-                    torch.mm(probs.t(), h, out=grad_w[start:start + columns])
+                stop = start + kept[i].size(1)
+                # g * softmax = row_scale * the kept exps, row_scale = g * exp(slice max - lse)
+                row_scale = (slice_max[i] - lse).exp_().mul_(g)  # (N,)
+                slice_grads = (grad_h, grad_w[start:stop], grad_b[start:stop])
+                if folded:
+                    _add_scaled_softmax(kept[i], row_scale, h, w[start:stop], *slice_grads)
                 else:
-                    probs = probs.to(w.dtype)
-                    grad_h += probs @ w_slice
-                    grad_w[start:start + columns] = probs.t() @ h
+                    _add_rounded_softmax_minus_one_hot(kept[i], row_scale, h, w[start:stop], targets - start, g,
+                                                       *slice_grads)
+            if folded:  # the one-hot part of softmax - one-hot, for all slices at once
+                grad_h.sub_(w[targets] * g[:, None])
+                grad_w.index_add_(0, targets, h * -g[:, None])
+                grad_b.index_add_(0, targets, -g)
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         return grad_h.to(hidden_dtype), grad_w.to(weight_dtype), grad_b.to(bias_dtype), None, None, None, None
+
+
+def _add_scaled_softmax(exps, row_scale, h, w_slice, grad_h, grad_w_slice, grad_b_slice) -> None:
+    """Add one slice's g * softmax, row_scale[:, None] * exps, to the gradients without rescaling the (N, C)
+    exps in memory: the row factor goes onto the (N, H) operands and results, and the bias gradient is one
+    matrix-vector product. In fp32 the one-hot part can then be subtracted apart, for all slices at once."""
+    grad_h.addcmul_(exps @ w_slice, row_scale[:, None])
+    torch.mm(exps.t(), h * row_scale[:, None], out=grad_w_slice)
+    torch.mv(exps.t(), row_scale, out=grad_b_slice)
+
+
+def _add_rounded_softmax_minus_one_hot(exps, row_scale, h, w_slice, column, g, grad_h, grad_w_slice,
+                                       grad_b_slice) -> None:
+    """The same for products in a lower precision (`column`: each row's target column, outside the slice if
+    its target is elsewhere). g * (softmax - one-hot) is formed whole in fp32 before any rounding: a confident
+    prediction's gradient is a small difference of two numbers close to g, which bf16 would round away."""
+    probs = exps.mul_(row_scale[:, None])  # (N, C) g * softmax, in place
+    inside = (column >= 0) & (column < w_slice.size(0))
+    one_hot = torch.where(inside, -g, 0)[:, None]  # (N, 1), subtracted at the target's column
+    probs.scatter_add_(1, column.clamp(0, w_slice.size(0) - 1)[:, None], one_hot)
+    torch.sum(probs, dim=0, out=grad_b_slice)
+    probs = probs.to(w_slice.dtype)
+    grad_h += probs @ w_slice
+    grad_w_slice.copy_(probs.t() @ h)
 
 
 def _scores(h: torch.Tensor, w_slice: torch.Tensor, b_slice: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmtool import chunked_nll
 from lmtool.chunked_nll import linear_nll, saves_traffic, slice_size
 from lmtool.config import ModelConfig
 from lmtool.model import LanguageModel
@@ -28,10 +29,13 @@ def _reference(h, w, b, targets):
     return F.cross_entropy(F.linear(h, w, b), targets, reduction="none")
 
 
+@pytest.mark.parametrize("folded", [True, False])
 @pytest.mark.parametrize("columns", [256, 300, 1001, None])
-def test_sliced_nll_and_gradients_match_pytorch_in_fp32(columns):
+def test_sliced_nll_and_gradients_match_pytorch_in_fp32(columns, folded, monkeypatch):
     # Slices that divide the vocabulary unevenly, one slice, and the default; rows weighted unequally, so the
-    # backward pass must use each row's own gradient.
+    # backward pass must use each row's own gradient. Both backward passes: row factors applied to the small
+    # operands (fp32's) and the kept exps rescaled in memory (bf16's, kept in fp32 for the bench's variant).
+    monkeypatch.setattr(chunked_nll, "folds_row_factors", lambda dtype: folded)
     inputs = _inputs(dtype=torch.float32)
     expected = _nll_and_grads(_reference, *inputs)
     got = _nll_and_grads(lambda h, w, b, t: linear_nll(h, w, b, t, slice_columns=columns), *inputs)
@@ -59,6 +63,21 @@ def test_bf16_products_are_as_accurate_as_autocast(confident):
     for mine, autocast, truth in zip(ours, theirs, exact):
         error, autocast_error = ((x.double() - truth).norm() / truth.norm() for x in (mine, autocast))
         assert 0 < error <= 1.2 * autocast_error  # bf16 really was used, and no worse than PyTorch's own
+
+
+@pytest.mark.parametrize("columns", [256, None])
+def test_fp32_gradients_of_confident_predictions_stay_accurate(columns):
+    """In fp32 the one-hot part is subtracted after the products: where P(target) is near 1 the gradient is a
+    small difference of two large terms, which must still come out close to the float64 truth."""
+    h, w, b, targets, weights = _inputs(dtype=torch.float64)
+    targets = torch.arange(h.size(0)) * 7
+    w[targets] = 4 * h
+    exact = _nll_and_grads(_reference, h, w, b, targets, weights)
+    assert (exact[0] < 1e-3).float().mean() > 0.8  # most targets' probabilities above 0.999
+    inputs = (h.float(), w.float(), b.float(), targets, weights)
+    ours = _nll_and_grads(lambda h, w, b, t: linear_nll(h, w, b, t, slice_columns=columns), *inputs)
+    for mine, truth in zip(ours[1:], exact[1:]):
+        assert (mine.double() - truth).norm() / truth.norm() < 1e-5  # PyTorch's own path: 3e-7
 
 
 def test_slices_are_cache_sized_and_used_only_where_they_pay():
