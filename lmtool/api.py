@@ -105,6 +105,8 @@ class Model:
         with inference_autocast(precision, self.device):
             scores = [score_sentences(self.network, self.tokenizer, list(sentences), batch_size, d)
                       for d in self._directions(direction)]
+        if any(math.isnan(s.logprob) for per_direction in scores for s in per_direction):
+            raise _damaged()
         return [MixtureScore(f, b) for f, b in zip(*scores)] if len(scores) == 2 else scores[0]
 
     def _directions(self, direction: str | None) -> tuple[str, ...]:
@@ -144,6 +146,8 @@ class Model:
                     totals[d] = combined([totals[d], stream_nll(self.network, ids, batch_size, bptt, d)])
                 del ids
             mixture = self._line_mixture(paths, bptt, precision) if len(directions) == 2 else None
+        if not all(math.isfinite(t.nll) for t in totals.values()):
+            raise _damaged()
         return FileEvaluation(files=tuple(map(str, paths)), score=totals[directions[0]],
                               seconds=time.perf_counter() - start, by_direction=totals, mixture=mixture,
                               precision=precision)
@@ -167,6 +171,11 @@ class Model:
                     nll.append(-log_mean_exp(-parts[0].nll, -parts[1].nll))
                     tokens += parts[0].tokens
         return StreamScore(nll=math.fsum(nll), tokens=tokens)
+
+
+def _damaged() -> LmtoolError:
+    """A model that scores NaN (weights overwritten with NaN or inf) would print NaN, which is not JSON either."""
+    return LmtoolError("the model produced non-finite scores; the model file may be damaged: retrain or restore it")
 
 
 def load_model(ref: str | Path | None = None, device: str = "auto") -> Model:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import pickle
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ TRAINING_STATE_VERSION = 1
 RUN_FILES = (CONFIG_FILE, VOCAB_FILE, METRICS_FILE, BEST_MODEL, LAST_MODEL, TRAINING_STATE)
 RUNS_ROOT = Path("runs")
 LATEST = "latest"
+LOCK_FILE = ".lock"  # held by the process training the run, so that no second one writes into it
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -83,6 +85,22 @@ def default_run_path(corpus: Path, now: datetime | None = None) -> Path:
     return RUNS_ROOT / f"{Path(corpus).stem or 'corpus'}-{stamp}"
 
 
+def claim_default_run_path(corpus: Path, now: datetime | None = None) -> Path:
+    """A new, empty runs/<corpus-name>-<timestamp>[-N] directory, made here: runs started in the same second
+    (a sweep script) each get their own instead of colliding."""
+    base = default_run_path(corpus, now)
+    for n in itertools.count(1):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise LmtoolError(f"cannot create run directory {path}: {err.strerror}") from None
+    raise AssertionError("unreachable")
+
+
 def is_run_dir(path: Path) -> bool:
     """Whether a directory was written by lmtool train."""
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / VOCAB_FILE).is_file()
@@ -91,9 +109,11 @@ def is_run_dir(path: Path) -> bool:
 def check_run_target(path: Path, overwrite: bool) -> None:
     """Refuse to write a run where it would destroy something (before any expensive work starts)."""
     path = Path(path)
+    if os.path.abspath(path) == os.path.abspath(RUNS_ROOT / LATEST):
+        raise LmtoolError(f"--out {path} is the link lmtool points at the newest run; choose another name")
     if path.exists() and not path.is_dir():
         raise LmtoolError(f"--out {path} is a file, not a directory; choose another --out")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(entry.name != LOCK_FILE for entry in path.iterdir()):
         if not is_run_dir(path):
             raise LmtoolError(f"--out {path} exists and is not an lmtool run; choose an empty or new directory")
         if not overwrite:
@@ -105,19 +125,58 @@ class RunDir:
     """One training run's directory."""
 
     path: Path
+    lock_handle: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def create(cls, path: Path, overwrite: bool) -> "RunDir":
-        """Make the directory (clearing an old run's files only when overwrite is allowed)."""
+        """Make the directory and lock it (clearing an old run's files only when overwrite is allowed, and
+        only once no other process holds the run)."""
         check_run_target(path, overwrite)
         path = Path(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise LmtoolError(f"cannot create run directory {path}: {err.strerror}") from None
+        run = cls(path)
+        run.lock()
+        try:
             for name in RUN_FILES:
                 (path / name).unlink(missing_ok=True)
         except OSError as err:
-            raise LmtoolError(f"cannot create run directory {path}: {err.strerror}") from None
-        return cls(path)
+            run.release()
+            raise LmtoolError(f"cannot clear run directory {path}: {err.strerror}") from None
+        return run
+
+    def lock(self) -> None:
+        """Hold the run's lock until `release` (or this process ends); another process holding it is an error.
+        Advisory (flock): on systems without it, nothing is locked."""
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return
+        try:
+            handle = open(self.path / LOCK_FILE, "a+", encoding="utf-8")
+        except OSError as err:
+            raise LmtoolError(f"cannot lock run directory {self.path}: {err.strerror}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            by = f" (pid {holder})" if holder else ""
+            raise LmtoolError(f"run {self.path} is in use by another lmtool process{by}; wait for it to stop, or "
+                              "choose another run") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.lock_handle = handle
+
+    def release(self) -> None:
+        if self.lock_handle is not None:
+            self.lock_handle.close()  # closing the file drops the lock
+            self.lock_handle = None
 
     def write_config(self, config: Config) -> None:
         atomic_write(self.path / CONFIG_FILE, save_config_yaml(config).encode())
@@ -175,6 +234,12 @@ def mark_latest(run_path: Path) -> None:
     link = RUNS_ROOT / LATEST
     tmp = RUNS_ROOT / f".{LATEST}.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
+    if link.exists() and not link.is_symlink():  # made by hand: replacing it could destroy a run
+        import warnings
+
+        warnings.warn(f"runs/latest is not a link lmtool made, so it was not updated; name this run with "
+                      f"--model {run_path}")
+        return
     try:
         os.symlink(target, tmp, target_is_directory=True)
         os.replace(tmp, link)
@@ -223,6 +288,10 @@ def load_model_file(path: Path) -> LoadedModel:
     path = Path(path)
     if not path.is_file():
         raise LmtoolError(f"model file not found: {path}")
+    try:
+        open(path, "rb").close()  # the system's reason (permissions...), which safetensors would not give
+    except OSError as err:
+        raise LmtoolError(f"cannot read model file {path}: {err.strerror or err}") from None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}

@@ -9,9 +9,9 @@ slice straight into the gradients of h, W and b. In fp32 each row's softmax fact
 (N, H) operands rather than to the slice, and the one-hot part is subtracted apart; under bf16 the slice is
 rescaled in place into g * (softmax - one-hot) before any rounding. So the (N, V) matrix is written once and
 read by the products (and once more under bf16); in training it is held from the forward pass to the
-backward, N x V floats, as PyTorch's path holds its log-softmax. Without a gradient (evaluation) nothing of size (N, V) is kept.
-Small score matrices (WHOLE_BYTES) are one slice. Each row's NLL and every gradient match PyTorch's to float
-rounding.
+backward, N x V floats, as PyTorch's path holds its log-softmax. Without a gradient (evaluation) nothing of
+size (N, V) is kept. Small score matrices (WHOLE_BYTES) are one slice. Each row's NLL and every gradient match
+PyTorch's to float rounding.
 """
 
 from __future__ import annotations

@@ -103,8 +103,7 @@ def train(
         cfg = load_config(config, set_, flags)
         run_training(cfg, corpus, valid_path=valid, test_path=test, out=out, overwrite=overwrite, on_event=display)
     except KeyboardInterrupt:
-        where = f"; the best model so far is in {display.run_dir}" if display.run_dir else ""
-        raise Interrupted(f"training interrupted{where}") from None
+        raise Interrupted(f"training interrupted{_what_was_kept(display.run_dir or out)}") from None
     finally:
         display.close()
 
@@ -184,6 +183,17 @@ def sample(
     if output is not None:
         body = "".join(f"{prime}{_joined(lm.tokenizer, prime, t)}\n" for t in texts)
         atomic_write(output, body.encode("utf-8"))
+
+
+def _what_was_kept(run_dir: str | Path | None) -> str:
+    """For the message of a training stopped by Ctrl-C before its own handler could save a checkpoint."""
+    from lmtool.checkpoint import BEST_MODEL, is_run_dir
+
+    if not run_dir or not is_run_dir(Path(run_dir)):
+        return ""
+    if (Path(run_dir) / BEST_MODEL).is_file():
+        return f"; the best model so far is in {run_dir}"
+    return f" before any model was saved; to start again, add --overwrite (run {run_dir})"
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
@@ -358,6 +368,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 # OSError numbers that mean a path cannot be reached as given (exit 2); other I/O failures, such as a full or
 # read-only disk, are runtime failures (exit 1).
 PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EISDIR}
+# Errors of a write with no file named: the disk or device behind standard output is full or failing.
+OUTPUT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
 
 
 def _out_of_memory(err: Exception) -> bool:
@@ -397,6 +409,9 @@ def main(argv: list[str] | None = None) -> None:
         print("lmtool: interrupted", file=sys.stderr)
         sys.exit(130)
     except OSError as err:
+        if err.filename is None and err.errno in OUTPUT_ERRORS:  # writing to standard output or a pipe
+            print(f"lmtool: error: cannot write the output: {err.strerror}", file=sys.stderr)
+            sys.exit(1)
         if err.filename is None:
             _internal_error(err)
         paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
@@ -413,5 +428,7 @@ def main(argv: list[str] | None = None) -> None:
                   "--bptt (data.bptt), or a smaller model", file=sys.stderr)
             sys.exit(1)
         _internal_error(err)
+    if result == 130:  # Ctrl-C outside training: typer turns KeyboardInterrupt into exit code 130
+        print("lmtool: interrupted", file=sys.stderr)
     if isinstance(result, int) and result != 0:
         sys.exit(result)

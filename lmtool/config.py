@@ -198,6 +198,31 @@ def config_from_dict(tree: Mapping[str, Any], source: str = "config") -> Config:
     return config
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping: YAML would silently keep the last,
+    so a second `model:` section would drop every setting of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden key by key
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """yaml.safe_load (no code runs), with a key given twice in one mapping an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping, with safe_load (no code runs)."""
     try:
@@ -211,7 +236,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as err:
         raise LmtoolError(f"config file {path} is not UTF-8 text (byte {err.start})") from None
     try:
-        tree = yaml.safe_load(text)
+        tree = safe_load_unique(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -325,7 +350,7 @@ def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
         if "." not in key and key != "format_version":
             raise _unknown_key(key, "--set")
         try:
-            flat[key] = yaml.safe_load(raw) if raw.strip() else raw
+            flat[key] = safe_load_unique(raw) if raw.strip() else raw
         except yaml.YAMLError:
             flat[key] = raw
     return _nest(flat)

@@ -49,10 +49,14 @@ def iter_text_chunks(path: Path | str, what: str = "text", chunk_bytes: int = CH
 
 def checked_chunks(f: BinaryIO, source: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
     """`iter_text_chunks` on an open binary stream (a file, or standard input); `source` names it in errors."""
-    offset = 0
+    offset = read = 0  # bytes decoded, bytes read
     carry: list[bytes] = []  # the pieces after the last newline seen (one line may span many blocks)
     while True:
         block = f.read(chunk_bytes)
+        nul = block.find(b"\x00")  # each block as it comes: a binary file may hold no newline at all
+        if nul >= 0:
+            raise LmtoolError(f"{source} looks binary (NUL byte at offset {read + nul}); give a plain UTF-8 text file")
+        read += len(block)
         if block:
             cut = block.rfind(b"\n") + 1  # search the new block only: long lines stay linear
             if cut == 0:
@@ -64,9 +68,6 @@ def checked_chunks(f: BinaryIO, source: str, chunk_bytes: int = CHUNK_BYTES) -> 
             raw, carry = b"".join(carry), []
             if not raw:
                 return
-        nul = raw.find(b"\x00")
-        if nul >= 0:
-            raise LmtoolError(f"{source} looks binary (NUL byte at offset {offset + nul}); give a plain UTF-8 text file")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:

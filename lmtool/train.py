@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import time
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from lmtool.checkpoint import (
     LAST_MODEL,
     RunDir,
     check_run_target,
+    claim_default_run_path,
     default_run_path,
     load_model_file,
     load_training_state,
@@ -96,13 +98,16 @@ def train(
     device = resolve_device(config.train.device)
     with distributed_session(device) as ctx:
         run, corpus, sources = _start_run(ctx, config, corpus_path, valid_path, test_path, out, overwrite)
-        with ctx.reported_by_main():  # a config that does not fit the corpus fails on every rank: say it once
-            trainer = _Trainer(config, corpus, run, ctx.device(device), on_event, sources, ctx)
         try:
-            with ctx.reported_by_main():
-                return trainer.run()
+            with ctx.reported_by_main():  # a config that does not fit the corpus fails on every rank: say it once
+                trainer = _Trainer(config, corpus, run, ctx.device(device), on_event, sources, ctx)
+            try:
+                with ctx.reported_by_main():
+                    return trainer.run()
+            finally:
+                trainer.close()
         finally:
-            trainer.close()
+            run.release()
 
 
 def _start_run(ctx: DistributedContext, config: Config, corpus_path, valid_path, test_path, out, overwrite):
@@ -112,9 +117,12 @@ def _start_run(ctx: DistributedContext, config: Config, corpus_path, valid_path,
     corpus = error = None
     if ctx.is_main:
         try:
-            check_run_target(run_path, overwrite)  # fail before the slow part
+            if out is not None:
+                check_run_target(run_path, overwrite)  # fail before the slow part
             corpus = _load_corpus(config, corpus_path, valid_path, test_path)
             check_fits(config.model, len(corpus.tokenizer))  # e.g. adaptive cutoffs above the vocabulary size
+            if out is None:
+                run_path = claim_default_run_path(corpus_path)  # made now: unique even among runs started together
         except LmtoolError as err:
             error = err
     ctx.agree(error)
@@ -154,6 +162,13 @@ def resume(
 ) -> TrainResult:
     """Continue a run from its last training checkpoint; the result is the same as if it had never stopped."""
     run, config, tokenizer = open_run(run_path)
+    try:
+        return _resume(run, config, tokenizer, on_event, limits, device)
+    finally:
+        run.release()
+
+
+def _resume(run: RunDir, config: Config, tokenizer, on_event, limits, device) -> TrainResult:
     changed = {k: v for k, v in (limits or {}).items() if v is not None}
     if changed or device:
         from lmtool.config import config_from_dict
@@ -168,7 +183,9 @@ def resume(
         # Every rank reads the run directory and the corpus (on several machines: a shared disk, same paths).
         saved = corpus = error = None
         try:
-            saved, corpus = _resumable(run, config, tokenizer, bool(changed), ctx)
+            if ctx.is_main:
+                run.lock()  # before anything is read: another process may be writing this run
+            saved, corpus = _resumable(run, config, tokenizer, changed, ctx)
         except LmtoolError as err:
             error = err
         ctx.agree(error)
@@ -187,9 +204,16 @@ def resume(
             trainer.close()
 
 
-def _resumable(run: RunDir, config: Config, tokenizer, changed: bool, ctx: DistributedContext):
+def _resumable(run: RunDir, config: Config, tokenizer, changed: dict[str, Any], ctx: DistributedContext):
     """The training checkpoint and the corpus of a run that can go on, or the reason it cannot."""
     saved = load_training_state(run.path)
+    tc = config.train
+    if "max_steps" in changed and tc.max_steps is not None and saved["step"] >= tc.max_steps:
+        raise LmtoolError(f"run {run.path} is already at step {saved['step']}; --max-steps {tc.max_steps} would "
+                          "train it no further: give a higher limit")
+    if "max_time" in changed and tc.max_time is not None and saved["elapsed"] >= tc.max_time:
+        raise LmtoolError(f"run {run.path} has already trained for {saved['elapsed']:.0f}s; --max-time "
+                          f"{tc.max_time:g}s would train it no further: give a longer time")
     if saved["finished"]:
         if not changed:
             raise LmtoolError(
@@ -482,10 +506,12 @@ class _Trainer:
         """Raise once `max_bad_steps` bad steps came in a row (the weights have not moved since)."""
         problem = self.guard.failure()
         if problem is not None:
-            raise TrainingFailed(
-                f"training diverged: {problem}; the best model in {self.run_dir.path} is intact. "
-                "Lower train.lr or set train.clip_grad_norm"
-            )
+            if (self.run_dir.path / BEST_MODEL).is_file():
+                kept = f"the best model in {self.run_dir.path} is intact. Lower train.lr or set train.clip_grad_norm"
+            else:
+                kept = (f"no model was saved before it. Lower train.lr or set train.clip_grad_norm, and add "
+                        f"--overwrite to train again into {self.run_dir.path}")
+            raise TrainingFailed(f"training diverged: {problem}; {kept}")
 
     def _log_train(self, lr: float) -> None:
         """Report the steps since the last log: their loss, and their tokens over the training clock's time."""
@@ -522,7 +548,7 @@ class _Trainer:
         name = signal.Signals(signum).name
         raise Interrupted(
             f"training stopped by {name} at step {self.step}; a checkpoint is saved. Resume with: "
-            f"lmtool train --resume {self.run_dir.path}",
+            f"lmtool train --resume {shlex.quote(str(self.run_dir.path))}",
             exit_code=128 + signum,
         )
 

@@ -43,6 +43,8 @@ FILES = {
     "newer.yaml": b"format_version: 99\n",
     "list.yaml": b"- 1\n- 2\n",
     "tie.yaml": b"model:\n  tie_weights: true\n  embedding_size: 8\n  hidden_size: 16\n",
+    "twice.yaml": b"model:\n  cell: gru\ntrain:\n  lr: 0.01\nmodel:\n  num_layers: 1\n",
+    "zeros.bin": bytes(5 * 2**20),  # no newline anywhere
 }
 
 # (case, command line with {tmp} and {run} placeholders, what the one line must say, exit code)
@@ -107,6 +109,12 @@ CASES = [
     ("seed too large", "train {tmp}/good.txt --seed 18446744073709551616", "train.seed: 18446744073709551616 is out of range", 2),
     ("sample seed too large", "sample --model {run}/run --seed 18446744073709551616", "--seed must be between 0 and", 2),
     ("set a whole section", "train {tmp}/good.txt --set model=gru", "'model' is a section, not a key", 2),
+    ("section given twice", "train {tmp}/good.txt --config {tmp}/twice.yaml",
+     "line 5, column 1: duplicate key 'model'", 2),
+    ("out is runs/latest", "train {tmp}/good.txt --out runs/latest", "is the link lmtool points at the newest run", 2),
+    ("binary without newlines", "score --file {tmp}/zeros.bin --model {run}/run",
+     "looks binary (NUL byte at offset 0)", 2),
+    ("resume to a reached step", "train --resume {run}/run --max-steps 3", "already at step 4; --max-steps 3 would", 2),
     ("number too large", "train {tmp}/good.txt --set train.lr=" + "9" * 400, "is too large a number", 2),
     ("output in a missing directory", "sample --model {run}/run --output {tmp}/nodir/out.txt",
      "does not exist; create it first", 2),

@@ -159,3 +159,57 @@ def test_a_reader_that_goes_away_ends_sample_quietly(tiny_run):
     process.stdout.close()
     err = process.stderr.read().decode()
     assert process.wait(timeout=120) == 1 and err == "", err  # click stops quietly on a closed pipe
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_behind_standard_output_is_an_error_not_a_bug(tiny_run):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run([sys.executable, "-m", "lmtool", "score", "the cat", "--json", "--model", str(tiny_run)],
+                              stdout=full, stderr=subprocess.PIPE, env=env)
+    err = done.stderr.decode().strip()
+    assert done.returncode == 1 and err == "lmtool: error: cannot write the output: No space left on device", err
+
+
+def test_ctrl_c_outside_training_says_so(run_cli, tiny_run, monkeypatch):
+    import lmtool.api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lmtool.api.Model, "score", interrupted)
+    result = run_cli("score", "the cat", "--model", tiny_run)
+    assert result.code == 130 and result.err == "lmtool: interrupted\n", result.err
+
+
+def test_ctrl_c_before_a_model_is_saved_says_how_to_start_again(run_cli, small_corpus, tmp_path, monkeypatch):
+    import lmtool.train
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lmtool.train._Trainer, "run", interrupted)  # after the run directory is made
+    result = run_cli("train", small_corpus, "--config", CONFIGS / "tiny.yaml", "--out", tmp_path / "run")
+    assert result.code == 130
+    assert result.err.strip() == (f"lmtool: training interrupted before any model was saved; to start again, add "
+                                  f"--overwrite (run {tmp_path / 'run'})")
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_a_model_that_scores_nan_is_refused_not_printed(run_cli, tiny_run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lmtool.checkpoint import BEST_MODEL
+
+    with safe_open(str(tiny_run / BEST_MODEL), framework="pt") as f:
+        metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    tensors = {key: t.clone() for key, t in tensors.items()}
+    next(t for key, t in tensors.items() if "decoder" in key or "output" in key).fill_(float("nan"))
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
+    (tmp_path / "held-out.txt").write_text("the cat sat\non the mat\n" * 20)
+    for args in (("score", "the cat", "--json"), ("evaluate-perplexity", tmp_path / "held-out.txt", "--json")):
+        result = run_cli(*args, "--model", tmp_path / "nan.safetensors")
+        assert result.code == 2 and result.out == "", result.out
+        assert result.err.strip() == ("lmtool: error: the model produced non-finite scores; the model file may be "
+                                      "damaged: retrain or restore it")

@@ -127,3 +127,21 @@ def test_a_line_longer_than_many_blocks_is_read_whole(tmp_path):
     pieces = list(iter_text_chunks(path, "text", chunk_bytes=4))
     assert "".join(pieces) == "x" * 50 + "\nshort\nlast\n"
     assert all(p.endswith("\n") for p in pieces)
+
+
+def test_a_binary_stream_is_refused_at_its_first_block_even_without_newlines():
+    """A 1 GB file of zeros holds no newline: it must be refused from the first block, not read whole."""
+    import io
+
+    from lmtool.data import checked_chunks
+
+    class Zeros(io.RawIOBase):
+        reads = 0
+
+        def read(self, size=-1):
+            self.reads += 1
+            assert self.reads == 1, "read past the first block"
+            return b"text without a newline\x00" + bytes(size - 23)
+
+    with pytest.raises(LmtoolError, match=r"zeros looks binary \(NUL byte at offset 22\)"):
+        list(checked_chunks(Zeros(), "zeros", chunk_bytes=1 << 20))

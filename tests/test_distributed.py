@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from lmtool.checkpoint import LAST_MODEL, RUN_FILES, load_training_state
+from lmtool.checkpoint import LAST_MODEL, LOCK_FILE, RUN_FILES, load_training_state
 from lmtool.config import config_from_dict, load_config
 from lmtool.errors import LmtoolError
 
@@ -174,7 +174,7 @@ def test_torchrun_writes_one_run_that_rank_0_reports(small_corpus, tmp_path):
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "runs", small_corpus.name]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["latest"]
-    assert {p.name for p in (tmp_path / "run").iterdir()} == set(RUN_FILES)
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {*RUN_FILES, LOCK_FILE}
     events = [r["event"] for r in records(tmp_path / "run")]
     assert events.count("start") == 1 and events.count("end") == 1
     assert done.stdout.count("training summary") == 1

@@ -1,5 +1,9 @@
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ from lmtool.errors import LmtoolError
 from lmtool.schedule import PlateauTracker, learning_rate
 from lmtool.train import train
 
-from conftest import CONFIGS
+from conftest import CONFIGS, REPO
 
 TINY = CONFIGS / "tiny.yaml"
 
@@ -227,7 +231,8 @@ def test_a_loss_blow_up_run_stops_with_the_step_and_the_reason(small_corpus, tmp
 
     corrupt_loss(monkeypatch, lambda call: 1000.0 if call > 60 else 1.0)
     cfg = load_config(TINY, ["train.max_bad_steps=2", "train.max_steps=90", "train.eval_every=null"])
-    with pytest.raises(TrainingFailed, match=r"2 bad steps in a row up to step 62 \(loss .* above 5 x the running mean"):
+    with pytest.raises(TrainingFailed, match=r"2 bad steps in a row up to step 62 \(loss .* above 5 x the running mean"
+                       r".*; no model was saved before it\. .* add --overwrite to train again into "):
         train(cfg, small_corpus, out=tmp_path / "run")
 
 
@@ -265,3 +270,63 @@ print(default, faults())
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     default, kept = map(int, out.split())
     assert default > 50_000 and kept < default / 10
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    from datetime import datetime
+
+    from lmtool.checkpoint import claim_default_run_path
+
+    monkeypatch.chdir(tmp_path)
+    now = datetime(2026, 11, 27, 1, 2, 3)
+    paths = [claim_default_run_path(Path("data/corpus.txt"), now) for _ in range(3)]
+    assert [str(p) for p in paths] == ["runs/corpus-20261127-010203", "runs/corpus-20261127-010203-2",
+                                       "runs/corpus-20261127-010203-3"]
+    assert all(p.is_dir() and not any(p.iterdir()) for p in paths)
+
+
+def test_a_run_in_use_by_another_process_is_neither_resumed_nor_overwritten(run_cli, small_corpus, tmp_path):
+    from lmtool.checkpoint import RunDir
+
+    cfg = ["--config", CONFIGS / "tiny.yaml", "--max-steps", "3", "--out", tmp_path / "run"]
+    assert run_cli("train", small_corpus, *cfg).code == 0
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run")], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+        for args in (("train", "--resume", tmp_path / "run", "--max-steps", "6"),
+                     ("train", small_corpus, *cfg, "--overwrite")):
+            result = run_cli(*args)
+            assert result.code == 2, result.err
+            assert result.err.strip() == (f"lmtool: error: run {tmp_path / 'run'} is in use by another lmtool process "
+                                          f"(pid {holder.pid}); wait for it to stop, or choose another run")
+        assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    RunDir(tmp_path / "run").lock()  # free again once the holder is gone
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from lmtool.checkpoint import RunDir
+run = RunDir(Path(sys.argv[1]))
+run.lock()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_hand_made_runs_latest_is_left_alone_with_a_warning(tmp_path, monkeypatch):
+    from lmtool.checkpoint import mark_latest
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "latest").mkdir(parents=True)
+    (tmp_path / "runs" / "latest" / "keep.txt").write_text("mine")
+    (tmp_path / "runs" / "new").mkdir()
+    with pytest.warns(UserWarning, match="runs/latest is not a link lmtool made, so it was not updated"):
+        mark_latest(Path("runs/new"))
+    assert (tmp_path / "runs" / "latest" / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "runs" / "latest.txt").exists()
