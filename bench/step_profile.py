@@ -7,7 +7,8 @@ Runs bench/step_ab.py's lmtool step (the trainer's hot path) with freed memory k
                          the scores, and the gradients of the hidden states and the output weights);
   recurrent kernels      oneDNN's LSTM layers, forward and backward (mkldnn_rnn_layer*);
   optimiser              the fused SGD update;
-  gradient norm          the clipping norm (linalg_vector_norm and the foreach norms);
+  gradient norm          the clipping norm (one dot product per gradient on a CPU; PyTorch's norms
+                         elsewhere);
   other operators        everything else: the output layer's exp/sum passes, the embedding's gradient,
                          the guard, fills and copies;
   outside operators      wall time minus all operators' own time (Python, autograd bookkeeping).
@@ -36,7 +37,7 @@ KINDS = {
     "output-layer products": ("aten::mm", "aten::addmm", "aten::addmm_"),
     "recurrent kernels": ("aten::mkldnn_rnn_layer", "aten::mkldnn_rnn_layer_backward"),
     "optimiser": ("aten::_fused_sgd_",),
-    "gradient norm": ("aten::linalg_vector_norm", "aten::_foreach_norm"),
+    "gradient norm": ("aten::dot", "aten::linalg_vector_norm", "aten::_foreach_norm"),
 }
 WARMUP = 5
 
