@@ -105,8 +105,8 @@ class Model:
         with inference_autocast(precision, self.device):
             scores = [score_sentences(self.network, self.tokenizer, list(sentences), batch_size, d)
                       for d in self._directions(direction)]
-        if any(math.isnan(s.logprob) for per_direction in scores for s in per_direction):
-            raise _damaged()
+        if not all(math.isfinite(s.logprob) for per_direction in scores for s in per_direction):
+            raise _non_finite_scores()
         return [MixtureScore(f, b) for f, b in zip(*scores)] if len(scores) == 2 else scores[0]
 
     def _directions(self, direction: str | None) -> tuple[str, ...]:
@@ -147,7 +147,7 @@ class Model:
                 del ids
             mixture = self._line_mixture(paths, bptt, precision) if len(directions) == 2 else None
         if not all(math.isfinite(t.nll) for t in totals.values()):
-            raise _damaged()
+            raise _non_finite_scores()
         return FileEvaluation(files=tuple(map(str, paths)), score=totals[directions[0]],
                               seconds=time.perf_counter() - start, by_direction=totals, mixture=mixture,
                               precision=precision)
@@ -173,7 +173,7 @@ class Model:
         return StreamScore(nll=math.fsum(nll), tokens=tokens)
 
 
-def _damaged() -> LmtoolError:
+def _non_finite_scores() -> LmtoolError:
     """A model that scores NaN (weights overwritten with NaN or inf) would print NaN, which is not JSON either."""
     return LmtoolError("the model produced non-finite scores; the model file may be damaged: retrain or restore it")
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import os
 import pickle
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -89,16 +89,16 @@ def claim_default_run_path(corpus: Path, now: datetime | None = None) -> Path:
     """A new, empty runs/<corpus-name>-<timestamp>[-N] directory, made here: runs started in the same second
     (a sweep script) each get their own instead of colliding."""
     base = default_run_path(corpus, now)
-    for n in itertools.count(1):
-        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+    path, n = base, 1
+    while True:
         try:
-            path.mkdir(parents=True)
+            path.mkdir(parents=True)  # exclusive: exactly one process makes each name
             return path
         except FileExistsError:
-            continue
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
         except OSError as err:
             raise LmtoolError(f"cannot create run directory {path}: {err.strerror}") from None
-    raise AssertionError("unreachable")
 
 
 def is_run_dir(path: Path) -> bool:
@@ -150,6 +150,8 @@ class RunDir:
     def lock(self) -> None:
         """Hold the run's lock until `release` (or this process ends); another process holding it is an error.
         Advisory (flock): on systems without it, nothing is locked."""
+        if self.lock_handle is not None:
+            return
         try:
             import fcntl
         except ImportError:  # Windows
@@ -167,13 +169,18 @@ class RunDir:
             by = f" (pid {holder})" if holder else ""
             raise LmtoolError(f"run {self.path} is in use by another lmtool process{by}; wait for it to stop, or "
                               "choose another run") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))  # for the message another process gets
+            handle.flush()
+        except OSError as err:
+            handle.close()
+            raise LmtoolError(f"cannot lock run directory {self.path}: {err.strerror}") from None
         self.lock_handle = handle
 
     def release(self) -> None:
+        """Drop the run's lock, if this object holds it."""
         if self.lock_handle is not None:
             self.lock_handle.close()  # closing the file drops the lock
             self.lock_handle = None
@@ -224,8 +231,6 @@ def mark_latest(run_path: Path) -> None:
     try:
         RUNS_ROOT.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        import warnings
-
         warnings.warn(f"runs/latest not updated ({err.strerror}); name the run with --model {run_path}")
         return
     run_path = Path(run_path).resolve()
@@ -234,9 +239,7 @@ def mark_latest(run_path: Path) -> None:
     link = RUNS_ROOT / LATEST
     tmp = RUNS_ROOT / f".{LATEST}.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
-    if link.exists() and not link.is_symlink():  # made by hand: replacing it could destroy a run
-        import warnings
-
+    if link.exists() and not link.is_symlink():  # made by hand: the fallback file would go unread
         warnings.warn(f"runs/latest is not a link lmtool made, so it was not updated; name this run with "
                       f"--model {run_path}")
         return

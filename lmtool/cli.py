@@ -103,7 +103,9 @@ def train(
         cfg = load_config(config, set_, flags)
         run_training(cfg, corpus, valid_path=valid, test_path=test, out=out, overwrite=overwrite, on_event=display)
     except KeyboardInterrupt:
-        raise Interrupted(f"training interrupted{_what_was_kept(display.run_dir or out)}") from None
+        # Before the run starts, `out` may still hold an earlier run that --overwrite was about to replace.
+        run_dir = display.run_dir or (None if overwrite else out)
+        raise Interrupted(f"training interrupted{_what_was_kept(run_dir)}") from None
     finally:
         display.close()
 
@@ -368,8 +370,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 # OSError numbers that mean a path cannot be reached as given (exit 2); other I/O failures, such as a full or
 # read-only disk, are runtime failures (exit 1).
 PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EISDIR}
-# Errors of a write with no file named: the disk or device behind standard output is full or failing.
-OUTPUT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
+# Errors of a write with no file named: the disk behind standard output is full.
+OUTPUT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def _out_of_memory(err: Exception) -> bool:

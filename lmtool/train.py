@@ -126,32 +126,48 @@ def _start_run(ctx: DistributedContext, config: Config, corpus_path, valid_path,
         except LmtoolError as err:
             error = err
     ctx.agree(error)
-    if ctx.enabled:
-        shared = json.loads(ctx.broadcast_bytes(
-            json.dumps({"run": str(run_path), "vocab": corpus.tokenizer.to_dict()}).encode() if ctx.is_main else None
-        ))
-        if not ctx.is_main:
-            run_path = Path(shared["run"])  # named in messages; only rank 0 writes to it
-            try:
-                corpus = _load_corpus(config, corpus_path, valid_path, test_path, Tokenizer.from_dict(shared["vocab"]))
-            except LmtoolError as err:
-                error = err
-        ctx.agree(error)
-    run, sources = RunDir(run_path), None
+    try:
+        if ctx.enabled:
+            shared = json.loads(ctx.broadcast_bytes(
+                json.dumps({"run": str(run_path), "vocab": corpus.tokenizer.to_dict()}).encode() if ctx.is_main
+                else None
+            ))
+            if not ctx.is_main:
+                run_path = Path(shared["run"])  # named in messages; only rank 0 writes to it
+                try:
+                    corpus = _load_corpus(config, corpus_path, valid_path, test_path,
+                                          Tokenizer.from_dict(shared["vocab"]))
+                except LmtoolError as err:
+                    error = err
+            ctx.agree(error)
+        run, sources = _create_run(ctx, config, corpus, run_path, overwrite,
+                                   {"train": corpus_path, "valid": valid_path, "test": test_path})
+    except BaseException:
+        if ctx.is_main and out is None and run_path.is_dir() and not any(run_path.iterdir()):
+            run_path.rmdir()  # the default directory claimed above, never used
+        raise
+    return run, corpus, sources
+
+
+def _create_run(ctx: DistributedContext, config: Config, corpus: Corpus, run_path: Path, overwrite: bool,
+                paths: dict[str, Path | None]) -> tuple[RunDir, dict | None]:
+    """Rank 0 creates and locks the run directory and writes its config, vocabulary and the sources' digests;
+    the lock is dropped again if any of that fails."""
+    run, sources, error = RunDir(run_path), None, None
     if ctx.is_main:
         try:
             run = RunDir.create(run_path, overwrite)
             run.write_config(config)
             run.write_vocab(corpus.tokenizer)
-            sources = {
-                name: {"path": str(Path(path).resolve()), "sha256": file_digest(path)}
-                for name, path in (("train", corpus_path), ("valid", valid_path), ("test", test_path))
-                if path is not None
-            }
-        except LmtoolError as err:
+            sources = {name: {"path": str(Path(path).resolve()), "sha256": file_digest(path)}
+                       for name, path in paths.items() if path is not None}
+        except BaseException as err:
+            run.release()
+            if not isinstance(err, LmtoolError):
+                raise
             error = err
     ctx.agree(error)
-    return run, corpus, sources
+    return run, sources
 
 
 def resume(
@@ -184,7 +200,7 @@ def _resume(run: RunDir, config: Config, tokenizer, on_event, limits, device) ->
         saved = corpus = error = None
         try:
             if ctx.is_main:
-                run.lock()  # before anything is read: another process may be writing this run
+                run.lock()  # before the checkpoint is read: another process may be writing this run
             saved, corpus = _resumable(run, config, tokenizer, changed, ctx)
         except LmtoolError as err:
             error = err
@@ -208,11 +224,13 @@ def _resumable(run: RunDir, config: Config, tokenizer, changed: dict[str, Any], 
     """The training checkpoint and the corpus of a run that can go on, or the reason it cannot."""
     saved = load_training_state(run.path)
     tc = config.train
-    if "max_steps" in changed and tc.max_steps is not None and saved["step"] >= tc.max_steps:
-        raise LmtoolError(f"run {run.path} is already at step {saved['step']}; --max-steps {tc.max_steps} would "
-                          "train it no further: give a higher limit")
-    if "max_time" in changed and tc.max_time is not None and saved["elapsed"] >= tc.max_time:
-        raise LmtoolError(f"run {run.path} has already trained for {saved['elapsed']:.0f}s; --max-time "
+    # A finished run given a limit it has reached would only rewrite its config. (A run stopped early may be
+    # resumed at its limit: it then validates, saves its best model and finishes.)
+    if saved["finished"] and "max_steps" in changed and tc.max_steps is not None and saved["step"] >= tc.max_steps:
+        raise LmtoolError(f"run {run.path} already finished at step {saved['step']}; --max-steps {tc.max_steps} "
+                          "would train it no further: give a higher limit")
+    if saved["finished"] and "max_time" in changed and tc.max_time is not None and saved["elapsed"] >= tc.max_time:
+        raise LmtoolError(f"run {run.path} already finished after {saved['elapsed']:.0f}s of training; --max-time "
                           f"{tc.max_time:g}s would train it no further: give a longer time")
     if saved["finished"]:
         if not changed:

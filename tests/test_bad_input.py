@@ -114,7 +114,7 @@ CASES = [
     ("out is runs/latest", "train {tmp}/good.txt --out runs/latest", "is the link lmtool points at the newest run", 2),
     ("binary without newlines", "score --file {tmp}/zeros.bin --model {run}/run",
      "looks binary (NUL byte at offset 0)", 2),
-    ("resume to a reached step", "train --resume {run}/run --max-steps 3", "already at step 4; --max-steps 3 would", 2),
+    ("resume to a reached step", "train --resume {run}/run --max-steps 3", "already finished at step 4; --max-steps 3 would", 2),
     ("number too large", "train {tmp}/good.txt --set train.lr=" + "9" * 400, "is too large a number", 2),
     ("output in a missing directory", "sample --model {run}/run --output {tmp}/nodir/out.txt",
      "does not exist; create it first", 2),

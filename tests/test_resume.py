@@ -380,3 +380,34 @@ def test_the_trainer_starts_momentum_buffers_when_it_builds_and_when_it_resumes(
     assert len(started) == 3 and started[1] is started[2]  # built; then the resumed one built, and again after loading
     for optimizer in started:
         assert all("momentum_buffer" in optimizer.state[p] for p in optimizer.param_groups[0]["params"])
+
+
+def test_a_stopped_run_resumed_at_its_limit_finishes_but_a_finished_one_is_refused(small_corpus, tmp_path):
+    """A run stopped at step 4 (say by SIGTERM) may be resumed with --max-steps 4: it validates, keeps its best
+    model and finishes. The same limit for a finished run would train nothing and only rewrite its config."""
+    cfg = load_config(TINY, ["train.max_steps=4", "train.eval_every=null"])
+    train(cfg, small_corpus, out=tmp_path / "run")
+    with pytest.raises(LmtoolError, match=r"already finished at step 4; --max-steps 4 would train it no further"):
+        resume(tmp_path / "run", limits={"max_steps": 4})
+    state = load_training_state(tmp_path / "run")
+    state["finished"], state["stop_reason"] = False, None  # as SIGTERM at step 4 would have left it
+    torch.save(state, tmp_path / "run" / TRAINING_STATE)
+    assert resume(tmp_path / "run", limits={"max_steps": 4}).steps == 4
+    assert load_training_state(tmp_path / "run")["finished"]
+
+
+def test_a_run_that_fails_to_start_releases_its_lock(small_corpus, tmp_path, monkeypatch):
+    """In one Python process (a notebook), a failed start must not leave the run locked against a retry."""
+    import lmtool.train
+
+    def unreadable(path):
+        raise LmtoolError(f"cannot read {path}")
+
+    cfg = load_config(TINY, ["train.max_steps=2"])
+    with monkeypatch.context() as patch:
+        patch.setattr(lmtool.train, "file_digest", unreadable)
+        with pytest.raises(LmtoolError, match="cannot read"):
+            train(cfg, small_corpus, out=tmp_path / "run")
+    assert train(cfg, small_corpus, out=tmp_path / "run", overwrite=True).steps == 2
+    assert resume(tmp_path / "run", limits={"max_steps": 3}).steps == 3  # released after train() and resume() too
+    train(cfg, small_corpus, out=tmp_path / "run", overwrite=True)
