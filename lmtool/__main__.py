@@ -1,3 +1,3 @@
-from lmtool.cli import main
+from lmtool.launch import main
 
 main()

@@ -213,3 +213,21 @@ def test_a_model_that_scores_nan_is_refused_not_printed(run_cli, tiny_run, tmp_p
         assert result.code == 2 and result.out == "", result.out
         assert result.err.strip() == ("lmtool: error: the model produced non-finite scores; the model file may be "
                                       "damaged: retrain or restore it")
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line(monkeypatch, capsys):
+    import builtins
+
+    import lmtool.launch
+
+    real_import = builtins.__import__
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "lmtool.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    with pytest.raises(SystemExit) as exit_:
+        lmtool.launch.main()
+    assert exit_.value.code == 130 and capsys.readouterr().err == "lmtool: interrupted\n"
