@@ -223,6 +223,10 @@ def _resume(run: RunDir, config: Config, tokenizer, on_event, limits, device) ->
 def _resumable(run: RunDir, config: Config, tokenizer, changed: dict[str, Any], ctx: DistributedContext):
     """The training checkpoint and the corpus of a run that can go on, or the reason it cannot."""
     saved = load_training_state(run.path)
+    edited = _edited_settings(saved.get("config"), config.to_dict())  # None: a checkpoint from before it was kept
+    if edited:
+        raise LmtoolError(f"{run.path / 'config.yaml'} was edited since the run's last checkpoint ({edited}); "
+                          "put it back to resume, or start a new run with the new settings")
     tc = config.train
     # A finished run given a limit it has reached would only rewrite its config. (A run stopped early may be
     # resumed at its limit: it then validates, saves its best model and finishes.)
@@ -258,6 +262,23 @@ def _resumable(run: RunDir, config: Config, tokenizer, changed: dict[str, Any], 
     paths = {name: Path(source["path"]) for name, source in sources.items()}
     corpus = _load_corpus(config, paths["train"], paths.get("valid"), paths.get("test"), tokenizer)
     return saved, corpus
+
+
+# What --resume may change; any other setting would make the resumed run differ from an uninterrupted one.
+RESUMABLE_SETTINGS = {"train.max_steps", "train.max_epochs", "train.max_time", "train.device"}
+
+
+def _edited_settings(recorded: dict[str, Any] | None, current: dict[str, Any]) -> str:
+    """The settings that differ between the checkpoint's config and the run's config.yaml, as 'key: old -> new'
+    (the first three), other than those --resume may change; empty when they agree or nothing was recorded."""
+    if recorded is None:
+        return ""
+    flat = lambda tree: {f"{section}.{key}": value for section, values in tree.items()  # noqa: E731
+                         if isinstance(values, dict) for key, value in values.items()}
+    before, after = flat(recorded), flat(current)
+    changed = sorted(key for key in before.keys() | after.keys()
+                     if key not in RESUMABLE_SETTINGS and before.get(key) != after.get(key))
+    return ", ".join(f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in changed[:3])
 
 
 def _processes(n: int) -> str:
@@ -737,6 +758,7 @@ class _Trainer:
             "metrics_bytes": self.run_dir.metrics_size(),
             "sources": self.sources,
             "finished": finished,
+            "config": self.config.to_dict(),  # to tell a hand-edited config.yaml on resume
             "stop_reason": stop_reason,
             "ranks": ranks,
         }

@@ -411,3 +411,17 @@ def test_a_run_that_fails_to_start_releases_its_lock(small_corpus, tmp_path, mon
     assert train(cfg, small_corpus, out=tmp_path / "run", overwrite=True).steps == 2
     assert resume(tmp_path / "run", limits={"max_steps": 3}).steps == 3  # released after train() and resume() too
     train(cfg, small_corpus, out=tmp_path / "run", overwrite=True)
+
+
+def test_resume_refuses_a_hand_edited_config_but_takes_its_limits(small_corpus, tmp_path):
+    cfg = load_config(TINY, ["train.max_steps=4"])
+    train(cfg, small_corpus, out=tmp_path / "run")
+    config_file = tmp_path / "run" / "config.yaml"
+    assert resume(tmp_path / "run", limits={"max_steps": 6}).steps == 6  # rewrites config.yaml's limit: allowed
+    assert "max_steps: 6" in config_file.read_text()
+    edited = config_file.read_text().replace("lr: 0.01", "lr: 5.0")
+    assert edited != config_file.read_text()
+    config_file.write_text(edited)
+    with pytest.raises(LmtoolError, match=r"config.yaml was edited since the run's last checkpoint \(train.lr: 0.01 "
+                                          r"-> 5.0\); put it back to resume"):
+        resume(tmp_path / "run", limits={"max_steps": 8})
