@@ -187,6 +187,8 @@ def config_from_dict(tree: Mapping[str, Any], source: str = "config") -> Config:
     """Validate a complete or partial nested dict into a Config (missing keys take defaults)."""
     _check_keys(tree, source)
     version = _coerce("format_version", tree.get("format_version", FORMAT_VERSION), int)
+    if version < 1:
+        raise LmtoolError(f"{source}: format_version {version} is out of range (lmtool's formats start at 1)")
     if version > FORMAT_VERSION:
         raise LmtoolError(
             f"{source}: format_version {version} is newer than this lmtool understands ({FORMAT_VERSION}); "

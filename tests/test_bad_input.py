@@ -66,6 +66,7 @@ CASES = [
     ("hidden_size 0", "train {tmp}/good.txt --config {tmp}/zero-hidden.yaml", "model.hidden_size: 0 is out of range", 2),
     ("dropout 1.5", "train {tmp}/good.txt --config {tmp}/dropout.yaml", "model.dropout: 1.5 is out of range", 2),
     ("lr -1", "train {tmp}/good.txt --config {tmp}/negative-lr.yaml", "train.lr: -1.0 is out of range", 2),
+    ("format 0", "train {tmp}/good.txt --set format_version=0", "format_version 0 is out of range", 2),
     ("newer format", "train {tmp}/good.txt --config {tmp}/newer.yaml", "newer than this lmtool understands", 2),
     ("tied sizes differ", "train {tmp}/good.txt --config {tmp}/tie.yaml", "model.tie_weights needs", 2),
     ("set without value", "train {tmp}/good.txt --set model.hidden_size", "--set expects section.key=value", 2),
