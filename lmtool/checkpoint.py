@@ -162,13 +162,16 @@ class RunDir:
             raise LmtoolError(f"cannot lock run directory {self.path}: {err.strerror}") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held elsewhere
             handle.seek(0)
             holder = handle.read().strip()
             handle.close()
             by = f" (pid {holder})" if holder else ""
             raise LmtoolError(f"run {self.path} is in use by another lmtool process{by}; wait for it to stop, or "
                               "choose another run") from None
+        except OSError:  # a file system without locks (some network mounts): train unlocked, as on Windows
+            handle.close()
+            return
         try:
             handle.seek(0)
             handle.truncate()

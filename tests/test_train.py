@@ -330,3 +330,18 @@ def test_a_hand_made_runs_latest_is_left_alone_with_a_warning(tmp_path, monkeypa
     with pytest.warns(UserWarning, match="runs/latest is not a link lmtool made, so it was not updated"):
         mark_latest(Path("runs/new"))
     assert not (tmp_path / "runs" / "latest.txt").exists()  # no file for the loaders to miss
+
+
+def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch):
+    import errno
+
+    from lmtool.checkpoint import RunDir
+
+    fcntl = pytest.importorskip("fcntl")
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    run = RunDir.create(tmp_path / "run", overwrite=False)  # no "in use" error: nothing holds this run
+    assert run.lock_handle is None
