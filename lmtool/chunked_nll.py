@@ -4,7 +4,9 @@ PyTorch's `cross_entropy(linear(h))` writes the (N, V) scores to memory and then
 that size several more times (log-softmax, the one-hot gradient, its backward, the bias sum), so over a large
 vocabulary a CPU spends a large part of the step moving them. Here each cache-sized slice (N, C) of scores is
 turned into exp(score - the slice's row maximum) while it is still in cache; the forward pass keeps one
-log-sum-exp per row and, when a gradient is wanted, those exponentials. The backward pass turns each kept
+log-sum-exp per row (as the row's top score plus a small log-sum, so that a confident prediction's tiny NLL
+and gradients lose no digits: as accurate as PyTorch's path) and, when a gradient is wanted, those
+exponentials. The backward pass turns each kept
 slice straight into the gradients of h, W and b. In fp32 each row's softmax factor is applied to the small
 (N, H) operands rather than to the slice, and the one-hot part is subtracted apart; under bf16 the slice is
 rescaled in place into g * (softmax - one-hot) before any rounding. So the (N, V) matrix is written once and
@@ -74,23 +76,31 @@ class _LinearNLL(torch.autograd.Function):
             b = bias.to(compute_dtype)  # (V,)
             slices = range(0, w.size(0), columns)
             slice_max = h.new_empty((len(slices), h.size(0)), dtype=torch.float32)  # (slices, N)
-            slice_lse = torch.empty_like(slice_max)
+            slice_log_sum = torch.empty_like(slice_max)  # log of each slice's sum of exp(score - its max)
+            target_scores = h.new_zeros(h.size(0), dtype=torch.float32)  # (N,)
             kept = []
             for i, start in enumerate(slices):
                 exps = _scores(h, w[start:start + columns], b[start:start + columns])  # (N, C)
+                # The target's own score from the same product as the others, so a confident prediction's NLL
+                # (its target the top score) is the small log_sum alone, not a difference of two roundings.
+                column = targets - start  # (N,) the target's column in this slice, if it is in it
+                inside = (column >= 0) & (column < exps.size(1))
+                picked = exps.gather(1, column.clamp(0, exps.size(1) - 1)[:, None]).squeeze(1)  # (N,)
+                target_scores = torch.where(inside, picked, target_scores)
                 torch.amax(exps, dim=1, out=slice_max[i])
                 exps.sub_(slice_max[i][:, None]).exp_()  # in place, while the slice is in cache
-                torch.add(slice_max[i], exps.sum(dim=1).log_(), out=slice_lse[i])
+                torch.log(exps.sum(dim=1), out=slice_log_sum[i])
                 if keep:
                     kept.append(exps)
-            lse = torch.logsumexp(slice_lse, dim=0)  # (N,)
-            # The target's score, rounded to the product's dtype like every score that went into lse.
-            target_scores = (h.float() * w[targets].float()).sum(1) + b[targets].float()  # (N,)
-            target_scores = target_scores.to(compute_dtype).float()
+            # log-sum-exp = top + log_sum, kept apart: both the softmax factors below and the NLL then subtract
+            # numbers of similar size first, which a confident prediction's large scores would otherwise round.
+            top = slice_max.amax(dim=0)  # (N,) each row's highest score
+            below_top = slice_max - top  # (slices, N), 0 for the slice that holds it
+            log_sum = torch.logsumexp(below_top + slice_log_sum, dim=0)  # (N,) log sum of exp(score - top)
         if keep:
-            ctx.save_for_backward(h, w, targets, lse, slice_max, *kept)
+            ctx.save_for_backward(h, w, targets, log_sum, below_top, *kept)
             ctx.columns, ctx.dtypes, ctx.used = columns, (hidden.dtype, weight.dtype, bias.dtype), False
-        return lse - target_scores
+        return (top - target_scores) + log_sum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -98,7 +108,7 @@ class _LinearNLL(torch.autograd.Function):
         if ctx.used:
             raise RuntimeError("linear_nll's backward pass can run only once (retain_graph is not supported)")
         ctx.used = True
-        h, w, targets, lse, slice_max, *kept = ctx.saved_tensors
+        h, w, targets, log_sum, below_top, *kept = ctx.saved_tensors
         columns = ctx.columns
         g = grad_nll.float().contiguous()  # (N,) dLoss/dNLL of each row
         with torch.autocast(h.device.type, enabled=False):
@@ -108,8 +118,8 @@ class _LinearNLL(torch.autograd.Function):
             folded = folds_row_factors(h.dtype)
             for i, start in enumerate(range(0, w.size(0), columns)):
                 stop = start + kept[i].size(1)
-                # g * softmax = row_scale * the kept exps, row_scale = g * exp(slice max - lse)
-                row_scale = (slice_max[i] - lse).exp_().mul_(g)  # (N,)
+                # g * softmax = row_scale * the kept exps, row_scale = g * exp(slice max - log-sum-exp)
+                row_scale = (below_top[i] - log_sum).exp_().mul_(g)  # (N,)
                 slice_grads = (grad_h, grad_w[start:stop], grad_b[start:stop])
                 if folded:
                     _add_scaled_softmax(kept[i], row_scale, h, w[start:stop], *slice_grads)
