@@ -15,7 +15,7 @@ import torch
 from lmtool.checkpoint import LoadedModel, load_model_file, resolve_model_path
 from lmtool.data import encode_file_to_disk, iter_lines
 from lmtool.devices import inference_autocast, resolve_device
-from lmtool.errors import LmtoolError
+from lmtool.errors import LmtoolError, non_finite_scores
 from lmtool.evaluate import (
     MixtureScore,
     SentenceScore,
@@ -106,7 +106,7 @@ class Model:
             scores = [score_sentences(self.network, self.tokenizer, list(sentences), batch_size, d)
                       for d in self._directions(direction)]
         if not all(math.isfinite(s.logprob) for per_direction in scores for s in per_direction):
-            raise _non_finite_scores()
+            raise non_finite_scores()
         return [MixtureScore(f, b) for f, b in zip(*scores)] if len(scores) == 2 else scores[0]
 
     def _directions(self, direction: str | None) -> tuple[str, ...]:
@@ -147,7 +147,7 @@ class Model:
                 del ids
             mixture = self._line_mixture(paths, bptt, precision) if len(directions) == 2 else None
         if not all(math.isfinite(t.nll) for t in totals.values()):
-            raise _non_finite_scores()
+            raise non_finite_scores()
         return FileEvaluation(files=tuple(map(str, paths)), score=totals[directions[0]],
                               seconds=time.perf_counter() - start, by_direction=totals, mixture=mixture,
                               precision=precision)
@@ -171,11 +171,6 @@ class Model:
                     nll.append(-log_mean_exp(-parts[0].nll, -parts[1].nll))
                     tokens += parts[0].tokens
         return StreamScore(nll=math.fsum(nll), tokens=tokens)
-
-
-def _non_finite_scores() -> LmtoolError:
-    """A model that scores NaN (weights overwritten with NaN or inf) would print NaN, which is not JSON either."""
-    return LmtoolError("the model produced non-finite scores; the model file may be damaged: retrain or restore it")
 
 
 def load_model(ref: str | Path | None = None, device: str = "auto") -> Model:

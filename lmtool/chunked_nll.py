@@ -6,9 +6,8 @@ vocabulary a CPU spends a large part of the step moving them. Here each cache-si
 turned into exp(score - the slice's row maximum) while it is still in cache; the forward pass keeps one
 log-sum-exp per row (as the row's top score plus a small log-sum, so that a confident prediction's tiny NLL
 and gradients lose no digits: as accurate as PyTorch's path) and, when a gradient is wanted, those
-exponentials. The backward pass turns each kept
-slice straight into the gradients of h, W and b. In fp32 each row's softmax factor is applied to the small
-(N, H) operands rather than to the slice, and the one-hot part is subtracted apart; under bf16 the slice is
+exponentials. The backward pass turns each kept slice straight into the gradients of h, W and b. In fp32 each
+row's softmax factor is applied to the small (N, H) operands rather than to the slice, and the one-hot part is subtracted apart; under bf16 the slice is
 rescaled in place into g * (softmax - one-hot) before any rounding. So the (N, V) matrix is written once and
 read by the products (and once more under bf16); in training it is held from the forward pass to the
 backward, N x V floats, as PyTorch's path holds its log-softmax. Without a gradient (evaluation) nothing of
@@ -83,10 +82,8 @@ class _LinearNLL(torch.autograd.Function):
                 exps = _scores(h, w[start:start + columns], b[start:start + columns])  # (N, C)
                 # The target's own score from the same product as the others, so a confident prediction's NLL
                 # (its target the top score) is the small log_sum alone, not a difference of two roundings.
-                column = targets - start  # (N,) the target's column in this slice, if it is in it
-                inside = (column >= 0) & (column < exps.size(1))
-                picked = exps.gather(1, column.clamp(0, exps.size(1) - 1)[:, None]).squeeze(1)  # (N,)
-                target_scores = torch.where(inside, picked, target_scores)
+                column, inside = _target_columns(targets, start, exps.size(1))
+                target_scores = torch.where(inside, exps.gather(1, column).squeeze(1), target_scores)
                 torch.amax(exps, dim=1, out=slice_max[i])
                 exps.sub_(slice_max[i][:, None]).exp_()  # in place, while the slice is in cache
                 torch.log(exps.sum(dim=1), out=slice_log_sum[i])
@@ -124,7 +121,8 @@ class _LinearNLL(torch.autograd.Function):
                 if folded:
                     _add_scaled_softmax(kept[i], row_scale, h, w[start:stop], *slice_grads)
                 else:
-                    _add_rounded_softmax_minus_one_hot(kept[i], row_scale, h, w[start:stop], targets - start, g,
+                    _add_rounded_softmax_minus_one_hot(kept[i], row_scale, h, w[start:stop],
+                                                       _target_columns(targets, start, stop - start), g,
                                                        *slice_grads)
             if folded:  # the one-hot part of softmax - one-hot, for all slices at once
                 grad_h.sub_(w[targets] * g[:, None])
@@ -143,19 +141,27 @@ def _add_scaled_softmax(exps, row_scale, h, w_slice, grad_h, grad_w_slice, grad_
     torch.mv(exps.t(), row_scale, out=grad_b_slice)
 
 
-def _add_rounded_softmax_minus_one_hot(exps, row_scale, h, w_slice, column, g, grad_h, grad_w_slice,
+def _add_rounded_softmax_minus_one_hot(exps, row_scale, h, w_slice, target_columns, g, grad_h, grad_w_slice,
                                        grad_b_slice) -> None:
-    """The same for products in a lower precision (`column`: each row's target column, outside the slice if
-    its target is elsewhere). g * (softmax - one-hot) is formed whole in fp32 before any rounding: a confident
-    prediction's gradient is a small difference of two numbers close to g, which bf16 would round away."""
+    """The same for products in a lower precision (`target_columns`: `_target_columns` of this slice).
+    g * (softmax - one-hot) is formed whole in fp32 before any rounding: a confident prediction's gradient is a
+    small difference of two numbers close to g, which bf16 would round away."""
     probs = exps.mul_(row_scale[:, None])  # (N, C) g * softmax, in place
-    inside = (column >= 0) & (column < w_slice.size(0))
+    column, inside = target_columns
     one_hot = torch.where(inside, -g, 0)[:, None]  # (N, 1), subtracted at the target's column
-    probs.scatter_add_(1, column.clamp(0, w_slice.size(0) - 1)[:, None], one_hot)
+    probs.scatter_add_(1, column, one_hot)
     torch.sum(probs, dim=0, out=grad_b_slice)
     probs = probs.to(w_slice.dtype)
     grad_h += probs @ w_slice
     grad_w_slice.copy_(probs.t() @ h)
+
+
+def _target_columns(targets: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row's target lies in the slice of `width` columns from `start`: its column, clamped into the
+    slice so that it can index it ((N, 1)), and whether the target is really there ((N,) bool)."""
+    column = targets - start
+    inside = (column >= 0) & (column < width)
+    return column.clamp(0, width - 1)[:, None], inside
 
 
 def _scores(h: torch.Tensor, w_slice: torch.Tensor, b_slice: torch.Tensor) -> torch.Tensor:

@@ -328,6 +328,12 @@ def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def flat_settings(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """{"section.key": value} for every key of every section: the inverse of `_nest` (format_version left out)."""
+    return {f"{section}.{key}": value for section, values in tree.items() if isinstance(values, Mapping)
+            for key, value in values.items()}
+
+
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for dotted, value in flat.items():

@@ -24,3 +24,9 @@ class Interrupted(LmtoolError):
     """The user pressed Ctrl-C; what was saved so far stays intact."""
 
     exit_code = 130
+
+
+def non_finite_scores() -> LmtoolError:
+    """A model whose scores are NaN or infinite (weights overwritten with them): sampling, scoring and
+    evaluation all refuse it rather than print NaN, which is not JSON either."""
+    return LmtoolError("the model produced non-finite scores; the model file may be damaged: retrain or restore it")

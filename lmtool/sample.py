@@ -11,7 +11,7 @@ from torch import nn
 
 from lmtool.config import MAX_SEED
 from lmtool.devices import inference_dtype
-from lmtool.errors import LmtoolError
+from lmtool.errors import LmtoolError, non_finite_scores
 from lmtool.model import LanguageModel, map_state
 from lmtool.tokenizer import EOS_ID, UNK_ID, Tokenizer
 
@@ -67,7 +67,7 @@ def pick_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.G
     # A temperature below the smallest float32 would round to 0 in the division: it is greedy anyway.
     if options.temperature < torch.finfo(torch.float32).tiny:
         if bool(torch.isnan(logits).any()):
-            raise _non_finite()
+            raise non_finite_scores()
         return logits.argmax(dim=-1)
     if options.temperature != 1:
         # Shifted so that the largest score is 0 first: a tiny temperature then sends the others to -inf
@@ -94,7 +94,7 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     cdf = probs.cumsum(dim=-1)
     totals = cdf[:, -1:]  # (B, 1): a NaN anywhere in a row reaches its total, so one cheap check covers it
     if not (math.isfinite(totals.item()) if totals.numel() == 1 else bool(torch.isfinite(totals).all())):
-        raise _non_finite()
+        raise non_finite_scores()
     u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device) * totals
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)  # (B, 1)
 
@@ -115,10 +115,6 @@ def draw_adaptive(head: nn.AdaptiveLogSoftmaxWithLoss, hidden: torch.Tensor, gen
                 within = _draw(torch.softmax(cluster(hidden[rows]), dim=-1), generator).squeeze(-1)
                 token[rows] = head.cutoffs[i] + within
     return token
-
-
-def _non_finite() -> LmtoolError:
-    return LmtoolError("the model produced non-finite scores; the model file may be damaged")
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from lmtool.checkpoint import (
     open_run,
     TRAINING_STATE_VERSION,
 )
-from lmtool.config import Config
+from lmtool.config import Config, flat_settings
 from lmtool.data import Corpus, batchify, file_digest, fit_batch_size, load_corpus, num_windows, oriented, windows
 from lmtool.devices import resolve_device, resolve_precision
 from lmtool.distributed import DistributedContext, distributed_session
@@ -223,7 +223,7 @@ def _resume(run: RunDir, config: Config, tokenizer, on_event, limits, device) ->
 def _resumable(run: RunDir, config: Config, tokenizer, changed: dict[str, Any], ctx: DistributedContext):
     """The training checkpoint and the corpus of a run that can go on, or the reason it cannot."""
     saved = load_training_state(run.path)
-    edited = _edited_settings(saved.get("config"), config.to_dict())  # None: a checkpoint from before it was kept
+    edited = _edited_settings(saved.get("config"), config.to_dict())  # checkpoints before 2026-11-27 hold none
     if edited:
         raise LmtoolError(f"{run.path / 'config.yaml'} was edited since the run's last checkpoint ({edited}); "
                           "put it back to resume, or start a new run with the new settings")
@@ -273,9 +273,7 @@ def _edited_settings(recorded: dict[str, Any] | None, current: dict[str, Any]) -
     (the first three), other than those --resume may change; empty when they agree or nothing was recorded."""
     if recorded is None:
         return ""
-    flat = lambda tree: {f"{section}.{key}": value for section, values in tree.items()  # noqa: E731
-                         if isinstance(values, dict) for key, value in values.items()}
-    before, after = flat(recorded), flat(current)
+    before, after = flat_settings(recorded), flat_settings(current)
     changed = sorted(key for key in before.keys() | after.keys()
                      if key not in RESUMABLE_SETTINGS and before.get(key) != after.get(key))
     return ", ".join(f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in changed[:3])
