@@ -6,7 +6,8 @@ WikiText-2 vocabulary of 33,278, with full and adaptive softmax) and times, in o
 input and hidden weights, then the output layer), a naive loop that calls nn.LSTM on length-1 inputs, and
 `lmtool.sample.generate` (sampling included), all three in turn round after round, so the lmtool / bare ratio
 is a median of per-round ratios on a drifting machine; for the word models also the PyTorch example's generator
-(bench/peer_example.py) of the same size. Then batched generation for 1..64 streams, fp32 and --precision bf16,
+(bench/peer_example.py) of the same size; for the plain output layers also the megabytes of weights the bare products
+read per token and at what rate, and one matrix-vector product with the largest weight matrix in fp32 and bf16. Then batched generation for 1..64 streams, fp32 and --precision bf16,
 with the model FLOP/s against the matrix-multiply peak of that precision measured in the same run. One JSON
 line each; in fp32 on a CPU both of the LSTM's step layouts (the cell's, and the gate-major one lmtool uses
 from 4 streams) at every count, timed in alternating rounds. `--device cuda` runs only the batched generation, on the GPU (`--streams` picks the stream counts).
@@ -68,6 +69,28 @@ def bare(model: LanguageModel, tokens: int) -> None:
         model.decoder(v)
 
 
+def bare_weight_bytes(model: LanguageModel) -> int:
+    """Bytes of fp32 weights the bare products read per token: every layer's matrices and the output layer's."""
+    return 4 * (sum(w.numel() for w in model.rnn.parameters() if w.dim() == 2) + model.decoder.weight.numel())
+
+
+@torch.inference_mode()
+def matvec_us_by_dtype(model: LanguageModel) -> list[float]:
+    """Microseconds of one matrix-vector product with the step's largest weight matrix (the output layer's
+    or a recurrent layer's), in fp32 and in bf16 (median of 200): whether bf16 weights, half the bytes, read faster."""
+    weight = max([model.decoder.weight, *(w for w in model.rnn.parameters() if w.dim() == 2)], key=torch.numel)
+    times = []
+    for dtype in (torch.float32, torch.bfloat16):
+        w, v = weight.detach().to(dtype), torch.randn(weight.size(1)).to(dtype)
+        runs = []
+        for _ in range(220):
+            start = time.perf_counter()
+            torch.mv(w, v)
+            runs.append(time.perf_counter() - start)
+        times.append(round(statistics.median(runs[20:]) * 1e6, 1))
+    return times
+
+
 @torch.inference_mode()
 def naive(model: LanguageModel, tokens: int) -> None:
     token, state = torch.zeros(1, 1, dtype=torch.long), None
@@ -112,9 +135,14 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
         record = {**info, "model": name, "streams": 1, "lmtool_ms_per_token": round(lmtool_ms, 4),
                   "lmtool_tokens_per_s": round(1000 / lmtool_ms)}
         if model.config.softmax == "full":
+            weight_mb = bare_weight_bytes(model) / 1e6
             record.update(bare_matvec_ms_per_token=round(ms["bare"], 4), naive_nn_lstm_ms_per_token=round(ms["naive"], 4),
                           lmtool_over_bare_median_of_rounds=round(ratio, 2),
-                          speedup_over_naive=round(ms["naive"] / lmtool_ms, 2))
+                          speedup_over_naive=round(ms["naive"] / lmtool_ms, 2),
+                          naive_over_bare=round(ms["naive"] / ms["bare"], 2),
+                          bare_weight_mb_per_token=round(weight_mb, 1),
+                          bare_gb_per_s=round(weight_mb / ms["bare"], 1),
+                          largest_matvec_us_fp32_bf16=matvec_us_by_dtype(model))
         if name.startswith("word"):
             record.update(example_generator_words_per_s=round(peer_words_per_s),
                           over_example_generator=round(1000 / lmtool_ms / peer_words_per_s, 2),

@@ -112,8 +112,8 @@ def train(
 
 MODEL_HELP = "run directory or model file (default: runs/latest)"
 DIRECTION_HELP = "forward | backward | both (default: every direction the model has; both adds their mixture)"
-PRECISION_HELP = ("fp32 (exact) | bf16: products in bfloat16 (autocast), 1.7-4.4x faster at batch 64 on a CPU with "
-                  "native bf16 in bench/eval_throughput.py, where perplexities moved by 0.03% or less; not exact")
+PRECISION_HELP = ("fp32 (exact) | bf16: products in bfloat16 (autocast), 1.3-2.7x faster than fp32 on a CPU with "
+                  "native bf16 in bench/eval_throughput.py, where perplexities moved by 0.04% or less; not exact")
 
 
 def _check_direction(direction: Optional[str]) -> None:

@@ -108,6 +108,12 @@ def draw_adaptive(head: nn.AdaptiveLogSoftmaxWithLoss, hidden: torch.Tensor, gen
     hidden = hidden.float()
     with torch.autocast(hidden.device.type, enabled=False):
         drawn = _draw(torch.softmax(head.head(hidden), dim=-1), generator).squeeze(-1)  # (B,) in the head
+        if drawn.numel() == 1:  # one stream: a Python branch costs less than the masks below (the same draws)
+            cluster = int(drawn) - head.shortlist_size
+            if cluster < 0:
+                return drawn
+            within = _draw(torch.softmax(head.tail[cluster](hidden), dim=-1), generator).squeeze(-1)
+            return within + head.cutoffs[cluster]
         token = drawn.clone()
         for i, cluster in enumerate(head.tail):
             rows = (drawn == head.shortlist_size + i).nonzero().flatten()
