@@ -48,15 +48,18 @@ WORKLOADS = {
 
 
 def lmtool_step(vocab: int, emb: int, hidden: int, batch: int, autocast: dict, device: str = "cpu",
-                capture: Capture | None = None):
+                capture: Capture | None = None, prepare=None):
     """The trainer's hot path for a 2-layer LSTM without dropout (`_Trainer._train_step`: one loss, backward,
     clipping, the bad-step guard, the fused optimiser, the running sums, a zeroed state after a bad step), as a
     function of one (x, y) window that returns the step's loss (a device tensor, overwritten by the next step).
     With `capture` (lmtool.graphed_step.capture_cuda_graph) the step runs through the trainer's GraphedStep:
-    WARMUP_STEPS eager steps, then one captured CUDA graph replayed on every full-width window."""
+    WARMUP_STEPS eager steps, then one captured CUDA graph replayed on every full-width window. `prepare`, if
+    given, is called with the model before its optimiser is made (bench/step_variants.py changes it there)."""
     torch.manual_seed(0)
     config = ModelConfig(embedding_size=emb, hidden_size=hidden, dropout=0.0, tie_weights=False)
     model = LanguageModel(config, vocab).to(device)
+    if prepare is not None:
+        prepare(model)
     params = list(model.parameters())
     opt = OPTIMIZERS["sgd"](params, TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0), True)
     guard = StepGuard(torch.device(device), blowup_factor=5.0, max_bad_steps=5)

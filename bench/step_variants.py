@@ -1,6 +1,7 @@
 """lmtool's training step against the same step without one of its parts, interleaved: what each part costs.
 
-Usage: python bench/step_variants.py [--variant unsliced|unguarded|small-slices|rescaled-exps|foreach-norm]
+Usage: python bench/step_variants.py [--variant unsliced|unguarded|small-slices|rescaled-exps|foreach-norm|
+                                     frozen-embedding]
                                      [--workload ptb|wt2|word|char] [--precision fp32|bf16] [--rounds 22]
                                      [--keep-freed-memory]
 Variants:
@@ -16,6 +17,8 @@ Variants:
   operands (lmtool/chunked_nll.py `folds_row_factors`; fp32 only, bf16 steps are the same either way).
 - foreach-norm: PyTorch's multi-tensor norm (`torch.nn.utils.get_total_norm`) for the clipping norm instead of
   lmtool's dot products on the CPU (lmtool/step_guard.py `gradient_norm`).
+- frozen-embedding: the embedding not trained (no gradient): the most a sparse embedding gradient could save,
+  since a step then neither fills, clips nor updates the dense (V, E) gradient of the input embedding.
 One step of each in turn on the same windows (the order alternating); prints the median of the per-pair time
 ratios, variant / lmtool (> 1: lmtool's step is faster), with the size of the scores matrix, as one JSON line.
 Workloads: PTB-small (10k words, batch 20 x 20), WikiText-2 at the PyTorch example's size (33,278 words,
@@ -73,6 +76,11 @@ VARIANTS = {
     "small-slices": lambda step: patched(step, lmtool.chunked_nll, "WHOLE_BYTES", 0),
     "rescaled-exps": lambda step: patched(step, lmtool.chunked_nll, "folds_row_factors", lambda dtype: False),
     "foreach-norm": lambda step: patched(step, lmtool.step_guard, "gradient_norm", torch.nn.utils.get_total_norm),
+    "frozen-embedding": lambda step: step,  # the change is to the model (MODEL_CHANGES)
+}
+# Variants that change the model itself, before its optimiser is made.
+MODEL_CHANGES = {
+    "frozen-embedding": lambda model: model.embedding.weight.requires_grad_(False),
 }
 
 
@@ -83,7 +91,8 @@ def main() -> None:
     args = parser.parse_args()
     (vocab, emb, hidden, batch, bptt, description), pairs, autocast = step_inputs(args, ALL_WORKLOADS)
     ours = lmtool_step(vocab, emb, hidden, batch, autocast)
-    variant = VARIANTS[args.variant](lmtool_step(vocab, emb, hidden, batch, autocast))
+    variant = VARIANTS[args.variant](lmtool_step(vocab, emb, hidden, batch, autocast,
+                                                 prepare=MODEL_CHANGES.get(args.variant)))
 
     ratios, our_times, variant_times = [], [], []
     for i, (x, y) in enumerate(pairs):
