@@ -1,6 +1,7 @@
 """Exact resume, interrupts, non-finite steps and safe model files."""
 
 import json
+from pathlib import Path
 import os
 import signal
 from types import SimpleNamespace
@@ -309,6 +310,50 @@ def test_unreadable_corpus_is_a_clear_error(small_corpus, monkeypatch, run_cli):
     result = run_cli("train", small_corpus, "--config", TINY)
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert "permission denied" in result.err or "is not readable" in result.err
+
+
+def test_unreadable_model_and_checkpoint_files_give_the_systems_reason(small_corpus, tmp_path, monkeypatch, run_cli):
+    import builtins
+    import errno
+
+    import lmtool.checkpoint as checkpoint
+
+    train(load_config(TINY, ["train.max_steps=3"]), small_corpus, out=tmp_path / "run")
+    denied = {tmp_path / "run" / BEST_MODEL, tmp_path / "run" / TRAINING_STATE}
+
+    def guarded_open(path, *args, **kwargs):  # root reads any file, so a normal user's refusal is simulated
+        if Path(path) in denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", guarded_open, raising=False)
+    result = run_cli("score", "hello", "--model", tmp_path / "run")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert f"cannot read model file {tmp_path / 'run' / BEST_MODEL}: Permission denied" in result.err
+    result = run_cli("train", "--resume", tmp_path / "run", "--max-steps", "5")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert f"cannot read {tmp_path / 'run' / TRAINING_STATE}: Permission denied" in result.err
+
+
+def test_resuming_a_run_on_a_read_only_disk_stops_before_touching_it(small_corpus, tmp_path, monkeypatch, run_cli):
+    import builtins
+    import errno
+
+    import lmtool.checkpoint as checkpoint
+
+    train(load_config(TINY, ["train.max_steps=3"]), small_corpus, out=tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+
+    def read_only_open(path, mode="r", *args, **kwargs):  # root writes anywhere, so a read-only disk is simulated
+        if any(flag in mode for flag in "wax+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", read_only_open, raising=False)
+    result = run_cli("train", "--resume", tmp_path / "run", "--max-steps", "5")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert f"cannot lock run directory {tmp_path / 'run'}: Read-only file system" in result.err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
 
 
 def test_bf16_training_resumes_exactly_too(small_corpus, tmp_path):
