@@ -413,13 +413,13 @@ def test_two_level_adaptive_sampling_draws_from_the_exact_distribution(streams):
         if streams > 1:
             draws = draw_adaptive(model.adaptive, context.expand(streams, 8), generator)
         else:
-            single = [draw_adaptive(model.adaptive, context, generator) for _ in range(4_000)]
+            single = [draw_adaptive(model.adaptive, context, generator) for _ in range(16_000)]
             assert all(d.shape == (1,) and d.dtype == torch.int64 for d in single)
             draws = torch.cat(single)
     observed = torch.bincount(draws, minlength=10).double() / draws.numel()
     assert expected[3:6].sum() > 0.05 and expected[6:].sum() > 0.05  # both tail clusters are really exercised
-    # 4 standard errors at most
-    torch.testing.assert_close(observed, expected.double(), atol=0.01 if streams > 1 else 0.032, rtol=0)
+    # 4 standard errors at most: tight enough to catch tokens drawn in the wrong order within a cluster
+    torch.testing.assert_close(observed, expected.double(), atol=0.01 if streams > 1 else 0.016, rtol=0)
 
 
 def test_sampling_an_adaptive_model_at_other_temperatures_uses_the_full_distribution(word_run):
