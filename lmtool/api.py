@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from lmtool.checkpoint import LoadedModel, load_model_file, resolve_model_path
+from lmtool.checkpoint import LoadedModel, load_model_file
 from lmtool.data import encode_file_to_disk, iter_lines
 from lmtool.devices import inference_autocast, resolve_device
 from lmtool.errors import LmtoolError, non_finite_scores
@@ -25,6 +25,7 @@ from lmtool.evaluate import (
     score_sentences,
     stream_nll,
 )
+from lmtool.run_paths import resolve_model_path
 from lmtool.sample import SamplingOptions, encode_prime, generate
 from lmtool.tokenizer import EOS_ID
 

@@ -20,20 +20,15 @@ from safetensors.torch import save as safetensors_bytes
 from lmtool.config import Config, config_from_dict, save_config_yaml
 from lmtool.errors import LmtoolError
 from lmtool.model import LanguageModel
+from lmtool.run_paths import (
+    BEST_MODEL, CONFIG_FILE, LAST_MODEL, LATEST, METRICS_FILE, RUNS_ROOT, TRAINING_STATE, VOCAB_FILE,
+)
 from lmtool.tokenizer import Tokenizer
 
 MODEL_FORMAT = "lmtool-model"
 MODEL_FORMAT_VERSION = 1
-CONFIG_FILE = "config.yaml"
-VOCAB_FILE = "vocab.json"
-METRICS_FILE = "metrics.jsonl"
-BEST_MODEL = "model-best.safetensors"
-LAST_MODEL = "model-last.safetensors"
-TRAINING_STATE = "train-state.pt"
 TRAINING_STATE_VERSION = 1
 RUN_FILES = (CONFIG_FILE, VOCAB_FILE, METRICS_FILE, BEST_MODEL, LAST_MODEL, TRAINING_STATE)
-RUNS_ROOT = Path("runs")
-LATEST = "latest"
 LOCK_FILE = ".lock"  # held by the process training the run, so that no second one writes into it
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -333,31 +328,6 @@ def load_model_file(path: Path) -> LoadedModel:
         raise LmtoolError(f"{path}: weights missing or unexpected ({sorted(set(missing) - tied) or unexpected})")
     model.eval()
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, info=info, path=path)
-
-
-def resolve_model_path(ref: str | Path | None) -> Path:
-    """The model file meant by `--model`: a file, a run directory (its best model), or runs/latest when absent."""
-    if ref is None:
-        latest = RUNS_ROOT / LATEST
-        pointer = RUNS_ROOT / f"{LATEST}.txt"
-        if latest.exists():
-            ref = latest
-        elif pointer.is_file():
-            ref = Path(pointer.read_text(encoding="utf-8").strip())
-        else:
-            raise LmtoolError(
-                "no trained model found (runs/latest does not exist here); train one first with "
-                "'lmtool train data/tinyshakespeare.txt', or name one with --model RUN"
-            )
-    path = Path(ref)
-    if path.is_dir():
-        for name in (BEST_MODEL, LAST_MODEL):
-            if (path / name).is_file():
-                return path / name
-        raise LmtoolError(f"{path} holds no model file ({BEST_MODEL}); is it an lmtool run directory?")
-    if not path.exists():
-        raise LmtoolError(f"model not found: {path} (give a run directory or a .safetensors model file)")
-    return path
 
 
 def open_run(path: Path) -> tuple[RunDir, Config, Tokenizer]:

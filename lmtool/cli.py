@@ -116,6 +116,14 @@ PRECISION_HELP = ("fp32 (exact) | bf16: products in bfloat16 (autocast), 1.3-2.7
                   "native bf16 in bench/eval_throughput.py, where perplexities moved by 0.04% or less; not exact")
 
 
+def _model_path(model: Optional[str]):
+    """The model file `--model` means, found before torch is imported: a missing model is reported at once
+    instead of after the seconds that import takes."""
+    from lmtool.run_paths import resolve_model_path
+
+    return resolve_model_path(model)
+
+
 def _check_direction(direction: Optional[str]) -> None:
     if direction is not None and direction not in ("forward", "backward", "both"):
         raise LmtoolError(f"--direction must be forward, backward or both, got '{direction}'")
@@ -150,6 +158,7 @@ def sample(
     ),
 ) -> None:
     """Generate text from a trained model, one token at a time (the RNN state is carried, never re-read)."""
+    model_path = _model_path(model)
     from lmtool.api import load_model
     from lmtool.checkpoint import atomic_write
     from lmtool.sample import SamplingOptions, encode_prime
@@ -162,7 +171,7 @@ def sample(
         _check_output(output, overwrite)
     if ending is not None and prime:
         raise LmtoolError("give --prime or --ending, not both: a model writes in one direction at a time")
-    lm = load_model(model, device)
+    lm = load_model(model_path, device)
     if ending is not None:
         _sample_toward(lm, ending, options, output)
         return
@@ -280,18 +289,19 @@ def score(
     Prints log P in nats and base 10, perplexity, token and unknown-token counts, and ranks several
     sentences most probable first (say, to pick the likeliest of competing transcripts).
     """
+    _check_direction(direction)
+    if fmt not in ("table", "kenlm"):
+        raise LmtoolError(f"--format must be table or kenlm, got '{fmt}'")
+    if batch_size < 1:
+        raise LmtoolError(f"--batch-size must be at least 1, got {batch_size}")
+    model_path = _model_path(model)
+    _check_precision(precision)
     from rich.console import Console
 
     from lmtool.api import load_model
     from lmtool.data import iter_lines, stdin_lines
     from lmtool.report import print_scores, score_json_lines, score_kenlm_lines
 
-    _check_direction(direction)
-    _check_precision(precision)
-    if fmt not in ("table", "kenlm"):
-        raise LmtoolError(f"--format must be table or kenlm, got '{fmt}'")
-    if batch_size < 1:
-        raise LmtoolError(f"--batch-size must be at least 1, got {batch_size}")
     texts = list(sentences or [])
     if file is not None:
         from_file = stdin_lines() if file == "-" else list(iter_lines(Path(file), "sentence"))
@@ -300,7 +310,7 @@ def score(
         texts += from_file
     if not texts:
         raise LmtoolError("no sentences to score; give them as arguments, or with --file FILE (or - for stdin)")
-    lm = load_model(model, device)
+    lm = load_model(model_path, device)
     scores = lm.score(texts, batch_size=batch_size, direction=direction, precision=precision)
     if fmt == "kenlm" and not hasattr(scores[0], "tokens"):
         raise LmtoolError("--format kenlm lists one direction's tokens: add --direction forward or backward")
@@ -333,6 +343,13 @@ def evaluate_perplexity(
     """Perplexity of text files, streamed through the model with the state carried across lines.
 
     A bidirectional model reports each direction and the per-line mixture of the two."""
+    if batch_size < 1:
+        raise LmtoolError(f"--batch-size must be at least 1, got {batch_size}")
+    if bptt is not None and bptt < 1:
+        raise LmtoolError(f"--bptt must be at least 1, got {bptt}")
+    _check_direction(direction)
+    model_path = _model_path(model)
+    _check_precision(precision)
     import json
 
     from rich.console import Console
@@ -340,13 +357,7 @@ def evaluate_perplexity(
     from lmtool.api import load_model
     from lmtool.report import evaluation_record, print_evaluation
 
-    if batch_size < 1:
-        raise LmtoolError(f"--batch-size must be at least 1, got {batch_size}")
-    if bptt is not None and bptt < 1:
-        raise LmtoolError(f"--bptt must be at least 1, got {bptt}")
-    _check_direction(direction)
-    _check_precision(precision)
-    lm = load_model(model, device)
+    lm = load_model(model_path, device)
     size = sum(f.stat().st_size for f in files if f.is_file())
     if batch_size == 1 and size > EXACT_STREAM_HINT_BYTES:
         print(f"lmtool: hint: {size / 1e6:.0f} MB scored as one exact stream, one token at a time; --batch-size 64 is "

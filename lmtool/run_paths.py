@@ -1,0 +1,42 @@
+"""The names of a run directory's files and which model file `--model` means. No torch here: the commands
+resolve the model first, so that a missing one is reported before torch takes seconds to import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmtool.errors import LmtoolError
+
+CONFIG_FILE = "config.yaml"
+VOCAB_FILE = "vocab.json"
+METRICS_FILE = "metrics.jsonl"
+BEST_MODEL = "model-best.safetensors"
+LAST_MODEL = "model-last.safetensors"
+TRAINING_STATE = "train-state.pt"
+RUNS_ROOT = Path("runs")
+LATEST = "latest"
+
+
+def resolve_model_path(ref: str | Path | None) -> Path:
+    """The model file meant by `--model`: a file, a run directory (its best model), or runs/latest when absent."""
+    if ref is None:
+        latest = RUNS_ROOT / LATEST
+        pointer = RUNS_ROOT / f"{LATEST}.txt"
+        if latest.exists():
+            ref = latest
+        elif pointer.is_file():
+            ref = Path(pointer.read_text(encoding="utf-8").strip())
+        else:
+            raise LmtoolError(
+                "no trained model found (runs/latest does not exist here); train one first with "
+                "'lmtool train data/tinyshakespeare.txt', or name one with --model RUN"
+            )
+    path = Path(ref)
+    if path.is_dir():
+        for name in (BEST_MODEL, LAST_MODEL):
+            if (path / name).is_file():
+                return path / name
+        raise LmtoolError(f"{path} holds no model file ({BEST_MODEL}); is it an lmtool run directory?")
+    if not path.exists():
+        raise LmtoolError(f"model not found: {path} (give a run directory or a .safetensors model file)")
+    return path
