@@ -67,8 +67,6 @@ def train(
     """
     from lmtool.config import load_config
     from lmtool.display import TrainDisplay
-    from lmtool.train import resume as resume_training
-    from lmtool.train import train as run_training
 
     limits = {"max_time": max_time, "max_epochs": max_epochs, "max_steps": max_steps}
     display = TrainDisplay()
@@ -89,6 +87,8 @@ def train(
                     limits["max_time"] = parse_duration(max_time)
                 except ValueError:
                     raise LmtoolError(f"--max-time: {max_time!r} is not a duration (seconds, or like '90s', '10m', '2h')") from None
+            from lmtool.train import resume as resume_training
+
             resume_training(resume, on_event=display, limits=limits, device=device)
             return
         if corpus is None:
@@ -101,6 +101,14 @@ def train(
             **{f"train.{key}": value for key, value in limits.items()},
         }
         cfg = load_config(config, set_, flags)
+        # The input files are checked before the trainer (and torch, seconds) is imported: a typo is answered at once.
+        from lmtool.file_checks import check_readable_file
+
+        for path, what in ((corpus, "training"), (valid, "validation"), (test, "test")):
+            if path is not None:
+                check_readable_file(path, what)
+        from lmtool.train import train as run_training
+
         run_training(cfg, corpus, valid_path=valid, test_path=test, out=out, overwrite=overwrite, on_event=display)
     except KeyboardInterrupt:
         # Before the run starts, `out` may still hold an earlier run that --overwrite was about to replace.

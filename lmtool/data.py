@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -14,19 +13,11 @@ from typing import BinaryIO, Iterable, Iterator
 import torch
 
 from lmtool.errors import LmtoolError
+from lmtool.file_checks import check_readable_file
 from lmtool.tokenizer import EOS_ID, Tokenizer
 
 
 CHUNK_BYTES = 1 << 22  # text is read, checked and encoded 4 MB at a time
-
-
-def _check_readable_file(path: Path, what: str) -> None:
-    if not path.exists():
-        raise LmtoolError(f"{what} file not found: {path}")
-    if path.is_dir():
-        raise LmtoolError(f"{what} path is a directory, not a text file: {path}")
-    if not os.access(path, os.R_OK):
-        raise LmtoolError(f"cannot read {what} file {path}: permission denied")
 
 
 def iter_text_chunks(path: Path | str, what: str = "text", chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
@@ -35,7 +26,7 @@ def iter_text_chunks(path: Path | str, what: str = "text", chunk_bytes: int = CH
     Memory stays bounded by the chunk size, whatever the size of the file (a single line is one piece).
     """
     path = Path(path)
-    _check_readable_file(path, what)
+    check_readable_file(path, what)
     try:
         with open(path, "rb") as f:
             yield from checked_chunks(f, f"{what} file {path}", chunk_bytes)

@@ -104,17 +104,25 @@ def test_console_script_and_python_dash_m(small_corpus, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
 
 
-@pytest.mark.parametrize("command", [["--help"], ["sample"], ["score", "a sentence"],
-                                     ["evaluate-perplexity", "held-out.txt", "--model", "nowhere"]])
-def test_help_and_a_missing_model_answer_without_importing_torch(command, tmp_path):
-    """torch takes seconds to import: `--help` and the commonest mistake (no model yet) do not wait for it."""
+@pytest.mark.parametrize("command, message", [
+    (["--help"], ""),
+    (["sample"], "no trained model found"),
+    (["score", "a sentence"], "no trained model found"),
+    (["evaluate-perplexity", "held-out.txt", "--model", "nowhere"], "model not found: nowhere"),
+    (["train", "missing.txt"], "training file not found: missing.txt"),
+    (["train", "corpus.txt", "--valid", "missing.txt"], "validation file not found: missing.txt"),
+    (["train", "corpus.txt", "--set", "model.bogus=1"], "unknown config key 'model.bogus'"),
+])
+def test_help_and_common_mistakes_answer_without_importing_torch(command, message, tmp_path):
+    """torch takes seconds to import: `--help` and the commonest mistakes (no model yet, a mistyped file or
+    setting) do not wait for it."""
+    (tmp_path / "corpus.txt").write_text("to be or not to be\n", encoding="utf-8")
     probe = ("import sys\nfrom lmtool.cli import main\ncode = 0\ntry:\n    main(sys.argv[1:])\n"
              "except SystemExit as stop:\n    code = stop.code\nprint('exit', code, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, cwd=tmp_path)
-    expected_code = 0 if command == ["--help"] else 2
+    expected_code = 2 if message else 0
     assert done.stdout.strip().splitlines()[-1] == f"exit {expected_code} False", done.stdout + done.stderr
-    if expected_code:
-        assert "no trained model found" in done.stderr or "model not found: nowhere" in done.stderr
+    assert message in done.stderr
 
 
 def test_bare_lmtool_prints_help(run_cli):
