@@ -101,12 +101,14 @@ def train(
             **{f"train.{key}": value for key, value in limits.items()},
         }
         cfg = load_config(config, set_, flags)
-        # The input files are checked before the trainer (and torch, seconds) is imported: a typo is answered at once.
-        from lmtool.file_checks import check_readable_file
+        # One process checks its input files before importing the trainer (and torch, seconds), so that a typo is
+        # answered at once; under torchrun the trainer checks them on every rank and rank 0 alone reports.
+        if os.environ.get("WORLD_SIZE", "1") == "1":
+            from lmtool.file_checks import check_readable_file
 
-        for path, what in ((corpus, "training"), (valid, "validation"), (test, "test")):
-            if path is not None:
-                check_readable_file(path, what)
+            for path, what in ((corpus, "training"), (valid, "validation"), (test, "test")):
+                if path is not None:
+                    check_readable_file(path, what)
         from lmtool.train import train as run_training
 
         run_training(cfg, corpus, valid_path=valid, test_path=test, out=out, overwrite=overwrite, on_event=display)
