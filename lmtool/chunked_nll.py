@@ -76,14 +76,19 @@ class _LinearNLL(torch.autograd.Function):
             slices = range(0, w.size(0), columns)
             slice_max = h.new_empty((len(slices), h.size(0)), dtype=torch.float32)  # (slices, N)
             slice_log_sum = torch.empty_like(slice_max)  # log of each slice's sum of exp(score - its max)
-            target_scores = h.new_zeros(h.size(0), dtype=torch.float32)  # (N,)
+            # The target's own score comes from the same product as the others, so a confident prediction's NLL
+            # (its target the top score) is the small log_sum alone, not a difference of two roundings. Each
+            # slice's score at every row's target column is kept and the target's own slice picked at the end:
+            # one gather per slice rather than a mask, a gather and a select (an evaluation has dozens of slices).
+            target_slice = targets // columns  # (N,) the slice that holds each target
+            target_column = (targets - target_slice * columns)[:, None]  # (N, 1) its column there
+            at_target_column = h.new_empty((len(slices), h.size(0), 1), dtype=torch.float32)  # (slices, N, 1)
             kept = []
             for i, start in enumerate(slices):
                 exps = _scores(h, w[start:start + columns], b[start:start + columns])  # (N, C)
-                # The target's own score from the same product as the others, so a confident prediction's NLL
-                # (its target the top score) is the small log_sum alone, not a difference of two roundings.
-                column, inside = _target_columns(targets, start, exps.size(1))
-                target_scores = torch.where(inside, exps.gather(1, column).squeeze(1), target_scores)
+                width = exps.size(1)  # the last slice may be narrower: its other rows' columns are clamped
+                column = target_column if width == columns else target_column.clamp(max=width - 1)
+                torch.gather(exps, 1, column, out=at_target_column[i])
                 torch.amax(exps, dim=1, out=slice_max[i])
                 exps.sub_(slice_max[i][:, None]).exp_()  # in place, while the slice is in cache
                 torch.log(exps.sum(dim=1), out=slice_log_sum[i])
@@ -94,6 +99,7 @@ class _LinearNLL(torch.autograd.Function):
             top = slice_max.amax(dim=0)  # (N,) each row's highest score
             below_top = slice_max - top  # (slices, N), 0 for the slice that holds it
             log_sum = torch.logsumexp(below_top + slice_log_sum, dim=0)  # (N,) log sum of exp(score - top)
+            target_scores = at_target_column.squeeze(2).gather(0, target_slice[None]).squeeze(0)  # (N,)
         if keep:
             ctx.save_for_backward(h, w, targets, log_sum, below_top, *kept)
             ctx.columns, ctx.dtypes, ctx.used = columns, (hidden.dtype, weight.dtype, bias.dtype), False
