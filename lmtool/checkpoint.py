@@ -21,7 +21,7 @@ from lmtool.config import Config, config_from_dict, save_config_yaml
 from lmtool.errors import LmtoolError
 from lmtool.model import LanguageModel
 from lmtool.run_paths import (
-    BEST_MODEL, CONFIG_FILE, LAST_MODEL, LATEST, METRICS_FILE, RUNS_ROOT, TRAINING_STATE, VOCAB_FILE,
+    BEST_MODEL, CONFIG_FILE, LAST_MODEL, LATEST, METRICS_FILE, RUNS_ROOT, TRAINING_STATE, VOCAB_FILE, is_run_dir,
 )
 from lmtool.tokenizer import Tokenizer
 
@@ -94,11 +94,6 @@ def claim_default_run_path(corpus: Path, now: datetime | None = None) -> Path:
             path = base.with_name(f"{base.name}-{n}")
         except OSError as err:
             raise LmtoolError(f"cannot create run directory {path}: {err.strerror}") from None
-
-
-def is_run_dir(path: Path) -> bool:
-    """Whether a directory was written by lmtool train."""
-    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / VOCAB_FILE).is_file()
 
 
 def check_run_target(path: Path, overwrite: bool) -> None:

@@ -14,6 +14,9 @@ import click
 import typer
 
 from lmtool.errors import Interrupted, LmtoolError
+from lmtool.file_checks import check_readable_file
+# torch-free: a missing model or file is reported before torch is imported (seconds)
+from lmtool.run_paths import BEST_MODEL, is_run_dir, resolve_model_path
 
 # Newer typer vendors its own click; usage errors may come from either.
 _CLICK_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
@@ -104,8 +107,6 @@ def train(
         # One process checks its input files before importing the trainer (and torch, seconds), so that a typo is
         # answered at once; under torchrun the trainer checks them on every rank and rank 0 alone reports.
         if os.environ.get("WORLD_SIZE", "1") == "1":
-            from lmtool.file_checks import check_readable_file
-
             for path, what in ((corpus, "training"), (valid, "validation"), (test, "test")):
                 if path is not None:
                     check_readable_file(path, what)
@@ -124,14 +125,6 @@ MODEL_HELP = "run directory or model file (default: runs/latest)"
 DIRECTION_HELP = "forward | backward | both (default: every direction the model has; both adds their mixture)"
 PRECISION_HELP = ("fp32 (exact) | bf16: products in bfloat16 (autocast), 1.3-2.7x faster than fp32 on a CPU with "
                   "native bf16 in bench/eval_throughput.py, where perplexities moved by 0.04% or less; not exact")
-
-
-def _model_path(model: Optional[str]):
-    """The model file `--model` means, found before torch is imported: a missing model is reported at once
-    instead of after the seconds that import takes."""
-    from lmtool.run_paths import resolve_model_path
-
-    return resolve_model_path(model)
 
 
 def _check_direction(direction: Optional[str]) -> None:
@@ -168,7 +161,7 @@ def sample(
     ),
 ) -> None:
     """Generate text from a trained model, one token at a time (the RNN state is carried, never re-read)."""
-    model_path = _model_path(model)
+    model_path = resolve_model_path(model)  # before torch is imported: a missing model is told at once
     from lmtool.api import load_model
     from lmtool.checkpoint import atomic_write
     from lmtool.sample import SamplingOptions, encode_prime
@@ -208,8 +201,6 @@ def sample(
 
 def _what_was_kept(run_dir: str | Path | None) -> str:
     """For the message of a training stopped by Ctrl-C before its own handler could save a checkpoint."""
-    from lmtool.checkpoint import BEST_MODEL, is_run_dir
-
     if not run_dir or not is_run_dir(Path(run_dir)):
         return ""
     if (Path(run_dir) / BEST_MODEL).is_file():
@@ -304,7 +295,7 @@ def score(
         raise LmtoolError(f"--format must be table or kenlm, got '{fmt}'")
     if batch_size < 1:
         raise LmtoolError(f"--batch-size must be at least 1, got {batch_size}")
-    model_path = _model_path(model)
+    model_path = resolve_model_path(model)  # before torch is imported: a missing model is told at once
     _check_precision(precision)
     from rich.console import Console
 
@@ -358,7 +349,7 @@ def evaluate_perplexity(
     if bptt is not None and bptt < 1:
         raise LmtoolError(f"--bptt must be at least 1, got {bptt}")
     _check_direction(direction)
-    model_path = _model_path(model)
+    model_path = resolve_model_path(model)  # before torch is imported: a missing model is told at once
     _check_precision(precision)
     import json
 

@@ -17,6 +17,11 @@ RUNS_ROOT = Path("runs")
 LATEST = "latest"
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether a directory was written by lmtool train."""
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / VOCAB_FILE).is_file()
+
+
 def resolve_model_path(ref: str | Path | None) -> Path:
     """The model file meant by `--model`: a file, a run directory (its best model), or runs/latest when absent."""
     if ref is None:
