@@ -86,9 +86,7 @@ class _LinearNLL(torch.autograd.Function):
             kept = []
             for i, start in enumerate(slices):
                 exps = _scores(h, w[start:start + columns], b[start:start + columns])  # (N, C)
-                width = exps.size(1)  # the last slice may be narrower: its other rows' columns are clamped
-                column = target_column if width == columns else target_column.clamp(max=width - 1)
-                torch.gather(exps, 1, column, out=at_target_column[i])
+                torch.gather(exps, 1, _within(target_column, exps.size(1), columns), out=at_target_column[i])
                 torch.amax(exps, dim=1, out=slice_max[i])
                 exps.sub_(slice_max[i][:, None]).exp_()  # in place, while the slice is in cache
                 torch.log(exps.sum(dim=1), out=slice_log_sum[i])
@@ -101,7 +99,7 @@ class _LinearNLL(torch.autograd.Function):
             log_sum = torch.logsumexp(below_top + slice_log_sum, dim=0)  # (N,) log sum of exp(score - top)
             target_scores = at_target_column.squeeze(2).gather(0, target_slice[None]).squeeze(0)  # (N,)
         if keep:
-            ctx.save_for_backward(h, w, targets, log_sum, below_top, *kept)
+            ctx.save_for_backward(h, w, targets, target_slice, target_column, log_sum, below_top, *kept)
             ctx.columns, ctx.dtypes, ctx.used = columns, (hidden.dtype, weight.dtype, bias.dtype), False
         return (top - target_scores) + log_sum
 
@@ -111,7 +109,7 @@ class _LinearNLL(torch.autograd.Function):
         if ctx.used:
             raise RuntimeError("linear_nll's backward pass can run only once (retain_graph is not supported)")
         ctx.used = True
-        h, w, targets, log_sum, below_top, *kept = ctx.saved_tensors
+        h, w, targets, target_slice, target_column, log_sum, below_top, *kept = ctx.saved_tensors
         columns = ctx.columns
         g = grad_nll.float().contiguous()  # (N,) dLoss/dNLL of each row
         with torch.autocast(h.device.type, enabled=False):
@@ -127,8 +125,8 @@ class _LinearNLL(torch.autograd.Function):
                 if folded:
                     _add_scaled_softmax(kept[i], row_scale, h, w[start:stop], *slice_grads)
                 else:
-                    _add_rounded_softmax_minus_one_hot(kept[i], row_scale, h, w[start:stop],
-                                                       _target_columns(targets, start, stop - start), g,
+                    targets_here = (_within(target_column, stop - start, columns), target_slice == i)
+                    _add_rounded_softmax_minus_one_hot(kept[i], row_scale, h, w[start:stop], targets_here, g,
                                                        *slice_grads)
             if folded:  # the one-hot part of softmax - one-hot, for all slices at once
                 grad_h.sub_(w[targets] * g[:, None])
@@ -149,9 +147,10 @@ def _add_scaled_softmax(exps, row_scale, h, w_slice, grad_h, grad_w_slice, grad_
 
 def _add_rounded_softmax_minus_one_hot(exps, row_scale, h, w_slice, target_columns, g, grad_h, grad_w_slice,
                                        grad_b_slice) -> None:
-    """The same for products in a lower precision (`target_columns`: `_target_columns` of this slice).
-    g * (softmax - one-hot) is formed whole in fp32 before any rounding: a confident prediction's gradient is a
-    small difference of two numbers close to g, which bf16 would round away."""
+    """The same for products in a lower precision. `target_columns`: each row's target column in this slice
+    (clamped into it, (N, 1)) and whether the target is really there ((N,) bool). g * (softmax - one-hot) is
+    formed whole in fp32 before any rounding: a confident prediction's gradient is a small difference of two
+    numbers close to g, which bf16 would round away."""
     probs = exps.mul_(row_scale[:, None])  # (N, C) g * softmax, in place
     column, inside = target_columns
     one_hot = torch.where(inside, -g, 0)[:, None]  # (N, 1), subtracted at the target's column
@@ -162,12 +161,10 @@ def _add_rounded_softmax_minus_one_hot(exps, row_scale, h, w_slice, target_colum
     grad_w_slice.copy_(probs.t() @ h)
 
 
-def _target_columns(targets: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each row's target lies in the slice of `width` columns from `start`: its column, clamped into the
-    slice so that it can index it ((N, 1)), and whether the target is really there ((N,) bool)."""
-    column = targets - start
-    inside = (column >= 0) & (column < width)
-    return column.clamp(0, width - 1)[:, None], inside
+def _within(target_column: torch.Tensor, width: int, columns: int) -> torch.Tensor:
+    """Each row's target column (N, 1) as an index into a slice `width` wide: clamped in the last, narrower slice,
+    where rows whose target lies in another slice would otherwise point past its end."""
+    return target_column if width == columns else target_column.clamp(max=width - 1)
 
 
 def _scores(h: torch.Tensor, w_slice: torch.Tensor, b_slice: torch.Tensor) -> torch.Tensor:
