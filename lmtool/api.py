@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from lmtool.checkpoint import LoadedModel, load_model_file
-from lmtool.data import encode_file_to_disk, iter_lines
+from lmtool.data import encode_file_to_disk
 from lmtool.devices import inference_autocast, resolve_device
 from lmtool.errors import LmtoolError, non_finite_scores
 from lmtool.evaluate import (
@@ -27,6 +27,7 @@ from lmtool.evaluate import (
 )
 from lmtool.run_paths import resolve_model_path
 from lmtool.sample import SamplingOptions, encode_prime, generate
+from lmtool.text_files import iter_lines
 from lmtool.tokenizer import EOS_ID
 
 

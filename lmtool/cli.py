@@ -14,9 +14,9 @@ import click
 import typer
 
 from lmtool.errors import Interrupted, LmtoolError
-from lmtool.file_checks import check_readable_file
-# torch-free: a missing model or file is reported before torch is imported (seconds)
+# torch-free: a missing model or file, or a binary one, is reported before torch is imported (seconds)
 from lmtool.run_paths import BEST_MODEL, is_run_dir, resolve_model_path
+from lmtool.text_files import check_readable_file, iter_lines, stdin_lines
 
 # Newer typer vendors its own click; usage errors may come from either.
 _CLICK_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
@@ -133,9 +133,10 @@ def _check_direction(direction: Optional[str]) -> None:
 
 
 def _check_precision(precision: str) -> None:
-    from lmtool.devices import inference_dtype
-
-    inference_dtype(precision)  # the name, before any work; the device is checked once the model is on it
+    # the name, before torch is imported (lmtool.devices.inference_dtype checks it again for library callers); the
+    # device is checked once the model is on it
+    if precision not in ("fp32", "bf16"):
+        raise LmtoolError(f"--precision must be fp32 or bf16, got {precision!r}")
 
 
 @app.command()
@@ -297,13 +298,7 @@ def score(
         raise LmtoolError(f"--batch-size must be at least 1, got {batch_size}")
     model_path = resolve_model_path(model)  # before torch is imported: a missing model is told at once
     _check_precision(precision)
-    from rich.console import Console
-
-    from lmtool.api import load_model
-    from lmtool.data import iter_lines, stdin_lines
-    from lmtool.report import print_scores, score_json_lines, score_kenlm_lines
-
-    texts = list(sentences or [])
+    texts = list(sentences or [])  # read and checked before torch is imported too
     if file is not None:
         from_file = stdin_lines() if file == "-" else list(iter_lines(Path(file), "sentence"))
         if not any(line.strip() for line in from_file):
@@ -311,6 +306,11 @@ def score(
         texts += from_file
     if not texts:
         raise LmtoolError("no sentences to score; give them as arguments, or with --file FILE (or - for stdin)")
+    from rich.console import Console
+
+    from lmtool.api import load_model
+    from lmtool.report import print_scores, score_json_lines, score_kenlm_lines
+
     lm = load_model(model_path, device)
     scores = lm.score(texts, batch_size=batch_size, direction=direction, precision=precision)
     if fmt == "kenlm" and not hasattr(scores[0], "tokens"):
@@ -351,6 +351,8 @@ def evaluate_perplexity(
     _check_direction(direction)
     model_path = resolve_model_path(model)  # before torch is imported: a missing model is told at once
     _check_precision(precision)
+    for path in files:  # and a mistyped file name
+        check_readable_file(path, "evaluation")
     import json
 
     from rich.console import Console

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from lmtool.model import CELLS
+from lmtool.run_paths import BEST_MODEL
 
 from conftest import CONFIGS, REPO, SHAKESPEARE, train_run
 
@@ -109,6 +110,10 @@ def test_console_script_and_python_dash_m(small_corpus, tmp_path):
     (["sample"], "no trained model found"),
     (["score", "a sentence"], "no trained model found"),
     (["evaluate-perplexity", "held-out.txt", "--model", "nowhere"], "model not found: nowhere"),
+    (["evaluate-perplexity", "corpus.txt", "missing.txt", "--model", "run"], "evaluation file not found: missing.txt"),
+    (["score", "--file", "missing.txt", "--model", "run"], "sentence file not found: missing.txt"),
+    (["score", "--file", "corpus.txt", "--precision", "fp16", "--model", "run"], "--precision must be fp32 or bf16"),
+    (["score", "--file", "binary.txt", "--model", "run"], "sentence file binary.txt looks binary (NUL byte at offset 2)"),
     (["train", "missing.txt"], "training file not found: missing.txt"),
     (["train", "corpus.txt", "--valid", "missing.txt"], "validation file not found: missing.txt"),
     (["train", "corpus.txt", "--set", "model.bogus=1"], "unknown config key 'model.bogus'"),
@@ -117,6 +122,9 @@ def test_help_and_common_mistakes_answer_without_importing_torch(command, messag
     """torch takes seconds to import: `--help` and the commonest mistakes (no model yet, a mistyped file or
     setting) do not wait for it."""
     (tmp_path / "corpus.txt").write_text("to be or not to be\n", encoding="utf-8")
+    (tmp_path / "binary.txt").write_bytes(b"to\x00be\n")
+    (tmp_path / "run").mkdir()  # a model that is there (never loaded: the mistakes are found first)
+    (tmp_path / "run" / BEST_MODEL).write_bytes(b"")
     probe = ("import sys\nfrom lmtool.cli import main\ncode = 0\ntry:\n    main(sys.argv[1:])\n"
              "except SystemExit as stop:\n    code = stop.code\nprint('exit', code, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, cwd=tmp_path)
@@ -220,8 +228,6 @@ def test_ctrl_c_before_a_model_is_saved_says_how_to_start_again(run_cli, small_c
 def test_a_model_that_scores_nan_is_refused_not_printed(run_cli, tiny_run, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from lmtool.checkpoint import BEST_MODEL
 
     with safe_open(str(tiny_run / BEST_MODEL), framework="pt") as f:
         metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}

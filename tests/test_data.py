@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmtool.data import batchify, encode_lines, fit_batch_size, held_out_lines, load_corpus, read_text, windows
+from lmtool.data import batchify, encode_lines, fit_batch_size, held_out_lines, load_corpus, windows
+from lmtool.text_files import read_text
 from lmtool.errors import LmtoolError
 from lmtool.tokenizer import EOS_ID, UNK_ID, Tokenizer
 
@@ -107,12 +108,13 @@ def test_vectorised_encoding_equals_line_by_line(lines, level):
 
 
 def test_chunked_reading_gives_the_same_corpus(tmp_path, monkeypatch):
-    import lmtool.data as data
+    import lmtool.text_files as text_files
 
     path = tmp_path / "c.txt"
     path.write_text("".join(f"line {i} with words {i % 7}\r\n" for i in range(500)))
     whole = load_corpus(path, None, None, "word", 1, None, False, None, 0.1)
-    monkeypatch.setattr(data, "CHUNK_BYTES", 64)  # many small pieces, split points inside pieces
+    monkeypatch.setattr(text_files, "CHUNK_BYTES", 64)  # many small pieces, split points inside pieces
+    assert len(list(text_files.iter_text_chunks(path))) > 100
     chunked = load_corpus(path, None, None, "word", 1, None, False, None, 0.1)
     assert chunked.tokenizer == whole.tokenizer
     assert torch.equal(chunked.train, whole.train) and torch.equal(chunked.valid, whole.valid)
@@ -120,7 +122,7 @@ def test_chunked_reading_gives_the_same_corpus(tmp_path, monkeypatch):
 
 
 def test_a_line_longer_than_many_blocks_is_read_whole(tmp_path):
-    from lmtool.data import iter_text_chunks
+    from lmtool.text_files import iter_text_chunks
 
     path = tmp_path / "long.txt"
     path.write_bytes(b"\xef\xbb\xbf" + b"x" * 50 + b"\r\nshort\nlast")  # BOM, CRLF, no final newline
@@ -133,7 +135,7 @@ def test_a_binary_stream_is_refused_at_its_first_block_even_without_newlines():
     """A 1 GB file of zeros holds no newline: it must be refused from the first block, not read whole."""
     import io
 
-    from lmtool.data import checked_chunks
+    from lmtool.text_files import checked_chunks
 
     class Zeros(io.RawIOBase):
         reads = 0

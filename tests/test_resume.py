@@ -302,11 +302,11 @@ def test_disk_full_mid_training_stops_cleanly(small_corpus, tmp_path, monkeypatc
 
 
 def test_unreadable_corpus_is_a_clear_error(small_corpus, monkeypatch, run_cli):
-    import lmtool.file_checks as file_checks
+    import lmtool.text_files as text_files
 
     # root reads any file, so the check that a normal user meets is simulated
-    real = file_checks.os.access
-    monkeypatch.setattr(file_checks.os, "access",
+    real = text_files.os.access
+    monkeypatch.setattr(text_files.os, "access",
                         lambda path, mode: False if path == small_corpus else real(path, mode))
     result = run_cli("train", small_corpus, "--config", TINY)
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1

@@ -11,7 +11,8 @@ import torch
 from lmtool.checkpoint import BEST_MODEL, LAST_MODEL, load_model_file
 from lmtool.config import TrainConfig, load_config
 from lmtool.evaluate import stream_nll
-from lmtool.data import encode_lines, read_text, split_lines
+from lmtool.data import encode_lines
+from lmtool.text_files import read_text, split_lines
 from lmtool.errors import LmtoolError
 from lmtool.schedule import PlateauTracker, learning_rate
 from lmtool.train import train
