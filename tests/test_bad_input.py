@@ -57,7 +57,7 @@ CASES = [
     ("non-utf8 corpus", "train {tmp}/latin1.txt", "not UTF-8: undecodable byte 0xe9 at offset 3", 2),
     ("50 MB single line", "train {tmp}/one-line.txt", "single line, so no validation lines", 2),
     ("missing valid file", "train {tmp}/good.txt --valid {tmp}/nope.txt", "validation file not found", 2),
-    ("binary test file", "train {tmp}/good.txt --test {tmp}/binary.txt", "test file", 2),
+    ("binary test file", "train {tmp}/good.txt --test {tmp}/binary.txt", "binary.txt looks binary", 2),
     ("missing config", "train {tmp}/good.txt --config {tmp}/nope.yaml", "config file not found", 2),
     ("malformed yaml", "train {tmp}/good.txt --config {tmp}/malformed.yaml", "is not valid YAML at line", 2),
     ("yaml not a mapping", "train {tmp}/good.txt --config {tmp}/list.yaml", "must hold a mapping", 2),
@@ -97,7 +97,7 @@ CASES = [
     ("score binary file", "score --file {tmp}/binary.txt --model {run}/run", "looks binary", 2),
     ("score bad format", "score hi --format arpa --model {run}/run", "--format must be table or kenlm", 2),
     ("score batch 0", "score hi --batch-size 0 --model {run}/run", "--batch-size must be at least 1", 2),
-    ("evaluate missing", "evaluate-perplexity {tmp}/nope.txt --model {run}/run", "not found", 2),
+    ("evaluate missing", "evaluate-perplexity {tmp}/nope.txt --model {run}/run", "evaluation file not found", 2),
     ("evaluate empty", "evaluate-perplexity {tmp}/empty.txt --model {run}/run", "is empty", 2),
     ("evaluate non-utf8", "evaluate-perplexity {tmp}/latin1.txt --model {run}/run", "not UTF-8", 2),
     ("evaluate batch 0", "evaluate-perplexity {tmp}/good.txt --batch-size 0 --model {run}/run", "--batch-size must be at least 1", 2),
@@ -149,7 +149,3 @@ def test_bad_input(run_cli, tmp_path, trained, case, command, message, code):
     assert "Traceback" not in result.err
     assert message in lines[0], lines[0]
     assert snapshot(tmp_path, trained) == before  # nothing of the user's changed, no stray run directory
-
-
-def test_matrix_is_big_enough():
-    assert len(CASES) >= 30

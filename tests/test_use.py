@@ -33,12 +33,18 @@ def word_run(tmp_path_factory, request):
 
 
 def assert_probabilities_sum_to_one(run_dir):
+    """The next-token distribution sums to one (an adaptive softmax's log-probabilities as they are, without
+    renormalising), and the loss at every position is exactly -log of that distribution at the target."""
     lm = lmtool.load_model(run_dir)
     x = torch.randint(0, len(lm.tokenizer), (3, 20))
     with torch.no_grad():
-        logits, _ = lm.network(x)
-    sums = torch.softmax(logits.double(), dim=-1).sum(-1)  # (3, 20)
+        scores, _ = lm.network(x)  # (3, 20, V)
+        nll, _ = lm.network(x[:, :-1], targets=x[:, 1:])  # (3, 19)
+    log_probs = scores.double() if lm.network.config.softmax == "adaptive" else scores.double().log_softmax(-1)
+    sums = log_probs.exp().sum(-1)  # (3, 20)
     torch.testing.assert_close(sums, torch.ones_like(sums))
+    at_targets = log_probs[:, :-1].gather(-1, x[:, 1:, None]).squeeze(-1)  # (3, 19)
+    torch.testing.assert_close(nll.double(), -at_targets, rtol=1e-5, atol=1e-5)
 
 
 def test_probabilities_sum_to_one_at_every_position(char_run, word_run):
@@ -104,9 +110,17 @@ def test_evaluate_perplexity_matches_training_validation(char_run):
 def test_unknown_tokens_are_counted_and_excluded_on_request(word_run, tmp_path):
     path = tmp_path / "unk.txt"
     path.write_text("the zebra sat\nthe cat\n")
-    s = lmtool.load_model(word_run).perplexity(path).score
+    lm = lmtool.load_model(word_run)
+    s = lm.perplexity(path).score
     assert (s.tokens, s.unknown) == (7, 1)
     assert s.perplexity_known is not None and s.perplexity_known != s.perplexity
+    # one line scores as the sentence does (both start after an <EOS>): leave out its <UNK> token's log-prob
+    path.write_text("the zebra sat\n")
+    s = lm.perplexity(path).score
+    tokens = lm.score(["the zebra sat"])[0].tokens
+    assert [t.known for t in tokens] == [True, False, True, True] and (s.tokens, s.unknown) == (4, 1)
+    assert s.perplexity_known == pytest.approx(math.exp(-sum(t.logprob for t in tokens if t.known) / 3), rel=1e-5)
+    assert s.perplexity == pytest.approx(math.exp(-sum(t.logprob for t in tokens) / 4), rel=1e-5)
 
 
 def test_sampling_is_reproducible_and_carries_state(char_run):
@@ -196,11 +210,13 @@ def test_prime_with_unknown_characters_warns(run_cli, char_run):
 
 def test_score_ranks_sentences_and_writes_json_and_kenlm(run_cli, word_run, tmp_path):
     likely, unlikely = "the cat sat on the mat", "mat the on sat cat the"
-    table = run_cli("score", likely, unlikely, "--model", word_run, "--tokens")
-    assert table.code == 0, table.err
-    assert table.out.index(likely) < table.out.index(unlikely)
     rows = [json.loads(l) for l in run_cli("score", unlikely, likely, "--model", word_run, "--json").out.splitlines()]
     assert [r["rank"] for r in rows] == [2, 1] and rows[1]["logprob"] > rows[0]["logprob"]
+    table = run_cli("score", unlikely, likely, "--model", word_run, "--tokens")  # given least probable first
+    assert table.code == 0, table.err
+    # the ranking table's rows (a sentence may wrap there: found by its log P) and then the token tables
+    assert table.out.index(f"{rows[1]['logprob']:.4f}") < table.out.index(f"{rows[0]['logprob']:.4f}")
+    assert table.out.index(f"1. {likely}") < table.out.index(f"2. {unlikely}")
     kenlm = run_cli("score-sentence-probability", likely, "--model", word_run, "--format", "kenlm").out.splitlines()
     assert kenlm[0].startswith("the=") and "</s>=2 7 " in kenlm[0]
     assert float(kenlm[0].split("Total: ")[1].split()[0]) == pytest.approx(rows[1]["log10prob"], abs=1e-4)
@@ -422,12 +438,37 @@ def test_two_level_adaptive_sampling_draws_from_the_exact_distribution(streams):
     torch.testing.assert_close(observed, expected.double(), atol=0.01 if streams > 1 else 0.016, rtol=0)
 
 
-def test_sampling_an_adaptive_model_at_other_temperatures_uses_the_full_distribution(word_run):
+@pytest.mark.parametrize("word_run", ["adaptive"], indirect=True)
+def test_sampling_an_adaptive_model_at_other_temperatures_uses_the_full_distribution(word_run, monkeypatch):
+    """Only temperature 1 without a filter draws in two levels; any other temperature, top-k or top-p is applied
+    to the whole distribution, and every draw stays reproducible."""
+    import lmtool.sample
+
+    calls = {"two-level": 0, "full": 0}
+
+    def counted(name, function):
+        def wrapper(*args):
+            calls[name] += 1
+            return function(*args)
+        return wrapper
+
+    def within_top_3(scores, options, generator):
+        token = pick_next(scores, options, generator)  # (B,)
+        if options.top_k == 3:
+            assert bool((scores.gather(1, token[:, None]) >= scores.topk(3).values[:, -1:]).all())
+        return token
+
+    monkeypatch.setattr(lmtool.sample, "draw_adaptive", counted("two-level", lmtool.sample.draw_adaptive))
+    monkeypatch.setattr(lmtool.sample, "pick_next", counted("full", within_top_3))
     lm = lmtool.load_model(word_run)
-    for options in (SamplingOptions(length=20, seed=5), SamplingOptions(length=20, seed=5, temperature=0.7),
-                    SamplingOptions(length=20, seed=5, top_k=3)):
+    for options, path in ((SamplingOptions(length=20, seed=5), "two-level"),
+                          (SamplingOptions(length=20, seed=5, temperature=0.7), "full"),
+                          (SamplingOptions(length=20, seed=5, top_k=3), "full"),
+                          (SamplingOptions(length=20, seed=5, top_p=0.9), "full")):
+        calls.update({"two-level": 0, "full": 0})
         a, b = lm.sample("the cat", options), lm.sample("the cat", options)
         assert a == b and len(a[0].split()) >= 10
+        assert calls == {"two-level": 0, "full": 0, path: 40}, (options, calls)
 
 
 def test_bf16_generation_stays_close_to_fp32_and_samples_valid_tokens(char_run, word_run):
