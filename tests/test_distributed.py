@@ -37,7 +37,8 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def _rank_main(rank, world, port, cwd, config_tree, corpora, valid, out, resume_limits):
-    """One process of a job, as torchrun would start it; keeps the weights it ended with for the test."""
+    """One process of a job, as torchrun would start it; keeps the weights it ended with, and the steps of its
+    checkpoints (with whether each was the final one), for the test."""
     os.chdir(cwd)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
@@ -52,6 +53,14 @@ def _rank_main(rank, world, port, cwd, config_tree, corpora, valid, out, resume_
         return finish(self, stop_reason)
 
     training._Trainer._finish = keep_weights
+    save_checkpoint = training._Trainer.save_checkpoint
+
+    def note_checkpoint(self, finished=False, stop_reason=None):
+        with open(Path(cwd) / f"{Path(out).name}-rank{rank}.checkpoints", "a") as f:
+            f.write(f"{self.step} {finished}\n")
+        return save_checkpoint(self, finished, stop_reason)
+
+    training._Trainer.save_checkpoint = note_checkpoint
     try:
         if resume_limits is not None:
             training.resume(Path(out), limits=resume_limits)
@@ -231,3 +240,7 @@ def test_time_limit_and_checkpoint_times_are_agreed_by_every_rank(runs, tmp_path
     first, second = rank_weights(tmp_path, "timed", 0), rank_weights(tmp_path, "timed", 1)
     for name in first:
         assert torch.equal(first[name], second[name]), name
+    checkpoints = [(tmp_path / f"timed-rank{rank}.checkpoints").read_text().splitlines() for rank in (0, 1)]
+    assert checkpoints[0] == checkpoints[1]  # the same steps on both ranks
+    timed = [line for line in checkpoints[0] if line.endswith("False")]
+    assert len(timed) >= 2 and checkpoints[0][-1] == f"{end['steps']} True", checkpoints[0]  # several on the way

@@ -165,6 +165,13 @@ def test_the_start_line_says_whether_the_step_is_a_cuda_graph(small_corpus, tmp_
     assert start["cuda_graph"] is True
 
 
+def test_a_plain_step_is_not_called_a_cuda_graph(small_corpus, tmp_path, run_cli):
+    result = run_cli("train", small_corpus, "--config", TINY, "--out", tmp_path / "run", "--max-steps", "3")
+    assert result.code == 0 and "CUDA graph" not in result.err and " on cpu (" in result.err, result.err
+    start = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["cuda_graph"] is False
+
+
 def test_tokens_per_second_count_training_time_only(small_corpus, tmp_path, monkeypatch):
     # A stand-in clock: each training step takes 1 s, each validation and checkpoint 100 s. Every log line
     # must then report its tokens over exactly its steps' seconds, across validations, checkpoints and epochs.

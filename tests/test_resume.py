@@ -417,15 +417,24 @@ def test_the_trainer_starts_momentum_buffers_when_it_builds_and_when_it_resumes(
     """A fused SGD whose first update is skipped would otherwise step from uninitialised buffers."""
     import lmtool.train as training
 
-    started = []
+    started, buffers_at_start = [], []
     real = training.start_momentum
-    monkeypatch.setattr(training, "start_momentum", lambda optimizer: started.append(optimizer) or real(optimizer))
+
+    def spy(optimizer):
+        real(optimizer)
+        started.append(optimizer)
+        # right after the call, before any step could have made them
+        buffers_at_start.append([optimizer.state[p].get("momentum_buffer") for p in optimizer.param_groups[0]["params"]])
+        buffers_at_start[-1] = [None if b is None else b.clone() for b in buffers_at_start[-1]]
+
+    monkeypatch.setattr(training, "start_momentum", spy)
     cfg = load_config(TINY, ["train.optimizer=sgd", "train.momentum=0.9", "train.max_steps=4"])
     train(cfg, small_corpus, out=tmp_path / "run")
     resume(tmp_path / "run", limits={"max_steps": 6})
     assert len(started) == 3 and started[1] is started[2]  # built; then the resumed one built, and again after loading
-    for optimizer in started:
-        assert all("momentum_buffer" in optimizer.state[p] for p in optimizer.param_groups[0]["params"])
+    for built in buffers_at_start[:2]:  # zeros before the first step
+        assert all(b is not None and not b.any() for b in built)
+    assert all(b is not None and b.any() for b in buffers_at_start[2])  # the loaded ones, kept
 
 
 def test_a_stopped_run_resumed_at_its_limit_finishes_but_a_finished_one_is_refused(small_corpus, tmp_path):

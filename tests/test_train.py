@@ -58,17 +58,24 @@ def test_same_seed_gives_the_same_run_and_the_best_model_file_scores_as_recorded
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_with_the_sliced_output_layer_follows_pytorchs(small_corpus, tmp_path, monkeypatch, precision):
-    # The tiny corpora's vocabularies fit one slice, so shrink the slices: the whole trainer (guard, fused
-    # optimiser, tied weights, validation) then runs through lmtool/chunked_nll.py, and must follow the run
-    # that used PyTorch's cross-entropy.
+    # The tiny corpus's vocabulary is below the size that takes the sliced layer and fits one slice, so lower
+    # that size and shrink the slices: the whole trainer (guard, fused optimiser, tied weights, validation) then
+    # runs through lmtool/chunked_nll.py, and must follow the run that used PyTorch's cross-entropy.
     import lmtool.chunked_nll as chunked_nll
+    import lmtool.model
 
     overrides = ["data.level=word", "train.max_steps=30", "train.eval_every=10", "model.tie_weights=true",
                  "model.embedding_size=32", f"train.precision={precision}"]
     cfg = load_config(TINY, overrides)
+    calls = []
+    real = lmtool.model.linear_nll
+    monkeypatch.setattr(lmtool.model, "linear_nll", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     reference = train(cfg, small_corpus, out=tmp_path / "pytorch")
+    assert not calls  # the reference is PyTorch's path
+    monkeypatch.setattr(chunked_nll, "MIN_VOCAB", 0)
     monkeypatch.setattr(chunked_nll, "slice_size", lambda rows, vocab_size: min(vocab_size, 7))
     sliced = train(cfg, small_corpus, out=tmp_path / "sliced")
+    assert len(calls) >= 30  # every training step, and validation
     expected, got = metrics(reference.run_dir), metrics(sliced.run_dir)
     assert [r["event"] for r in got] == [r["event"] for r in expected]
     tolerance = 1e-4 if precision == "fp32" else 2e-2
@@ -200,6 +207,8 @@ def test_a_skipped_step_leaves_the_optimiser_as_if_it_never_happened(optimizer, 
     ours[0].grad = torch.full_like(start, float("nan"))
     bad = guarded_update(mine, ours, guard, torch.tensor(float("nan")), 0.5, 1, on_device)
     assert bool(bad) and torch.equal(ours[0].detach(), start)
+    if optimizer == "sgd":  # the skipped step leaves zero buffers, not uninitialised memory
+        assert torch.equal(mine.state[ours[0]]["momentum_buffer"], torch.zeros_like(start))
     for step in range(3):  # clipped good steps: momentum and bias correction count from the first good one
         grad = torch.randn(7, 3) * (1 + step)  # norms of about 4.6, 9 and 14, all clipped to 0.5
         ours[0].grad, plain_param.grad = grad.clone(), grad.clone()
