@@ -21,14 +21,13 @@ from lmtool.config import Config, config_from_dict, save_config_yaml
 from lmtool.errors import LmtoolError
 from lmtool.model import LanguageModel
 from lmtool.run_paths import (
-    BEST_MODEL, CONFIG_FILE, LAST_MODEL, LATEST, METRICS_FILE, RUNS_ROOT, TRAINING_STATE, VOCAB_FILE, is_run_dir,
+    CONFIG_FILE, LATEST, METRICS_FILE, RUN_FILES, RUNS_ROOT, TRAINING_STATE, VOCAB_FILE, is_run_dir,
 )
 from lmtool.tokenizer import Tokenizer
 
 MODEL_FORMAT = "lmtool-model"
 MODEL_FORMAT_VERSION = 1
 TRAINING_STATE_VERSION = 1
-RUN_FILES = (CONFIG_FILE, VOCAB_FILE, METRICS_FILE, BEST_MODEL, LAST_MODEL, TRAINING_STATE)
 LOCK_FILE = ".lock"  # held by the process training the run, so that no second one writes into it
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -282,8 +281,10 @@ class LoadedModel:
 def load_model_file(path: Path) -> LoadedModel:
     """Read a model file written by `save_model_file`; nothing in it is executed, damage is a clear error."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise LmtoolError(f"model file not found: {path}")
+    if not path.is_file():
+        raise LmtoolError(f"model path {path} is not a regular file; give a run directory or a .safetensors model file")
     try:
         open(path, "rb").close()  # the system's reason (permissions...), which safetensors would not give
     except OSError as err:
@@ -303,7 +304,7 @@ def load_model_file(path: Path) -> LoadedModel:
     if version > MODEL_FORMAT_VERSION:
         raise LmtoolError(f"{path} was written by a newer lmtool (model format {version}); upgrade lmtool")
     try:
-        config = config_from_dict(json.loads(metadata["config"]), source=str(path))
+        config = config_from_dict(json.loads(metadata["config"]), source="its config")  # prefixed with the path below
         tokenizer = Tokenizer.from_dict(json.loads(metadata["vocab"]))
         info = json.loads(metadata.get("info", "{}"))
     except (KeyError, json.JSONDecodeError):

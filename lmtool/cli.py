@@ -15,7 +15,7 @@ import typer
 
 from lmtool.errors import Interrupted, LmtoolError
 # torch-free: a missing model or file, or a binary one, is reported before torch is imported (seconds)
-from lmtool.run_paths import BEST_MODEL, is_run_dir, resolve_model_path
+from lmtool.run_paths import BEST_MODEL, RUN_FILES, is_run_dir, resolve_model_path
 from lmtool.text_files import check_readable_file, iter_lines, stdin_lines
 
 # Newer typer vendors its own click; usage errors may come from either.
@@ -163,6 +163,8 @@ def sample(
 ) -> None:
     """Generate text from a trained model, one token at a time (the RNN state is carried, never re-read)."""
     model_path = resolve_model_path(model)  # before torch is imported: a missing model is told at once
+    if output is not None:
+        _check_output(output, overwrite, model_path)
     from lmtool.api import load_model
     from lmtool.checkpoint import atomic_write
     from lmtool.sample import SamplingOptions, encode_prime
@@ -171,8 +173,6 @@ def sample(
         temperature=temperature, top_k=top_k, top_p=top_p, length=length, num_samples=num_samples,
         stop_at_eos=stop_at_eos, seed=seed, precision=precision,
     )
-    if output is not None:
-        _check_output(output, overwrite)
     if ending is not None and prime:
         raise LmtoolError("give --prime or --ending, not both: a model writes in one direction at a time")
     lm = load_model(model_path, device)
@@ -209,12 +209,16 @@ def _what_was_kept(run_dir: str | Path | None) -> str:
     return f" before any model was saved; to start again, add --overwrite (run {run_dir})"
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    """Fail before any work if the samples could not be written to `output`."""
+def _check_output(output: Path, overwrite: bool, model_path: Path) -> None:
+    """Fail before any work if the samples could not be written to `output`, or would replace the model."""
     if output.is_dir():
         raise LmtoolError(f"--output {output} is a directory; give a file name")
     if output.exists() and not overwrite:
         raise LmtoolError(f"--output {output} already exists; pass --overwrite to replace it or choose another file")
+    if output.exists() and os.path.samefile(output, model_path):  # not even with --overwrite
+        raise LmtoolError(f"--output {output} is the model being sampled from; choose another file")
+    if output.name in RUN_FILES and is_run_dir(output.parent):  # its other model, config or checkpoint
+        raise LmtoolError(f"--output {output} is a file of the run {output.parent}; choose a file outside it")
     if not output.parent.is_dir():
         raise LmtoolError(f"--output {output}: the directory {output.parent} does not exist; create it first")
     if not os.access(output.parent, os.W_OK | os.X_OK):
@@ -294,6 +298,9 @@ def score(
     _check_direction(direction)
     if fmt not in ("table", "kenlm"):
         raise LmtoolError(f"--format must be table or kenlm, got '{fmt}'")
+    if fmt == "kenlm" and (json_out or tokens):
+        raise LmtoolError(f"--format kenlm is its own output format (every token listed); drop "
+                          f"{'--json' if json_out else '--tokens'}")
     if batch_size < 1:
         raise LmtoolError(f"--batch-size must be at least 1, got {batch_size}")
     model_path = resolve_model_path(model)  # before torch is imported: a missing model is told at once
@@ -405,6 +412,11 @@ def _internal_error(err: Exception) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every user mistake into one line on stderr and an exit code."""
+    if sys.stdout is None or sys.stderr is None:  # started with `>&-` or `2>&-`: results or messages would be lost
+        if sys.stderr is not None:
+            print("lmtool: error: standard output is closed; redirect it to a file (or /dev/null) instead",
+                  file=sys.stderr)
+        sys.exit(2)
     warnings.showwarning = _show_warning
     try:
         result = app(args=argv, prog_name="lmtool", standalone_mode=False)

@@ -32,6 +32,11 @@ Direction = Literal["forward", "backward", "bidirectional"]
 MAX_SEED = 2**64 - 1
 
 
+# Widest embedding or recurrent layer: far beyond any machine's memory already (a 2^20-wide LSTM layer holds
+# 2^43 weights), and low enough that sizes computed from it never overflow torch's 64-bit shapes.
+MAX_WIDTH = 2**20
+
+
 def _opt(default: Any, help: str, **bounds: float) -> Any:
     """A config field with its one-line help and numeric bounds (gt, ge, lt, le)."""
     return field(default=default, metadata={"help": help, **bounds})
@@ -53,12 +58,13 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     cell: Cell = _opt("lstm", "recurrent cell: rnn_tanh | rnn_relu | gru | lstm")
-    embedding_size: int = _opt(128, "size of the token embedding", ge=1)
-    hidden_size: int = _opt(512, "size of each recurrent layer's state", ge=1)
+    embedding_size: int = _opt(128, "size of the token embedding", ge=1, le=MAX_WIDTH)
+    hidden_size: int = _opt(512, "size of each recurrent layer's state", ge=1, le=MAX_WIDTH)
     num_layers: int = _opt(2, "stacked recurrent layers", ge=1)
     dropout: float = _opt(0.2, "dropout between layers and before the output layer", ge=0, lt=1)
     tie_weights: bool = _opt(False, "share the embedding and output weights (needs embedding_size == hidden_size)")
-    init_range: float | None = _opt(0.1, "initialise every weight uniformly in [-r, r] (null: PyTorch's default)", gt=0)
+    init_range: float | None = _opt(0.1, "initialise every weight uniformly in [-r, r] (null: PyTorch's default)", gt=0,
+                                    le=1000)
     direction: Direction = _opt(
         "forward", "forward | backward (reads the text right to left) | bidirectional (both stacks, trained jointly)"
     )

@@ -8,18 +8,28 @@ from pathlib import Path
 from lmtool.errors import LmtoolError
 
 CONFIG_FILE = "config.yaml"
+CONFIG_START = b"format_version:"  # the first key of every config.yaml that lmtool writes
 VOCAB_FILE = "vocab.json"
 METRICS_FILE = "metrics.jsonl"
 BEST_MODEL = "model-best.safetensors"
 LAST_MODEL = "model-last.safetensors"
 TRAINING_STATE = "train-state.pt"
+RUN_FILES = (CONFIG_FILE, VOCAB_FILE, METRICS_FILE, BEST_MODEL, LAST_MODEL, TRAINING_STATE)
 RUNS_ROOT = Path("runs")
 LATEST = "latest"
 
 
 def is_run_dir(path: Path) -> bool:
-    """Whether a directory was written by lmtool train."""
-    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / VOCAB_FILE).is_file()
+    """Whether a directory was written by lmtool train: its vocabulary, and a config.yaml that starts as lmtool
+    writes one (so that --overwrite never takes another program's config.yaml for a run)."""
+    config = Path(path) / CONFIG_FILE
+    if not (config.is_file() and (Path(path) / VOCAB_FILE).is_file()):
+        return False
+    try:
+        with open(config, "rb") as f:
+            return f.read(len(CONFIG_START)) == CONFIG_START
+    except OSError:
+        return False
 
 
 def resolve_model_path(ref: str | Path | None) -> Path:

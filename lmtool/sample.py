@@ -16,6 +16,11 @@ from lmtool.model import LanguageModel, map_state
 from lmtool.tokenizer import EOS_ID, UNK_ID, Tokenizer
 
 
+# Samples generated together, at most: one batch, so far more would only run out of memory (and beyond 2^63 torch's
+# shapes overflow).
+MAX_SAMPLES = 1_000_000
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """How to pick each next token."""
@@ -39,8 +44,8 @@ class SamplingOptions:
             raise LmtoolError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.length < 1:
             raise LmtoolError(f"--length must be at least 1, got {self.length}")
-        if self.num_samples < 1:
-            raise LmtoolError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if not 1 <= self.num_samples <= MAX_SAMPLES:
+            raise LmtoolError(f"--num-samples must be between 1 and {MAX_SAMPLES:,}, got {self.num_samples}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise LmtoolError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
 

@@ -15,11 +15,16 @@ from lmtool.errors import LmtoolError
 
 def check_readable_file(path: Path, what: str) -> None:
     """A clear error unless `path` is a file this process may read; `what` names it ("training", "test"...)."""
+    if str(path) == "":  # Path("") would be the current directory
+        raise LmtoolError(f"the {what} file name is empty; give the path of a text file")
     path = Path(path)
     if not path.exists():
         raise LmtoolError(f"{what} file not found: {path}")
     if path.is_dir():
         raise LmtoolError(f"{what} path is a directory, not a text file: {path}")
+    if not path.is_file():  # a named pipe or a device: read more than once, a pipe would hang or come back empty
+        raise LmtoolError(f"{what} path {path} is not a regular file (a pipe or a device?); save the text to a file "
+                          "first" + (", or pipe it to 'lmtool score --file -'" if what == "sentence" else ""))
     if not os.access(path, os.R_OK):
         raise LmtoolError(f"cannot read {what} file {path}: permission denied")
 

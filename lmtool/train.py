@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import signal
@@ -15,8 +16,6 @@ from typing import Any, Callable, Iterator
 import torch
 
 from lmtool.checkpoint import (
-    BEST_MODEL,
-    LAST_MODEL,
     RunDir,
     check_run_target,
     claim_default_run_path,
@@ -36,6 +35,7 @@ from lmtool.graphed_step import Capture, GraphedStep, capture_cuda_graph
 from lmtool.host_memory import keep_freed_memory
 from lmtool.model import LanguageModel, State, check_fits, count_parameters, detach_state, map_state
 from lmtool.schedule import PlateauTracker, learning_rate
+from lmtool.run_paths import BEST_MODEL, LAST_MODEL
 from lmtool.step_guard import SKIPS_ON_DEVICE, StepGuard, guarded_update, start_momentum
 from lmtool.tokenizer import Tokenizer
 
@@ -97,10 +97,11 @@ def train(
     """
     device = resolve_device(config.train.device)
     with distributed_session(device) as ctx:
-        run, corpus, sources = _start_run(ctx, config, corpus_path, valid_path, test_path, out, overwrite)
+        def build(corpus: Corpus) -> _Trainer:
+            return _Trainer(config, corpus, None, ctx.device(device), on_event, None, ctx)
+
+        trainer, run = _start_run(ctx, config, corpus_path, valid_path, test_path, out, overwrite, build)
         try:
-            with ctx.reported_by_main():  # a config that does not fit the corpus fails on every rank: say it once
-                trainer = _Trainer(config, corpus, run, ctx.device(device), on_event, sources, ctx)
             try:
                 with ctx.reported_by_main():
                     return trainer.run()
@@ -110,9 +111,13 @@ def train(
             run.release()
 
 
-def _start_run(ctx: DistributedContext, config: Config, corpus_path, valid_path, test_path, out, overwrite):
+def _start_run(ctx: DistributedContext, config: Config, corpus_path, valid_path, test_path, out, overwrite,
+               build: Callable[[Corpus], _Trainer]) -> tuple[_Trainer, RunDir]:
     """Rank 0 checks the target, reads the corpus and builds the vocabulary; the other ranks read the corpus with
-    rank 0's vocabulary (sent over the process group: no shared disk needed); then rank 0 alone creates the run."""
+    rank 0's vocabulary (sent over the process group: no shared disk needed); every rank builds its trainer (the
+    model and optimiser: a model too big for memory fails here, before --overwrite has replaced the old run);
+    then rank 0 alone creates the run."""
+    trainer = None
     run_path = Path(out) if out is not None else default_run_path(corpus_path)
     corpus = error = None
     if ctx.is_main:
@@ -140,13 +145,18 @@ def _start_run(ctx: DistributedContext, config: Config, corpus_path, valid_path,
                 except LmtoolError as err:
                     error = err
             ctx.agree(error)
+        with ctx.reported_by_main():  # a config that does not fit the corpus fails on every rank: say it once
+            trainer = build(corpus)
         run, sources = _create_run(ctx, config, corpus, run_path, overwrite,
                                    {"train": corpus_path, "valid": valid_path, "test": test_path})
     except BaseException:
+        if trainer is not None:
+            trainer.close()
         if ctx.is_main and out is None and run_path.is_dir() and not any(run_path.iterdir()):
             run_path.rmdir()  # the default directory claimed above, never used
         raise
-    return run, corpus, sources
+    trainer.attach(run, sources)
+    return trainer, run
 
 
 def _create_run(ctx: DistributedContext, config: Config, corpus: Corpus, run_path: Path, overwrite: bool,
@@ -337,10 +347,16 @@ class TrainingClock:
 class _Trainer:
     """State of one training run; `run` is the whole loop, `snapshot`/`restore` make it resumable exactly."""
 
-    def __init__(self, config: Config, corpus: Corpus, run: RunDir, device: torch.device, on_event, sources,
+    def __init__(self, config: Config, corpus: Corpus, run: RunDir | None, device: torch.device, on_event, sources,
                  ctx: DistributedContext | None = None) -> None:
-        self.config, self.corpus, self.run_dir, self.device = config, corpus, run, device
-        self.on_event, self.sources = on_event, sources
+        """`run` may be None (and `sources` with it) until `attach`: a new run's directory is created once its
+        trainer has been built."""
+        self.config, self.corpus, self.device = config, corpus, device
+        self.run_dir: RunDir | None = None
+        self.sources: dict | None = None
+        if run is not None:
+            self.attach(run, sources)
+        self.on_event = on_event
         self.ctx = ctx = ctx or DistributedContext()
         tc = config.train
         torch.manual_seed(tc.seed)
@@ -403,6 +419,10 @@ class _Trainer:
         self.last_checkpoint_time = self.start_time
         self.signal_received: int | None = None
 
+    def attach(self, run: RunDir, sources: dict | None) -> None:
+        """The run directory it trains into, and the digests of its source files (None on ranks other than 0)."""
+        self.run_dir, self.sources = run, sources
+
     def close(self) -> None:
         """Drop the DistributedDataParallel wrapper now: freed later, after its process group is destroyed (at
         interpreter exit), its pending gloo work can abort the process."""
@@ -436,8 +456,9 @@ class _Trainer:
             if self.last_validated_step != self.step:
                 self._validate()  # the final weights are always scored and saved
                 self.epoch_closed = self.window >= self.steps_per_epoch  # it was also the epoch's validation
-            result = self._finish(stop_reason)  # a Ctrl-C now changes nothing: the run is finishing anyway
+            result, end = self._finish(stop_reason)  # a Ctrl-C now changes nothing: the run is finishing anyway
             self.save_checkpoint(finished=True, stop_reason=stop_reason)
+        self.show(end)  # after the checkpoint: a summary that cannot be printed (a full disk) loses nothing
         return result
 
     def _train_epoch(self) -> str | None:
@@ -543,12 +564,15 @@ class _Trainer:
         """Raise once `max_bad_steps` bad steps came in a row (the weights have not moved since)."""
         problem = self.guard.failure()
         if problem is not None:
-            if (self.run_dir.path / BEST_MODEL).is_file():
-                kept = f"the best model in {self.run_dir.path} is intact. Lower train.lr or set train.clip_grad_norm"
-            else:
-                kept = (f"no model was saved before it. Lower train.lr or set train.clip_grad_norm, and add "
-                        f"--overwrite to train again into {self.run_dir.path}")
-            raise TrainingFailed(f"training diverged: {problem}; {kept}")
+            raise self._diverged(problem)
+
+    def _diverged(self, problem: str, advice: str = "Lower train.lr or set train.clip_grad_norm") -> TrainingFailed:
+        """The error that ends a diverged run: what went wrong, what was kept, what to change."""
+        if (self.run_dir.path / BEST_MODEL).is_file():
+            kept = f"the best model in {self.run_dir.path} is intact. {advice}"
+        else:
+            kept = f"no model was saved before it. {advice}, and add --overwrite to train again into {self.run_dir.path}"
+        return TrainingFailed(f"training diverged: {problem}; {kept}")
 
     def _log_train(self, lr: float) -> None:
         """Report the steps since the last log: their loss, and their tokens over the training clock's time."""
@@ -610,6 +634,9 @@ class _Trainer:
         self.last_validated_step = self.step
         scores = {d: self._score_shared(self.corpus.valid, self.eval_batch["validation"], d) for d in self.directions}
         score = combined(list(scores.values()))
+        if not math.isfinite(score.loss):  # weights made non-finite by a step the guard could not see (weight decay)
+            raise self._diverged(f"the validation loss is {score.loss} at step {self.step:,}",
+                                 "Lower train.weight_decay or train.lr")
         improved = self.plateau.update(score.loss, tc.plateau_patience)
         if improved:
             self.best = score
@@ -664,7 +691,9 @@ class _Trainer:
             name, self.model, self.config, self.corpus.tokenizer, step=self.step, epoch=self.epoch, valid_loss=score.loss
         )
 
-    def _finish(self, stop_reason: str) -> TrainResult:
+    def _finish(self, stop_reason: str) -> tuple[TrainResult, Event]:
+        """Score the test text with the best model and record the end of the run; returns the result and the end
+        record, which is shown once the final checkpoint is saved."""
         self._stop_if_diverged()
         test = None
         if self.corpus.test is not None and self.ctx.is_main:  # the best model is on rank 0's disk only
@@ -683,7 +712,7 @@ class _Trainer:
                 }
             )
         best = self.best
-        self.emit(
+        end = self.record(
             {
                 "event": "end",
                 "stop_reason": stop_reason,
@@ -708,7 +737,7 @@ class _Trainer:
             tokens_seen=self.tokens_seen,
             seconds=self.elapsed,
             stop_reason=stop_reason,
-        )
+        ), end
 
     # --- checkpoints ------------------------------------------------------------------------------------
 
@@ -842,10 +871,18 @@ class _Trainer:
     # --- records ----------------------------------------------------------------------------------------
 
     def emit(self, record: Event) -> None:
-        if not self.ctx.is_main:
-            return
-        self.run_dir.append_metrics(record)
-        if self.on_event is not None:
+        """Record an event in metrics.jsonl and show it (rank 0)."""
+        self.show(self.record(record))
+
+    def record(self, record: Event) -> Event:
+        """Append an event to metrics.jsonl (rank 0) without showing it yet; returns it."""
+        if self.ctx.is_main:
+            self.run_dir.append_metrics(record)
+        return record
+
+    def show(self, record: Event) -> None:
+        """Pass an event to `on_event` (rank 0)."""
+        if self.ctx.is_main and self.on_event is not None:
             self.on_event(record)
 
     @property

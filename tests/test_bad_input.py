@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmtool.checkpoint import BEST_MODEL
+from lmtool.run_paths import BEST_MODEL
 
 from conftest import CONFIGS, SHAKESPEARE, train_run
 
@@ -45,6 +45,8 @@ FILES = {
     "tie.yaml": b"model:\n  tie_weights: true\n  embedding_size: 8\n  hidden_size: 16\n",
     "twice.yaml": b"model:\n  cell: gru\ntrain:\n  lr: 0.01\nmodel:\n  num_layers: 1\n",
     "zeros.bin": bytes(5 * 2**20),  # no newline anywhere
+    "foreign/config.yaml": b"name: another program's settings\n",  # not a run, though it has both files
+    "foreign/vocab.json": b"{}",
 }
 
 # (case, command line with {tmp} and {run} placeholders, what the one line must say, exit code)
@@ -120,8 +122,21 @@ CASES = [
     ("output in a missing directory", "sample --model {run}/run --output {tmp}/nodir/out.txt",
      "does not exist; create it first", 2),
     ("output is a directory", "sample --model {run}/run --output {tmp}", "is a directory; give a file name", 2),
-    ("out of memory", "sample --model {run}/run --num-samples 1000000000000000 --length 1",
+    ("out of memory", "train {tmp}/good.txt --set model.hidden_size=1048576 --out {tmp}/big",
      "ran out of memory (tried to allocate", 1),
+    ("width too large", "train {tmp}/good.txt --set model.embedding_size=100000000000000000000",
+     "model.embedding_size: 100000000000000000000 is out of range (must be at most 1048576)", 2),
+    ("init range too large", "train {tmp}/good.txt --set model.init_range=1e39", "must be at most 1000", 2),
+    ("too many samples", "sample --model {run}/run --num-samples 100000000000000000000",
+     "--num-samples must be between 1 and 1,000,000", 2),
+    ("output is the model", "sample --model {run}/run/model-best.safetensors --output {run}/run/model-best.safetensors "
+     "--overwrite", "is the model being sampled from", 2),
+    ("output is a file of a run", "sample --model {run}/run --output {run}/run/config.yaml --overwrite",
+     "is a file of the run", 2),
+    ("kenlm and json", "score hi --format kenlm --json --model {run}/run", "drop --json", 2),
+    ("model is not a regular file", "score hi --model /dev/null", "/dev/null is not a regular file", 2),
+    ("overwrite another program's directory", "train {tmp}/good.txt --out {tmp}/foreign --overwrite",
+     "exists and is not an lmtool run", 2),
     ("path name too long", "score --file {tmp}/" + "x" * 300 + "/a.txt --model {run}/run", "File name too long", 2),
 ]
 if not torch.cuda.is_available():
@@ -138,6 +153,7 @@ def snapshot(*roots: Path) -> dict[str, str]:
 @pytest.mark.parametrize("case, command, message, code", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(run_cli, tmp_path, trained, case, command, message, code):
     for name, content in FILES.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(content)
     truncated = _truncated_model(tmp_path, trained)
     args = command.format(tmp=tmp_path, run=trained, truncated=truncated).split()

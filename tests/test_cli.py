@@ -209,6 +209,60 @@ def test_a_full_disk_behind_standard_output_is_an_error_not_a_bug(tiny_run):
     assert done.returncode == 1 and err == "lmtool: error: cannot write the output: No space left on device", err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_training_summary_that_cannot_be_printed_loses_no_checkpoint(small_corpus, tmp_path):
+    """The final checkpoint is saved before the summary goes to stdout: a full disk there leaves a resumable run."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = tmp_path / "run"
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run([sys.executable, "-m", "lmtool", "train", str(small_corpus), "--config", str(TINY),
+                               "--max-steps", "3", "--out", str(run)], stdout=full, stderr=subprocess.PIPE, env=env)
+    assert done.returncode == 1 and "cannot write the output: No space left on device" in done.stderr.decode()
+    more = subprocess.run([sys.executable, "-m", "lmtool", "train", "--resume", str(run), "--max-steps", "5"],
+                          capture_output=True, text=True, env=env)
+    assert more.returncode == 0 and "resuming" in more.stderr, more.stderr
+
+
+def test_a_closed_standard_output_is_refused_before_any_work(tiny_run):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "lmtool", "sample", "--model", str(tiny_run), "--length", "3"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, preexec_fn=lambda: os.close(1))
+    err = done.stderr.decode().strip()
+    assert done.returncode == 2 and err == ("lmtool: error: standard output is closed; redirect it to a file "
+                                            "(or /dev/null) instead"), err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_named_pipe_is_refused_rather_than_read_twice(run_cli, small_corpus, tiny_run, tmp_path):
+    """A pipe can be read once, and training reads its corpus in several passes: it would hang or come back empty."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for args, what in ((["train", pipe, "--config", TINY, "--out", tmp_path / "run"], "training"),
+                       (["train", small_corpus, "--valid", pipe, "--out", tmp_path / "run"], "validation"),
+                       (["evaluate-perplexity", pipe, "--model", tiny_run], "evaluation"),
+                       (["score", "--file", pipe, "--model", tiny_run], "sentence")):
+        result = run_cli(*args)
+        assert result.code == 2 and f"{what} path {pipe} is not a regular file" in result.err, result.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_leaves_the_old_run_whole_when_the_new_model_cannot_be_built(run_cli, small_corpus, tmp_path,
+                                                                                 monkeypatch):
+    import lmtool.train
+
+    run = tmp_path / "run"
+    assert run_cli("train", small_corpus, "--config", TINY, "--max-steps", "3", "--out", run).code == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 16000000000000 bytes.")
+
+    monkeypatch.setattr(lmtool.train._Trainer, "__init__", no_memory)
+    result = run_cli("train", small_corpus, "--config", TINY, "--out", run, "--overwrite")
+    assert result.code == 1 and "ran out of memory (tried to allocate 16000000000000 bytes)" in result.err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 def test_ctrl_c_outside_training_says_so(run_cli, tiny_run, monkeypatch):
     import lmtool.api
 

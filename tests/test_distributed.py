@@ -13,7 +13,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from lmtool.checkpoint import LAST_MODEL, LOCK_FILE, RUN_FILES, load_training_state
+from lmtool.checkpoint import LOCK_FILE, load_training_state
+from lmtool.run_paths import LAST_MODEL, RUN_FILES
 from lmtool.config import config_from_dict, load_config
 from lmtool.errors import LmtoolError
 

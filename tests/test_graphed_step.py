@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import lmtool.train
-from lmtool.checkpoint import LAST_MODEL
+from lmtool.run_paths import LAST_MODEL
 from lmtool.config import load_config
 from lmtool.distributed import DistributedContext
 from lmtool.errors import TrainingFailed

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from lmtool.model import LanguageModel
-from lmtool.checkpoint import BEST_MODEL, LAST_MODEL, TRAINING_STATE, load_model_file, load_training_state
+from lmtool.checkpoint import load_model_file, load_training_state
+from lmtool.run_paths import BEST_MODEL, LAST_MODEL, TRAINING_STATE
 from lmtool.config import load_config
 from lmtool.errors import LmtoolError, TrainingFailed
 from lmtool.train import resume, train

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmtool.checkpoint import BEST_MODEL, LAST_MODEL, load_model_file
+from lmtool.checkpoint import load_model_file
+from lmtool.run_paths import BEST_MODEL, LAST_MODEL
 from lmtool.config import TrainConfig, load_config
 from lmtool.evaluate import stream_nll
 from lmtool.data import encode_lines
@@ -355,3 +356,14 @@ def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_locks)
     run = RunDir.create(tmp_path / "run", overwrite=False)  # no "in use" error: nothing holds this run
     assert run.lock_handle is None
+
+
+def test_weights_made_non_finite_by_a_step_fail_the_run_at_validation(small_corpus, tmp_path):
+    """A huge weight decay makes the weights infinite inside the optimiser's update, where the step guard (which
+    checks the loss and the gradients) cannot see it: the validation loss then ends the run as diverged."""
+    from lmtool.errors import TrainingFailed
+
+    cfg = load_config(TINY, ["train.weight_decay=1e300", "train.max_steps=2", "train.eval_every=null"])
+    with pytest.raises(TrainingFailed, match=r"training diverged: the validation loss is nan at step 2; no model"):
+        train(cfg, small_corpus, out=tmp_path / "run")
+    assert not (tmp_path / "run" / BEST_MODEL).exists() and not (tmp_path / "run" / LAST_MODEL).exists()

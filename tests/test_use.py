@@ -187,7 +187,7 @@ def test_sample_uses_latest_run_and_says_how_to_train_without_one(run_cli, char_
         (["--top-k", "0"], "--top-k must be at least 1"),
         (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["--length", "0"], "--length must be at least 1"),
-        (["--num-samples", "0"], "--num-samples must be at least 1"),
+        (["--num-samples", "0"], "--num-samples must be between 1 and 1,000,000, got 0"),
         (["--precision", "fp16"], "--precision must be fp32 or bf16, got 'fp16'"),
     ],
 )
