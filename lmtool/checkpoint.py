@@ -332,7 +332,8 @@ def open_run(path: Path) -> tuple[RunDir, Config, Tokenizer]:
     if not path.is_dir():
         raise LmtoolError(f"--resume {path}: no such run directory")
     if not is_run_dir(path):
-        raise LmtoolError(f"--resume {path}: not an lmtool run directory (no {CONFIG_FILE} and {VOCAB_FILE})")
+        raise LmtoolError(f"--resume {path}: not an lmtool run directory (it needs the {CONFIG_FILE} with format_version "
+                          f"and the {VOCAB_FILE} that lmtool train writes)")
     from lmtool.config import read_yaml_mapping
 
     config = config_from_dict(read_yaml_mapping(path / CONFIG_FILE), source=str(path / CONFIG_FILE))

@@ -8,7 +8,6 @@ from pathlib import Path
 from lmtool.errors import LmtoolError
 
 CONFIG_FILE = "config.yaml"
-CONFIG_START = b"format_version:"  # the first key of every config.yaml that lmtool writes
 VOCAB_FILE = "vocab.json"
 METRICS_FILE = "metrics.jsonl"
 BEST_MODEL = "model-best.safetensors"
@@ -20,16 +19,19 @@ LATEST = "latest"
 
 
 def is_run_dir(path: Path) -> bool:
-    """Whether a directory was written by lmtool train: its vocabulary, and a config.yaml that starts as lmtool
-    writes one (so that --overwrite never takes another program's config.yaml for a run)."""
+    """Whether a directory was written by lmtool train: its vocabulary, and a config.yaml that is lmtool's (a
+    mapping with format_version, however edited since), so that --overwrite never takes another program's
+    config.yaml for a run."""
     config = Path(path) / CONFIG_FILE
     if not (config.is_file() and (Path(path) / VOCAB_FILE).is_file()):
         return False
+    import yaml  # only here: the commands that never look at a run directory do not pay for it
+
     try:
-        with open(config, "rb") as f:
-            return f.read(len(CONFIG_START)) == CONFIG_START
-    except OSError:
+        tree = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
+    return isinstance(tree, dict) and "format_version" in tree
 
 
 def resolve_model_path(ref: str | Path | None) -> Path:

@@ -145,8 +145,17 @@ def _start_run(ctx: DistributedContext, config: Config, corpus_path, valid_path,
                 except LmtoolError as err:
                     error = err
             ctx.agree(error)
-        with ctx.reported_by_main():  # a config that does not fit the corpus fails on every rank: say it once
+        error = None
+        try:
             trainer = build(corpus)
+        except Exception as err:
+            if not ctx.enabled:
+                raise
+            # Every rank must know before rank 0 creates the run: --overwrite would replace the old one first.
+            error = err if isinstance(err, LmtoolError) else LmtoolError(
+                f"building the model failed on rank {ctx.rank}: {type(err).__name__}: {str(err).splitlines()[0]}",
+                exit_code=1)
+        ctx.agree(error)  # the lowest failing rank reports; a failure every rank shares is printed once
         run, sources = _create_run(ctx, config, corpus, run_path, overwrite,
                                    {"train": corpus_path, "valid": valid_path, "test": test_path})
     except BaseException:
@@ -420,8 +429,10 @@ class _Trainer:
         self.signal_received: int | None = None
 
     def attach(self, run: RunDir, sources: dict | None) -> None:
-        """The run directory it trains into, and the digests of its source files (None on ranks other than 0)."""
+        """The run directory it trains into, and the digests of its source files (None on ranks other than 0).
+        The run's clock starts now: creating the directory (hashing the corpus) is not training time."""
         self.run_dir, self.sources = run, sources
+        self.start_time = self.last_checkpoint_time = time.perf_counter()
 
     def close(self) -> None:
         """Drop the DistributedDataParallel wrapper now: freed later, after its process group is destroyed (at

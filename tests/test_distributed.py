@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _rank_main(rank, world, port, cwd, config_tree, corpora, valid, out, resume_limits):
+def _rank_main(rank, world, port, cwd, config_tree, corpora, valid, out, resume_limits, build_fails_on=None):
     """One process of a job, as torchrun would start it; keeps the weights it ended with, and the steps of its
     checkpoints (with whether each was the final one), for the test."""
     os.chdir(cwd)
@@ -62,20 +63,29 @@ def _rank_main(rank, world, port, cwd, config_tree, corpora, valid, out, resume_
         return save_checkpoint(self, finished, stop_reason)
 
     training._Trainer.save_checkpoint = note_checkpoint
+    if build_fails_on == rank:  # this rank runs out of memory while its trainer is built (after the DDP wrap)
+        def no_memory(optimizer):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 16 bytes.")
+
+        training.start_momentum = no_memory
     try:
         if resume_limits is not None:
             training.resume(Path(out), limits=resume_limits)
         else:
-            training.train(config_from_dict(config_tree), Path(corpora[rank]), valid_path=valid, out=Path(out))
+            training.train(config_from_dict(config_tree), Path(corpora[rank]), valid_path=valid, out=Path(out),
+                           overwrite=build_fails_on is not None)
     except LmtoolError as err:
         (Path(cwd) / f"{Path(out).name}-rank{rank}.error").write_text(f"{err.exit_code} {err}")
 
 
-def run_ranks(cwd, world, out, config=None, corpora=None, valid=None, resume_limits=None, timeout=120):
-    """Start `world` processes of one job and wait for them; a hang fails the test instead of the suite."""
+def run_ranks(cwd, world, out, config=None, corpora=None, valid=None, resume_limits=None, timeout=120,
+              build_fails_on=None):
+    """Start `world` processes of one job and wait for them; a hang fails the test instead of the suite. With
+    `build_fails_on`, that rank fails to build its trainer and the job trains with --overwrite."""
     tree = config.to_dict() if config is not None else None
     corpora = [str(c) for c in corpora] if corpora else None
-    args = (world, free_port(), str(cwd), tree, corpora, str(valid) if valid else None, str(out), resume_limits)
+    args = (world, free_port(), str(cwd), tree, corpora, str(valid) if valid else None, str(out), resume_limits,
+            build_fails_on)
     job = mp.start_processes(_rank_main, args=args, nprocs=world, join=False, start_method="spawn")
     deadline = time.time() + timeout
     while not job.join(timeout=1):
@@ -198,6 +208,20 @@ def test_torchrun_with_a_missing_corpus_fails_once_with_its_message(tmp_path):
     assert done.stderr.count(f"lmtool: error: training file not found: {tmp_path / 'nope.txt'}") == 1
     assert "rank 0 failed" not in done.stderr  # the other rank stops without repeating it
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_rank_that_cannot_build_its_model_stops_the_job_before_overwrite_replaces_the_old_run(runs, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(runs / "ddp", old)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    run_ranks(tmp_path, 2, old, load_config(TINY, SETTINGS), [runs / "train.txt"] * 2, runs / "valid.txt",
+              build_fails_on=1)
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    code0, message0 = (tmp_path / "old-rank0.error").read_text().split(" ", 1)
+    code1, message1 = (tmp_path / "old-rank1.error").read_text().split(" ", 1)
+    assert code0 == code1 == "1"
+    assert message1.startswith("building the model failed on rank 1: RuntimeError: DefaultCPUAllocator: can't allocate")
+    assert message0 == "rank 1 failed: " + message1
 
 
 def test_torchrun_with_a_model_that_does_not_fit_the_vocabulary_fails_once(small_corpus, tmp_path):

@@ -152,6 +152,27 @@ def test_a_finished_run_resumes_only_with_a_raised_limit(small_corpus, tmp_path)
     assert_same_weights(whole.run_dir, more.run_dir)
 
 
+def test_a_run_is_told_by_its_config_however_edited(small_corpus, tmp_path):
+    """--overwrite replaces, and --resume continues, only a directory whose config.yaml lmtool wrote: with a
+    comment added or its keys re-sorted it is still the run; another program's config.yaml is not."""
+    import yaml
+
+    from lmtool.run_paths import CONFIG_FILE, is_run_dir
+
+    run = train(load_config(TINY, ["train.max_steps=2"]), small_corpus, out=tmp_path / "run").run_dir
+    config = run / CONFIG_FILE
+    text = config.read_text()
+    assert is_run_dir(run)
+    config.write_text("# my notes\n" + text)
+    assert is_run_dir(run) and resume(run, limits={"max_steps": 3}).steps == 3
+    config.write_text(yaml.safe_dump(yaml.safe_load(text), sort_keys=True))  # format_version no longer first
+    assert is_run_dir(run)
+    config.write_text("name: another program's settings\n")
+    assert not is_run_dir(run)
+    config.write_text("format_version: [unclosed\n")
+    assert not is_run_dir(run)
+
+
 def test_resume_refuses_what_is_not_a_run_and_a_changed_corpus(small_corpus, tmp_path, run_cli):
     result = run_cli("train", "--resume", tmp_path)
     assert result.code == 2 and "not an lmtool run directory" in result.err
