@@ -81,6 +81,8 @@ class Model:
     ) -> list[str]:
         """Generate text after `prime` (forward) or, given `ending`, the text that leads to it (backward, written
         right to left); returns one string per sample, without the prime or the ending."""
+        if options is not None and option_values:
+            raise LmtoolError(f"give options or {', '.join(sorted(option_values))}, not both")
         options = options or SamplingOptions(**option_values)
         if ending is not None:
             if prime:
@@ -104,6 +106,7 @@ class Model:
         gives the mixture of both directions unless `direction` picks one. precision="bf16": as in `perplexity`."""
         if isinstance(sentences, str):
             sentences = [sentences]
+        _check_at_least_one("batch_size", batch_size)
         with inference_autocast(precision, self.device):
             scores = [score_sentences(self.network, self.tokenizer, list(sentences), batch_size, d)
                       for d in self._directions(direction)]
@@ -133,6 +136,11 @@ class Model:
         on hardware with native bf16, and no longer exact."""
         if isinstance(paths, (str, Path)):
             paths = [paths]
+        if not paths:
+            raise LmtoolError("no files to evaluate; give at least one")
+        _check_at_least_one("batch_size", batch_size)
+        if bptt is not None:
+            _check_at_least_one("bptt", bptt)
         bptt = bptt or self.config.data.bptt
         directions = self._directions(direction)  # a clear error before any work for a direction the model lacks
         autocast = inference_autocast(precision, self.device)
@@ -173,6 +181,12 @@ class Model:
                     nll.append(-log_mean_exp(-parts[0].nll, -parts[1].nll))
                     tokens += parts[0].tokens
         return StreamScore(nll=math.fsum(nll), tokens=tokens)
+
+
+def _check_at_least_one(name: str, value: int) -> None:
+    """Library callers get the CLI's range checks too: a batch size or window of 0 or less would score nothing."""
+    if not isinstance(value, int) or value < 1:
+        raise LmtoolError(f"{name} must be an integer of at least 1, got {value!r}")
 
 
 def load_model(ref: str | Path | None = None, device: str = "auto") -> Model:

@@ -329,6 +329,8 @@ def load_model_file(path: Path) -> LoadedModel:
 def open_run(path: Path) -> tuple[RunDir, Config, Tokenizer]:
     """An existing run directory with its config and vocabulary, or a clear error."""
     path = Path(path)
+    if path.is_file():
+        raise LmtoolError(f"--resume {path} is a file; give the run directory that holds it ({path.parent})")
     if not path.is_dir():
         raise LmtoolError(f"--resume {path}: no such run directory")
     if not is_run_dir(path):

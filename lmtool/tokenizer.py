@@ -99,7 +99,7 @@ class Tokenizer:
         for special in SPECIALS:
             counts.pop(special, None)
         if unk_marker is not None:
-            counts.pop(unk_marker, None)
+            counts.pop(_as_split(unk_marker, lowercase), None)
         ranked = sorted((tok for tok, n in counts.items() if n >= min_freq), key=lambda t: (-counts[t], t))
         if max_size is not None:
             ranked = ranked[: max(0, max_size - len(SPECIALS))]
@@ -116,7 +116,7 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int:
         """The id of one token string; unknown tokens and the corpus's own unknown marker give <UNK>."""
-        if token == self.unk_marker or token in SPECIALS:  # a literal "<EOS>" in text is no line end
+        if token == _as_split(self.unk_marker, self.lowercase) or token in SPECIALS:  # a literal "<EOS>" is no line end
             return UNK_ID
         return self._ids.get(token, UNK_ID)
 
@@ -179,7 +179,7 @@ class Tokenizer:
             for special in SPECIALS:
                 lookup[special] = UNK_ID
             if self.unk_marker is not None:
-                lookup[self.unk_marker] = UNK_ID
+                lookup[_as_split(self.unk_marker, self.lowercase)] = UNK_ID
             if line_end is not None:
                 lookup[line_end] = EOS_ID
             cache[line_end] = lookup
@@ -238,3 +238,9 @@ class Tokenizer:
             )
         except (KeyError, TypeError, ValueError):
             raise LmtoolError("the vocabulary is malformed (expected level, tokens starting with <EOS>, <UNK>)") from None
+
+
+def _as_split(unk_marker: str | None, lowercase: bool) -> str | None:
+    """The corpus's unknown marker as it appears in split text: lowercased with the text when data.lowercase is on
+    (PTB's <unk> is unchanged; a marker such as <UNK> would otherwise never match)."""
+    return unk_marker.lower() if unk_marker is not None and lowercase else unk_marker

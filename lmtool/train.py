@@ -261,6 +261,12 @@ def _resumable(run: RunDir, config: Config, tokenizer, changed: dict[str, Any], 
                 f"run {run.path} already finished ({saved['stop_reason']}); to train it further, raise its "
                 "limit with --max-epochs, --max-steps or --max-time"
             )
+        reached = next((key for key in ("max_steps", "max_epochs", "max_time")
+                        if str(saved.get("stop_reason")).startswith(f"reached {key}=")), None)
+        if reached is not None and reached not in changed:  # it would stop again at once, having trained nothing
+            given = ", ".join(f"--{key.replace('_', '-')}" for key in changed)
+            raise LmtoolError(f"run {run.path} already finished ({saved['stop_reason']}); {given} would train it no "
+                              f"further: raise --{reached.replace('_', '-')}")
         saved["finished"] = False
     trained_by = saved.get("world_size", 1)
     if trained_by != ctx.world_size:

@@ -79,6 +79,7 @@ CASES = [
     ("out is a file", "train {tmp}/good.txt --out {tmp}/good.txt", "is a file, not a directory", 2),
     ("overwrite a non-run", "train {tmp}/good.txt --out {tmp} --overwrite", "is not an lmtool run", 2),
     ("resume a non-run", "train --resume {tmp}", "not an lmtool run directory", 2),
+    ("resume a model file", "train --resume {run}/run/model-best.safetensors", "is a file; give the run directory", 2),
     ("resume a missing run", "train --resume {tmp}/nothing", "no such run directory", 2),
     ("resume with a config", "train --resume {run}/run --set model.cell=gru", "drop --set", 2),
     ("no corpus", "train", "give the training text", 2),

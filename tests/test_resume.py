@@ -146,6 +146,10 @@ def test_a_finished_run_resumes_only_with_a_raised_limit(small_corpus, tmp_path)
     train(cfg, small_corpus, out=tmp_path / "run")
     with pytest.raises(LmtoolError, match="already finished"):
         resume(tmp_path / "run")
+    # another limit raised would stop it again at once, having trained nothing
+    with pytest.raises(LmtoolError, match=r"\(reached max_epochs=1\); --max-steps, --max-time would train it no "
+                                          r"further: raise --max-epochs"):
+        resume(tmp_path / "run", limits={"max_steps": 10_000, "max_time": 3600})
     more = resume(tmp_path / "run", limits={"max_epochs": 2})
     assert more.epochs == 2
     whole = train(load_config(TINY, ["train.max_epochs=2", "train.patience=null"]), small_corpus, out=tmp_path / "w")

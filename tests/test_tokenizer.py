@@ -107,3 +107,12 @@ def test_vectorised_char_encoding_equals_the_per_token_encoding(vocabulary_text,
         counts = Counter()
         tok.count_into(counts, piece)
         assert counts == Counter(c for c in (piece.lower() if lowercase else piece) if c != "\n")
+
+
+def test_the_unknown_marker_is_lowercased_with_the_text():
+    """With data.lowercase on, a marker written in capitals still marks unknown words, in the vocabulary and in
+    both encoders."""
+    tok = Tokenizer.build(["the <UNK> sat", "the cat"], level="word", lowercase=True, unk_marker="<UNK>")
+    assert "<unk>" not in tok.tokens and "<UNK>" not in tok.tokens[2:]
+    assert tok.encode_line("The <UNK> cat") == [tok.token_id("the"), UNK_ID, tok.token_id("cat"), EOS_ID]
+    assert tok.encode_lines_text("The <UNK> cat\n").tolist() == tok.encode_line("The <UNK> cat")

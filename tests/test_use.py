@@ -9,6 +9,7 @@ import torch
 
 import lmtool
 from lmtool.config import load_config
+from lmtool.errors import LmtoolError
 from lmtool.sample import SamplingOptions, filter_logits, pick_next
 
 from conftest import CONFIGS, SHAKESPEARE, train_run
@@ -516,3 +517,17 @@ def test_evaluating_a_big_file_as_one_exact_stream_hints_at_batch_size(run_cli, 
     assert "hint" not in run_cli("evaluate-perplexity", held, "--model", char_run, "--batch-size", "8").err
     monkeypatch.setattr(lmtool.cli, "EXACT_STREAM_HINT_BYTES", 2_000_000)
     assert "hint" not in run_cli("evaluate-perplexity", held, "--model", char_run).err
+
+
+def test_the_library_refuses_what_the_command_line_refuses(char_run):
+    """Values that the CLI checks before any work are checked by the library too: a batch size of -1 scored
+    every sentence as probability 1, and a negative window gave a perplexity of 1."""
+    lm = lmtool.load_model(char_run)
+    for call, message in ((lambda: lm.score(["ab"], batch_size=-1), "batch_size must be an integer of at least 1, got -1"),
+                          (lambda: lm.score(["ab"], batch_size=0), "batch_size must be an integer of at least 1, got 0"),
+                          (lambda: lm.perplexity(SHAKESPEARE, bptt=-3), "bptt must be an integer of at least 1, got -3"),
+                          (lambda: lm.perplexity(SHAKESPEARE, batch_size=0), "batch_size must be an integer of at least 1"),
+                          (lambda: lm.perplexity([]), "no files to evaluate"),
+                          (lambda: lm.sample(options=SamplingOptions(length=5), length=50), "give options or length, not both")):
+        with pytest.raises(LmtoolError, match=message):
+            call()
