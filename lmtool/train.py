@@ -35,7 +35,7 @@ from lmtool.graphed_step import Capture, GraphedStep, capture_cuda_graph
 from lmtool.host_memory import keep_freed_memory
 from lmtool.model import LanguageModel, State, check_fits, count_parameters, detach_state, map_state
 from lmtool.schedule import PlateauTracker, learning_rate
-from lmtool.run_paths import BEST_MODEL, LAST_MODEL
+from lmtool.run_paths import BEST_MODEL, LAST_MODEL, VOCAB_FILE
 from lmtool.step_guard import SKIPS_ON_DEVICE, StepGuard, guarded_update, start_momentum
 from lmtool.tokenizer import Tokenizer
 
@@ -246,6 +246,9 @@ def _resumable(run: RunDir, config: Config, tokenizer, changed: dict[str, Any], 
     if edited:
         raise LmtoolError(f"{run.path / 'config.yaml'} was edited since the run's last checkpoint ({edited}); "
                           "put it back to resume, or start a new run with the new settings")
+    if saved.get("vocab", tokenizer.to_dict()) != tokenizer.to_dict():  # checkpoints before 2026-11-27 hold none
+        raise LmtoolError(f"{run.path / VOCAB_FILE} was edited since the run's last checkpoint: the model's token ids "
+                          "would no longer match; put it back to resume")
     tc = config.train
     # A finished run given a limit it has reached would only rewrite its config. (A run stopped early may be
     # resumed at its limit: it then validates, saves its best model and finishes.)
@@ -803,6 +806,7 @@ class _Trainer:
             "sources": self.sources,
             "finished": finished,
             "config": self.config.to_dict(),  # to tell a hand-edited config.yaml on resume
+            "vocab": self.corpus.tokenizer.to_dict(),  # and a hand-edited vocab.json
             "stop_reason": stop_reason,
             "ranks": ranks,
         }

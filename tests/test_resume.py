@@ -506,3 +506,19 @@ def test_resume_refuses_a_hand_edited_config_but_takes_its_limits(small_corpus, 
     with pytest.raises(LmtoolError, match=r"config.yaml was edited since the run's last checkpoint \(train.lr: 0.01 "
                                           r"-> 5.0\); put it back to resume"):
         resume(tmp_path / "run", limits={"max_steps": 8})
+
+
+def test_a_hand_edited_vocabulary_is_refused_on_resume(small_corpus, tmp_path):
+    """Swapped tokens would remap every id the model learned: refused like an edited config.yaml."""
+    from lmtool.run_paths import VOCAB_FILE
+
+    cfg = load_config(TINY, ["train.max_steps=3", "train.checkpoint_every=1"])
+    run = train(cfg, small_corpus, out=tmp_path / "run").run_dir
+    vocab = json.loads((run / VOCAB_FILE).read_text())
+    original = json.dumps(vocab)
+    vocab["tokens"][2], vocab["tokens"][3] = vocab["tokens"][3], vocab["tokens"][2]
+    (run / VOCAB_FILE).write_text(json.dumps(vocab))
+    with pytest.raises(LmtoolError, match=r"vocab.json was edited since the run's last checkpoint"):
+        resume(run, limits={"max_steps": 5})
+    (run / VOCAB_FILE).write_text(original)
+    assert resume(run, limits={"max_steps": 5}).steps == 5
