@@ -83,6 +83,9 @@ class Model:
         right to left); returns one string per sample, without the prime or the ending."""
         if options is not None and option_values:
             raise LmtoolError(f"give options or {', '.join(sorted(option_values))}, not both")
+        for name, text in (("prime", prime), ("ending", ending)):
+            if text is not None and not isinstance(text, str):
+                raise LmtoolError(f"{name} must be a string, got {type(text).__name__}")
         options = options or SamplingOptions(**option_values)
         if ending is not None:
             if prime:
@@ -104,8 +107,7 @@ class Model:
     ) -> list[SentenceScore] | list[MixtureScore]:
         """log P(sentence, <EOS>) from the sentence-start state, with a per-token breakdown. A bidirectional model
         gives the mixture of both directions unless `direction` picks one. precision="bf16": as in `perplexity`."""
-        if isinstance(sentences, str):
-            sentences = [sentences]
+        sentences = _list_of(sentences, (str,), "sentences must be a string or a list of strings")
         _check_at_least_one("batch_size", batch_size)
         with inference_autocast(precision, self.device):
             scores = [score_sentences(self.network, self.tokenizer, list(sentences), batch_size, d)
@@ -134,8 +136,7 @@ class Model:
         A bidirectional model is evaluated in both directions and as a per-line mixture unless `direction`
         picks one. precision="bf16" computes the products in bfloat16 (autocast, as bf16 training does): faster
         on hardware with native bf16, and no longer exact."""
-        if isinstance(paths, (str, Path)):
-            paths = [paths]
+        paths = _list_of(paths, (str, Path), "paths must be a file path (str or Path) or a list of them")
         if not paths:
             raise LmtoolError("no files to evaluate; give at least one")
         _check_at_least_one("batch_size", batch_size)
@@ -181,6 +182,19 @@ class Model:
                     nll.append(-log_mean_exp(-parts[0].nll, -parts[1].nll))
                     tokens += parts[0].tokens
         return StreamScore(nll=math.fsum(nll), tokens=tokens)
+
+
+def _list_of(values, types: tuple[type, ...], message: str) -> list:
+    """One value of `types`, or any iterable of them, as a list; else a clear error."""
+    if isinstance(values, types):
+        return [values]
+    try:
+        values = list(values)
+    except TypeError:
+        raise LmtoolError(message) from None
+    if not all(isinstance(v, types) for v in values):
+        raise LmtoolError(message)
+    return values
 
 
 def _check_at_least_one(name: str, value: int) -> None:

@@ -528,6 +528,10 @@ def test_the_library_refuses_what_the_command_line_refuses(char_run):
                           (lambda: lm.perplexity(SHAKESPEARE, bptt=-3), "bptt must be an integer of at least 1, got -3"),
                           (lambda: lm.perplexity(SHAKESPEARE, batch_size=0), "batch_size must be an integer of at least 1"),
                           (lambda: lm.perplexity([]), "no files to evaluate"),
-                          (lambda: lm.sample(options=SamplingOptions(length=5), length=50), "give options or length, not both")):
+                          (lambda: lm.sample(options=SamplingOptions(length=5), length=50), "give options or length, not both"),
+                          (lambda: lm.score(None), "sentences must be a string or a list of strings"),
+                          (lambda: lm.score(["a", None]), "sentences must be a string or a list of strings"),
+                          (lambda: lm.perplexity(None), "paths must be a file path"),
+                          (lambda: lm.sample(["ROMEO"]), "prime must be a string, got list")):
         with pytest.raises(LmtoolError, match=message):
             call()
