@@ -110,7 +110,7 @@ class Model:
         sentences = _list_of(sentences, (str,), "sentences must be a string or a list of strings")
         _check_at_least_one("batch_size", batch_size)
         with inference_autocast(precision, self.device):
-            scores = [score_sentences(self.network, self.tokenizer, list(sentences), batch_size, d)
+            scores = [score_sentences(self.network, self.tokenizer, sentences, batch_size, d)
                       for d in self._directions(direction)]
         if not all(math.isfinite(s.logprob) for per_direction in scores for s in per_direction):
             raise non_finite_scores()

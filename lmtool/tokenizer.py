@@ -48,10 +48,12 @@ class Tokenizer:
     lowercase: bool = False
     unk_marker: str | None = None
     _ids: dict[str, int] = field(init=False, repr=False, compare=False)
+    _unk_in_text: str | None = field(init=False, repr=False, compare=False)  # the marker as split text shows it
 
     def __post_init__(self) -> None:
         assert self.tokens[: len(SPECIALS)] == SPECIALS, "vocabulary must start with the special tokens"
         object.__setattr__(self, "_ids", {tok: i for i, tok in enumerate(self.tokens)})
+        object.__setattr__(self, "_unk_in_text", _as_split(self.unk_marker, self.lowercase))
         if len(self._ids) != len(self.tokens):
             raise LmtoolError("vocabulary holds the same token twice")
 
@@ -116,7 +118,7 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int:
         """The id of one token string; unknown tokens and the corpus's own unknown marker give <UNK>."""
-        if token == _as_split(self.unk_marker, self.lowercase) or token in SPECIALS:  # a literal "<EOS>" is no line end
+        if token == self._unk_in_text or token in SPECIALS:  # a literal "<EOS>" in text is no line end
             return UNK_ID
         return self._ids.get(token, UNK_ID)
 
@@ -178,8 +180,8 @@ class Tokenizer:
             lookup = dict(self._ids)
             for special in SPECIALS:
                 lookup[special] = UNK_ID
-            if self.unk_marker is not None:
-                lookup[_as_split(self.unk_marker, self.lowercase)] = UNK_ID
+            if self._unk_in_text is not None:
+                lookup[self._unk_in_text] = UNK_ID
             if line_end is not None:
                 lookup[line_end] = EOS_ID
             cache[line_end] = lookup

@@ -239,6 +239,19 @@ def _resume(run: RunDir, config: Config, tokenizer, on_event, limits, device) ->
             trainer.close()
 
 
+LIMITS = ("max_steps", "max_epochs", "max_time")
+
+
+def _limit_reason(limit: str, value: Any) -> str:
+    """The stop reason of a run that reached one of its LIMITS (shown to the user, kept in the checkpoint)."""
+    return f"reached {limit}={value}"
+
+
+def _reached_limit(stop_reason: str | None) -> str | None:
+    """Which of the LIMITS a stop reason written by `_limit_reason` names; None for any other reason."""
+    return next((limit for limit in LIMITS if str(stop_reason).startswith(f"reached {limit}=")), None)
+
+
 def _resumable(run: RunDir, config: Config, tokenizer, changed: dict[str, Any], ctx: DistributedContext):
     """The training checkpoint and the corpus of a run that can go on, or the reason it cannot."""
     saved = load_training_state(run.path)
@@ -246,7 +259,8 @@ def _resumable(run: RunDir, config: Config, tokenizer, changed: dict[str, Any], 
     if edited:
         raise LmtoolError(f"{run.path / 'config.yaml'} was edited since the run's last checkpoint ({edited}); "
                           "put it back to resume, or start a new run with the new settings")
-    if saved.get("vocab", tokenizer.to_dict()) != tokenizer.to_dict():  # checkpoints before 2026-11-27 hold none
+    vocab = tokenizer.to_dict()
+    if saved.get("vocab", vocab) != vocab:  # checkpoints before 2026-11-27 hold none
         raise LmtoolError(f"{run.path / VOCAB_FILE} was edited since the run's last checkpoint: the model's token ids "
                           "would no longer match; put it back to resume")
     tc = config.train
@@ -264,8 +278,7 @@ def _resumable(run: RunDir, config: Config, tokenizer, changed: dict[str, Any], 
                 f"run {run.path} already finished ({saved['stop_reason']}); to train it further, raise its "
                 "limit with --max-epochs, --max-steps or --max-time"
             )
-        reached = next((key for key in ("max_steps", "max_epochs", "max_time")
-                        if str(saved.get("stop_reason")).startswith(f"reached {key}=")), None)
+        reached = _reached_limit(saved.get("stop_reason"))
         if reached is not None and reached not in changed:  # it would stop again at once, having trained nothing
             given = ", ".join(f"--{key.replace('_', '-')}" for key in changed)
             raise LmtoolError(f"run {run.path} already finished ({saved['stop_reason']}); {given} would train it no "
@@ -370,11 +383,7 @@ class _Trainer:
         """`run` may be None (and `sources` with it) until `attach`: a new run's directory is created once its
         trainer has been built."""
         self.config, self.corpus, self.device = config, corpus, device
-        self.run_dir: RunDir | None = None
-        self.sources: dict | None = None
-        if run is not None:
-            self.attach(run, sources)
-        self.on_event = on_event
+        self.run_dir, self.sources, self.on_event = run, sources, on_event
         self.ctx = ctx = ctx or DistributedContext()
         tc = config.train
         torch.manual_seed(tc.seed)
@@ -470,7 +479,7 @@ class _Trainer:
                     if stop_reason is not None:
                         break
                 if tc.max_epochs is not None and self.epoch >= tc.max_epochs:
-                    stop_reason = f"reached max_epochs={tc.max_epochs}"
+                    stop_reason = _limit_reason("max_epochs", tc.max_epochs)
                 else:
                     self.epoch, self.window, self.hidden, self.epoch_closed = self.epoch + 1, 0, None, False
             if self.last_validated_step != self.step:
@@ -637,9 +646,9 @@ class _Trainer:
         """Why training must stop now, if a limit is reached. `time_up`: max_time as every rank agreed on it."""
         tc = self.config.train
         if tc.max_steps is not None and self.step >= tc.max_steps:
-            return f"reached max_steps={tc.max_steps}"
+            return _limit_reason("max_steps", tc.max_steps)
         if time_up:
-            return f"reached max_time={tc.max_time:g}s"
+            return _limit_reason("max_time", f"{tc.max_time:g}s")
         return None
 
     def _checkpoint_due(self, due_time: bool) -> bool:
