@@ -7,6 +7,7 @@ from lmtool.cli import main
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
+SMALL_CHARS = 6000  # small_corpus's length
 
 
 @pytest.fixture(autouse=True)
@@ -33,8 +34,31 @@ def train_run(root: Path, corpus_name: str, text: str, overrides: list[str] = ()
 def small_corpus(tmp_path) -> Path:
     """About 6,000 characters of Shakespeare."""
     path = tmp_path / "small.txt"
-    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:SMALL_CHARS], encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """`reference_run(overrides)`: tiny.yaml + overrides trained without a break on small_corpus's text, once per
+    session for each list of overrides: the run that interrupted, resumed or graphed runs must match. Read-only."""
+    from lmtool.config import load_config
+    from lmtool.train import train
+
+    results = {}
+
+    def run(overrides: list[str]):
+        key = tuple(overrides)
+        if key not in results:
+            root = tmp_path_factory.mktemp("reference")
+            corpus = root / "small.txt"
+            corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:SMALL_CHARS], encoding="utf-8")
+            with pytest.MonkeyPatch.context() as patch:
+                patch.chdir(root)  # keeps runs/latest out of the repository
+                results[key] = train(load_config(CONFIGS / "tiny.yaml", list(overrides)), corpus, out=root / "run")
+        return results[key]
+
+    return run
 
 
 class CliResult:

@@ -154,6 +154,8 @@ def snapshot(*roots: Path) -> dict[str, str]:
 @pytest.mark.parametrize("case, command, message, code", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(run_cli, tmp_path, trained, case, command, message, code):
     for name, content in FILES.items():
+        if len(content) > 2**20 and name not in command:  # writing and hashing 55 MB for every case took 15 s
+            continue
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(content)
     truncated = _truncated_model(tmp_path, trained)

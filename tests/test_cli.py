@@ -210,7 +210,7 @@ def test_a_full_disk_behind_standard_output_is_an_error_not_a_bug(tiny_run):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_a_training_summary_that_cannot_be_printed_loses_no_checkpoint(small_corpus, tmp_path):
+def test_a_training_summary_that_cannot_be_printed_loses_no_checkpoint(small_corpus, tmp_path, run_cli):
     """The final checkpoint is saved before the summary goes to stdout: a full disk there leaves a resumable run."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = tmp_path / "run"
@@ -218,9 +218,8 @@ def test_a_training_summary_that_cannot_be_printed_loses_no_checkpoint(small_cor
         done = subprocess.run([sys.executable, "-m", "lmtool", "train", str(small_corpus), "--config", str(TINY),
                                "--max-steps", "3", "--out", str(run)], stdout=full, stderr=subprocess.PIPE, env=env)
     assert done.returncode == 1 and "cannot write the output: No space left on device" in done.stderr.decode()
-    more = subprocess.run([sys.executable, "-m", "lmtool", "train", "--resume", str(run), "--max-steps", "5"],
-                          capture_output=True, text=True, env=env)
-    assert more.returncode == 0 and "resuming" in more.stderr, more.stderr
+    more = run_cli("train", "--resume", run, "--max-steps", "5")
+    assert more.code == 0 and "resuming" in more.err, more.err
 
 
 def test_a_closed_standard_output_is_refused_before_any_work(tiny_run):

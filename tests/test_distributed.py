@@ -18,6 +18,7 @@ from lmtool.checkpoint import LOCK_FILE, load_training_state
 from lmtool.run_paths import LAST_MODEL, RUN_FILES
 from lmtool.config import config_from_dict, load_config
 from lmtool.errors import LmtoolError
+from lmtool.train import train
 
 from conftest import CONFIGS, REPO, SHAKESPEARE
 
@@ -101,15 +102,17 @@ def rank_weights(cwd, out, rank):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same training on two processes (batch 4 each) and on one process with the global batch 8."""
+    """The same training on two processes (batch 4 each) and, in this process, with the global batch 8."""
     cwd = tmp_path_factory.mktemp("ddp")
     text = SHAKESPEARE.read_text(encoding="utf-8")
     (cwd / "train.txt").write_text(text[:6000], encoding="utf-8")
     (cwd / "valid.txt").write_text(text[6000:7000], encoding="utf-8")
     config = load_config(TINY, SETTINGS)
     run_ranks(cwd, 2, cwd / "ddp", config, [cwd / "train.txt"] * 2, cwd / "valid.txt")
-    run_ranks(cwd, 1, cwd / "single", load_config(TINY, SETTINGS + ["data.batch_size=8"]), [cwd / "train.txt"],
-              cwd / "valid.txt")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)  # keeps runs/latest out of the repository
+        train(load_config(TINY, SETTINGS + ["data.batch_size=8"]), cwd / "train.txt", valid_path=cwd / "valid.txt",
+              out=cwd / "single")
     return cwd
 
 
@@ -123,7 +126,7 @@ def test_both_ranks_end_with_the_same_weights_and_rank_0_saves_them(runs):
 
 
 def test_two_processes_train_what_one_process_trains_with_the_global_batch(runs):
-    ddp, single = rank_weights(runs, "ddp", 0), rank_weights(runs, "single", 0)
+    ddp, single = rank_weights(runs, "ddp", 0), load_file(runs / "single" / LAST_MODEL)
     for name in ddp:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
     start = records(runs / "ddp")[0]
@@ -241,9 +244,9 @@ def test_a_bidirectional_adaptive_softmax_model_trains_on_two_processes_as_on_on
                            "model.adaptive_cutoffs=[4, 8]", "train.max_steps=12"]
     run_ranks(tmp_path, 2, tmp_path / "ddp", load_config(TINY, settings), [tmp_path / "train.txt"] * 2,
               tmp_path / "valid.txt")
-    run_ranks(tmp_path, 1, tmp_path / "single", load_config(TINY, settings + ["data.batch_size=8"]),
-              [tmp_path / "train.txt"], tmp_path / "valid.txt")
-    ddp, single = rank_weights(tmp_path, "ddp", 0), rank_weights(tmp_path, "single", 0)
+    train(load_config(TINY, settings + ["data.batch_size=8"]), tmp_path / "train.txt", valid_path=tmp_path / "valid.txt",
+          out=tmp_path / "single")
+    ddp, single = rank_weights(tmp_path, "ddp", 0), load_file(tmp_path / "single" / LAST_MODEL)
     assert any(name.startswith("rnn_backward.") for name in ddp) and any(name.startswith("adaptive.") for name in ddp)
     for name in ddp:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -86,9 +86,9 @@ def test_the_graphed_step_trains_exactly_like_the_plain_one(small_corpus, tmp_pa
     assert all(torch.equal(graphed_weights[k], plain_weights[k]) for k in plain_weights)
 
 
-def test_the_graphed_step_resumes_exactly(small_corpus, tmp_path, graphed):
+def test_the_graphed_step_resumes_exactly(small_corpus, tmp_path, graphed, reference_run):
     cfg = load_config(TINY, RESUMABLE)
-    whole = train(cfg, small_corpus, out=tmp_path / "whole")
+    whole = reference_run(RESUMABLE)  # trained by the plain step, which the graphed one must equal bitwise
     with pytest.raises(Crash):
         train(cfg, small_corpus, out=tmp_path / "broken", on_event=crash_at_step(60))
     resumed = resume(tmp_path / "broken")

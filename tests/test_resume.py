@@ -50,9 +50,9 @@ def crash_at_step(step):
 
 
 @pytest.mark.parametrize("dropout", [[], ["model.dropout=0.3"]], ids=["no-dropout", "dropout"])
-def test_resume_after_a_crash_is_bitwise_identical(small_corpus, tmp_path, dropout):
+def test_resume_after_a_crash_is_bitwise_identical(small_corpus, tmp_path, dropout, reference_run):
     cfg = load_config(TINY, RESUMABLE + dropout)
-    whole = train(cfg, small_corpus, out=tmp_path / "whole")
+    whole = reference_run(RESUMABLE + dropout)
     with pytest.raises(Crash):
         train(cfg, small_corpus, out=tmp_path / "broken", on_event=crash_at_step(60))
     assert load_training_state(tmp_path / "broken")["step"] == 56  # the last checkpoint before the crash
@@ -95,8 +95,9 @@ def test_the_first_log_line_after_a_resume_counts_the_time_before_the_interrupti
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_saves_a_checkpoint_and_resume_finishes_the_same_run(small_corpus, tmp_path, sig, code):
-    args = ["--config", str(TINY), *sum([["--set", s] for s in RESUMABLE], []), "--set", "train.max_epochs=6"]
+def test_signal_saves_a_checkpoint_and_resume_finishes_the_same_run(small_corpus, tmp_path, sig, code, run_cli,
+                                                                  reference_run):
+    args = ["--config", str(TINY), *sum([["--set", s] for s in RESUMABLE], [])]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmtool", "train", str(small_corpus), *args, "--out", str(tmp_path / "run")],
@@ -111,18 +112,16 @@ def test_signal_saves_a_checkpoint_and_resume_finishes_the_same_run(small_corpus
     assert f"lmtool train --resume {tmp_path / 'run'}" in err and "Traceback" not in err
     stopped_at = load_training_state(tmp_path / "run")["step"]
 
-    done = subprocess.run([sys.executable, "-m", "lmtool", "train", "--resume", str(tmp_path / "run")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert f"step {stopped_at:,}" in done.stderr
-    cfg = load_config(TINY, RESUMABLE + ["train.max_epochs=6"])
-    whole = train(cfg, small_corpus, out=tmp_path / "whole")
+    done = run_cli("train", "--resume", tmp_path / "run")
+    assert done.code == 0, done.err
+    assert f"step {stopped_at:,}" in done.err
+    whole = reference_run(RESUMABLE)
     assert_same_weights(whole.run_dir, tmp_path / "run")
     assert losses(whole.run_dir) == losses(tmp_path / "run")
 
 
-def test_sigkill_at_any_moment_then_resume(small_corpus, tmp_path):
-    args = ["--config", str(TINY), *sum([["--set", s] for s in RESUMABLE], []), "--set", "train.max_epochs=6"]
+def test_sigkill_at_any_moment_then_resume(small_corpus, tmp_path, reference_run):
+    args = ["--config", str(TINY), *sum([["--set", s] for s in RESUMABLE], [])]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmtool", "train", str(small_corpus), *args, "--out", str(tmp_path / "run")],
@@ -135,7 +134,7 @@ def test_sigkill_at_any_moment_then_resume(small_corpus, tmp_path):
     proc.kill()
     proc.wait()
     resumed = resume(tmp_path / "run")
-    whole = train(load_config(TINY, RESUMABLE + ["train.max_epochs=6"]), small_corpus, out=tmp_path / "whole")
+    whole = reference_run(RESUMABLE)
     assert resumed.steps == whole.steps
     assert_same_weights(whole.run_dir, resumed.run_dir)
     assert losses(whole.run_dir) == losses(resumed.run_dir)
