@@ -280,7 +280,8 @@ def _streamer(tokenizer, prime: str):
 @app.command("score")
 def score(
     sentences: List[str] = typer.Argument(None, help="sentences to score (or use --file)"),
-    file: Optional[str] = typer.Option(None, "--file", "-f", help="score each line of this file ('-' for stdin)"),
+    files: Optional[List[str]] = typer.Option(None, "--file", "-f", help="score each line of this file ('-' for "
+                                              "stdin); repeat it for several files, scored in order"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     tokens: bool = typer.Option(False, "--tokens", help="add a per-token table: probability, log-probability, bits"),
     json_out: bool = typer.Option(False, "--json", help="write JSON Lines, one object per sentence"),
@@ -306,7 +307,10 @@ def score(
     model_path = resolve_model_path(model)  # before torch is imported: a missing model is told at once
     _check_precision(precision)
     texts = list(sentences or [])  # read and checked before torch is imported too
-    if file is not None:
+    files = files or []
+    if files.count("-") > 1:
+        raise LmtoolError("--file - (standard input) can be given once: it can be read only once")
+    for file in files:
         from_file = stdin_lines() if file == "-" else list(iter_lines(Path(file), "sentence"))
         if not any(line.strip() for line in from_file):
             raise LmtoolError(f"{'standard input' if file == '-' else file} holds no sentences (one per line)")

@@ -98,6 +98,7 @@ CASES = [
     ("score nothing", "score --model {run}/run", "no sentences to score", 2),
     ("score missing file", "score --file {tmp}/nope.txt --model {run}/run", "sentence file not found", 2),
     ("score binary file", "score --file {tmp}/binary.txt --model {run}/run", "looks binary", 2),
+    ("score stdin twice", "score -f - --file - --model {run}/run", "--file - (standard input) can be given once", 2),
     ("score bad format", "score hi --format arpa --model {run}/run", "--format must be table or kenlm", 2),
     ("score batch 0", "score hi --batch-size 0 --model {run}/run", "--batch-size must be at least 1", 2),
     ("evaluate missing", "evaluate-perplexity {tmp}/nope.txt --model {run}/run", "evaluation file not found", 2),

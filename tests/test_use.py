@@ -225,6 +225,13 @@ def test_score_ranks_sentences_and_writes_json_and_kenlm(run_cli, word_run, tmp_
     sentences.write_text(f"{likely}\n{unlikely}\n")
     from_file = run_cli("score", "--file", sentences, "--model", word_run, "--json")
     assert [json.loads(l)["sentence"] for l in from_file.out.splitlines()] == [likely, unlikely]
+    more = tmp_path / "more.txt"
+    more.write_text("the dog\n")
+    # several files, and arguments, all scored; ranks run over every sentence together
+    several = run_cli("score", "a cat", "--file", sentences, "-f", more, "--model", word_run, "--json")
+    rows = [json.loads(l) for l in several.out.splitlines()]
+    assert [r["sentence"] for r in rows] == ["a cat", likely, unlikely, "the dog"]
+    assert sorted(r["rank"] for r in rows) == [1, 2, 3, 4]
 
 
 def test_a_word_written_eos_mid_sentence_is_not_the_sentence_end(run_cli, word_run):
