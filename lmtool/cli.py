@@ -6,6 +6,7 @@ import errno
 import os
 import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -221,8 +222,15 @@ def _check_output(output: Path, overwrite: bool, model_path: Path) -> None:
         raise LmtoolError(f"--output {output} is a file of the run {output.parent}; choose a file outside it")
     if not output.parent.is_dir():
         raise LmtoolError(f"--output {output}: the directory {output.parent} does not exist; create it first")
-    if not os.access(output.parent, os.W_OK | os.X_OK):
-        raise LmtoolError(f"--output {output}: the directory {output.parent} is not writable; choose another place")
+    # Try it: a permission check says yes to root, yet /sys or a read-only mount refuse. The samples are written
+    # through a temporary file beside the output, so that is the file to try.
+    try:
+        handle, probe = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    except OSError as err:
+        raise LmtoolError(f"--output {output}: cannot create a file in {output.parent} ({err.strerror}); "
+                          "choose another place") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def _sample_toward(lm, ending: str, options, output: Optional[Path]) -> None:

@@ -253,15 +253,23 @@ def test_sentences_and_file_names_are_printed_as_written_not_as_markup(run_cli, 
     assert "data [draft].txt" in result.out
 
 
-def test_sample_refuses_an_output_directory_it_cannot_write(run_cli, char_run, tmp_path, monkeypatch):
+def test_sample_refuses_an_output_directory_it_cannot_write(run_cli, char_run, tmp_path):
+    """Refused before any sampling, by trying: root passes every permission check, yet cannot write in /sys."""
     import os
 
-    real_access = os.access
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    if os.geteuid() == 0:
+        if not Path("/sys/kernel").is_dir():
+            pytest.skip("root can write anywhere but in /sys, which this system lacks")
+        locked = Path("/sys")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
     result = run_cli("sample", "--model", char_run, "--output", locked / "out.txt")
-    assert result.code == 2 and "is not writable" in result.err and result.out == ""
+    assert result.code == 2 and result.out == ""
+    assert result.err.strip() == (f"lmtool: error: --output {locked / 'out.txt'}: cannot create a file in {locked} "
+                                  "(Permission denied); choose another place")
+    assert not (locked / "out.txt").exists()
 
 
 def test_a_full_disk_is_a_runtime_failure_that_names_the_path(run_cli, char_run, tmp_path, monkeypatch):
