@@ -6,7 +6,6 @@ import io
 import json
 import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from lmtool.atomic_files import atomic_write, write_failed
 from lmtool.config import Config, config_from_dict, save_config_yaml
 from lmtool.errors import LmtoolError
 from lmtool.model import LanguageModel
@@ -29,50 +29,6 @@ MODEL_FORMAT = "lmtool-model"
 MODEL_FORMAT_VERSION = 1
 TRAINING_STATE_VERSION = 1
 LOCK_FILE = ".lock"  # held by the process training the run, so that no second one writes into it
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it: readers see old or new, never half."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise _write_failed(path, err) from None
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run's files should be as readable as any other
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise _write_failed(path, err) from None
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_failed(path: Path, err: OSError) -> LmtoolError:
-    kept = "; the previous version is intact" if path.exists() else ""
-    return LmtoolError(f"cannot write {path}: {err.strerror or err}{kept}", exit_code=1)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def default_run_path(corpus: Path, now: datetime | None = None) -> Path:
     """runs/<corpus-name>-<timestamp>."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
@@ -189,7 +145,7 @@ class RunDir:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
         except OSError as err:
-            raise _write_failed(self.path / METRICS_FILE, err) from None
+            raise write_failed(self.path / METRICS_FILE, err) from None
 
     def metrics_size(self) -> int:
         path = self.path / METRICS_FILE

@@ -6,7 +6,6 @@ import errno
 import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -16,6 +15,7 @@ import typer
 
 from lmtool.errors import Interrupted, LmtoolError
 # torch-free: a missing model or file, or a binary one, is reported before torch is imported (seconds)
+from lmtool.atomic_files import can_write_beside
 from lmtool.run_paths import BEST_MODEL, RUN_FILES, is_run_dir, resolve_model_path
 from lmtool.text_files import check_readable_file, iter_lines, stdin_lines
 
@@ -167,7 +167,7 @@ def sample(
     if output is not None:
         _check_output(output, overwrite, model_path)
     from lmtool.api import load_model
-    from lmtool.checkpoint import atomic_write
+    from lmtool.atomic_files import atomic_write
     from lmtool.sample import SamplingOptions, encode_prime
 
     options = SamplingOptions(
@@ -214,7 +214,7 @@ def _check_output(output: Path, overwrite: bool, model_path: Path) -> None:
     """Fail before any work if the samples could not be written to `output`, or would replace the model."""
     if output.is_dir():
         raise LmtoolError(f"--output {output} is a directory; give a file name")
-    if output.exists() and not overwrite:
+    if os.path.lexists(output) and not overwrite:  # a link, even a dangling one, is the user's too
         raise LmtoolError(f"--output {output} already exists; pass --overwrite to replace it or choose another file")
     if output.exists() and os.path.samefile(output, model_path):  # not even with --overwrite
         raise LmtoolError(f"--output {output} is the model being sampled from; choose another file")
@@ -222,20 +222,15 @@ def _check_output(output: Path, overwrite: bool, model_path: Path) -> None:
         raise LmtoolError(f"--output {output} is a file of the run {output.parent}; choose a file outside it")
     if not output.parent.is_dir():
         raise LmtoolError(f"--output {output}: the directory {output.parent} does not exist; create it first")
-    # Try it: a permission check says yes to root, yet /sys or a read-only mount refuse. The samples are written
-    # through a temporary file beside the output, so that is the file to try.
-    try:
-        handle, probe = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    except OSError as err:
-        raise LmtoolError(f"--output {output}: cannot create a file in {output.parent} ({err.strerror}); "
-                          "choose another place") from None
-    os.close(handle)
-    os.unlink(probe)
+    refused = can_write_beside(output)
+    if refused is not None:
+        raise LmtoolError(f"--output {output}: cannot create a file in {output.parent} ({refused.strerror}); "
+                          "choose another place")
 
 
 def _sample_toward(lm, ending: str, options, output: Optional[Path]) -> None:
     """Backward generation ends at `ending`: nothing can be shown before the whole sample exists."""
-    from lmtool.checkpoint import atomic_write
+    from lmtool.atomic_files import atomic_write
     from lmtool.sample import encode_prime
 
     if "backward" not in lm.directions:

@@ -42,9 +42,13 @@ def small_corpus(tmp_path) -> Path:
 def reference_run(tmp_path_factory):
     """`reference_run(overrides)`: tiny.yaml + overrides trained without a break on small_corpus's text, once per
     session for each list of overrides: the run that interrupted, resumed or graphed runs must match. Read-only."""
+    import lmtool.train
     from lmtool.config import load_config
-    from lmtool.train import train
+    from lmtool.graphed_step import GraphedStep
 
+    # Taken before any test patches them: a reference trained inside a test must not go through its patches.
+    unpatched = [(lmtool.train, name, getattr(lmtool.train, name)) for name in ("uses_cuda_graph", "step_capture")]
+    unpatched.append((GraphedStep, "__call__", GraphedStep.__call__))
     results = {}
 
     def run(overrides: list[str]):
@@ -55,7 +59,10 @@ def reference_run(tmp_path_factory):
             corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:SMALL_CHARS], encoding="utf-8")
             with pytest.MonkeyPatch.context() as patch:
                 patch.chdir(root)  # keeps runs/latest out of the repository
-                results[key] = train(load_config(CONFIGS / "tiny.yaml", list(overrides)), corpus, out=root / "run")
+                for owner, name, value in unpatched:
+                    patch.setattr(owner, name, value)
+                results[key] = lmtool.train.train(load_config(CONFIGS / "tiny.yaml", list(overrides)), corpus,
+                                                  out=root / "run")
         return results[key]
 
     return run
