@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import log_every, machine_info, matmul_peak_gflops, median_tokens_per_s  # noqa: E402
+from machine import (  # noqa: E402
+    absolute_path, log_every, machine_info, matmul_peak_gflops, median_tokens_per_s, scratch_dir,
+)
 from peer_example import PeerModel, perplexity, train_for  # noqa: E402
 
 import torch  # noqa: E402
@@ -40,7 +41,7 @@ EXAMPLE = ["data.level=word", "data.max_size=null", "data.batch_size=20", "data.
 def run_lmtool(data: Path, overrides: list[str]) -> dict:
     records: list[dict] = []
     cfg = load_config(None, [*EXAMPLE, *overrides])
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         train(cfg, data / "wikitext-2/train.txt", valid_path=data / "wikitext-2/valid.txt", out=Path(tmp) / "run",
               on_event=records.append)
     valid = [r for r in records if r["event"] == "valid"][-1]
@@ -53,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=120)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data", type=absolute_path, default=REPO.parent / "shared" / "data")
     args = parser.parse_args()
     info = machine_info()
     peaks = {"fp32": round(matmul_peak_gflops(torch.float32)), "bf16": round(matmul_peak_gflops(torch.bfloat16))}

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import log_every, machine_info, median_tokens_per_s  # noqa: E402
+from machine import absolute_path, log_every, machine_info, median_tokens_per_s, scratch_dir  # noqa: E402
 
 from lmtool.config import load_config  # noqa: E402
 from lmtool.train import train  # noqa: E402
@@ -50,7 +49,7 @@ def run(case: str, data: Path, steps: int, graph: bool, device: str) -> dict:
                                     f"train.log_every={log_every(steps, 25)}", "train.checkpoint_every=null", "train.checkpoint_time=null",
                                     f"train.device={device}", f"train.cuda_graph={str(graph).lower()}"])
     records = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         train(cfg, data / corpus, valid_path=data / valid if valid else None, out=Path(tmp) / "run",
               on_event=records.append)
     return {"cuda_graph": records[0].get("cuda_graph"),
@@ -62,7 +61,7 @@ def run(case: str, data: Path, steps: int, graph: bool, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data", type=absolute_path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--only", default=",".join(CASES))
     parser.add_argument("--device", default="cuda")

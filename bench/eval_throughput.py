@@ -21,12 +21,11 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import log_every, machine_info, matmul_peak_gflops, median_tokens_per_s  # noqa: E402
+from machine import log_every, machine_info, matmul_peak_gflops, median_tokens_per_s, scratch_dir  # noqa: E402
 from train_throughput import multiply_adds_per_token  # noqa: E402
 
 import torch  # noqa: E402
@@ -49,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     level = [f"data.level={args.level}"]
     corpus = REPO / "data" / "tinyshakespeare.txt"
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         tmp = Path(tmp)
         logs = f"train.log_every={log_every(args.train_steps, 5)}"
         cfg = load_config(None, [f"train.max_steps={args.train_steps}", logs, *level])

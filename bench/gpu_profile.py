@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import absolute_path, machine_info, scratch_dir  # noqa: E402
 from train_throughput import WORKLOADS, bare_loop  # noqa: E402
 
 import torch  # noqa: E402
@@ -62,7 +61,7 @@ def per_step(short, long, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data", type=absolute_path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--only", default="ptb-medium,char")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
@@ -76,7 +75,7 @@ def main() -> None:
                                      f"train.precision={args.precision}", "train.optimizer=sgd", "train.lr=0.1",
                                      "train.eval_every=null", "train.checkpoint_every=null",
                                      "train.checkpoint_time=null", "train.device=cuda"])
-            with tempfile.TemporaryDirectory() as tmp:
+            with scratch_dir() as tmp:
                 return profiled(lambda: train(cfg, args.data / train_file, valid_path=valid, out=Path(tmp) / "r"))
 
         cfg = load_config(None, overrides)

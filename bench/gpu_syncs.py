@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import absolute_path, machine_info, scratch_dir  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -32,7 +31,7 @@ def syncs_during(steps: int, precision: str, data: Path) -> int:
                              "model.embedding_size=200", "model.num_layers=2", f"train.max_steps={steps}",
                              "train.log_every=100000", "train.eval_every=null", "train.checkpoint_every=null",
                              "train.checkpoint_time=null", f"train.precision={precision}", "train.device=cuda"])
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as caught:
+    with scratch_dir() as tmp, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -44,7 +43,7 @@ def syncs_during(steps: int, precision: str, data: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data", type=absolute_path, default=REPO.parent / "shared" / "data")
     args = parser.parse_args()
     info = machine_info()
     for precision in ("fp32", "bf16"):

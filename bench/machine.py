@@ -1,12 +1,18 @@
-"""What every benchmark prints beside its figures: the machine, torch, threads, the date and the command."""
+"""What every benchmark prints beside its figures (the machine, torch, threads, the date and the command), and the
+scratch place where benchmarks train."""
 
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -75,3 +81,21 @@ def median_tokens_per_s(records: list[dict]) -> float:
     """The median training tokens/s of a run's log lines, leaving out the first (warm-up) when there are others."""
     speeds = [r["tokens_per_s"] for r in records if r["event"] == "train"]
     return statistics.median(speeds[1:] or speeds)
+
+
+@contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A temporary directory that is also the working directory while it lasts: a run trained there points the
+    runs/latest beside it, not the user's runs/latest at a run about to be deleted."""
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            yield Path(tmp)
+        finally:
+            os.chdir(previous)
+
+
+def absolute_path(text: str) -> Path:
+    """argparse type for paths: resolved at once, since the benchmark trains in a scratch working directory."""
+    return Path(text).resolve()

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import log_every, machine_info, matmul_peak_gflops, median_tokens_per_s  # noqa: E402
+from machine import (  # noqa: E402
+    absolute_path, log_every, machine_info, matmul_peak_gflops, median_tokens_per_s, scratch_dir,
+)
 
 import torch  # noqa: E402
 
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--corpus", default=str(REPO / "data" / "tinyshakespeare.txt"))
+    parser.add_argument("--corpus", type=absolute_path, default=REPO / "data" / "tinyshakespeare.txt")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
@@ -38,7 +39,7 @@ def main() -> None:
         records = []
         cfg = load_config(None, [*args.overrides, f"train.max_steps={args.steps}", f"train.precision={precision}",
                                  f"train.log_every={log_every(args.steps, 10)}", f"train.device={args.device}"])
-        with tempfile.TemporaryDirectory() as tmp:
+        with scratch_dir() as tmp:
             result = train(cfg, Path(args.corpus), out=Path(tmp) / "run", on_event=records.append)
         results[precision] = {"median_tokens_per_s": round(median_tokens_per_s(records)),
                               "valid_loss": round(result.best_valid.loss, 4), "tokens": result.tokens_seen}

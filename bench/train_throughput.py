@@ -20,12 +20,13 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import log_every, machine_info, matmul_peak_gflops, median_tokens_per_s  # noqa: E402
+from machine import (  # noqa: E402
+    absolute_path, log_every, machine_info, matmul_peak_gflops, median_tokens_per_s, scratch_dir,
+)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -105,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3, help="runs of each loop, in turn")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data", type=absolute_path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--only", default="char,ptb,wt2")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
@@ -135,7 +136,7 @@ def main() -> None:
 
             def lmtool_run() -> float:
                 records = []
-                with tempfile.TemporaryDirectory() as tmp:
+                with scratch_dir() as tmp:
                     train(cfg, args.data / train_file, valid_path=valid, out=Path(tmp) / "run", on_event=records.append)
                 return median_tokens_per_s(records)  # the first interval warms up
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import absolute_path, machine_info, scratch_dir  # noqa: E402
 from train_throughput import REPO, WORKLOADS  # noqa: E402
 
 import lmtool.train as trainer  # noqa: E402
@@ -39,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="ptb", choices=["char", "ptb", "wt2"])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data", type=absolute_path, default=REPO.parent / "shared" / "data")
     args = parser.parse_args()
     train_file, valid_file, overrides = WORKLOADS[args.workload]
     cfg = load_config(None, [*overrides, f"train.max_steps={args.steps}", "train.log_every=5", "train.precision=fp32",
@@ -48,7 +47,7 @@ def main() -> None:
     totals = {"step": 0.0, "loop": 0.0}
     trainer._Trainer._train_step = timed(trainer._Trainer._train_step, totals, "step")
     trainer._Trainer._train_windows = timed(trainer._Trainer._train_windows, totals, "loop")
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         trainer.train(cfg, args.data / train_file, valid_path=args.data / valid_file if valid_file else None,
                       out=Path(tmp) / "run")
     print(json.dumps({
