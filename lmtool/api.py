@@ -80,9 +80,11 @@ class Model:
         **option_values,
     ) -> list[str]:
         """Generate text after `prime` (forward) or, given `ending`, the text that leads to it (backward, written
-        right to left); returns one string per sample, without the prime or the ending."""
+        right to left); returns one string per sample, without the prime or the ending (and, with stop_at_eos,
+        without the line end that stopped it)."""
         if options is not None and option_values:
             raise LmtoolError(f"give options or {', '.join(sorted(option_values))}, not both")
+        prime = "" if prime is None else prime
         for name, text in (("prime", prime), ("ending", ending)):
             if text is not None and not isinstance(text, str):
                 raise LmtoolError(f"{name} must be a string, got {type(text).__name__}")
@@ -94,12 +96,11 @@ class Model:
             if ending_ids and ending_ids[-1] == EOS_ID:  # "...\n": it ends a line, which the reading starts from
                 ending_ids = ending_ids[:-1]
             samples = generate(self.network, ending_ids[::-1], options, None, "backward")
-            if options.stop_at_eos:  # read backward, <EOS> is where the line starts: nothing to print
-                samples = [ids[:-1] if ids and ids[-1] == EOS_ID else ids for ids in samples]
-            return [self.tokenizer.decode(ids[::-1]) for ids in samples]
+            # read backward, <EOS> is where the line starts: nothing to print
+            return [self.tokenizer.decode(_without_stop(ids, options)[::-1]) for ids in samples]
         prime_ids, _ = encode_prime(self.tokenizer, prime)
         samples = generate(self.network, prime_ids, options, on_token, "forward")
-        return [self.tokenizer.decode(ids) for ids in samples]
+        return [self.tokenizer.decode(_without_stop(ids, options)) for ids in samples]
 
     def score(
         self, sentences: Sequence[str] | str, batch_size: int = 64, direction: str | None = None,
@@ -118,6 +119,8 @@ class Model:
 
     def _directions(self, direction: str | None) -> tuple[str, ...]:
         """The directions a request reads: all the model has for None or "both", else the one named."""
+        if direction not in (None, "forward", "backward", "both"):
+            raise LmtoolError(f"direction must be forward, backward or both, got {direction!r}")
         if direction == "both" and len(self.directions) < 2:
             raise LmtoolError(f"--direction both needs a bidirectional model; this one reads {self.directions[0]} only")
         if direction in (None, "both"):
@@ -151,7 +154,8 @@ class Model:
             for n, path in enumerate(paths):
                 ids = encode_file_to_disk(self.tokenizer, Path(path), Path(tmp) / f"{n}.ids")
                 if ids.numel() < 2 * batch_size:  # each of the batch's streams needs a token and its successor
-                    raise LmtoolError(f"{path} holds {ids.numel()} tokens, too few for --batch-size {batch_size}; "
+                    # ids start with the sentence start, which is read but not scored
+                    raise LmtoolError(f"{path} holds {ids.numel() - 1} tokens, too few for --batch-size {batch_size}; "
                                       f"use --batch-size {ids.numel() // 2} or less")
                 for d in directions:
                     totals[d] = combined([totals[d], stream_nll(self.network, ids, batch_size, bptt, d)])
@@ -182,6 +186,11 @@ class Model:
                     nll.append(-log_mean_exp(-parts[0].nll, -parts[1].nll))
                     tokens += parts[0].tokens
         return StreamScore(nll=math.fsum(nll), tokens=tokens)
+
+
+def _without_stop(ids: list[int], options: SamplingOptions) -> list[int]:
+    """A sample stopped at <EOS> ends with it; the caller shows or writes the line end itself."""
+    return ids[:-1] if options.stop_at_eos and ids and ids[-1] == EOS_ID else ids
 
 
 def _list_of(values, types: tuple[type, ...], message: str) -> list:

@@ -185,19 +185,19 @@ def sample(
     _, unknown = encode_prime(lm.tokenizer, prime)
     if unknown:
         warnings.warn(f"{unknown} token(s) of --prime are not in the vocabulary and are read as <UNK>")
-    stream = num_samples == 1
-    on_token = _streamer(lm.tokenizer, prime) if stream else None
-    if stream:
+    streamer = _Streamer(lm.tokenizer, prime) if num_samples == 1 else None
+    if streamer is not None:
         sys.stdout.write(prime)
         sys.stdout.flush()
-    texts = lm.sample(prime, options, on_token=on_token)
-    if stream:
-        sys.stdout.write("\n")
+    texts = lm.sample(prime, options, on_token=streamer)
+    if streamer is not None:
+        if not streamer.at_line_start:
+            sys.stdout.write("\n")
     else:
         for n, text in enumerate(texts, start=1):
-            sys.stdout.write(f"--- sample {n} ---\n{prime}{_joined(lm.tokenizer, prime, text)}\n")
+            sys.stdout.write(f"--- sample {n} ---\n{_line(prime + _joined(lm.tokenizer, prime, text))}")
     if output is not None:
-        body = "".join(f"{prime}{_joined(lm.tokenizer, prime, t)}\n" for t in texts)
+        body = "".join(_line(prime + _joined(lm.tokenizer, prime, t)) for t in texts)
         atomic_write(output, body.encode("utf-8"))
 
 
@@ -243,41 +243,48 @@ def _sample_toward(lm, ending: str, options, output: Optional[Path]) -> None:
         warnings.warn(f"{unknown} token(s) of --ending are not in the vocabulary and are read as <UNK>")
     texts = [t + _joined(lm.tokenizer, t, ending) for t in lm.sample(options=options, ending=ending)]
     if len(texts) == 1:
-        sys.stdout.write(texts[0] + "\n")
+        sys.stdout.write(_line(texts[0]))
     else:
         for n, text in enumerate(texts, start=1):
-            sys.stdout.write(f"--- sample {n} ---\n{text}\n")
+            sys.stdout.write(f"--- sample {n} ---\n{_line(text)}")
     if output is not None:
-        atomic_write(output, "".join(t + "\n" for t in texts).encode("utf-8"))
+        atomic_write(output, "".join(_line(t) for t in texts).encode("utf-8"))
+
+
+def _line(text: str) -> str:
+    """`text` ending in exactly the one line end it needs (a sample may already end with its <EOS>)."""
+    return text if text.endswith("\n") else text + "\n"
 
 
 def _joined(tokenizer, before: str, text: str) -> str:
     """`text` as it follows `before` (a prime, or a sample before its ending): word-level text needs a space
-    between the two, unless a line ends there."""
-    if tokenizer.level == "word" and before and not before.endswith("\n") and text and not text.startswith("\n"):
+    between the two, unless `before` ends with a space or a line end already."""
+    if tokenizer.level == "word" and before and not before[-1].isspace() and text and not text.startswith("\n"):
         return " " + text
     return text
 
 
-def _streamer(tokenizer, prime: str):
-    """Write each new token of a single sample to stdout as soon as it exists."""
-    from lmtool.tokenizer import EOS_ID
+class _Streamer:
+    """Writes each new token of a single sample to stdout as soon as it exists."""
 
-    at_line_start = [not prime or prime.endswith("\n")]
+    def __init__(self, tokenizer, prime: str) -> None:
+        self.tokenizer = tokenizer
+        self.at_line_start = not prime or prime.endswith("\n")
+        self.spaced = not prime or prime[-1].isspace()  # a word written now needs no space before it
 
-    def write(token) -> None:
+    def __call__(self, token) -> None:
+        from lmtool.tokenizer import EOS_ID
+
         i = int(token[0])
         if i == EOS_ID:
-            piece, at_line_start[0] = "\n", True
-        elif tokenizer.level == "word":
-            piece = tokenizer.tokens[i] if at_line_start[0] else " " + tokenizer.tokens[i]
-            at_line_start[0] = False
+            piece = "\n"
+        elif self.tokenizer.level == "word":
+            piece = self.tokenizer.tokens[i] if self.spaced else " " + self.tokenizer.tokens[i]
         else:
-            piece = tokenizer.tokens[i]
+            piece = self.tokenizer.tokens[i]
+        self.at_line_start = self.spaced = i == EOS_ID
         sys.stdout.write(piece)
         sys.stdout.flush()
-
-    return write
 
 
 @app.command("score")

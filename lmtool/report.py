@@ -83,7 +83,8 @@ def score_kenlm_lines(scores: Sequence[SentenceScore], tokenizer) -> list[str]:
             # For an RNN the context is the whole history read so far, so the "n-gram length" is the number of
             # predictions made up to this one: the position in reading order.
             position = index if not backward else (n if index == n else n - index)
-            parts.append(f"{word}={kenlm} {position} {t.logprob / math.log(10):.6g}")
+            # a character model's space or tab would otherwise split the fields it sits in
+            parts.append(f"{word if end else visible_token(word)}={kenlm} {position} {t.logprob / math.log(10):.6g}")
             if t.known:
                 known_log10 += t.logprob / math.log(10)
         lines.append("\t".join(parts) + f"\tTotal: {score.log10prob:.6g} OOV: {score.num_unknown}")
@@ -149,7 +150,7 @@ def _print_token_table(console: Console, s: SentenceScore, title: str) -> None:
         tokens.add_column(column, justify=justify)
     for index, t in enumerate(s.tokens, start=1):
         style = _surprisal_style(t.surprisal_bits)
-        token = t.token.replace(" ", "␣")
+        token = visible_token(t.token)
         if s.direction == "backward" and index == len(s.tokens):
             token = "<EOS> (start)"  # read backward, the last step predicts the sentence start
         tokens.add_row(
@@ -159,13 +160,35 @@ def _print_token_table(console: Console, s: SentenceScore, title: str) -> None:
     console.print(tokens)
 
 
+def visible_token(token: str) -> str:
+    """A token as it can be shown in a table cell or a field: a space as ␣, a tab or other control character
+    escaped (\\t)."""
+    if token == " ":
+        return "␣"
+    return token if token.isprintable() else token.encode("unicode_escape").decode("ascii")
+
+
+# Joiners: a character token that joins its neighbours into one symbol (an emoji family, a keycap).
+_JOINERS = ("\u200d", "\ufe0f")
+
+
 def _colour_tokens(score: SentenceScore, separator: str) -> Text:
+    """The sentence, each token coloured by its surprisal. Tokens joined into one symbol share one colour (the
+    most surprising one's): split into spans, rich measured the symbol wider than its cells and cut the cell's end."""
+    groups: list[list] = []  # [text, surprisal in bits]
+    for t in score.tokens[:-1]:  # the final <EOS> is not part of the sentence's text
+        if groups and not separator and (t.token in _JOINERS or groups[-1][0].endswith("\u200d")):
+            groups[-1] = [groups[-1][0] + t.token, max(groups[-1][1], t.surprisal_bits)]
+        else:
+            groups.append([t.token, t.surprisal_bits])
+    if not groups:
+        return Text(score.sentence)
     text = Text()
-    for n, t in enumerate(score.tokens[:-1]):  # the final <EOS> is not part of the sentence's text
+    for n, (piece, bits) in enumerate(groups):
         if n:
             text.append(separator)
-        text.append(t.token, style=_surprisal_style(t.surprisal_bits))
-    return text if len(score.tokens) > 1 else Text(score.sentence)
+        text.append(piece, style=_surprisal_style(bits))
+    return text
 
 
 def evaluation_record(evaluation: FileEvaluation, level: str) -> dict:

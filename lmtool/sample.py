@@ -35,6 +35,7 @@ class SamplingOptions:
     precision: str = "fp32"  # bf16: the recurrent layers step in bfloat16 (faster for many streams, not exact)
 
     def __post_init__(self) -> None:
+        self._check_types()
         inference_dtype(self.precision)  # the name; the device is checked when sampling
         if self.temperature < 0 or self.temperature != self.temperature:
             raise LmtoolError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
@@ -48,6 +49,31 @@ class SamplingOptions:
             raise LmtoolError(f"--num-samples must be between 1 and {MAX_SAMPLES:,}, got {self.num_samples}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise LmtoolError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
+
+
+    def _check_types(self) -> None:
+        """Library callers get a clear error for a value of the wrong type, not a TypeError from deep inside."""
+        for name, (types, kind, optional) in _OPTION_TYPES.items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            # bool is an int to Python, but never a count or a temperature here
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise LmtoolError(f"{name} must be {kind}{' or None' if optional else ''}, "
+                                  f"got {value!r} ({type(value).__name__})")
+
+
+# SamplingOptions' fields: (the types accepted, how to say so, whether None is allowed)
+_OPTION_TYPES = {
+    "temperature": ((int, float), "a number", False),
+    "top_k": ((int,), "a whole number", True),
+    "top_p": ((int, float), "a number", True),
+    "length": ((int,), "a whole number", False),
+    "num_samples": ((int,), "a whole number", False),
+    "stop_at_eos": ((bool,), "True or False", False),
+    "seed": ((int,), "a whole number", True),
+    "precision": ((str,), "a string", False),
+}
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

@@ -108,7 +108,7 @@ CASES = [
     ("evaluate no files", "evaluate-perplexity --model {run}/run", "Missing argument", 2),
     ("evaluate whitespace file", "evaluate-perplexity {tmp}/blank.txt --model {run}/run", "is empty", 2),
     ("evaluate batch too large", "evaluate-perplexity {tmp}/short.txt --batch-size 64 --model {run}/run",
-     "short.txt holds 7 tokens, too few for --batch-size 64; use --batch-size 3 or less", 2),
+     "short.txt holds 6 tokens, too few for --batch-size 64; use --batch-size 3 or less", 2),
     ("score empty file", "score --file {tmp}/empty.txt --model {run}/run", "empty.txt holds no sentences", 2),
     ("score blank file", "score --file {tmp}/blank.txt --model {run}/run", "blank.txt holds no sentences", 2),
     ("seed too large", "train {tmp}/good.txt --seed 18446744073709551616", "train.seed: 18446744073709551616 is out of range", 2),

@@ -144,7 +144,22 @@ def test_batched_samples_and_stop_at_eos(word_run):
     lm = lmtool.load_model(word_run)
     samples = lm.sample("", SamplingOptions(length=40, num_samples=5, seed=1, stop_at_eos=True))
     assert len(samples) == 5
-    assert all(s.endswith("\n") and s.count("\n") == 1 for s in samples)
+    # each stopped at its first line end (fewer than 40 tokens), which is not part of the text, as backward
+    assert all("\n" not in s and len(s.split()) < 39 for s in samples), samples
+    assert lm.sample("", length=40, num_samples=5, seed=1)[0].startswith(samples[0] + "\n")
+
+
+def test_samples_stopped_at_a_line_end_are_one_line_each_on_screen_and_in_the_file(run_cli, char_run, tmp_path):
+    # the <EOS> that stopped a sample is its line end: no blank line after it
+    out = tmp_path / "lines.txt"
+    many = run_cli("sample", "--model", char_run, "--stop-at-eos", "-n", "3", "--length", "300", "--seed", "1",
+                   "-o", out)
+    assert many.code == 0, many.err
+    lines = out.read_text().split("\n")
+    assert len(lines) == 4 and lines[3] == "" and all(lines[:3]), lines
+    assert many.out.split("\n")[1::2][:3] == lines[:3]  # each after its "--- sample n ---" header
+    one = run_cli("sample", "--model", char_run, "--stop-at-eos", "--length", "300", "--seed", "1", "--prime", "A")
+    assert one.out.endswith("\n") and not one.out.endswith("\n\n") and one.out.count("\n") == 1, repr(one.out)
 
 
 def test_top_k_keeps_exactly_k_tokens_even_with_ties():
@@ -171,8 +186,8 @@ def test_sample_command_streams_the_prime_and_the_text(run_cli, char_run, tmp_pa
     assert (tmp_path / "s.txt").read_text() == result.out
     assert [p.name for p in tmp_path.iterdir() if p.name != "runs"] == ["s.txt"]  # no temporary file left beside it
     long_name = tmp_path / ("x" * 250)  # the longest names most file systems allow, less a little
-    assert run_cli("sample", "--model", char_run, "--length", "3", "--output", long_name).code == 0
-    assert len(long_name.read_text()) == 4
+    short = run_cli("sample", "--model", char_run, "--length", "3", "--seed", "2", "--output", long_name)
+    assert short.code == 0 and long_name.read_text() == short.out, short.err
     again = run_cli("sample", "--model", char_run, "--prime", "ROMEO:", "--length", "40", "--seed", "2")
     assert again.out == result.out
 
@@ -259,6 +274,25 @@ def test_sentences_and_file_names_are_printed_as_written_not_as_markup(run_cli, 
     result = run_cli("evaluate-perplexity", named.name, "--model", char_run)  # the test runs in tmp_path
     assert result.code == 0, result.err
     assert "data [draft].txt" in result.out
+
+
+def test_joined_symbols_and_control_characters_are_shown_whole(run_cli, char_run):
+    family = "\U0001F468\u200d\U0001F469\u200d\U0001F467"  # one symbol of five code points: five character tokens
+    sentence = f"a {family} of three"
+    table = run_cli("score", sentence, "--model", char_run)
+    assert table.code == 0, table.err
+    assert sentence in table.out  # coloured one code point at a time, rich cut the cell's last 4 characters
+    tab = run_cli("score", "a\tb c", "--model", char_run, "--format", "kenlm").out.splitlines()[0].split("\t")
+    assert [field.split("=")[0] for field in tab[:5]] == ["a", "\\t", "b", "␣", "c"]  # no field left empty or split
+    tokens = run_cli("score", "a\tb", "--model", char_run, "--tokens").out
+    assert "│ \\t " in tokens and "│ a " in tokens
+
+
+def test_a_word_prime_ending_in_a_space_gets_no_second_one(run_cli, word_run):
+    for extra in ([], ["-n", "2"]):
+        result = run_cli("sample", "--model", word_run, "--prime", "the cat ", "--length", "5", "--seed", "3", *extra)
+        assert result.code == 0, result.err
+        assert "the cat  " not in result.out and "the cat" in result.out, result.out
 
 
 def test_sample_refuses_an_output_directory_it_cannot_write(run_cli, char_run, tmp_path):
@@ -556,6 +590,13 @@ def test_the_library_refuses_what_the_command_line_refuses(char_run):
                           (lambda: lm.score(None), "sentences must be a string or a list of strings"),
                           (lambda: lm.score(["a", None]), "sentences must be a string or a list of strings"),
                           (lambda: lm.perplexity(None), "paths must be a file path"),
-                          (lambda: lm.sample(["ROMEO"]), "prime must be a string, got list")):
+                          (lambda: lm.sample(["ROMEO"]), "prime must be a string, got list"),
+                          (lambda: lm.sample("x", temperature="hot"), r"temperature must be a number, got 'hot' \(str\)"),
+                          (lambda: lm.sample("x", length=5.5), r"length must be a whole number, got 5.5 \(float\)"),
+                          (lambda: lm.sample("x", top_k=True), r"top_k must be a whole number or None, got True"),
+                          (lambda: lm.sample("x", stop_at_eos=1), "stop_at_eos must be True or False, got 1"),
+                          (lambda: lm.score("x", direction="sideways"),
+                           "direction must be forward, backward or both, got 'sideways'")):
         with pytest.raises(LmtoolError, match=message):
             call()
+    assert lm.sample(None, length=3, seed=1) == lm.sample("", length=3, seed=1)  # no prime
