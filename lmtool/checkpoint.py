@@ -152,11 +152,19 @@ class RunDir:
         return path.stat().st_size if path.exists() else 0
 
     def truncate_metrics(self, size: int) -> None:
-        """Drop records written after a checkpoint (a resumed run writes them again)."""
+        """Drop records written after a checkpoint (a resumed run writes them again). A file that ends mid-record
+        (cut by hand, or by a crash) gets its line ended, so the next record starts a line of its own."""
         path = self.path / METRICS_FILE
-        if path.exists() and path.stat().st_size > size:
-            with open(path, "r+b") as f:
+        if not path.exists():
+            return
+        with open(path, "r+b") as f:
+            if path.stat().st_size > size:
                 f.truncate(size)
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
 
     def save_training_state(self, state: dict[str, Any]) -> None:
         """One file holds everything a resume needs, so a checkpoint becomes visible all at once."""

@@ -63,6 +63,20 @@ def test_resume_after_a_crash_is_bitwise_identical(small_corpus, tmp_path, dropo
     assert resumed.best_valid.loss == whole.best_valid.loss
 
 
+def test_a_metrics_file_cut_mid_record_gets_its_line_ended_before_the_resumed_records(small_corpus, tmp_path):
+    cfg = load_config(TINY, RESUMABLE + ["train.max_epochs=1"])
+    with pytest.raises(Crash):
+        train(cfg, small_corpus, out=tmp_path / "run", on_event=crash_at_step(60))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text(lines[0] + lines[1][:10])  # cut inside the second record
+    resume(tmp_path / "run")
+    after = metrics.read_text().splitlines()
+    assert after[1] == lines[1][:10]  # left as it was, but alone on its line
+    records = [json.loads(line) for line in after[:1] + after[2:]]
+    assert records[-1]["event"] == "end" and records[1]["event"] == "resume", records[1]
+
+
 def test_the_first_log_line_after_a_resume_counts_the_time_before_the_interruption(small_corpus, tmp_path,
                                                                                       monkeypatch):
     """On a fake clock that only moves during steps (one second each), every log line reads the same speed."""
