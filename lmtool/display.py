@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from lmtool.errors import counted
+
 Event = dict[str, Any]
 
 
@@ -68,7 +70,7 @@ class TrainDisplay:
             f"({e['precision']}{', CUDA graph' if e.get('cuda_graph') else ''}) | "
             f"vocabulary {e['vocab_size']:,} {self.unit}s | {e['train_tokens']:,} training / "
             f"{e['valid_tokens']:,} validation tokens | batch {batch} x {e['bptt']}, "
-            f"{e['steps_per_epoch']:,} steps per epoch"
+            f"{counted(e['steps_per_epoch'], 'step')} per epoch"
         )
         if self.live:
             self.progress = Progress(

@@ -30,3 +30,8 @@ def non_finite_scores() -> LmtoolError:
     """A model whose scores are NaN or infinite (weights overwritten with them): sampling, scoring and
     evaluation all refuse it rather than print NaN, which is not JSON either."""
     return LmtoolError("the model produced non-finite scores; the model file may be damaged: retrain or restore it")
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """"1 epoch", "2 epochs", "1,004 steps": a count as messages write it."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"

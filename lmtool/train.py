@@ -29,7 +29,7 @@ from lmtool.config import Config, flat_settings
 from lmtool.data import Corpus, batchify, file_digest, fit_batch_size, load_corpus, num_windows, oriented, windows
 from lmtool.devices import resolve_device, resolve_precision
 from lmtool.distributed import DistributedContext, distributed_session
-from lmtool.errors import Interrupted, LmtoolError, TrainingFailed
+from lmtool.errors import Interrupted, LmtoolError, TrainingFailed, counted
 from lmtool.evaluate import StreamScore, combined, safe_exp, stream_nll
 from lmtool.graphed_step import Capture, GraphedStep, capture_cuda_graph
 from lmtool.host_memory import keep_freed_memory
@@ -247,9 +247,17 @@ def _limit_reason(limit: str, value: Any) -> str:
     return f"reached {limit}={value}"
 
 
-def _reached_limit(stop_reason: str | None) -> str | None:
-    """Which of the LIMITS a stop reason written by `_limit_reason` names; None for any other reason."""
-    return next((limit for limit in LIMITS if str(stop_reason).startswith(f"reached {limit}=")), None)
+def _epochs_done(saved: dict[str, Any]) -> int:
+    """Whole epochs a checkpointed run has trained (and validated)."""
+    return saved["epoch"] if saved["epoch_closed"] else saved["epoch"] - 1
+
+
+def _limits_reached(saved: dict[str, Any], tc) -> list[str]:
+    """The LIMITS of `tc` that a checkpointed run has reached already."""
+    reached = {"max_steps": tc.max_steps is not None and saved["step"] >= tc.max_steps,
+               "max_epochs": tc.max_epochs is not None and _epochs_done(saved) >= tc.max_epochs,
+               "max_time": tc.max_time is not None and saved["elapsed"] >= tc.max_time}
+    return [limit for limit in LIMITS if reached[limit]]
 
 
 def _resumable(run: RunDir, config: Config, tokenizer, changed: dict[str, Any], ctx: DistributedContext):
@@ -266,30 +274,33 @@ def _resumable(run: RunDir, config: Config, tokenizer, changed: dict[str, Any], 
     tc = config.train
     # A finished run given a limit it has reached would only rewrite its config. (A run stopped early may be
     # resumed at its limit: it then validates, saves its best model and finishes.)
-    if saved["finished"] and "max_steps" in changed and tc.max_steps is not None and saved["step"] >= tc.max_steps:
-        raise LmtoolError(f"run {run.path} already finished at step {saved['step']}; --max-steps {tc.max_steps} "
-                          "would train it no further: give a higher limit")
-    if saved["finished"] and "max_time" in changed and tc.max_time is not None and saved["elapsed"] >= tc.max_time:
-        raise LmtoolError(f"run {run.path} already finished after {saved['elapsed']:.0f}s of training; --max-time "
-                          f"{tc.max_time:g}s would train it no further: give a longer time")
     if saved["finished"]:
         if not changed:
             raise LmtoolError(
                 f"run {run.path} already finished ({saved['stop_reason']}); to train it further, raise its "
                 "limit with --max-epochs, --max-steps or --max-time"
             )
-        reached = _reached_limit(saved.get("stop_reason"))
-        if reached is not None and reached not in changed:  # it would stop again at once, having trained nothing
+        stoppers = _limits_reached(saved, tc)
+        too_low = [limit for limit in stoppers if limit in changed]
+        if too_low:
+            limit = too_low[0]
+            done = {"max_steps": f"at step {saved['step']:,}",
+                    "max_epochs": f"after {counted(_epochs_done(saved), 'epoch')}",
+                    "max_time": f"after {saved['elapsed']:.0f}s of training"}[limit]
+            value = f"{tc.max_time:g}s" if limit == "max_time" else getattr(tc, limit)
+            raise LmtoolError(f"run {run.path} already finished {done}; --{limit.replace('_', '-')} {value} would "
+                              "train it no further: give a higher limit")
+        if stoppers:  # another limit, reached too, would stop it again at once, having trained nothing
             given = ", ".join(f"--{key.replace('_', '-')}" for key in changed)
             raise LmtoolError(f"run {run.path} already finished ({saved['stop_reason']}); {given} would train it no "
-                              f"further: raise --{reached.replace('_', '-')}")
+                              f"further: raise {' and '.join('--' + key.replace('_', '-') for key in stoppers)}")
         saved["finished"] = False
     trained_by = saved.get("world_size", 1)
     if trained_by != ctx.world_size:
         # Each rank carries its own rows of the hidden state and its own dropout RNG: another split changes the run.
         raise LmtoolError(
-            f"cannot resume: run {run.path} was trained by {_processes(trained_by)} and this is "
-            f"{_processes(ctx.world_size)}; resume it with the same number "
+            f"cannot resume: run {run.path} was trained by {counted(trained_by, 'process', 'processes')} and this is "
+            f"{counted(ctx.world_size, 'process', 'processes')}; resume it with the same number "
             f"({f'e.g. torchrun --nproc-per-node {trained_by} -m lmtool' if trained_by > 1 else 'plain lmtool'} "
             f"train --resume {run.path})"
         )
@@ -318,10 +329,6 @@ def _edited_settings(recorded: dict[str, Any] | None, current: dict[str, Any]) -
     changed = sorted(key for key in before.keys() | after.keys()
                      if key not in RESUMABLE_SETTINGS and before.get(key) != after.get(key))
     return ", ".join(f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in changed[:3])
-
-
-def _processes(n: int) -> str:
-    return "1 process" if n == 1 else f"{n} processes"
 
 
 def _load_corpus(config: Config, train_path, valid_path, test_path, tokenizer=None) -> Corpus:
@@ -637,7 +644,7 @@ class _Trainer:
         self.save_checkpoint()
         name = signal.Signals(signum).name
         raise Interrupted(
-            f"training stopped by {name} at step {self.step}; a checkpoint is saved. Resume with: "
+            f"training stopped by {name} at step {self.step:,}; a checkpoint is saved. Resume with: "
             f"lmtool train --resume {shlex.quote(str(self.run_dir.path))}",
             exit_code=128 + signum,
         )
@@ -647,6 +654,9 @@ class _Trainer:
         tc = self.config.train
         if tc.max_steps is not None and self.step >= tc.max_steps:
             return _limit_reason("max_steps", tc.max_steps)
+        # Only a resume with a lowered limit gets here: a run stops at the end of its last epoch.
+        if tc.max_epochs is not None and self.epoch > tc.max_epochs:
+            return _limit_reason("max_epochs", tc.max_epochs)
         if time_up:
             return _limit_reason("max_time", f"{tc.max_time:g}s")
         return None
@@ -688,7 +698,7 @@ class _Trainer:
             }
         )
         if tc.patience is not None and self.plateau.since_best >= tc.patience:
-            return f"no improvement in {tc.patience} validations (early stop)"
+            return f"no improvement in {counted(tc.patience, 'validation')} (early stop)"
         return None
 
     def _score(self, model, stream: torch.Tensor, batch_size: int) -> dict[str, StreamScore]:

@@ -163,10 +163,39 @@ def test_a_finished_run_resumes_only_with_a_raised_limit(small_corpus, tmp_path)
     with pytest.raises(LmtoolError, match=r"\(reached max_epochs=1\); --max-steps, --max-time would train it no "
                                           r"further: raise --max-epochs"):
         resume(tmp_path / "run", limits={"max_steps": 10_000, "max_time": 3600})
+    # a lower or equal epoch limit would only rewrite its config
+    with pytest.raises(LmtoolError, match=r"already finished after 1 epoch; --max-epochs 1 would train it no "
+                                          r"further: give a higher limit"):
+        resume(tmp_path / "run", limits={"max_epochs": 1})
     more = resume(tmp_path / "run", limits={"max_epochs": 2})
     assert more.epochs == 2
     whole = train(load_config(TINY, ["train.max_epochs=2", "train.patience=null"]), small_corpus, out=tmp_path / "w")
     assert_same_weights(whole.run_dir, more.run_dir)
+
+
+def test_a_run_that_reached_two_limits_at_once_says_to_raise_both(small_corpus, tmp_path):
+    cfg = load_config(TINY, ["train.max_epochs=1", "train.patience=null"])
+    steps = train(cfg, small_corpus, out=tmp_path / "first").steps  # one epoch's steps
+    train(load_config(TINY, ["train.max_epochs=1", "train.patience=null", f"train.max_steps={steps}"]), small_corpus,
+          out=tmp_path / "run")
+    config_before = (tmp_path / "run" / "config.yaml").read_bytes()
+    with pytest.raises(LmtoolError, match=r"\(reached max_steps=\d+\); --max-steps would train it no further: "
+                                          r"raise --max-epochs"):
+        resume(tmp_path / "run", limits={"max_steps": 10 * steps})  # it used to exit 0, having trained nothing
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == config_before
+    assert resume(tmp_path / "run", limits={"max_steps": steps + 5, "max_epochs": 2}).steps == steps + 5
+
+
+def test_an_interrupted_run_resumed_with_fewer_epochs_than_it_is_in_stops_at_once(small_corpus, tmp_path):
+    cfg = load_config(TINY, RESUMABLE)  # 3 epochs, a checkpoint every 7 steps
+    with pytest.raises(Crash):
+        train(cfg, small_corpus, out=tmp_path / "run", on_event=crash_at_step(130))  # in epoch 2
+    state = load_training_state(tmp_path / "run")
+    assert state["epoch"] == 2 and not state["finished"]
+    resumed = resume(tmp_path / "run", limits={"max_epochs": 1})
+    assert resumed.steps == state["step"]  # it used to train on to the end of epoch 2
+    end = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert end["stop_reason"] == "reached max_epochs=1"
 
 
 def test_a_run_is_told_by_its_config_however_edited(small_corpus, tmp_path):
