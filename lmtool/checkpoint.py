@@ -293,6 +293,9 @@ def load_model_file(path: Path) -> LoadedModel:
 def open_run(path: Path) -> tuple[RunDir, Config, Tokenizer]:
     """An existing run directory with its config and vocabulary, or a clear error."""
     path = Path(path)
+    if path.is_symlink():  # runs/latest: the run it names now, so that what is recorded and printed stays that run
+        target = path.resolve()
+        path = target.relative_to(Path.cwd().resolve()) if target.is_relative_to(Path.cwd().resolve()) else target
     if path.is_file():
         raise LmtoolError(f"--resume {path} is a file; give the run directory that holds it ({path.parent})")
     if not path.is_dir():

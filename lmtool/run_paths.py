@@ -53,6 +53,9 @@ def resolve_model_path(ref: str | Path | None) -> Path:
         for name in (BEST_MODEL, LAST_MODEL):
             if (path / name).is_file():
                 return path / name
+        if is_run_dir(path):  # a run being trained (or retrained with --overwrite) before its first validation
+            raise LmtoolError(f"{path} is a run that has saved no model yet (it does after its first validation); "
+                              f"wait for it, resume it with 'lmtool train --resume {path}', or name another run")
         raise LmtoolError(f"{path} holds no model file ({BEST_MODEL}); is it an lmtool run directory?")
     if not path.exists():
         raise LmtoolError(f"model not found: {path} (give a run directory or a .safetensors model file)")

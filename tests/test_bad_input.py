@@ -47,6 +47,8 @@ FILES = {
     "zeros.bin": bytes(5 * 2**20),  # no newline anywhere
     "foreign/config.yaml": b"name: another program's settings\n",  # not a run, though it has both files
     "foreign/vocab.json": b"{}",
+    "fresh/config.yaml": b"format_version: 1\n",  # a run that has not validated yet: no model file
+    "fresh/vocab.json": b"{}",
 }
 
 # (case, command line with {tmp} and {run} placeholders, what the one line must say, exit code)
@@ -92,6 +94,7 @@ CASES = [
     ("sample no model", "sample", "train one first with 'lmtool train", 2),
     ("sample missing model", "sample --model {tmp}/nope", "model not found", 2),
     ("sample dir without model", "sample --model {tmp}", "holds no model file", 2),
+    ("sample a run without a model yet", "sample --model {tmp}/fresh", "is a run that has saved no model yet", 2),
     ("sample output exists", "sample --model {run}/run --output {tmp}/good.txt", "already exists; pass --overwrite", 2),
     ("truncated weights", "score hello --model {truncated}", "cut.safetensors is not a readable lmtool model file", 2),
     ("yaml as model", "score hello --model {tmp}/unknown-key.yaml", "unknown-key.yaml is not a readable lmtool model", 2),

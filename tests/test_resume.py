@@ -173,6 +173,15 @@ def test_a_finished_run_resumes_only_with_a_raised_limit(small_corpus, tmp_path)
     assert_same_weights(whole.run_dir, more.run_dir)
 
 
+def test_resuming_through_runs_latest_continues_the_run_it_names(small_corpus, tmp_path):
+    train(load_config(TINY, ["train.max_steps=2"]), small_corpus, out=Path("runs") / "a")
+    resumed = resume(Path("runs") / "latest", limits={"max_steps": 4})
+    assert resumed.run_dir == Path("runs") / "a" and resumed.steps == 4
+    records = [json.loads(line) for line in (tmp_path / "runs" / "a" / "metrics.jsonl").read_text().splitlines()]
+    # recorded, and printed in the resume command, as the run itself: runs/latest moves to the next run trained
+    assert {r["run"] for r in records if "run" in r} == {str(Path("runs") / "a")}
+
+
 def test_a_run_that_reached_two_limits_at_once_says_to_raise_both(small_corpus, tmp_path):
     cfg = load_config(TINY, ["train.max_epochs=1", "train.patience=null"])
     steps = train(cfg, small_corpus, out=tmp_path / "first").steps  # one epoch's steps
