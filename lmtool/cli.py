@@ -51,8 +51,10 @@ def _root(
 def train(
     corpus: Optional[Path] = typer.Argument(None, help="training text: a UTF-8 file, one sentence or line per line"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue RUN from its last checkpoint, exactly"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (default: built-in char or word defaults)"),
-    set_: List[str] = typer.Option([], "--set", help="override one config key: section.key=value (repeatable)"),
+    configs: List[Path] = typer.Option([], "--config", "-c", metavar="<path>",
+                                       help="YAML config (default: built-in char or word defaults)"),
+    set_: List[str] = typer.Option([], "--set", metavar="<key=value>",
+                                   help="override one config key: section.key=value (repeatable)"),
     level: Optional[str] = typer.Option(None, help="char | word  (data.level)"),
     cell: Optional[str] = typer.Option(None, help="rnn_tanh | rnn_relu | gru | lstm  (model.cell)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | mps  (train.device)"),
@@ -72,6 +74,9 @@ def train(
     from lmtool.config import load_config
     from lmtool.display import TrainDisplay
 
+    if len(configs) > 1:  # files are not layered: the last one alone would count
+        raise LmtoolError(f"--config given {len(configs)} times; give one file, and change single settings with --set")
+    config = configs[0] if configs else None
     limits = {"max_time": max_time, "max_epochs": max_epochs, "max_steps": max_steps}
     display = TrainDisplay()
     try:
@@ -290,7 +295,7 @@ class _Streamer:
 @app.command("score")
 def score(
     sentences: List[str] = typer.Argument(None, help="sentences to score (or use --file)"),
-    files: Optional[List[str]] = typer.Option(None, "--file", "-f", help="score each line of this file ('-' for "
+    files: Optional[List[str]] = typer.Option(None, "--file", "-f", metavar="<path>", help="score each line of this file ('-' for "
                                               "stdin); repeat it for several files, scored in order"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     tokens: bool = typer.Option(False, "--tokens", help="add a per-token table: probability, log-probability, bits"),

@@ -63,6 +63,8 @@ CASES = [
     ("missing valid file", "train {tmp}/good.txt --valid {tmp}/nope.txt", "validation file not found", 2),
     ("binary test file", "train {tmp}/good.txt --test {tmp}/binary.txt", "binary.txt looks binary", 2),
     ("missing config", "train {tmp}/good.txt --config {tmp}/nope.yaml", "config file not found", 2),
+    ("config twice", "train {tmp}/good.txt -c {tmp}/dropout.yaml --config {tmp}/negative-lr.yaml",
+     "--config given 2 times; give one file, and change single settings with --set", 2),
     ("malformed yaml", "train {tmp}/good.txt --config {tmp}/malformed.yaml", "is not valid YAML at line", 2),
     ("yaml not a mapping", "train {tmp}/good.txt --config {tmp}/list.yaml", "must hold a mapping", 2),
     ("unknown key", "train {tmp}/good.txt --config {tmp}/unknown-key.yaml", "did you mean 'model.hidden_size'", 2),
