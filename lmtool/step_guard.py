@@ -7,6 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
+from lmtool.errors import counted
+
 # Optimisers whose fused kernels skip an update, step count included, when their `found_inf` tensor is
 # non-zero: PyTorch's own mechanism for mixed-precision loss scaling, used here for every bad step. Recent
 # PyTorch also fuses on MPS, but that is unchecked here, so MPS takes the host-side path.
@@ -27,6 +29,7 @@ class StepGuard:
         self.failed_at = torch.full((), -1, dtype=torch.int64, device=device)
         self.failed_blowup = torch.zeros((), dtype=torch.bool, device=device)
         self.failed_loss, self.failed_ema = self.loss_ema.clone(), self.loss_ema.clone()
+        self.failed_by_blowup = False  # set by `failure`: whether the loss blow-up check, not a NaN, stopped the run
 
     def check(self, loss: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whether this step must be skipped, and whether its loss or gradient is non-finite (bool tensors).
@@ -60,12 +63,13 @@ class StepGuard:
         failed_at, blowup = torch.stack([self.failed_at, self.failed_blowup.long()]).cpu().tolist()
         if failed_at < 0:
             return None
+        self.failed_by_blowup = bool(blowup)
         if blowup:
             loss, ema = torch.stack([self.failed_loss, self.failed_ema]).cpu().tolist()
             problem = f"loss {loss:.3g} above {self.blowup_factor:g} x the running mean {ema:.3g}"
         else:
             problem = "non-finite loss or gradient"
-        return f"{self.max_bad_steps} bad steps in a row up to step {failed_at} ({problem})"
+        return f"{counted(self.max_bad_steps, 'bad step')} in a row up to step {failed_at:,} ({problem})"
 
     @property
     def skipped_steps(self) -> int:

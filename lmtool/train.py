@@ -599,8 +599,14 @@ class _Trainer:
     def _stop_if_diverged(self) -> None:
         """Raise once `max_bad_steps` bad steps came in a row (the weights have not moved since)."""
         problem = self.guard.failure()
-        if problem is not None:
-            raise self._diverged(problem)
+        if problem is None:
+            return
+        tc = self.config.train
+        advice = "Lower train.lr" + (" or set train.clip_grad_norm" if tc.clip_grad_norm is None else "")
+        if self.guard.failed_by_blowup:  # the guard's own threshold stopped it: that may be what to change
+            advice += (f", or raise train.blowup_factor ({tc.blowup_factor:g}; null turns the check off) if the loss "
+                       "swings that much by nature")
+        raise self._diverged(problem, advice)
 
     def _diverged(self, problem: str, advice: str = "Lower train.lr or set train.clip_grad_norm") -> TrainingFailed:
         """The error that ends a diverged run: what went wrong, what was kept, what to change."""

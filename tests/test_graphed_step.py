@@ -145,7 +145,7 @@ def test_the_guard_updates_its_counters_in_place():
         bad, non_finite = guard.check(torch.tensor(loss), torch.tensor(1.0))
         guard.record(bad, non_finite, torch.tensor(loss), torch.tensor(3))
     assert [t.data_ptr() for t in tensors()] == before
-    assert guard.failure() == "1 bad steps in a row up to step 3 (non-finite loss or gradient)"
+    assert guard.failure() == "1 bad step in a row up to step 3 (non-finite loss or gradient)"
 
 
 def test_which_runs_capture_their_step():
