@@ -202,6 +202,12 @@ def load_corpus(
     train = encode_stream(tokenizer, iter_line_range(train_path, "training", 0, train_stop), room)
     if valid_path is None:
         valid = encode_stream(tokenizer, iter_line_range(train_path, "training", train_stop, None), room)
+        held_out = train_scan.num_lines - train_stop
+        splits = (("training", train, f"first {train_stop:,}"), ("validation", valid, f"last {held_out:,}"))
+        for split, ids, lines in splits:
+            if not bool((ids != EOS_ID).any()):  # line ends alone: nothing but where lines end to learn or to score
+                raise LmtoolError(f"the {split} split of {train_path} (its {lines} lines) holds only blank lines; "
+                                  "give --valid FILE, or trim the blank lines")
     else:
         valid = encode_stream(tokenizer, iter_text_chunks(valid_path, "validation"), valid_scan.num_chars + 2)
     test = None

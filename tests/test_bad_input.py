@@ -33,6 +33,7 @@ FILES = {
     "latin1.txt": "café au lait\n".encode("latin-1") * 5,
     "one-line.txt": b"x" * 50_000_000,
     "good.txt": SHAKESPEARE.read_bytes()[:3000],
+    "blank-tail.txt": SHAKESPEARE.read_bytes()[:3000] + b"\n" * 40,  # its held-out tenth: blank lines alone
     "short.txt": b"to be\n",
     "malformed.yaml": b"model: {hidden_size: 3\n",
     "unknown-key.yaml": b"model:\n  hiden_size: 3\n",
@@ -60,6 +61,8 @@ CASES = [
     ("binary corpus", "train {tmp}/binary.txt", "looks binary (NUL byte at offset 3)", 2),
     ("non-utf8 corpus", "train {tmp}/latin1.txt", "not UTF-8: undecodable byte 0xe9 at offset 3", 2),
     ("50 MB single line", "train {tmp}/one-line.txt", "single line, so no validation lines", 2),
+    ("blank validation split", "train {tmp}/blank-tail.txt",
+     "the validation split of {tmp}/blank-tail.txt (its last 8 lines) holds only blank lines", 2),
     ("missing valid file", "train {tmp}/good.txt --valid {tmp}/nope.txt", "validation file not found", 2),
     ("binary test file", "train {tmp}/good.txt --test {tmp}/binary.txt", "binary.txt looks binary", 2),
     ("missing config", "train {tmp}/good.txt --config {tmp}/nope.yaml", "config file not found", 2),
@@ -172,5 +175,5 @@ def test_bad_input(run_cli, tmp_path, trained, case, command, message, code):
     lines = result.err.strip().splitlines()
     assert len(lines) == 1, result.err
     assert "Traceback" not in result.err
-    assert message in lines[0], lines[0]
+    assert message.format(tmp=tmp_path) in lines[0], lines[0]
     assert snapshot(tmp_path, trained) == before  # nothing of the user's changed, no stray run directory
