@@ -468,7 +468,8 @@ def _check_cross_field(config: Config) -> None:
     if model.tie_weights and model.embedding_size != model.hidden_size:
         raise LmtoolError(
             f"model.tie_weights needs model.embedding_size == model.hidden_size "
-            f"(got {model.embedding_size} and {model.hidden_size}); set both to the same value"
+            f"(got {model.embedding_size} and {model.hidden_size}); set both to the same value, or set "
+            "model.tie_weights=false"
         )
     if model.softmax == "adaptive" and model.tie_weights:
         raise LmtoolError(

@@ -1,4 +1,5 @@
-"""The network: embedding -> fused RNN/GRU/LSTM stack -> dropout -> output layer (full or adaptive softmax).
+"""The network: embedding -> dropout -> fused RNN/GRU/LSTM stack -> dropout -> output layer (full or adaptive
+softmax).
 No I/O, no globals."""
 
 from __future__ import annotations
