@@ -152,19 +152,18 @@ class RunDir:
         return path.stat().st_size if path.exists() else 0
 
     def truncate_metrics(self, size: int) -> None:
-        """Drop records written after a checkpoint (a resumed run writes them again). A file that ends mid-record
-        (cut by hand, or by a crash) gets its line ended, so the next record starts a line of its own."""
+        """Drop records written after a checkpoint (a resumed run writes them again), and a last record cut short
+        (by hand, or a crash), which no reader could parse and the next record would be appended to."""
         path = self.path / METRICS_FILE
         if not path.exists():
             return
         with open(path, "r+b") as f:
-            if path.stat().st_size > size:
-                f.truncate(size)
-            end = f.seek(0, os.SEEK_END)
-            if end:
-                f.seek(end - 1)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
+            size = min(size, f.seek(0, os.SEEK_END))
+            f.seek(max(0, size - (1 << 20)))  # one record is far shorter than a megabyte
+            tail = f.read(size - f.tell())
+            if tail and not tail.endswith(b"\n"):
+                size -= len(tail) - (tail.rfind(b"\n") + 1)
+            f.truncate(size)
 
     def save_training_state(self, state: dict[str, Any]) -> None:
         """One file holds everything a resume needs, so a checkpoint becomes visible all at once."""
@@ -292,14 +291,19 @@ def load_model_file(path: Path) -> LoadedModel:
 
 def open_run(path: Path) -> tuple[RunDir, Config, Tokenizer]:
     """An existing run directory with its config and vocabulary, or a clear error."""
-    path = Path(path)
-    if path.is_symlink():  # runs/latest: the run it names now, so that what is recorded and printed stays that run
-        target = path.resolve()
-        path = target.relative_to(Path.cwd().resolve()) if target.is_relative_to(Path.cwd().resolve()) else target
+    given = path = Path(path)
+    # runs/latest: the run it names now, so that what is recorded and printed stays that run (one link followed,
+    # as written: the user's own folders stay as they named them)
+    pointer = RUNS_ROOT / f"{LATEST}.txt"  # where symlinks are unavailable
+    if path.is_symlink():
+        path = Path(os.path.normpath(path.parent / os.readlink(path)))
+    elif path == RUNS_ROOT / LATEST and not path.exists() and pointer.is_file():
+        path = Path(pointer.read_text(encoding="utf-8").strip())
+    named = f"{given} (which names {path})" if path != given else str(given)
     if path.is_file():
-        raise LmtoolError(f"--resume {path} is a file; give the run directory that holds it ({path.parent})")
+        raise LmtoolError(f"--resume {named} is a file; give the run directory that holds it ({path.parent})")
     if not path.is_dir():
-        raise LmtoolError(f"--resume {path}: no such run directory")
+        raise LmtoolError(f"--resume {named}: no such run directory")
     if not is_run_dir(path):
         raise LmtoolError(f"--resume {path}: not an lmtool run directory (it needs the {CONFIG_FILE} with format_version "
                           f"and the {VOCAB_FILE} that lmtool train writes)")

@@ -200,9 +200,9 @@ def sample(
             sys.stdout.write("\n")
     else:
         for n, text in enumerate(texts, start=1):
-            sys.stdout.write(f"--- sample {n} ---\n{_line(prime + _joined(lm.tokenizer, prime, text))}")
+            sys.stdout.write(f"--- sample {n} ---\n{_line(prime, _joined(lm.tokenizer, prime, text))}")
     if output is not None:
-        body = "".join(_line(prime + _joined(lm.tokenizer, prime, t)) for t in texts)
+        body = "".join(_line(prime, _joined(lm.tokenizer, prime, t)) for t in texts)
         atomic_write(output, body.encode("utf-8"))
 
 
@@ -248,17 +248,18 @@ def _sample_toward(lm, ending: str, options, output: Optional[Path]) -> None:
         warnings.warn(f"{unknown} token(s) of --ending are not in the vocabulary and are read as <UNK>")
     texts = [t + _joined(lm.tokenizer, t, ending) for t in lm.sample(options=options, ending=ending)]
     if len(texts) == 1:
-        sys.stdout.write(_line(texts[0]))
+        sys.stdout.write(_line("", texts[0]))
     else:
         for n, text in enumerate(texts, start=1):
-            sys.stdout.write(f"--- sample {n} ---\n{_line(text)}")
+            sys.stdout.write(f"--- sample {n} ---\n{_line('', text)}")
     if output is not None:
-        atomic_write(output, "".join(_line(t) for t in texts).encode("utf-8"))
+        atomic_write(output, "".join(_line("", t) for t in texts).encode("utf-8"))
 
 
-def _line(text: str) -> str:
-    """`text` ending in exactly the one line end it needs (a sample may already end with its <EOS>)."""
-    return text if text.endswith("\n") else text + "\n"
+def _line(prime: str, text: str) -> str:
+    """A sample as its own line(s): the prime, the text, and a line end unless the text ends with its <EOS> (a
+    sample stopped at a line end comes without it, so an empty one still gets its line, as on screen)."""
+    return prime + text + ("" if text.endswith("\n") else "\n")
 
 
 def _joined(tokenizer, before: str, text: str) -> str:

@@ -203,11 +203,11 @@ def load_corpus(
     if valid_path is None:
         valid = encode_stream(tokenizer, iter_line_range(train_path, "training", train_stop, None), room)
         held_out = train_scan.num_lines - train_stop
-        splits = (("training", train, f"first {train_stop:,}"), ("validation", valid, f"last {held_out:,}"))
-        for split, ids, lines in splits:
-            if not bool((ids != EOS_ID).any()):  # line ends alone: nothing but where lines end to learn or to score
-                raise LmtoolError(f"the {split} split of {train_path} (its {lines} lines) holds only blank lines; "
-                                  "give --valid FILE, or trim the blank lines")
+        for split, ids, lines, which in (("training", train, train_stop, "first"), ("validation", valid, held_out, "last")):
+            # the leading <EOS> and one per line, nothing else: line ends alone, to learn from or to score
+            if ids.numel() == lines + 1:
+                raise LmtoolError(f"the {split} split of {train_path} (its {which} {lines:,} lines) holds only blank "
+                                  "lines; give --valid FILE, or trim the blank lines")
     else:
         valid = encode_stream(tokenizer, iter_text_chunks(valid_path, "validation"), valid_scan.num_chars + 2)
     test = None

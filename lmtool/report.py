@@ -165,7 +165,7 @@ def visible_token(token: str) -> str:
     escaped (\\t)."""
     if token == " ":
         return "␣"
-    return token if token.isprintable() else token.encode("unicode_escape").decode("ascii")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in token)
 
 
 # Joiners: a character token that joins its neighbours into one symbol (an emoji family, a keycap).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,27 +53,35 @@ class SamplingOptions:
 
 
     def _check_types(self) -> None:
-        """Library callers get a clear error for a value of the wrong type, not a TypeError from deep inside."""
-        for name, (types, kind, optional) in _OPTION_TYPES.items():
+        """Library callers get a clear error for a value of the wrong type, not a TypeError from deep inside.
+        Any integer or real number type counts (numpy's too), stored as a plain int or float."""
+        for name, (kind, optional) in _OPTION_TYPES.items():
             value = getattr(self, name)
             if value is None and optional:
                 continue
-            # bool is an int to Python, but never a count or a temperature here
-            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            if kind == "a flag (True or False)":
+                ok, plain = value in (True, False), bool
+            elif kind == "a string":
+                ok, plain = isinstance(value, str), str
+            else:  # bool is an Integral to Python, but never a count or a temperature here
+                number, plain = (numbers.Integral, int) if kind == "a whole number" else (numbers.Real, float)
+                ok = isinstance(value, number) and not isinstance(value, bool)
+            if not ok:
                 raise LmtoolError(f"{name} must be {kind}{' or None' if optional else ''}, "
                                   f"got {value!r} ({type(value).__name__})")
+            object.__setattr__(self, name, plain(value))  # the dataclass is frozen
 
 
-# SamplingOptions' fields: (the types accepted, how to say so, whether None is allowed)
+# SamplingOptions' fields: (what they must be, whether None is allowed)
 _OPTION_TYPES = {
-    "temperature": ((int, float), "a number", False),
-    "top_k": ((int,), "a whole number", True),
-    "top_p": ((int, float), "a number", True),
-    "length": ((int,), "a whole number", False),
-    "num_samples": ((int,), "a whole number", False),
-    "stop_at_eos": ((bool,), "True or False", False),
-    "seed": ((int,), "a whole number", True),
-    "precision": ((str,), "a string", False),
+    "temperature": ("a number", False),
+    "top_k": ("a whole number", True),
+    "top_p": ("a number", True),
+    "length": ("a whole number", False),
+    "num_samples": ("a whole number", False),
+    "stop_at_eos": ("a flag (True or False)", False),
+    "seed": ("a whole number", True),
+    "precision": ("a string", False),
 }
 
 

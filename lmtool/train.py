@@ -491,7 +491,9 @@ class _Trainer:
                     self.epoch, self.window, self.hidden, self.epoch_closed = self.epoch + 1, 0, None, False
             if self.last_validated_step != self.step:
                 self._validate()  # the final weights are always scored and saved
-                self.epoch_closed = self.window >= self.steps_per_epoch  # it was also the epoch's validation
+            # A stop on an epoch's last step closes it (its last validation was the one just done, or an eval_every
+            # one at that step): a resume counts it as trained.
+            self.epoch_closed = self.epoch_closed or self.window >= self.steps_per_epoch
             result, end = self._finish(stop_reason)  # a Ctrl-C now changes nothing: the run is finishing anyway
             self.save_checkpoint(finished=True, stop_reason=stop_reason)
         self.show(end)  # after the checkpoint: a summary that cannot be printed (a full disk) loses nothing

@@ -320,3 +320,12 @@ def test_ctrl_c_while_the_command_loads_is_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         lmtool.launch.main()
     assert exit_.value.code == 130 and capsys.readouterr().err == "lmtool: interrupted\n"
+
+
+def test_a_sample_is_written_as_shown_even_when_it_is_empty():
+    from lmtool.cli import _line
+
+    # a prime ending a line, then a sample stopped at once by <EOS>: on screen the prime, then an empty line
+    assert _line("ROMEO:\n", "") == "ROMEO:\n\n"
+    assert _line("ROMEO:", " speaks") == "ROMEO: speaks\n"
+    assert _line("", "to be\n") == "to be\n"  # a sample that reached its length just as a line ended

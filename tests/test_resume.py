@@ -63,7 +63,7 @@ def test_resume_after_a_crash_is_bitwise_identical(small_corpus, tmp_path, dropo
     assert resumed.best_valid.loss == whole.best_valid.loss
 
 
-def test_a_metrics_file_cut_mid_record_gets_its_line_ended_before_the_resumed_records(small_corpus, tmp_path):
+def test_a_metrics_record_cut_short_is_dropped_before_the_resumed_records(small_corpus, tmp_path):
     cfg = load_config(TINY, RESUMABLE + ["train.max_epochs=1"])
     with pytest.raises(Crash):
         train(cfg, small_corpus, out=tmp_path / "run", on_event=crash_at_step(60))
@@ -71,10 +71,8 @@ def test_a_metrics_file_cut_mid_record_gets_its_line_ended_before_the_resumed_re
     lines = metrics.read_text().splitlines(keepends=True)
     metrics.write_text(lines[0] + lines[1][:10])  # cut inside the second record
     resume(tmp_path / "run")
-    after = metrics.read_text().splitlines()
-    assert after[1] == lines[1][:10]  # left as it was, but alone on its line
-    records = [json.loads(line) for line in after[:1] + after[2:]]
-    assert records[-1]["event"] == "end" and records[1]["event"] == "resume", records[1]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line a whole record
+    assert records[0] == json.loads(lines[0]) and records[1]["event"] == "resume" and records[-1]["event"] == "end"
 
 
 def test_the_first_log_line_after_a_resume_counts_the_time_before_the_interruption(small_corpus, tmp_path,
@@ -180,6 +178,13 @@ def test_resuming_through_runs_latest_continues_the_run_it_names(small_corpus, t
     records = [json.loads(line) for line in (tmp_path / "runs" / "a" / "metrics.jsonl").read_text().splitlines()]
     # recorded, and printed in the resume command, as the run itself: runs/latest moves to the next run trained
     assert {r["run"] for r in records if "run" in r} == {str(Path("runs") / "a")}
+    # where symlinks are unavailable, runs/latest.txt names the run instead
+    (tmp_path / "runs" / "latest").unlink()
+    (tmp_path / "runs" / "latest.txt").write_text(str(tmp_path / "runs" / "a"))
+    assert resume(Path("runs") / "latest", limits={"max_steps": 5}).run_dir == tmp_path / "runs" / "a"
+    (tmp_path / "runs" / "loop").symlink_to("loop")  # a link to itself: a clear error, not an internal one
+    with pytest.raises(LmtoolError, match=r"--resume runs/loop: no such run directory"):
+        resume(Path("runs") / "loop")
 
 
 def test_a_run_that_reached_two_limits_at_once_says_to_raise_both(small_corpus, tmp_path):
@@ -193,6 +198,11 @@ def test_a_run_that_reached_two_limits_at_once_says_to_raise_both(small_corpus, 
         resume(tmp_path / "run", limits={"max_steps": 10 * steps})  # it used to exit 0, having trained nothing
     assert (tmp_path / "run" / "config.yaml").read_bytes() == config_before
     assert resume(tmp_path / "run", limits={"max_steps": steps + 5, "max_epochs": 2}).steps == steps + 5
+    # the same when a validation every so many steps fell on that last step, so that no final one ran
+    train(load_config(TINY, ["train.max_epochs=1", "train.patience=null", f"train.max_steps={steps}",
+                             f"train.eval_every={steps}"]), small_corpus, out=tmp_path / "validated")
+    with pytest.raises(LmtoolError, match="raise --max-epochs"):
+        resume(tmp_path / "validated", limits={"max_steps": 10 * steps})
 
 
 def test_an_interrupted_run_resumed_with_fewer_epochs_than_it_is_in_stops_at_once(small_corpus, tmp_path):

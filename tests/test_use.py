@@ -594,9 +594,14 @@ def test_the_library_refuses_what_the_command_line_refuses(char_run):
                           (lambda: lm.sample("x", temperature="hot"), r"temperature must be a number, got 'hot' \(str\)"),
                           (lambda: lm.sample("x", length=5.5), r"length must be a whole number, got 5.5 \(float\)"),
                           (lambda: lm.sample("x", top_k=True), r"top_k must be a whole number or None, got True"),
-                          (lambda: lm.sample("x", stop_at_eos=1), "stop_at_eos must be True or False, got 1"),
+                          (lambda: lm.sample("x", stop_at_eos="yes"), r"stop_at_eos must be a flag \(True or False\)"),
                           (lambda: lm.score("x", direction="sideways"),
                            "direction must be forward, backward or both, got 'sideways'")):
         with pytest.raises(LmtoolError, match=message):
             call()
     assert lm.sample(None, length=3, seed=1) == lm.sample("", length=3, seed=1)  # no prime
+    import numpy as np  # numbers of any integer or real type count, as they did before the checks
+
+    options = SamplingOptions(length=np.int64(3), temperature=np.float32(0.5), seed=np.int32(1), stop_at_eos=np.bool_(0))
+    assert (options.length, options.seed, options.stop_at_eos) == (3, 1, False) and type(options.length) is int
+    assert lm.sample("", options) == lm.sample("", length=3, temperature=float(np.float32(0.5)), seed=1)
