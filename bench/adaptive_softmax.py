@@ -2,12 +2,13 @@
 
 Usage: python bench/adaptive_softmax.py [--steps 300] [--seconds 120] [--data ../shared/data]
 Model: the example's size (2x200 LSTM, embedding 200, dropout 0.2, untied), its optimiser (SGD lr 20, gradient
-norm clipped to 0.25), batch 20, BPTT 35. Three parts, one process, one JSON line each:
+norm clipped to 0.25), batch 20, BPTT 35. Two parts, one process, one JSON line each, both with the machine's
+matrix-multiply peak measured in the same run:
 1. same tokens: lmtool with model.softmax=full and =adaptive (float32), `--steps` steps each; tokens/s and the
    validation perplexity after those same tokens;
 2. equal wall time: the example's loop (bench/peer_example.py) and lmtool with adaptive softmax + bf16, each
-   trained for `--seconds`; tokens/s and validation perplexity afterwards;
-3. the machine's matrix-multiply peak, measured now.
+   trained for `--seconds` (at least about 10, so that its log records a speed); tokens/s and validation
+   perplexity afterwards.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ shift $(( $# > 0 ? 1 : 0 ))
 chosen=("$@")
 py="${PYTHON:-python}"
 export PYTHONUNBUFFERED=1
-$py -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print('gpu:', torch.cuda.get_device_name(0), 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
+$py -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print('gpu:', torch.cuda.get_device_name(0), 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())" ||
+    { echo "bench/gpu.sh: needs a CUDA GPU that PyTorch can see" >&2; exit 1; }
 date -u +"date: %Y-%m-%dT%H:%M:%SZ"
 
 work="$(mktemp -d)"

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import absolute_path, machine_info, scratch_dir  # noqa: E402
+from machine import absolute_path, machine_info, require_cuda, scratch_dir  # noqa: E402
 from train_throughput import WORKLOADS, bare_loop  # noqa: E402
 
 import torch  # noqa: E402
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--only", default="ptb-medium,char")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
+    require_cuda()
     info = machine_info()
     for name in args.only.split(","):
         train_file, valid_file, overrides = WORKLOADS[name]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_steps import WORKLOADS  # noqa: E402
-from machine import machine_info  # noqa: E402
+from machine import machine_info, require_cuda  # noqa: E402
 from step_ab import bare_step, lmtool_step  # noqa: E402
 
 import torch  # noqa: E402
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args()
+    require_cuda(args.device)
     vocab, emb, hidden, batch, bptt = WORKLOADS[args.workload]
     device = args.device
     torch.manual_seed(1)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info, matmul_peak_gflops  # noqa: E402
+from machine import machine_info, matmul_peak_gflops, require_cuda  # noqa: E402
 from step_ab import bare_step, lmtool_step  # noqa: E402
 from train_throughput import multiply_adds_per_token  # noqa: E402
 
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args()
+    require_cuda(args.device)
     vocab, emb, hidden, batch, bptt = WORKLOADS[args.workload]
     device = args.device
     fp32 = dict(device_type=device, enabled=False)

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import absolute_path, machine_info, scratch_dir  # noqa: E402
+from machine import absolute_path, machine_info, require_cuda, scratch_dir  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -45,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=absolute_path, default=REPO.parent / "shared" / "data")
     args = parser.parse_args()
+    require_cuda()
     info = machine_info()
     for precision in ("fp32", "bf16"):
         short, long = syncs_during(20, precision, args.data), syncs_during(60, precision, args.data)

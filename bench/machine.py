@@ -80,6 +80,9 @@ def log_every(steps: int, most: int) -> int:
 def median_tokens_per_s(records: list[dict]) -> float:
     """The median training tokens/s of a run's log lines, leaving out the first (warm-up) when there are others."""
     speeds = [r["tokens_per_s"] for r in records if r["event"] == "train"]
+    if not speeds:
+        sys.exit(f"{Path(sys.argv[0]).name}: the training logged no speed (too few steps for its log_every): "
+                 "give it more steps or seconds")
     return statistics.median(speeds[1:] or speeds)
 
 
@@ -99,3 +102,15 @@ def scratch_dir() -> Iterator[Path]:
 def absolute_path(text: str) -> Path:
     """argparse type for paths: resolved at once, since the benchmark trains in a scratch working directory."""
     return Path(text).resolve()
+
+
+def require_cuda(device: str = "cuda") -> None:
+    """Stop a benchmark that needs a CUDA GPU with one clear line, before any torch.cuda call fails deep inside."""
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"{Path(sys.argv[0]).name}: this benchmark needs a CUDA GPU, and PyTorch sees none here")
+
+
+def require_at_least(parser, value: int, least: int, option: str, why: str) -> None:
+    """argparse's error for an option below what the benchmark's statistics need."""
+    if value < least:
+        parser.error(f"{option} must be at least {least} ({why})")

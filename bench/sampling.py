@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info, matmul_peak_gflops  # noqa: E402
+from machine import machine_info, matmul_peak_gflops, require_cuda  # noqa: E402
 from peer_example import PeerModel, generate_words_per_s  # noqa: E402
 
 import torch  # noqa: E402
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cuda: only the batched generation, on the GPU")
     parser.add_argument("--streams", default="1,8,64", help="stream counts of the batched generation (1 is always run)")
     args = parser.parse_args()
+    require_cuda(args.device)
     info = machine_info()
     torch.manual_seed(0)
     models = {

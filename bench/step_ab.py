@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import machine_info, require_at_least  # noqa: E402
 from train_throughput import multiply_adds_per_token  # noqa: E402
 
 import torch  # noqa: E402
@@ -157,6 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_options(parser, WORKLOADS, workload="char", rounds=12, precision="bf16")
     args = parser.parse_args()
+    require_at_least(parser, args.rounds, 3, "--rounds", "the first two pairs warm up and are not counted")
     (VOCAB, EMB, HIDDEN, BATCH, BPTT, description), pairs, autocast = step_inputs(args, WORKLOADS)
 
     bare = bare_step(VOCAB, EMB, HIDDEN, autocast)

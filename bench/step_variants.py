@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import machine_info, require_at_least  # noqa: E402
 from step_ab import WORKLOADS, add_step_options, lmtool_step, step_inputs  # noqa: E402
 
 import torch  # noqa: E402
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--variant", default="unsliced", choices=sorted(VARIANTS))
     add_step_options(parser, ALL_WORKLOADS, workload="wt2", rounds=22, precision="fp32")
     args = parser.parse_args()
+    require_at_least(parser, args.rounds, 3, "--rounds", "the first two pairs warm up and are not counted")
     (vocab, emb, hidden, batch, bptt, description), pairs, autocast = step_inputs(args, ALL_WORKLOADS)
     ours = lmtool_step(vocab, emb, hidden, batch, autocast)
     variant = VARIANTS[args.variant](lmtool_step(vocab, emb, hidden, batch, autocast,
