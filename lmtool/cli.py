@@ -296,8 +296,10 @@ class _Streamer:
 @app.command("score")
 def score(
     sentences: List[str] = typer.Argument(None, help="sentences to score (or use --file)"),
-    files: Optional[List[str]] = typer.Option(None, "--file", "-f", metavar="<path>", help="score each line of this file ('-' for "
-                                              "stdin); repeat it for several files, scored in order"),
+    files: Optional[List[str]] = typer.Option(
+        None, "--file", "-f", metavar="<path>",
+        help="score each line of this file ('-' for stdin); repeat it for several files, scored in order",
+    ),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     tokens: bool = typer.Option(False, "--tokens", help="add a per-token table: probability, log-probability, bits"),
     json_out: bool = typer.Option(False, "--json", help="write JSON Lines, one object per sentence"),

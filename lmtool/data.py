@@ -203,7 +203,8 @@ def load_corpus(
     if valid_path is None:
         valid = encode_stream(tokenizer, iter_line_range(train_path, "training", train_stop, None), room)
         held_out = train_scan.num_lines - train_stop
-        for split, ids, lines, which in (("training", train, train_stop, "first"), ("validation", valid, held_out, "last")):
+        splits = (("training", train, train_stop, "first"), ("validation", valid, held_out, "last"))
+        for split, ids, lines, which in splits:
             # the leading <EOS> and one per line, nothing else: line ends alone, to learn from or to score
             if ids.numel() == lines + 1:
                 raise LmtoolError(f"the {split} split of {train_path} (its {which} {lines:,} lines) holds only blank "
