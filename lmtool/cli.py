@@ -221,6 +221,9 @@ def _check_output(output: Path, overwrite: bool, model_path: Path) -> None:
         raise LmtoolError(f"--output {output} is a directory; give a file name")
     if os.path.lexists(output) and not overwrite:  # a link, even a dangling one, is the user's too
         raise LmtoolError(f"--output {output} already exists; pass --overwrite to replace it or choose another file")
+    if output.exists() and not output.is_file():  # a device or a pipe: --overwrite would put a plain file there
+        raise LmtoolError(f"--output {output} is not a regular file (a device or a pipe); write to standard output "
+                          "and redirect it there instead")
     if output.exists() and os.path.samefile(output, model_path):  # not even with --overwrite
         raise LmtoolError(f"--output {output} is the model being sampled from; choose another file")
     if output.name in RUN_FILES and is_run_dir(output.parent):  # its other model, config or checkpoint

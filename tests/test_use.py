@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -225,6 +227,11 @@ def test_sample_refuses_to_overwrite_output(run_cli, char_run, tmp_path):
     link.symlink_to(tmp_path / "not-yet.txt")  # dangling: exists() says no, but it is there
     result = run_cli("sample", "--model", char_run, "--output", link)
     assert result.code == 2 and "already exists" in result.err and link.is_symlink()
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)  # as a device would be (/dev/full was once replaced by a plain file this way), not even replaced
+    result = run_cli("sample", "--model", char_run, "--output", pipe, "--overwrite")
+    assert result.code == 2 and "is not a regular file (a device or a pipe)" in result.err
+    assert stat.S_ISFIFO(pipe.lstat().st_mode)
 
 
 def test_prime_with_unknown_characters_warns(run_cli, char_run):
