@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from typing import Sequence
 
 from rich.console import Console
@@ -161,11 +162,16 @@ def _print_token_table(console: Console, s: SentenceScore, title: str) -> None:
 
 
 def visible_token(token: str) -> str:
-    """A token as it can be shown in a table cell or a field: a space as ␣, a tab or other control character
-    escaped (\\t)."""
+    """A token as it can be shown in a table cell or a field: a space as ␣, a tab or other unprintable character
+    escaped (\\t), a combining mark on a dotted circle (alone, it would join the cell's padding)."""
     if token == " ":
         return "␣"
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in token)
+    shown = "".join(c if c.isprintable() else _escaped(c) for c in token)
+    return "◌" + shown if shown and unicodedata.combining(shown[0]) else shown
+
+
+def _escaped(character: str) -> str:
+    return character.encode("unicode_escape").decode("ascii")
 
 
 # Joiners: a character token that joins its neighbours into one symbol (an emoji family, a keycap).
@@ -177,10 +183,12 @@ def _colour_tokens(score: SentenceScore, separator: str) -> Text:
     most surprising one's): split into spans, rich measured the symbol wider than its cells and cut the cell's end."""
     groups: list[list] = []  # [text, surprisal in bits]
     for t in score.tokens[:-1]:  # the final <EOS> is not part of the sentence's text
-        if groups and not separator and (t.token in _JOINERS or groups[-1][0].endswith("\u200d")):
-            groups[-1] = [groups[-1][0] + t.token, max(groups[-1][1], t.surprisal_bits)]
+        # a tab or other control character escaped: expanded, a tab pushed the sentence onto a second row
+        token = "".join(_escaped(c) if unicodedata.category(c) == "Cc" else c for c in t.token)
+        if groups and not separator and (token in _JOINERS or groups[-1][0].endswith("\u200d")):
+            groups[-1] = [groups[-1][0] + token, max(groups[-1][1], t.surprisal_bits)]
         else:
-            groups.append([t.token, t.surprisal_bits])
+            groups.append([token, t.surprisal_bits])
     if not groups:
         return Text(score.sentence)
     text = Text()

@@ -293,6 +293,9 @@ def test_joined_symbols_and_control_characters_are_shown_whole(run_cli, char_run
     assert [field.split("=")[0] for field in tab[:5]] == ["a", "\\t", "b", "␣", "c"]  # no field left empty or split
     tokens = run_cli("score", "a\tb", "--model", char_run, "--tokens").out
     assert "│ \\t " in tokens and "│ a " in tokens
+    assert "│ a\\tb " in tokens  # the sentence column: one row, not a tab expanded onto two
+    accent = run_cli("score", "e\u0301", "--model", char_run, "--tokens").out
+    assert "│ ◌\u0301 " in accent  # a combining mark alone, on a dotted circle
 
 
 def test_a_word_prime_ending_in_a_space_gets_no_second_one(run_cli, word_run):
