@@ -277,21 +277,21 @@ class _Streamer:
     """Writes each new token of a single sample to stdout as soon as it exists."""
 
     def __init__(self, tokenizer, prime: str) -> None:
-        self.tokenizer = tokenizer
+        from lmtool.tokenizer import EOS_ID
+
+        self.tokenizer, self.eos_id = tokenizer, EOS_ID
         self.at_line_start = not prime or prime.endswith("\n")
         self.spaced = not prime or prime[-1].isspace()  # a word written now needs no space before it
 
     def __call__(self, token) -> None:
-        from lmtool.tokenizer import EOS_ID
-
         i = int(token[0])
-        if i == EOS_ID:
+        if i == self.eos_id:
             piece = "\n"
         elif self.tokenizer.level == "word":
             piece = self.tokenizer.tokens[i] if self.spaced else " " + self.tokenizer.tokens[i]
         else:
             piece = self.tokenizer.tokens[i]
-        self.at_line_start = self.spaced = i == EOS_ID
+        self.at_line_start = self.spaced = i == self.eos_id
         sys.stdout.write(piece)
         sys.stdout.flush()
 

@@ -51,38 +51,38 @@ class SamplingOptions:
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise LmtoolError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
 
-
     def _check_types(self) -> None:
         """Library callers get a clear error for a value of the wrong type, not a TypeError from deep inside.
         Any integer or real number type counts (numpy's too), stored as a plain int or float."""
-        for name, (kind, optional) in _OPTION_TYPES.items():
+        for name, (plain, optional) in _OPTION_TYPES.items():
             value = getattr(self, name)
             if value is None and optional:
                 continue
-            if kind == "a flag (True or False)":
-                ok, plain = value in (True, False), bool
-            elif kind == "a string":
-                ok, plain = isinstance(value, str), str
+            if plain is bool:
+                ok = value in (True, False)  # numpy's bool too
+            elif plain is str:
+                ok = isinstance(value, str)
             else:  # bool is an Integral to Python, but never a count or a temperature here
-                number, plain = (numbers.Integral, int) if kind == "a whole number" else (numbers.Real, float)
-                ok = isinstance(value, number) and not isinstance(value, bool)
+                ok = isinstance(value, _NUMBERS[plain]) and not isinstance(value, bool)
             if not ok:
-                raise LmtoolError(f"{name} must be {kind}{' or None' if optional else ''}, "
+                raise LmtoolError(f"{name} must be {_KINDS[plain]}{' or None' if optional else ''}, "
                                   f"got {value!r} ({type(value).__name__})")
             object.__setattr__(self, name, plain(value))  # the dataclass is frozen
 
 
-# SamplingOptions' fields: (what they must be, whether None is allowed)
+# SamplingOptions' fields: (the plain type each is stored as, whether None is allowed)
 _OPTION_TYPES = {
-    "temperature": ("a number", False),
-    "top_k": ("a whole number", True),
-    "top_p": ("a number", True),
-    "length": ("a whole number", False),
-    "num_samples": ("a whole number", False),
-    "stop_at_eos": ("a flag (True or False)", False),
-    "seed": ("a whole number", True),
-    "precision": ("a string", False),
+    "temperature": (float, False),
+    "top_k": (int, True),
+    "top_p": (float, True),
+    "length": (int, False),
+    "num_samples": (int, False),
+    "stop_at_eos": (bool, False),
+    "seed": (int, True),
+    "precision": (str, False),
 }
+_NUMBERS = {int: numbers.Integral, float: numbers.Real}
+_KINDS = {int: "a whole number", float: "a number", bool: "a flag (True or False)", str: "a string"}
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

@@ -247,6 +247,11 @@ def _limit_reason(limit: str, value: Any) -> str:
     return f"reached {limit}={value}"
 
 
+def _flag(limit: str) -> str:
+    """The command-line option of one of the LIMITS: max_steps -> --max-steps."""
+    return "--" + limit.replace("_", "-")
+
+
 def _epochs_done(saved: dict[str, Any]) -> int:
     """Whole epochs a checkpointed run has trained (and validated)."""
     return saved["epoch"] if saved["epoch_closed"] else saved["epoch"] - 1
@@ -288,12 +293,12 @@ def _resumable(run: RunDir, config: Config, tokenizer, changed: dict[str, Any], 
                     "max_epochs": f"after {counted(_epochs_done(saved), 'epoch')}",
                     "max_time": f"after {saved['elapsed']:.0f}s of training"}[limit]
             value = f"{tc.max_time:g}s" if limit == "max_time" else getattr(tc, limit)
-            raise LmtoolError(f"run {run.path} already finished {done}; --{limit.replace('_', '-')} {value} would "
-                              "train it no further: give a higher limit")
+            raise LmtoolError(f"run {run.path} already finished {done}; {_flag(limit)} {value} would train it no "
+                              "further: give a higher limit")
         if stoppers:  # another limit, reached too, would stop it again at once, having trained nothing
-            given = ", ".join(f"--{key.replace('_', '-')}" for key in changed)
-            raise LmtoolError(f"run {run.path} already finished ({saved['stop_reason']}); {given} would train it no "
-                              f"further: raise {' and '.join('--' + key.replace('_', '-') for key in stoppers)}")
+            raise LmtoolError(f"run {run.path} already finished ({saved['stop_reason']}); "
+                              f"{', '.join(map(_flag, changed))} would train it no further: "
+                              f"raise {' and '.join(map(_flag, stoppers))}")
         saved["finished"] = False
     trained_by = saved.get("world_size", 1)
     if trained_by != ctx.world_size:
@@ -610,7 +615,7 @@ class _Trainer:
                        "swings that much by nature")
         raise self._diverged(problem, advice)
 
-    def _diverged(self, problem: str, advice: str = "Lower train.lr or set train.clip_grad_norm") -> TrainingFailed:
+    def _diverged(self, problem: str, advice: str) -> TrainingFailed:
         """The error that ends a diverged run: what went wrong, what was kept, what to change."""
         if (self.run_dir.path / BEST_MODEL).is_file():
             kept = f"the best model in {self.run_dir.path} is intact. {advice}"
