@@ -40,6 +40,17 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+# Path("") is the current directory, so `-o ""` was read as `.`: an empty name is refused as it is parsed.
+def _name(value: str) -> str:
+    if value == "":
+        raise typer.BadParameter("is an empty name; give a file or directory")
+    return value
+
+
+def _path(value: str) -> Path:
+    return Path(_name(value))
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print the version"),
@@ -49,9 +60,9 @@ def _root(
 
 @app.command()
 def train(
-    corpus: Optional[Path] = typer.Argument(None, help="training text: a UTF-8 file, one sentence or line per line"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue RUN from its last checkpoint, exactly"),
-    configs: List[Path] = typer.Option([], "--config", "-c", metavar="<path>",
+    corpus: Optional[Path] = typer.Argument(None, parser=_path, help="training text: a UTF-8 file, one sentence or line per line"),
+    resume: Optional[Path] = typer.Option(None, "--resume", parser=_path, metavar="<path>", help="continue RUN from its last checkpoint, exactly"),
+    configs: List[Path] = typer.Option([], "--config", "-c", metavar="<path>", parser=_path,
                                        help="YAML config (default: built-in char or word defaults)"),
     set_: List[str] = typer.Option([], "--set", metavar="<key=value>",
                                    help="override one config key: section.key=value (repeatable)"),
@@ -62,9 +73,9 @@ def train(
     max_time: Optional[str] = typer.Option(None, "--max-time", help="stop after this long: 600, 90s, 10m, 2h  (train.max_time)"),
     max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="train.max_epochs"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="train.max_steps"),
-    valid: Optional[Path] = typer.Option(None, help="validation text (default: the last data.valid_fraction of the corpus)"),
-    test: Optional[Path] = typer.Option(None, help="test text, scored with the best model at the end"),
-    out: Optional[Path] = typer.Option(None, help="run directory (default: runs/<corpus>-<timestamp>)"),
+    valid: Optional[Path] = typer.Option(None, parser=_path, metavar="<path>", help="validation text (default: the last data.valid_fraction of the corpus)"),
+    test: Optional[Path] = typer.Option(None, parser=_path, metavar="<path>", help="test text, scored with the best model at the end"),
+    out: Optional[Path] = typer.Option(None, parser=_path, metavar="<path>", help="run directory (default: runs/<corpus>-<timestamp>)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
 ) -> None:
     """Train a language model on CORPUS and save it as a run directory (runs/latest points at it).
@@ -147,7 +158,7 @@ def _check_precision(precision: str) -> None:
 
 @app.command()
 def sample(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", parser=_name, metavar="<path>", help=MODEL_HELP),
     temperature: float = typer.Option(1.0, help="> 0 flattens (>1) or sharpens (<1) the distribution; 0 is greedy"),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="sample among the k most probable tokens only"),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="sample among the smallest set reaching probability p"),
@@ -159,7 +170,7 @@ def sample(
     num_samples: int = typer.Option(1, "--num-samples", "-n", help="samples generated together as one batch"),
     seed: Optional[int] = typer.Option(None, help="same seed, same text"),
     stop_at_eos: bool = typer.Option(False, "--stop-at-eos", help="end a sample at its first line end (<EOS>)"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write the samples to this file"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", parser=_path, metavar="<path>", help="also write the samples to this file"),
     overwrite: bool = typer.Option(False, help="let --output replace an existing file"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
     precision: str = typer.Option(
@@ -300,10 +311,10 @@ class _Streamer:
 def score(
     sentences: List[str] = typer.Argument(None, help="sentences to score (or use --file)"),
     files: Optional[List[str]] = typer.Option(
-        None, "--file", "-f", metavar="<path>",
+        None, "--file", "-f", metavar="<path>", parser=_name,
         help="score each line of this file ('-' for stdin); repeat it for several files, scored in order",
     ),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", parser=_name, metavar="<path>", help=MODEL_HELP),
     tokens: bool = typer.Option(False, "--tokens", help="add a per-token table: probability, log-probability, bits"),
     json_out: bool = typer.Option(False, "--json", help="write JSON Lines, one object per sentence"),
     fmt: str = typer.Option("table", "--format", help="table | kenlm (KenLM query-style lines)"),
@@ -364,8 +375,8 @@ EXACT_STREAM_HINT_BYTES = 2_000_000
 
 @app.command("evaluate-perplexity")
 def evaluate_perplexity(
-    files: List[Path] = typer.Argument(..., help="held-out text files"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    files: List[Path] = typer.Argument(..., parser=_path, help="held-out text files"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", parser=_name, metavar="<path>", help=MODEL_HELP),
     batch_size: int = typer.Option(1, "--batch-size", help="parallel streams; 1 gives the exact whole-file number"),
     bptt: Optional[int] = typer.Option(None, help="tokens per forward window (default: the model's data.bptt)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),

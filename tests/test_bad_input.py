@@ -177,3 +177,33 @@ def test_bad_input(run_cli, tmp_path, trained, case, command, message, code):
     assert "Traceback" not in result.err
     assert message.format(tmp=tmp_path) in lines[0], lines[0]
     assert snapshot(tmp_path, trained) == before  # nothing of the user's changed, no stray run directory
+
+
+# An empty name is Path("") — the current directory — once parsed, so each path option refuses it as it is parsed.
+EMPTY_NAMES = [
+    ("train", "", "'corpus'"),
+    ("train", "{good} --valid", "'--valid'"),
+    ("train", "{good} --test", "'--test'"),
+    ("train", "{good} --out", "'--out'"),
+    ("train", "{good} --config", "'--config'"),
+    ("train", "--resume", "'--resume'"),
+    ("sample", "--model {run} --output", "'--output'"),
+    ("sample", "--model", "'--model'"),
+    ("score", "--model {run} hi --file", "'--file'"),
+    ("score", "hi --model", "'--model'"),
+    ("evaluate-perplexity", "--model {run} {good}", "'files'"),
+]
+
+
+@pytest.mark.parametrize("command, before_empty, option", EMPTY_NAMES, ids=[f"{c} {o}" for c, _, o in EMPTY_NAMES])
+def test_empty_name_is_refused(run_cli, tmp_path, trained, monkeypatch, command, before_empty, option):
+    (tmp_path / "good.txt").write_bytes(FILES["good.txt"])
+    monkeypatch.chdir(tmp_path)  # where an empty name used to point
+    args = [command, *before_empty.format(good=tmp_path / "good.txt", run=trained / "run").split(), ""]
+    before = snapshot(tmp_path, trained)
+    result = run_cli(*args)
+    assert result.code == 2, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lmtool: error: Invalid value for {option}"), result.err
+    assert lines[0].endswith(f"is an empty name; give a file or directory (see 'lmtool {command} --help')")
+    assert snapshot(tmp_path, trained) == before
