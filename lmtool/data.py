@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from lmtool.errors import LmtoolError
+from lmtool.errors import LmtoolError, counted
 from lmtool.text_files import iter_text_chunks
 from lmtool.tokenizer import EOS_ID, Tokenizer
 
@@ -185,6 +185,7 @@ def load_corpus(
     """Read the files in streaming passes, build the vocabulary from the training split only (unless given),
     and encode every split into compact ids: memory is the ids plus one chunk, not the text."""
     train_path = Path(train_path)
+    new_run = tokenizer is None  # a resumed run (or another rank's copy of one) keeps the splits it was given
     train_scan = scan_text(train_path, "training")
     train_stop = None
     if valid_path is None:
@@ -206,8 +207,8 @@ def load_corpus(
         splits = (("training", train, train_stop, "first"), ("validation", valid, held_out, "last"))
         for split, ids, lines, which in splits:
             # the leading <EOS> and one per line, nothing else: line ends alone, to learn from or to score
-            if ids.numel() == lines + 1:
-                raise LmtoolError(f"the {split} split of {train_path} (its {which} {lines:,} lines) holds only blank "
+            if new_run and ids.numel() == lines + 1:
+                raise LmtoolError(f"the {split} split of {train_path} (its {which} {counted(lines, 'line')}) holds only blank "
                                   "lines; give --valid FILE, or trim the blank lines")
     else:
         valid = encode_stream(tokenizer, iter_text_chunks(valid_path, "validation"), valid_scan.num_chars + 2)

@@ -52,6 +52,17 @@ def test_held_out_validation_is_the_contiguous_tail_and_rare_train_words_become_
     assert held_out_lines(10, 0.2) == 2 and held_out_lines(10, 0.001) == 1 and held_out_lines(2, 0.9) == 1
 
 
+def test_a_blank_validation_tail_is_refused_for_a_new_run_but_kept_by_one_resumed(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("a b\nb a\na a\n\n")
+    with pytest.raises(LmtoolError, match=r"validation split of .* \(its last 1 line\) holds only blank lines"):
+        load_corpus(path, None, None, "word", 1, None, False, None, 0.25)
+    # a run started before the check (its tokenizer saved) still resumes on the same splits
+    tokenizer = Tokenizer.build(["a b", "b a", "a a"], level="word")
+    corpus = load_corpus(path, None, None, "word", 1, None, False, None, 0.25, tokenizer=tokenizer)
+    assert corpus.valid.tolist() == [EOS_ID, EOS_ID]
+
+
 def test_encode_lines_appends_eos_per_line():
     tok = Tokenizer.build(["ab"], level="char")
     a, b = tok.token_id("a"), tok.token_id("b")
