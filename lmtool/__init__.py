@@ -2,7 +2,10 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["load_model", "__version__"]
+# torch-free, so importing it costs nothing: `except lmtool.LmtoolError` works before any model is loaded
+from lmtool.errors import LmtoolError
+
+__all__ = ["load_model", "LmtoolError", "__version__"]
 
 
 def __getattr__(name: str):

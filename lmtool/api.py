@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import tempfile
-import time
+import dataclasses
+import difflib
 import itertools
 import math
+import numbers
+import os
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -84,6 +88,13 @@ class Model:
         without the line end that stopped it)."""
         if options is not None and option_values:
             raise LmtoolError(f"give options or {', '.join(sorted(option_values))}, not both")
+        if options is not None and not isinstance(options, SamplingOptions):
+            raise LmtoolError(f"options must be a SamplingOptions, got {type(options).__name__}; or give the options "
+                              "as keywords, e.g. sample(prime, length=100, temperature=0.8)")
+        _check_option_names(option_values)
+        if on_token is not None and not callable(on_token):
+            raise LmtoolError(f"on_token must be a function that takes each step's token ids, got "
+                              f"{type(on_token).__name__}")
         prime = "" if prime is None else prime
         for name, text in (("prime", prime), ("ending", ending)):
             if text is not None and not isinstance(text, str):
@@ -92,12 +103,16 @@ class Model:
         if ending is not None:
             if prime:
                 raise LmtoolError("give --prime or --ending, not both: a model writes in one direction at a time")
+            if on_token is not None:  # its tokens come right to left; the text is returned whole
+                raise LmtoolError("on_token streams forward generation only; with ending= the text is returned whole")
             ending_ids, _ = encode_prime(self.tokenizer, ending)
             if ending_ids and ending_ids[-1] == EOS_ID:  # "...\n": it ends a line, which the reading starts from
                 ending_ids = ending_ids[:-1]
             samples = generate(self.network, ending_ids[::-1], options, None, "backward")
             # read backward, <EOS> is where the line starts: nothing to print
             return [self.tokenizer.decode(_without_stop(ids, options)[::-1]) for ids in samples]
+        if "forward" not in self.directions:
+            raise LmtoolError("this model reads backward only: give ending=TEXT to write the text that leads to it")
         prime_ids, _ = encode_prime(self.tokenizer, prime)
         samples = generate(self.network, prime_ids, options, on_token, "forward")
         return [self.tokenizer.decode(_without_stop(ids, options)) for ids in samples]
@@ -109,7 +124,7 @@ class Model:
         """log P(sentence, <EOS>) from the sentence-start state, with a per-token breakdown. A bidirectional model
         gives the mixture of both directions unless `direction` picks one. precision="bf16": as in `perplexity`."""
         sentences = _list_of(sentences, (str,), "sentences must be a string or a list of strings")
-        _check_at_least_one("batch_size", batch_size)
+        batch_size = _count("batch_size", batch_size)
         with inference_autocast(precision, self.device):
             scores = [score_sentences(self.network, self.tokenizer, sentences, batch_size, d)
                       for d in self._directions(direction)]
@@ -139,13 +154,13 @@ class Model:
         A bidirectional model is evaluated in both directions and as a per-line mixture unless `direction`
         picks one. precision="bf16" computes the products in bfloat16 (autocast, as bf16 training does): faster
         on hardware with native bf16, and no longer exact."""
-        paths = _list_of(paths, (str, Path), "paths must be a file path (str or Path) or a list of them")
+        paths = _list_of(paths, (str, os.PathLike), "paths must be a file path (str or Path) or a list of them")
         if not paths:
             raise LmtoolError("no files to evaluate; give at least one")
-        _check_at_least_one("batch_size", batch_size)
-        if bptt is not None:
-            _check_at_least_one("bptt", bptt)
-        bptt = bptt or self.config.data.bptt
+        if any(os.fspath(path) == "" for path in paths):  # Path("") would be the current directory
+            raise LmtoolError("an evaluation file name is empty; give the path of a text file")
+        batch_size = _count("batch_size", batch_size)
+        bptt = self.config.data.bptt if bptt is None else _count("bptt", bptt)
         directions = self._directions(direction)  # a clear error before any work for a direction the model lacks
         autocast = inference_autocast(precision, self.device)
         totals = {d: StreamScore(nll=0.0, tokens=0) for d in directions}
@@ -206,10 +221,22 @@ def _list_of(values, types: tuple[type, ...], message: str) -> list:
     return values
 
 
-def _check_at_least_one(name: str, value: int) -> None:
-    """Library callers get the CLI's range checks too: a batch size or window of 0 or less would score nothing."""
-    if not isinstance(value, int) or value < 1:
+def _count(name: str, value: int) -> int:
+    """Library callers get the CLI's range checks too: a batch size or window of 0 or less would score nothing.
+    Any integer type counts (numpy's too), as a plain int; a bool is not a count."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise LmtoolError(f"{name} must be an integer of at least 1, got {value!r}")
+    return int(value)
+
+
+def _check_option_names(option_values: dict) -> None:
+    """A misspelt sampling option is named, with the nearest real one, rather than a TypeError."""
+    names = [f.name for f in dataclasses.fields(SamplingOptions)]
+    for name in option_values:
+        if name not in names:
+            nearest = difflib.get_close_matches(name, names, n=1)
+            raise LmtoolError(f"unknown sampling option {name!r}" + (f"; did you mean {nearest[0]!r}?" if nearest else
+                                                                     f"; the options are {', '.join(names)}"))
 
 
 def load_model(ref: str | Path | None = None, device: str = "auto") -> Model:

@@ -140,8 +140,8 @@ def train(
 
 MODEL_HELP = "run directory or model file (default: runs/latest)"
 DIRECTION_HELP = "forward | backward | both (default: every direction the model has; both adds their mixture)"
-PRECISION_HELP = ("fp32 (exact) | bf16: products in bfloat16 (autocast), 1.3-2.7x faster than fp32 on a CPU with "
-                  "native bf16 in bench/eval_throughput.py, where perplexities moved by 0.04% or less; not exact")
+PRECISION_HELP = ("fp32 (exact) | bf16: products in bfloat16 (autocast), 2-3.6x faster than fp32 for evaluation "
+                  "on a CPU with native bf16 in the README's runs, where perplexities moved by 0.04% or less; not exact")
 
 
 def _check_direction(direction: Optional[str]) -> None:
@@ -230,11 +230,11 @@ def _check_output(output: Path, overwrite: bool, model_path: Path) -> None:
     """Fail before any work if the samples could not be written to `output`, or would replace the model."""
     if output.is_dir():
         raise LmtoolError(f"--output {output} is a directory; give a file name")
-    if os.path.lexists(output) and not overwrite:  # a link, even a dangling one, is the user's too
-        raise LmtoolError(f"--output {output} already exists; pass --overwrite to replace it or choose another file")
     if output.exists() and not output.is_file():  # a device or a pipe: --overwrite would put a plain file there
         raise LmtoolError(f"--output {output} is not a regular file (a device or a pipe); write to standard output "
                           "and redirect it there instead")
+    if os.path.lexists(output) and not overwrite:  # a link, even a dangling one, is the user's too
+        raise LmtoolError(f"--output {output} already exists; pass --overwrite to replace it or choose another file")
     if output.exists() and os.path.samefile(output, model_path):  # not even with --overwrite
         raise LmtoolError(f"--output {output} is the model being sampled from; choose another file")
     if output.name in RUN_FILES and is_run_dir(output.parent):  # its other model, config or checkpoint

@@ -28,8 +28,9 @@ Softmax = Literal["full", "adaptive"]
 Direction = Literal["forward", "backward", "bidirectional"]
 
 
-# The largest seed PyTorch's generators take.
-MAX_SEED = 2**64 - 1
+# The largest seed whose every bit counts: PyTorch's CPU generator keeps only a seed's low 32 bits, so seeds
+# 7 and 7 + 2**32 would give the same run or sample.
+MAX_SEED = 2**32 - 1
 
 
 # Widest embedding or recurrent layer: far beyond any machine's memory already (a 2^20-wide LSTM layer holds

@@ -13,15 +13,15 @@ import torch
 
 from lmtool.errors import LmtoolError, counted
 from lmtool.text_files import iter_text_chunks
-from lmtool.tokenizer import EOS_ID, Tokenizer
+from lmtool.tokenizer import EOS_ID, SPECIALS, Tokenizer
 
 
-def held_out_lines(num_lines: int, fraction: float) -> int:
+def held_out_lines(num_lines: int, fraction: float, hint: str = "") -> int:
     """How many lines at the end of a corpus become validation text (at least one, never all)."""
     if num_lines < 2:
         raise LmtoolError(
             "the corpus has a single line, so no validation lines can be held out; give --valid FILE "
-            "or a corpus with several lines"
+            f"or a corpus with several lines{hint}"
         )
     return min(num_lines - 1, max(1, round(num_lines * fraction)))
 
@@ -43,18 +43,30 @@ class TextScan:
 
     num_lines: int
     num_chars: int  # code points, newlines included: a bound on the number of tokens (+1 for the leading <EOS>)
+    lone_carriage_returns: int = 0  # '\r' not followed by '\n': old Mac line ends, read as characters
+
+    def carriage_return_hint(self) -> str:
+        """Advice when the lines seem to end in a lone CR, which is not a line end here."""
+        if self.lone_carriage_returns <= self.num_lines:
+            return ""
+        return (f"; it holds {self.lone_carriage_returns:,} lone carriage returns (\\r, old Mac line ends), which are "
+                "not line ends: convert them first, e.g. tr '\\r' '\\n' < FILE > FILE.txt")
 
 
 def scan_text(path: Path, what: str) -> TextScan:
     """Check a whole file (UTF-8, no NUL, not empty) and count its lines and characters, in bounded memory."""
-    lines, chars, has_text = 0, 0, False
-    for text in iter_text_chunks(path, what):
+    lines, chars, crs, has_text = 0, 0, 0, False
+    for text in iter_text_chunks(path, what):  # CRLF already normalised to '\n'
         lines += text.count("\n")
         chars += len(text)
+        crs += text.count("\r")
         has_text = has_text or not text.isspace()
     if not has_text:
         raise LmtoolError(f"{what} file {path} is empty (no text to learn from)")
-    return TextScan(num_lines=lines, num_chars=chars)
+    scan = TextScan(num_lines=lines, num_chars=chars, lone_carriage_returns=crs)
+    if lines > 1 and scan.carriage_return_hint():  # (one line: the error that follows gives the advice)
+        warnings.warn(f"{what} file {path} reads as {lines:,} lines" + scan.carriage_return_hint(), stacklevel=2)
+    return scan
 
 
 def iter_line_range(path: Path, what: str, start: int, stop: int | None) -> Iterator[str]:
@@ -189,7 +201,8 @@ def load_corpus(
     train_scan = scan_text(train_path, "training")
     train_stop = None
     if valid_path is None:
-        train_stop = train_scan.num_lines - held_out_lines(train_scan.num_lines, valid_fraction)
+        train_stop = train_scan.num_lines - held_out_lines(train_scan.num_lines, valid_fraction,
+                                                           train_scan.carriage_return_hint())
     else:
         valid_scan = scan_text(Path(valid_path), "validation")
     test_scan = scan_text(Path(test_path), "test") if test_path is not None else None
@@ -197,6 +210,12 @@ def load_corpus(
         tokenizer = Tokenizer.build(
             iter_line_range(train_path, "training", 0, train_stop), level, min_freq, max_size, lowercase, unk_marker
         )
+        if len(tokenizer) == len(SPECIALS):  # every token would be <UNK>: a perplexity that measures nothing
+            unit = "character" if level == "char" else "word"
+            why = (f"every {unit} occurs fewer than data.min_freq={min_freq} times; lower data.min_freq" if min_freq > 1
+                   else f"its only {unit}s are unknown markers; train on real text")
+            raise LmtoolError(f"the training split of {train_path} gives an empty vocabulary (nothing besides <EOS> and "
+                              f"<UNK>): {why}")
     # A token takes at least one character, so the character count bounds the number of ids (lowercasing can
     # lengthen text: encode_stream grows then). Pages of the buffer that are never written cost no memory.
     room = train_scan.num_chars + 2

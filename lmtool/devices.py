@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from lmtool.errors import LmtoolError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | torch.device) -> torch.device:
     """auto: cuda when present, else cpu; cuda and mps only when this machine has them."""
+    if isinstance(name, torch.device):  # library callers may pass torch's own device objects
+        name = str(name)
+    if isinstance(name, str) and re.fullmatch(r"cuda:\d+", name):
+        # lmtool uses the current GPU throughout (CUDA graphs, memory stats), so one is picked outside it
+        raise LmtoolError(f"device {name!r}: choose the GPU with CUDA_VISIBLE_DEVICES={name[5:]} and use device cuda")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -16,7 +23,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise LmtoolError("--device mps was asked for but this machine has no Apple GPU; use --device cpu or auto")
     if name not in ("cpu", "cuda", "mps"):
-        raise LmtoolError(f"unknown device '{name}'; use auto, cpu, cuda or mps")
+        raise LmtoolError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
     return torch.device(name)
 
 

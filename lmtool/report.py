@@ -131,7 +131,7 @@ def print_scores(
     for i in sorted(range(len(scores)), key=lambda i: rank[i]):
         s = scores[i]
         extra = [f"{s.forward.logprob:.2f}", f"{s.backward.logprob:.2f}"] if mixture else []
-        sentence = Text(s.sentence) if mixture else _colour_tokens(s, separator)
+        sentence = Text(_layout_safe(s.sentence)) if mixture else _colour_tokens(s, separator)
         table.add_row(
             str(rank[i]), f"{s.logprob:.4f}", f"{s.log10prob:.4f}", f"{s.perplexity:.2f}",
             str(s.num_tokens), str(s.num_unknown), *extra, sentence,
@@ -141,7 +141,8 @@ def print_scores(
         return
     for i in sorted(range(len(scores)), key=lambda i: rank[i]):
         for s in (scores[i].forward, scores[i].backward) if mixture else (scores[i],):
-            _print_token_table(console, s, f"{rank[i]}. {s.sentence}" + (f" ({s.direction})" if mixture else ""))
+            _print_token_table(console, s, f"{rank[i]}. {_layout_safe(s.sentence)}"
+                               + (f" ({s.direction})" if mixture else ""))
 
 
 def _print_token_table(console: Console, s: SentenceScore, title: str) -> None:
@@ -166,12 +167,24 @@ def visible_token(token: str) -> str:
     escaped (\\t), a combining mark on a dotted circle (alone, it would join the cell's padding)."""
     if token == " ":
         return "␣"
-    shown = "".join(c if c.isprintable() else _escaped(c) for c in token)
+    if not any(c.isprintable() for c in token):  # a lone no-break space or joiner would show as nothing
+        return "".join(map(_escaped, token))
+    shown = _layout_safe(token)  # a joiner inside a word stays: escaped, the field would no longer be the word
     return "◌" + shown if shown and unicodedata.combining(shown[0]) else shown
 
 
 def _escaped(character: str) -> str:
     return character.encode("unicode_escape").decode("ascii")
+
+
+# Characters that move the cursor or end a line: a tab, CR, U+0085 and the other controls, and Unicode's line
+# and paragraph separators. Shown raw they split a table cell over rows or a KenLM line in two.
+_LAYOUT_BREAKING = {"Cc", "Zl", "Zp"}
+
+
+def _layout_safe(text: str) -> str:
+    """The text with each character that would break a row or a line escaped (\\t, \\u2028), the rest as is."""
+    return "".join(_escaped(c) if unicodedata.category(c) in _LAYOUT_BREAKING else c for c in text)
 
 
 # Joiners: a character token that joins its neighbours into one symbol (an emoji family, a keycap).
@@ -183,14 +196,13 @@ def _colour_tokens(score: SentenceScore, separator: str) -> Text:
     most surprising one's): split into spans, rich measured the symbol wider than its cells and cut the cell's end."""
     groups: list[list] = []  # [text, surprisal in bits]
     for t in score.tokens[:-1]:  # the final <EOS> is not part of the sentence's text
-        # a tab or other control character escaped: expanded, a tab pushed the sentence onto a second row
-        token = "".join(_escaped(c) if unicodedata.category(c) == "Cc" else c for c in t.token)
+        token = _layout_safe(t.token)  # expanded, a tab pushed the sentence onto a second row
         if groups and not separator and (token in _JOINERS or groups[-1][0].endswith("\u200d")):
             groups[-1] = [groups[-1][0] + token, max(groups[-1][1], t.surprisal_bits)]
         else:
             groups.append([token, t.surprisal_bits])
     if not groups:
-        return Text(score.sentence)
+        return Text(_layout_safe(score.sentence))
     text = Text()
     for n, (piece, bits) in enumerate(groups):
         if n:
@@ -200,7 +212,8 @@ def _colour_tokens(score: SentenceScore, separator: str) -> Text:
 
 
 def evaluation_record(evaluation: FileEvaluation, level: str) -> dict:
-    record = {"files": list(evaluation.files), **_stream_record(evaluation.score, level),
+    record = {"files": list(evaluation.files), "direction": next(iter(evaluation.by_direction)),
+              **_stream_record(evaluation.score, level),
               "seconds": evaluation.seconds, "tokens_per_s": evaluation.tokens_per_s, "precision": evaluation.precision}
     if len(evaluation.by_direction) > 1:
         record["directions"] = {d: _stream_record(s, level) for d, s in evaluation.by_direction.items()}
@@ -231,8 +244,9 @@ def print_evaluation(console: Console, evaluation: FileEvaluation, level: str) -
     """One table per direction evaluated; the per-line mixture (if any), time and speed close the list."""
     unit = token_unit(level)
     several = len(evaluation.by_direction) > 1
-    scores = evaluation.by_direction.items() if several else [("", evaluation.score)]
-    sections = [(f"perplexity, {d}" if several else "perplexity", _stream_rows(evaluation, s, unit)) for d, s in scores]
+    # a forward reading is what "perplexity" means; any other is named, as score's titles name it
+    sections = [("perplexity" if d == "forward" and not several else f"perplexity, {d}", _stream_rows(evaluation, s, unit))
+                for d, s in evaluation.by_direction.items()]
     closing = []
     m = evaluation.mixture
     if m is not None:

@@ -3,6 +3,7 @@ resolve the model first, so that a missing one is reported before torch takes se
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lmtool.errors import LmtoolError
@@ -48,6 +49,10 @@ def resolve_model_path(ref: str | Path | None) -> Path:
                 "no trained model found (runs/latest does not exist here); train one first with "
                 "'lmtool train data/tinyshakespeare.txt', or name one with --model RUN"
             )
+    if not isinstance(ref, (str, os.PathLike)):
+        raise LmtoolError(f"the model must be a run directory or model file path (str or Path), got {type(ref).__name__}")
+    if os.fspath(ref) == "":  # Path("") would be the current directory
+        raise LmtoolError("the model name is empty; give a run directory or a model file")
     path = Path(ref)
     if path.is_dir():
         for name in (BEST_MODEL, LAST_MODEL):

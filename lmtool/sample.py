@@ -38,8 +38,8 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         self._check_types()
         inference_dtype(self.precision)  # the name; the device is checked when sampling
-        if self.temperature < 0 or self.temperature != self.temperature:
-            raise LmtoolError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # NaN too
+            raise LmtoolError(f"--temperature must be 0 (greedy) or positive and finite, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise LmtoolError(f"--top-k must be at least 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -49,7 +49,7 @@ class SamplingOptions:
         if not 1 <= self.num_samples <= MAX_SAMPLES:
             raise LmtoolError(f"--num-samples must be between 1 and {MAX_SAMPLES:,}, got {self.num_samples}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise LmtoolError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
+            raise LmtoolError(f"--seed must be between 0 and {MAX_SEED:,}, got {self.seed:,}")
 
     def _check_types(self) -> None:
         """Library callers get a clear error for a value of the wrong type, not a TypeError from deep inside.

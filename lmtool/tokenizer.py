@@ -48,12 +48,12 @@ class Tokenizer:
     lowercase: bool = False
     unk_marker: str | None = None
     _ids: dict[str, int] = field(init=False, repr=False, compare=False)
-    _unk_in_text: str | None = field(init=False, repr=False, compare=False)  # the marker as split text shows it
+    _read_as_unk: frozenset[str] = field(init=False, repr=False, compare=False)  # words that are <UNK> in any text
 
     def __post_init__(self) -> None:
         assert self.tokens[: len(SPECIALS)] == SPECIALS, "vocabulary must start with the special tokens"
         object.__setattr__(self, "_ids", {tok: i for i, tok in enumerate(self.tokens)})
-        object.__setattr__(self, "_unk_in_text", _as_split(self.unk_marker, self.lowercase))
+        object.__setattr__(self, "_read_as_unk", _read_as_unk(self.unk_marker, self.lowercase))
         if len(self._ids) != len(self.tokens):
             raise LmtoolError("vocabulary holds the same token twice")
 
@@ -98,10 +98,8 @@ class Tokenizer:
     ) -> "Tokenizer":
         """The vocabulary of a token count: specials first, then by frequency, ties broken by the token."""
         counts = Counter(counts)
-        for special in SPECIALS:
-            counts.pop(special, None)
-        if unk_marker is not None:
-            counts.pop(_as_split(unk_marker, lowercase), None)
+        for word in _read_as_unk(unk_marker, lowercase):
+            counts.pop(word, None)
         ranked = sorted((tok for tok, n in counts.items() if n >= min_freq), key=lambda t: (-counts[t], t))
         if max_size is not None:
             ranked = ranked[: max(0, max_size - len(SPECIALS))]
@@ -118,7 +116,7 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int:
         """The id of one token string; unknown tokens and the corpus's own unknown marker give <UNK>."""
-        if token == self._unk_in_text or token in SPECIALS:  # a literal "<EOS>" in text is no line end
+        if token in self._read_as_unk:  # a literal "<EOS>" in text is no line end
             return UNK_ID
         return self._ids.get(token, UNK_ID)
 
@@ -178,10 +176,8 @@ class Tokenizer:
         lookup = cache.get(line_end)
         if lookup is None:
             lookup = dict(self._ids)
-            for special in SPECIALS:
-                lookup[special] = UNK_ID
-            if self._unk_in_text is not None:
-                lookup[self._unk_in_text] = UNK_ID
+            for word in self._read_as_unk:
+                lookup[word] = UNK_ID
             if line_end is not None:
                 lookup[line_end] = EOS_ID
             cache[line_end] = lookup
@@ -242,7 +238,9 @@ class Tokenizer:
             raise LmtoolError("the vocabulary is malformed (expected level, tokens starting with <EOS>, <UNK>)") from None
 
 
-def _as_split(unk_marker: str | None, lowercase: bool) -> str | None:
-    """The corpus's unknown marker as it appears in split text: lowercased with the text when data.lowercase is on
-    (PTB's <unk> is unchanged; a marker such as <UNK> would otherwise never match)."""
-    return unk_marker.lower() if unk_marker is not None and lowercase else unk_marker
+def _read_as_unk(unk_marker: str | None, lowercase: bool) -> frozenset[str]:
+    """The words read as <UNK> wherever they appear: the special tokens written out and the corpus's own unknown
+    marker, as split text shows them: lowercased with the text when data.lowercase is on (a literal "<EOS>" would
+    otherwise become the ordinary word "<eos>", and a marker such as <UNK> would never match)."""
+    words = SPECIALS if unk_marker is None else (*SPECIALS, unk_marker)
+    return frozenset(word.lower() if lowercase else word for word in words)

@@ -35,6 +35,7 @@ FILES = {
     "good.txt": SHAKESPEARE.read_bytes()[:3000],
     "blank-tail.txt": SHAKESPEARE.read_bytes()[:3000] + b"\n" * 40,  # its held-out tenth: blank lines alone
     "short.txt": b"to be\n",
+    "old-mac.txt": b"\r".join(SHAKESPEARE.read_bytes()[:3000].splitlines()) + b"\r",  # lone CR line ends
     "malformed.yaml": b"model: {hidden_size: 3\n",
     "unknown-key.yaml": b"model:\n  hiden_size: 3\n",
     "wrong-type.yaml": b"model:\n  num_layers: two\n",
@@ -61,6 +62,11 @@ CASES = [
     ("binary corpus", "train {tmp}/binary.txt", "looks binary (NUL byte at offset 3)", 2),
     ("non-utf8 corpus", "train {tmp}/latin1.txt", "not UTF-8: undecodable byte 0xe9 at offset 3", 2),
     ("50 MB single line", "train {tmp}/one-line.txt", "single line, so no validation lines", 2),
+    ("old Mac line ends", "train {tmp}/old-mac.txt", "single line, so no validation lines can be held out; give "
+     "--valid FILE or a corpus with several lines; it holds 112 lone carriage returns (\\r, old Mac line ends), "
+     "which are not line ends: convert them first, e.g. tr '\\r' '\\n' < FILE > FILE.txt", 2),
+    ("empty vocabulary", "train {tmp}/good.txt --set data.min_freq=100000", "gives an empty vocabulary (nothing "
+     "besides <EOS> and <UNK>): every character occurs fewer than data.min_freq=100000 times; lower data.min_freq", 2),
     ("blank validation split", "train {tmp}/blank-tail.txt",
      "the validation split of {tmp}/blank-tail.txt (its last 8 lines) holds only blank lines", 2),
     ("missing valid file", "train {tmp}/good.txt --valid {tmp}/nope.txt", "validation file not found", 2),
@@ -92,7 +98,7 @@ CASES = [
     ("no corpus", "train", "give the training text", 2),
     ("unknown option", "train {tmp}/good.txt --hidden 3", "No such option: --hidden", 2),
     ("unknown command", "fly", "No such command 'fly'", 2),
-    ("sample temperature", "sample --model {run}/run --temperature -0.5", "--temperature must be 0 (greedy) or positive", 2),
+    ("sample temperature", "sample --model {run}/run --temperature -0.5", "--temperature must be 0 (greedy) or positive and finite", 2),
     ("sample top-p", "sample --model {run}/run --top-p 0", "--top-p must be in (0, 1]", 2),
     ("sample top-k", "sample --model {run}/run --top-k 0", "--top-k must be at least 1", 2),
     ("sample length", "sample --model {run}/run --length -3", "--length must be at least 1", 2),
@@ -119,7 +125,7 @@ CASES = [
      "short.txt holds 6 tokens, too few for --batch-size 64; use --batch-size 3 or less", 2),
     ("score empty file", "score --file {tmp}/empty.txt --model {run}/run", "empty.txt holds no sentences", 2),
     ("score blank file", "score --file {tmp}/blank.txt --model {run}/run", "blank.txt holds no sentences", 2),
-    ("seed too large", "train {tmp}/good.txt --seed 18446744073709551616", "train.seed: 18446744073709551616 is out of range", 2),
+    ("seed too large", "train {tmp}/good.txt --seed 4294967296", "train.seed: 4294967296 is out of range", 2),
     ("sample seed too large", "sample --model {run}/run --seed 18446744073709551616", "--seed must be between 0 and", 2),
     ("set a whole section", "train {tmp}/good.txt --set model=gru", "'model' is a section, not a key", 2),
     ("section given twice", "train {tmp}/good.txt --config {tmp}/twice.yaml",

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -61,6 +63,18 @@ def test_a_blank_validation_tail_is_refused_for_a_new_run_but_kept_by_one_resume
     tokenizer = Tokenizer.build(["a b", "b a", "a a"], level="word")
     corpus = load_corpus(path, None, None, "word", 1, None, False, None, 0.25, tokenizer=tokenizer)
     assert corpus.valid.tolist() == [EOS_ID, EOS_ID]
+
+
+def test_lone_carriage_returns_are_not_line_ends_and_say_so(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"a b\rb a\ra a\r\nb b\rb a\ra b\r\n")  # CRLF ends two lines; the lone CRs end none
+    with pytest.warns(UserWarning, match=r"reads as 2 lines; it holds 4 lone carriage returns \(\\r, old Mac"):
+        corpus = load_corpus(path, None, None, "word", 1, None, False, None, 0.5)
+    assert corpus.valid.tolist().count(EOS_ID) == 2  # the sentence start and one line end: one line held out
+    path.write_bytes(b"a b\r\nb a\r\n")  # Windows line ends alone: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_corpus(path, None, None, "word", 1, None, False, None, 0.5)
 
 
 def test_encode_lines_appends_eos_per_line():

@@ -8,6 +8,7 @@ import torch
 
 import lmtool
 from lmtool.config import load_config
+from lmtool.errors import LmtoolError
 from lmtool.evaluate import log_mean_exp
 from lmtool.train import resume, train
 
@@ -119,6 +120,11 @@ def test_evaluate_perplexity_reports_each_direction_and_the_mixture(bidirectiona
     one = json.loads(run_cli("evaluate-perplexity", held_out, "--model", bidirectional_run, "--direction",
                              "backward", "--json").out)
     assert "directions" not in one and one["perplexity"] == pytest.approx(record["directions"]["backward"]["perplexity"])
+    assert one["direction"] == "backward" and record["direction"] == "forward"
+    backward = run_cli("evaluate-perplexity", held_out, "--model", bidirectional_run, "--direction", "backward").out
+    assert backward.startswith("perplexity, backward")  # it read like a forward perplexity
+    forward = run_cli("evaluate-perplexity", held_out, "--model", bidirectional_run, "--direction", "forward").out
+    assert forward.splitlines()[0].strip() == "perplexity"
 
 
 def test_bf16_evaluation_computes_the_mixture_in_bf16_too(bidirectional_run, tmp_path):
@@ -178,6 +184,11 @@ def test_char_level_ending(tmp_path, run_cli, small_corpus):
     refused = run_cli("sample", "--model", run, "--prime", "ROMEO:")
     assert refused.code == 2 and refused.out == "" and "give --ending TEXT" in refused.err
     assert "has no forward direction" in run_cli("score", "to bed", "--model", run, "--direction", "forward").err
+    lm = lmtool.load_model(run)
+    with pytest.raises(LmtoolError, match="this model reads backward only: give ending=TEXT"):  # not the CLI's flag
+        lm.sample("ROMEO:", length=5)
+    with pytest.raises(LmtoolError, match="on_token streams forward generation only"):  # it was silently dropped
+        lm.sample(ending="to bed.", length=5, on_token=print)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -78,9 +78,11 @@ def test_word_decode_encode_is_identity_for_normalised_text(lines):
     assert tok.decode(tok.encode(text)) == text
 
 
-def test_literal_special_words_are_unknown_not_line_ends():
-    tok = Tokenizer.build(["a <EOS> b"], level="word")
-    assert EOS not in tok.tokens[2:]
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_literal_special_words_are_unknown_not_line_ends(lowercase):
+    # lowercased, "<EOS>" was the ordinary word "<eos>": in the vocabulary, scored as known, sampled
+    tok = Tokenizer.build(["a <EOS> b <UNK>", "A <EOS>"], level="word", lowercase=lowercase)
+    assert tok.tokens[2:] == (("a",) if lowercase else ("A", "a")) + ("b",)
     assert tok.encode("a <EOS> b") == [tok.token_id("a"), UNK_ID, tok.token_id("b")]
     assert tok.encode_lines_text("a <EOS> b\n").tolist() == [tok.token_id("a"), UNK_ID, tok.token_id("b"), EOS_ID]
 

@@ -4,7 +4,7 @@ import json
 import math
 import os
 import stat
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import torch
@@ -205,7 +205,7 @@ def test_sample_uses_latest_run_and_says_how_to_train_without_one(run_cli, char_
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--temperature", "-1"], "--temperature must be 0 (greedy) or positive"),
+        (["--temperature", "-1"], "--temperature must be 0 (greedy) or positive and finite"),
         (["--top-k", "0"], "--top-k must be at least 1"),
         (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["--length", "0"], "--length must be at least 1"),
@@ -229,8 +229,9 @@ def test_sample_refuses_to_overwrite_output(run_cli, char_run, tmp_path):
     assert result.code == 2 and "already exists" in result.err and link.is_symlink()
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)  # as a device would be (/dev/full was once replaced by a plain file this way), not even replaced
-    result = run_cli("sample", "--model", char_run, "--output", pipe, "--overwrite")
-    assert result.code == 2 and "is not a regular file (a device or a pipe)" in result.err
+    for overwrite in ([], ["--overwrite"]):  # without it, the advice was to pass --overwrite, which fails too
+        result = run_cli("sample", "--model", char_run, "--output", pipe, *overwrite)
+        assert result.code == 2 and "is not a regular file (a device or a pipe)" in result.err
     assert stat.S_ISFIFO(pipe.lstat().st_mode)
 
 
@@ -296,6 +297,20 @@ def test_joined_symbols_and_control_characters_are_shown_whole(run_cli, char_run
     assert "│ a\\tb " in tokens  # the sentence column: one row, not a tab expanded onto two
     accent = run_cli("score", "e\u0301", "--model", char_run, "--tokens").out
     assert "│ ◌\u0301 " in accent  # a combining mark alone, on a dotted circle
+    lone_joiner = run_cli("score", "a\u200d", "--model", char_run, "--format", "kenlm").out.split("\t")
+    assert lone_joiner[1].startswith("\\u200d=")  # alone it would show as nothing
+    # line and paragraph separators split the sentence cell over rows and the token table's title over lines
+    separated = run_cli("score", "the\u2028dog\x85cat", "--model", char_run, "--tokens").out
+    assert "1. the\\u2028dog\\x85cat" in separated and "│ the\\u2028dog\\x85cat " in separated
+    assert not any(c in separated for c in "\u2028\x85")
+
+
+def test_a_word_holding_a_joiner_is_written_as_it_is(run_cli, word_run):
+    # escaped, the KenLM field and the token row no longer named the vocabulary's word
+    family = "\U0001F468\u200d\U0001F469\u200d\U0001F467"
+    kenlm = run_cli("score", f"the {family} cat", "--model", word_run, "--format", "kenlm").out.split("\t")
+    assert kenlm[1].split("=")[0] == family
+    assert f"│ {family} " in run_cli("score", f"the {family}", "--model", word_run, "--tokens").out
 
 
 def test_a_word_prime_ending_in_a_space_gets_no_second_one(run_cli, word_run):
@@ -474,7 +489,6 @@ def test_more_sample_errors(run_cli, char_run, args, message):
 
 
 def test_non_finite_scores_stop_sampling_with_a_clear_error():
-    from lmtool.errors import LmtoolError
     from lmtool.sample import pick_next
 
     with pytest.raises(LmtoolError, match="non-finite scores"):
@@ -587,9 +601,11 @@ def test_evaluating_a_big_file_as_one_exact_stream_hints_at_batch_size(run_cli, 
     assert "hint" not in run_cli("evaluate-perplexity", held, "--model", char_run).err
 
 
-def test_the_library_refuses_what_the_command_line_refuses(char_run):
+def test_the_library_refuses_what_the_command_line_refuses(char_run, tmp_path):
     """Values that the CLI checks before any work are checked by the library too: a batch size of -1 scored
     every sentence as probability 1, and a negative window gave a perplexity of 1."""
+    import numpy as np  # numbers of any integer or real type count, as they did before the checks
+
     lm = lmtool.load_model(char_run)
     for call, message in ((lambda: lm.score(["ab"], batch_size=-1), "batch_size must be an integer of at least 1, got -1"),
                           (lambda: lm.score(["ab"], batch_size=0), "batch_size must be an integer of at least 1, got 0"),
@@ -606,11 +622,33 @@ def test_the_library_refuses_what_the_command_line_refuses(char_run):
                           (lambda: lm.sample("x", top_k=True), r"top_k must be a whole number or None, got True"),
                           (lambda: lm.sample("x", stop_at_eos="yes"), r"stop_at_eos must be a flag \(True or False\)"),
                           (lambda: lm.score("x", direction="sideways"),
-                           "direction must be forward, backward or both, got 'sideways'")):
-        with pytest.raises(LmtoolError, match=message):
+                           "direction must be forward, backward or both, got 'sideways'"),
+                          # each of these raised a TypeError or AttributeError from deep inside
+                          (lambda: lm.perplexity(SHAKESPEARE, batch_size=True), "batch_size must be an integer of at "
+                           "least 1, got True"),
+                          (lambda: lm.perplexity(SHAKESPEARE, bptt=True), "bptt must be an integer of at least 1"),
+                          (lambda: lm.sample("x", lenght=5), "unknown sampling option 'lenght'; did you mean 'length'"),
+                          (lambda: lm.sample("x", colour=5), "unknown sampling option 'colour'; the options are "
+                           "temperature, top_k"),
+                          (lambda: lm.sample("x", {"length": 5}), "options must be a SamplingOptions, got dict"),
+                          (lambda: lm.sample("x", length=3, on_token=5), "on_token must be a function"),
+                          (lambda: lmtool.load_model(b"runs/x"), r"must be a run directory or model file path \(str or "
+                           r"Path\), got bytes"),
+                          (lambda: lmtool.load_model(""), "the model name is empty"),
+                          (lambda: lm.perplexity(""), "an evaluation file name is empty"),
+                          (lambda: lmtool.load_model(char_run, device="cuda:1"), "CUDA_VISIBLE_DEVICES=1"),
+                          (lambda: lm.sample("x", temperature=float("inf")), "positive and finite, got inf"),
+                          (lambda: lm.sample("x", seed=2**32), "--seed must be between 0 and 4,294,967,295")):
+        with pytest.raises(lmtool.LmtoolError, match=message):  # exported by the package, torch-free
             call()
+    # numpy integers are counts; other path objects are paths; torch's device objects are devices
+    assert lm.score(["ab"], batch_size=np.int64(2))[0].logprob == lm.score(["ab"])[0].logprob
+    held = tmp_path / "held.txt"
+    held.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    assert (lm.perplexity(PurePosixPath(held), bptt=np.int32(16), batch_size=4).score.perplexity
+            == lm.perplexity(str(held), bptt=16, batch_size=4).score.perplexity)
+    assert lmtool.load_model(char_run, device=torch.device("cpu")).device == torch.device("cpu")
     assert lm.sample(None, length=3, seed=1) == lm.sample("", length=3, seed=1)  # no prime
-    import numpy as np  # numbers of any integer or real type count, as they did before the checks
 
     options = SamplingOptions(length=np.int64(3), temperature=np.float32(0.5), seed=np.int32(1), stop_at_eos=np.bool_(0))
     assert (options.length, options.seed, options.stop_at_eos) == (3, 1, False) and type(options.length) is int
