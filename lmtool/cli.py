@@ -338,7 +338,8 @@ def score(
         raise LmtoolError(f"--batch-size must be at least 1, got {batch_size}")
     model_path = resolve_model_path(model)  # before torch is imported: a missing model is told at once
     _check_precision(precision)
-    texts = list(sentences or [])  # read and checked before torch is imported too
+    # read and checked before torch is imported too; "$(head -1 windows.txt)" keeps the CR that --file drops
+    texts = [s.removesuffix("\r") for s in sentences or []]
     files = files or []
     if files.count("-") > 1:
         raise LmtoolError("--file - (standard input) can be given once: it can be read only once")

@@ -166,6 +166,8 @@ def load_config(
     flags: Mapping[str, Any] | None = None,
 ) -> Config:
     """Resolve defaults < file < `--set section.key=value` overrides < flags into a validated Config."""
+    if isinstance(overrides, str):  # one "key=value" string would be read a character at a time
+        raise LmtoolError(f"overrides must be a list of 'section.key=value' strings, got the string {overrides!r}")
     layers: list[tuple[str, dict[str, Any]]] = []
     if config_file is not None:
         layers.append((str(config_file), read_yaml_mapping(config_file)))

@@ -35,6 +35,15 @@ def is_run_dir(path: Path) -> bool:
     return isinstance(tree, dict) and "format_version" in tree
 
 
+def path_argument(value, name: str) -> Path:
+    """A path a library caller passed, as a Path; a clear error for another type or an empty name."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise LmtoolError(f"{name} must be a path (str or Path), got {type(value).__name__}")
+    if os.fspath(value) == "":  # Path("") would be the current directory
+        raise LmtoolError(f"{name} is an empty name; give a file or directory")
+    return Path(value)
+
+
 def resolve_model_path(ref: str | Path | None) -> Path:
     """The model file meant by `--model`: a file, a run directory (its best model), or runs/latest when absent."""
     if ref is None:
@@ -49,11 +58,7 @@ def resolve_model_path(ref: str | Path | None) -> Path:
                 "no trained model found (runs/latest does not exist here); train one first with "
                 "'lmtool train data/tinyshakespeare.txt', or name one with --model RUN"
             )
-    if not isinstance(ref, (str, os.PathLike)):
-        raise LmtoolError(f"the model must be a run directory or model file path (str or Path), got {type(ref).__name__}")
-    if os.fspath(ref) == "":  # Path("") would be the current directory
-        raise LmtoolError("the model name is empty; give a run directory or a model file")
-    path = Path(ref)
+    path = path_argument(ref, "the model (a run directory or model file)")
     if path.is_dir():
         for name in (BEST_MODEL, LAST_MODEL):
             if (path / name).is_file():

@@ -35,7 +35,7 @@ from lmtool.graphed_step import Capture, GraphedStep, capture_cuda_graph
 from lmtool.host_memory import keep_freed_memory
 from lmtool.model import LanguageModel, State, check_fits, count_parameters, detach_state, map_state
 from lmtool.schedule import PlateauTracker, learning_rate
-from lmtool.run_paths import BEST_MODEL, LAST_MODEL, VOCAB_FILE
+from lmtool.run_paths import BEST_MODEL, LAST_MODEL, VOCAB_FILE, path_argument
 from lmtool.step_guard import SKIPS_ON_DEVICE, StepGuard, guarded_update, start_momentum
 from lmtool.tokenizer import Tokenizer
 
@@ -95,6 +95,11 @@ def train(
     Launched by torchrun, every process calls this: they train one model with DistributedDataParallel, and
     rank 0 alone writes the run directory and sends events (the others return a result without a test score).
     """
+    if not isinstance(config, Config):
+        raise LmtoolError(f"config must be a Config (from lmtool.config.load_config), got {type(config).__name__}")
+    corpus_path = path_argument(corpus_path, "corpus_path")
+    valid_path, test_path, out = (None if value is None else path_argument(value, name) for value, name in
+                                  ((valid_path, "valid_path"), (test_path, "test_path"), (out, "out")))
     device = resolve_device(config.train.device)
     with distributed_session(device) as ctx:
         def build(corpus: Corpus) -> _Trainer:
@@ -196,7 +201,7 @@ def resume(
     device: str | None = None,
 ) -> TrainResult:
     """Continue a run from its last training checkpoint; the result is the same as if it had never stopped."""
-    run, config, tokenizer = open_run(run_path)
+    run, config, tokenizer = open_run(path_argument(run_path, "the run to resume"))
     try:
         return _resume(run, config, tokenizer, on_event, limits, device)
     finally:

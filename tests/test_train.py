@@ -370,3 +370,25 @@ def test_weights_made_non_finite_by_a_step_fail_the_run_at_validation(small_corp
     with pytest.raises(TrainingFailed, match=r"training diverged: the validation loss is nan at step 2; no model"):
         train(cfg, small_corpus, out=tmp_path / "run")
     assert not (tmp_path / "run" / BEST_MODEL).exists() and not (tmp_path / "run" / LAST_MODEL).exists()
+
+
+def test_the_training_library_refuses_wrong_arguments_clearly(small_corpus, tmp_path):
+    """Python callers get lmtool's one-line errors, not AttributeError or TypeError from deep inside."""
+    from lmtool.train import resume
+
+    cfg = load_config(TINY, ["train.max_steps=2"])
+    before = sorted(tmp_path.rglob("*"))
+    for call, message in ((lambda: train({"train": {}}, small_corpus), r"config must be a Config \(from "
+                           r"lmtool.config.load_config\), got dict"),
+                          (lambda: train(cfg, None), r"corpus_path must be a path \(str or Path\), got NoneType"),
+                          (lambda: train(cfg, ""), "corpus_path is an empty name"),
+                          (lambda: train(cfg, small_corpus, valid_path=3), "valid_path must be a path"),
+                          (lambda: train(cfg, small_corpus, out=""), "out is an empty name"),
+                          (lambda: resume(None), "the run to resume must be a path"),
+                          (lambda: load_config(TINY, "train.max_steps=2"), "overrides must be a list of "
+                           "'section.key=value' strings, got the string 'train.max_steps=2'")):
+        with pytest.raises(LmtoolError, match=message):
+            call()
+    assert sorted(tmp_path.rglob("*")) == before
+    result = train(cfg, str(small_corpus), out=str(tmp_path / "run"))  # plain strings are paths too
+    assert result.steps == 2 and result.run_dir == tmp_path / "run"

@@ -263,6 +263,11 @@ def test_score_ranks_sentences_and_writes_json_and_kenlm(run_cli, word_run, tmp_
     rows = [json.loads(l) for l in several.out.splitlines()]
     assert [r["sentence"] for r in rows] == ["a cat", likely, unlikely, "the dog"]
     assert sorted(r["rank"] for r in rows) == [1, 2, 3, 4]
+    # a Windows line end: --file drops its CR, and so does an argument cut from such a file with $(head -1 ...)
+    sentences.write_bytes(f"{likely}\r\n".encode())
+    crlf = [json.loads(run_cli("score", *args, "--model", word_run, "--json").out) for args in
+            (["--file", sentences], [f"{likely}\r"])]
+    assert crlf[0] == crlf[1] and crlf[0]["sentence"] == likely
 
 
 def test_a_word_written_eos_mid_sentence_is_not_the_sentence_end(run_cli, word_run):
@@ -632,9 +637,9 @@ def test_the_library_refuses_what_the_command_line_refuses(char_run, tmp_path):
                            "temperature, top_k"),
                           (lambda: lm.sample("x", {"length": 5}), "options must be a SamplingOptions, got dict"),
                           (lambda: lm.sample("x", length=3, on_token=5), "on_token must be a function"),
-                          (lambda: lmtool.load_model(b"runs/x"), r"must be a run directory or model file path \(str or "
-                           r"Path\), got bytes"),
-                          (lambda: lmtool.load_model(""), "the model name is empty"),
+                          (lambda: lmtool.load_model(b"runs/x"), r"the model \(a run directory or model file\) must be "
+                           r"a path \(str or Path\), got bytes"),
+                          (lambda: lmtool.load_model(""), r"the model \(a run directory or model file\) is an empty name"),
                           (lambda: lm.perplexity(""), "an evaluation file name is empty"),
                           (lambda: lmtool.load_model(char_run, device="cuda:1"), "CUDA_VISIBLE_DEVICES=1"),
                           (lambda: lm.sample("x", temperature=float("inf")), "positive and finite, got inf"),
