@@ -29,7 +29,7 @@ from lmtool.evaluate import (
     score_sentences,
     stream_nll,
 )
-from lmtool.run_paths import resolve_model_path
+from lmtool.run_paths import path_argument, resolve_model_path
 from lmtool.sample import SamplingOptions, encode_prime, generate
 from lmtool.text_files import iter_lines
 from lmtool.tokenizer import EOS_ID
@@ -157,8 +157,7 @@ class Model:
         paths = _list_of(paths, (str, os.PathLike), "paths must be a file path (str or Path) or a list of them")
         if not paths:
             raise LmtoolError("no files to evaluate; give at least one")
-        if any(os.fspath(path) == "" for path in paths):  # Path("") would be the current directory
-            raise LmtoolError("an evaluation file name is empty; give the path of a text file")
+        paths = [path_argument(path, "a file to evaluate") for path in paths]
         batch_size = _count("batch_size", batch_size)
         bptt = self.config.data.bptt if bptt is None else _count("bptt", bptt)
         directions = self._directions(direction)  # a clear error before any work for a direction the model lacks
@@ -231,12 +230,13 @@ def _count(name: str, value: int) -> int:
 
 def _check_option_names(option_values: dict) -> None:
     """A misspelt sampling option is named, with the nearest real one, rather than a TypeError."""
-    names = [f.name for f in dataclasses.fields(SamplingOptions)]
+    options = [f.name for f in dataclasses.fields(SamplingOptions)]
+    arguments = ["prime", "options", "on_token", "ending", *options]  # sample's own, misspelt, land here too
     for name in option_values:
-        if name not in names:
-            nearest = difflib.get_close_matches(name, names, n=1)
+        if name not in options:
+            nearest = difflib.get_close_matches(name, arguments, n=1)
             raise LmtoolError(f"unknown sampling option {name!r}" + (f"; did you mean {nearest[0]!r}?" if nearest else
-                                                                     f"; the options are {', '.join(names)}"))
+                                                                     f"; sample takes {', '.join(arguments)}"))
 
 
 def load_model(ref: str | Path | None = None, device: str = "auto") -> Model:

@@ -43,7 +43,7 @@ def _print_version(value: bool) -> None:
 # Path("") is the current directory, so `-o ""` was read as `.`: an empty name is refused as it is parsed.
 def _name(value: str) -> str:
     if value == "":
-        raise typer.BadParameter("is an empty name; give a file or directory")
+        raise typer.BadParameter("is an empty name; give a path")
     return value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 import re
 import types
 import typing
@@ -28,9 +29,11 @@ Softmax = Literal["full", "adaptive"]
 Direction = Literal["forward", "backward", "bidirectional"]
 
 
-# The largest seed whose every bit counts: PyTorch's CPU generator keeps only a seed's low 32 bits, so seeds
-# 7 and 7 + 2**32 would give the same run or sample.
+# The largest seed a new run or sample may choose: PyTorch's CPU generator keeps only a seed's low 32 bits, so
+# seeds 7 and 7 + 2**32 would give the same run or sample.
 MAX_SEED = 2**32 - 1
+# The largest seed a saved config may hold: runs made before the limit above still load and resume.
+MAX_STORED_SEED = 2**64 - 1
 
 
 # Widest embedding or recurrent layer: far beyond any machine's memory already (a 2^20-wide LSTM layer holds
@@ -110,7 +113,7 @@ class TrainConfig:
     blowup_factor: float | None = _opt(
         5.0, "a step whose loss exceeds this many times the running mean is skipped as bad (null: never)", gt=1
     )
-    seed: int = _opt(1234, "random seed: the same seed and config give the same run", ge=0, le=MAX_SEED)
+    seed: int = _opt(1234, "random seed: the same seed and config give the same run", ge=0, le=MAX_STORED_SEED)
     device: Device = _opt("auto", "auto (cuda if present, else cpu) | cpu | cuda | mps")
     precision: Precision = _opt(
         "auto", "fp32 | bf16 (autocast; weights, optimiser and loss stay fp32) | auto (bf16 on CPUs with native bf16)"
@@ -189,7 +192,17 @@ def load_config(
     tie_asked = any("tie_weights" in (tree.get("model") or {}) for _, tree in layers)
     if resolved["model"].get("softmax") == "adaptive" and not tie_asked:
         resolved["model"]["tie_weights"] = False  # the word defaults tie; an adaptive softmax has no matrix to tie
+    seed = resolved.get("train", {}).get("seed")
+    if seed is not None:  # before the field's own bound, which admits the larger seeds of older saved runs
+        check_new_seed("train.seed", _coerce("train.seed", seed, int))
     return config_from_dict(resolved)
+
+
+def check_new_seed(name: str, seed: int) -> None:
+    """A seed chosen now (a new run's, a sample's) must fit the 32 bits that PyTorch's CPU generator keeps."""
+    if not 0 <= seed <= MAX_SEED:
+        raise LmtoolError(f"{name} must be between 0 and {MAX_SEED:,} (PyTorch's CPU generator keeps only 32 bits), "
+                          f"got {seed:,}")
 
 
 def config_from_dict(tree: Mapping[str, Any], source: str = "config") -> Config:
@@ -411,15 +424,15 @@ def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
             return value.strip().lower() in ("true", "yes")
         raise LmtoolError(f"{dotted}: expected true or false, got {value!r}")
     if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy's integers too
+            return int(value)
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
             return int(value)
         raise LmtoolError(f"{dotted}: expected a whole number, got {value!r}")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             try:
                 return float(value)
             except OverflowError:

@@ -63,10 +63,7 @@ def scan_text(path: Path, what: str) -> TextScan:
         has_text = has_text or not text.isspace()
     if not has_text:
         raise LmtoolError(f"{what} file {path} is empty (no text to learn from)")
-    scan = TextScan(num_lines=lines, num_chars=chars, lone_carriage_returns=crs)
-    if lines > 1 and scan.carriage_return_hint():  # (one line: the error that follows gives the advice)
-        warnings.warn(f"{what} file {path} reads as {lines:,} lines" + scan.carriage_return_hint(), stacklevel=2)
-    return scan
+    return TextScan(num_lines=lines, num_chars=chars, lone_carriage_returns=crs)
 
 
 def iter_line_range(path: Path, what: str, start: int, stop: int | None) -> Iterator[str]:
@@ -199,23 +196,25 @@ def load_corpus(
     train_path = Path(train_path)
     new_run = tokenizer is None  # a resumed run (or another rank's copy of one) keeps the splits it was given
     train_scan = scan_text(train_path, "training")
+    scans = [(train_scan, train_path, "training")]
     train_stop = None
     if valid_path is None:
         train_stop = train_scan.num_lines - held_out_lines(train_scan.num_lines, valid_fraction,
                                                            train_scan.carriage_return_hint())
     else:
         valid_scan = scan_text(Path(valid_path), "validation")
+        scans.append((valid_scan, valid_path, "validation"))
     test_scan = scan_text(Path(test_path), "test") if test_path is not None else None
+    if test_scan is not None:
+        scans.append((test_scan, test_path, "test"))
+    for scan, path, what in scans:
+        if scan.carriage_return_hint():  # training goes on, with lines the user may not have meant
+            warnings.warn(f"{what} file {path} reads as {counted(scan.num_lines, 'line')}{scan.carriage_return_hint()}",
+                          stacklevel=2)
     if tokenizer is None:
         tokenizer = Tokenizer.build(
             iter_line_range(train_path, "training", 0, train_stop), level, min_freq, max_size, lowercase, unk_marker
         )
-        if len(tokenizer) == len(SPECIALS):  # every token would be <UNK>: a perplexity that measures nothing
-            unit = "character" if level == "char" else "word"
-            why = (f"every {unit} occurs fewer than data.min_freq={min_freq} times; lower data.min_freq" if min_freq > 1
-                   else f"its only {unit}s are unknown markers; train on real text")
-            raise LmtoolError(f"the training split of {train_path} gives an empty vocabulary (nothing besides <EOS> and "
-                              f"<UNK>): {why}")
     # A token takes at least one character, so the character count bounds the number of ids (lowercasing can
     # lengthen text: encode_stream grows then). Pages of the buffer that are never written cost no memory.
     room = train_scan.num_chars + 2
@@ -231,6 +230,12 @@ def load_corpus(
                                   "lines; give --valid FILE, or trim the blank lines")
     else:
         valid = encode_stream(tokenizer, iter_text_chunks(valid_path, "validation"), valid_scan.num_chars + 2)
+    if new_run and len(tokenizer) == len(SPECIALS):  # every token would be <UNK>: a perplexity that measures nothing
+        unit = "character" if level == "char" else "word"
+        why = (f"every {unit} occurs fewer than data.min_freq={min_freq} times; lower data.min_freq" if min_freq > 1
+               else f"its only {unit}s are literal <EOS>, <UNK> or data.unk_marker; train on real text")
+        raise LmtoolError(f"the training split of {train_path} gives an empty vocabulary (nothing besides <EOS> and "
+                          f"<UNK>): {why}")
     test = None
     if test_scan is not None:
         test = encode_stream(tokenizer, iter_text_chunks(test_path, "test"), test_scan.num_chars + 2)

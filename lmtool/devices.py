@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from lmtool.errors import LmtoolError
 
 
+def device_name(device: str | torch.device) -> str:
+    """auto, cpu, cuda or mps from what a caller passed: a name, or one of torch's device objects."""
+    name = str(device) if isinstance(device, torch.device) else device
+    if not isinstance(name, str):
+        raise LmtoolError(f"device must be auto, cpu, cuda or mps, got {type(device).__name__}")
+    kind, _, index = name.partition(":")
+    if kind in ("cpu", "mps") and index.isdigit():  # one of each: the index names nothing
+        return kind
+    if kind == "cuda" and index:
+        if index == "0":  # the current GPU, as lmtool never switches
+            return kind
+        # lmtool uses the current GPU throughout (CUDA graphs, memory stats), so another is picked outside it
+        raise LmtoolError(f"device {name!r}: lmtool uses the current GPU; choose which GPU that is with "
+                          "CUDA_VISIBLE_DEVICES and use device cuda")
+    return name
+
+
 def resolve_device(name: str | torch.device) -> torch.device:
     """auto: cuda when present, else cpu; cuda and mps only when this machine has them."""
-    if isinstance(name, torch.device):  # library callers may pass torch's own device objects
-        name = str(name)
-    if isinstance(name, str) and re.fullmatch(r"cuda:\d+", name):
-        # lmtool uses the current GPU throughout (CUDA graphs, memory stats), so one is picked outside it
-        raise LmtoolError(f"device {name!r}: choose the GPU with CUDA_VISIBLE_DEVICES={name[5:]} and use device cuda")
+    name = device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -177,14 +177,18 @@ def _escaped(character: str) -> str:
     return character.encode("unicode_escape").decode("ascii")
 
 
-# Characters that move the cursor or end a line: a tab, CR, U+0085 and the other controls, and Unicode's line
-# and paragraph separators. Shown raw they split a table cell over rows or a KenLM line in two.
-_LAYOUT_BREAKING = {"Cc", "Zl", "Zp"}
+# Escaped wherever text is shown: controls (a tab, CR, U+0085), which split a table cell over rows or a KenLM
+# line in two; Unicode's line and paragraph separators, likewise; and invisible format characters (a zero-width
+# space, a soft hyphen, a bidi override), which would make "ca\\u200bt" look like "cat". The zero-width
+# (non-)joiners are kept: they shape emoji and Persian or Indic words, which escaped would no longer be the word.
+_ESCAPED_CATEGORIES = {"Cc", "Zl", "Zp", "Cf"}
+_JOINERS_KEPT = {"\u200c", "\u200d"}
 
 
 def _layout_safe(text: str) -> str:
-    """The text with each character that would break a row or a line escaped (\\t, \\u2028), the rest as is."""
-    return "".join(_escaped(c) if unicodedata.category(c) in _LAYOUT_BREAKING else c for c in text)
+    """The text with each character that would break a row or a line, or hide, escaped (\\t, \\u200b)."""
+    return "".join(_escaped(c) if unicodedata.category(c) in _ESCAPED_CATEGORIES and c not in _JOINERS_KEPT else c
+                   for c in text)
 
 
 # Joiners: a character token that joins its neighbours into one symbol (an emoji family, a keycap).

@@ -40,7 +40,7 @@ def path_argument(value, name: str) -> Path:
     if not isinstance(value, (str, os.PathLike)):
         raise LmtoolError(f"{name} must be a path (str or Path), got {type(value).__name__}")
     if os.fspath(value) == "":  # Path("") would be the current directory
-        raise LmtoolError(f"{name} is an empty name; give a file or directory")
+        raise LmtoolError(f"{name} is an empty name; give a path")
     return Path(value)
 
 

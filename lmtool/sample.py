@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lmtool.config import MAX_SEED
+from lmtool.config import check_new_seed
 from lmtool.devices import inference_dtype
 from lmtool.errors import LmtoolError, non_finite_scores
 from lmtool.model import LanguageModel, map_state
@@ -48,8 +48,8 @@ class SamplingOptions:
             raise LmtoolError(f"--length must be at least 1, got {self.length}")
         if not 1 <= self.num_samples <= MAX_SAMPLES:
             raise LmtoolError(f"--num-samples must be between 1 and {MAX_SAMPLES:,}, got {self.num_samples}")
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise LmtoolError(f"--seed must be between 0 and {MAX_SEED:,}, got {self.seed:,}")
+        if self.seed is not None:
+            check_new_seed("--seed", self.seed)
 
     def _check_types(self) -> None:
         """Library callers get a clear error for a value of the wrong type, not a TypeError from deep inside.

@@ -53,7 +53,9 @@ class Tokenizer:
     def __post_init__(self) -> None:
         assert self.tokens[: len(SPECIALS)] == SPECIALS, "vocabulary must start with the special tokens"
         object.__setattr__(self, "_ids", {tok: i for i, tok in enumerate(self.tokens)})
-        object.__setattr__(self, "_read_as_unk", _read_as_unk(self.unk_marker, self.lowercase))
+        # A vocabulary built before lowercased specials were read as <UNK> may hold "<eos>" as a word: it keeps it.
+        read_as_unk = _read_as_unk(self.unk_marker, self.lowercase)
+        object.__setattr__(self, "_read_as_unk", frozenset(w for w in read_as_unk if self._ids.get(w, UNK_ID) <= UNK_ID))
         if len(self._ids) != len(self.tokens):
             raise LmtoolError("vocabulary holds the same token twice")
 
@@ -243,4 +245,4 @@ def _read_as_unk(unk_marker: str | None, lowercase: bool) -> frozenset[str]:
     marker, as split text shows them: lowercased with the text when data.lowercase is on (a literal "<EOS>" would
     otherwise become the ordinary word "<eos>", and a marker such as <UNK> would never match)."""
     words = SPECIALS if unk_marker is None else (*SPECIALS, unk_marker)
-    return frozenset(word.lower() if lowercase else word for word in words)
+    return frozenset(words) | frozenset(word.lower() for word in words if lowercase)

@@ -27,7 +27,7 @@ from lmtool.checkpoint import (
 )
 from lmtool.config import Config, flat_settings
 from lmtool.data import Corpus, batchify, file_digest, fit_batch_size, load_corpus, num_windows, oriented, windows
-from lmtool.devices import resolve_device, resolve_precision
+from lmtool.devices import device_name, resolve_device, resolve_precision
 from lmtool.distributed import DistributedContext, distributed_session
 from lmtool.errors import Interrupted, LmtoolError, TrainingFailed, counted
 from lmtool.evaluate import StreamScore, combined, safe_exp, stream_nll
@@ -200,12 +200,21 @@ def resume(
     limits: dict[str, Any] | None = None,
     device: str | None = None,
 ) -> TrainResult:
-    """Continue a run from its last training checkpoint; the result is the same as if it had never stopped."""
-    run, config, tokenizer = open_run(path_argument(run_path, "the run to resume"))
+    """Continue a run from its last training checkpoint; the result is the same as if it had never stopped.
+    `limits` may raise or lower max_time, max_epochs and max_steps; `device` may move it (cpu, cuda, ...)."""
+    run_path = path_argument(run_path, "the run to resume")
+    if limits is not None and (not isinstance(limits, dict) or not set(limits) <= set(RESUME_LIMITS)):
+        raise LmtoolError(f"limits must be a dict of {', '.join(RESUME_LIMITS)}, got {limits!r}")
+    if device is not None:
+        device = device_name(device)
+    run, config, tokenizer = open_run(run_path)
     try:
         return _resume(run, config, tokenizer, on_event, limits, device)
     finally:
         run.release()
+
+
+RESUME_LIMITS = ("max_time", "max_epochs", "max_steps")
 
 
 def _resume(run: RunDir, config: Config, tokenizer, on_event, limits, device) -> TrainResult:

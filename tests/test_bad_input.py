@@ -125,8 +125,12 @@ CASES = [
      "short.txt holds 6 tokens, too few for --batch-size 64; use --batch-size 3 or less", 2),
     ("score empty file", "score --file {tmp}/empty.txt --model {run}/run", "empty.txt holds no sentences", 2),
     ("score blank file", "score --file {tmp}/blank.txt --model {run}/run", "blank.txt holds no sentences", 2),
-    ("seed too large", "train {tmp}/good.txt --seed 4294967296", "train.seed: 4294967296 is out of range", 2),
-    ("sample seed too large", "sample --model {run}/run --seed 18446744073709551616", "--seed must be between 0 and", 2),
+    ("seed too large", "train {tmp}/good.txt --seed 4294967296", "train.seed must be between 0 and 4,294,967,295 "
+     "(PyTorch's CPU generator keeps only 32 bits), got 4,294,967,296", 2),
+    ("seed far too large", "train {tmp}/good.txt --seed 18446744073709551616",
+     "train.seed must be between 0 and 4,294,967,295", 2),
+    ("sample seed too large", "sample --model {run}/run --seed 4294967296", "--seed must be between 0 and "
+     "4,294,967,295 (PyTorch's CPU generator keeps only 32 bits), got 4,294,967,296", 2),
     ("set a whole section", "train {tmp}/good.txt --set model=gru", "'model' is a section, not a key", 2),
     ("section given twice", "train {tmp}/good.txt --config {tmp}/twice.yaml",
      "line 5, column 1: duplicate key 'model'", 2),
@@ -211,5 +215,5 @@ def test_empty_name_is_refused(run_cli, tmp_path, trained, monkeypatch, command,
     assert result.code == 2, result.err
     lines = result.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"lmtool: error: Invalid value for {option}"), result.err
-    assert lines[0].endswith(f"is an empty name; give a file or directory (see 'lmtool {command} --help')")
+    assert lines[0].endswith(f"is an empty name; give a path (see 'lmtool {command} --help')")
     assert snapshot(tmp_path, trained) == before

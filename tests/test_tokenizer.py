@@ -85,6 +85,14 @@ def test_literal_special_words_are_unknown_not_line_ends(lowercase):
     assert tok.tokens[2:] == (("a",) if lowercase else ("A", "a")) + ("b",)
     assert tok.encode("a <EOS> b") == [tok.token_id("a"), UNK_ID, tok.token_id("b")]
     assert tok.encode_lines_text("a <EOS> b\n").tolist() == [tok.token_id("a"), UNK_ID, tok.token_id("b"), EOS_ID]
+    assert tok.token_id("<EOS>") == tok.token_id("<eos>" if lowercase else "<UNK>") == UNK_ID
+
+
+def test_a_vocabulary_saved_with_a_lowercased_special_as_a_word_keeps_it():
+    # built before lowercased specials were read as <UNK>: its "<eos>" has an id and a trained embedding
+    old = Tokenizer.from_dict({"level": "word", "lowercase": True, "tokens": [EOS, UNK, "the", "<eos>", "cat"]})
+    assert old.encode_line("the <EOS> cat") == [2, 3, 4, EOS_ID]
+    assert old.encode_lines_text("THE <EOS> <UNK>\n").tolist() == [2, 3, UNK_ID, EOS_ID]
 
 
 def test_char_vocabulary_with_a_multi_character_token_is_refused():

@@ -392,3 +392,24 @@ def test_the_training_library_refuses_wrong_arguments_clearly(small_corpus, tmp_
     assert sorted(tmp_path.rglob("*")) == before
     result = train(cfg, str(small_corpus), out=str(tmp_path / "run"))  # plain strings are paths too
     assert result.steps == 2 and result.run_dir == tmp_path / "run"
+
+
+def test_a_run_saved_with_a_seed_above_32_bits_still_loads_and_resumes(small_corpus, tmp_path):
+    """New seeds stop at 2**32 - 1 (the bits PyTorch's CPU generator keeps); runs saved before that still load."""
+    import numpy as np
+
+    import lmtool
+    from lmtool.config import config_from_dict
+    from lmtool.train import resume
+
+    tree = load_config(TINY, ["train.max_steps=2"]).to_dict()
+    tree["train"]["seed"] = 2**64 - 1  # as lmtool once accepted
+    run = train(config_from_dict(tree), small_corpus, out=tmp_path / "run").run_dir
+    assert lmtool.load_model(run).config.train.seed == 2**64 - 1
+    # numpy counts and torch's device objects, as a Python caller may pass them
+    resumed = resume(run, limits={"max_steps": np.int64(3)}, device=torch.device("cpu"))
+    assert resumed.steps == 3
+    with pytest.raises(LmtoolError, match=r"limits must be a dict of max_time, max_epochs, max_steps, got 'max_steps=4'"):
+        resume(run, limits="max_steps=4")
+    with pytest.raises(LmtoolError, match=r"limits must be a dict of .*, got \{'lr': 1\}"):
+        resume(run, limits={"lr": 1})

@@ -316,6 +316,9 @@ def test_a_word_holding_a_joiner_is_written_as_it_is(run_cli, word_run):
     kenlm = run_cli("score", f"the {family} cat", "--model", word_run, "--format", "kenlm").out.split("\t")
     assert kenlm[1].split("=")[0] == family
     assert f"│ {family} " in run_cli("score", f"the {family}", "--model", word_run, "--tokens").out
+    # an invisible character is escaped: raw, "ca<zero-width space>t" would read as the word "cat"
+    hidden = run_cli("score", "the ca\u200bt", "--model", word_run, "--format", "kenlm").out.split("\t")
+    assert hidden[1].split("=")[0] == "ca\\u200bt"
 
 
 def test_a_word_prime_ending_in_a_space_gets_no_second_one(run_cli, word_run):
@@ -633,15 +636,18 @@ def test_the_library_refuses_what_the_command_line_refuses(char_run, tmp_path):
                            "least 1, got True"),
                           (lambda: lm.perplexity(SHAKESPEARE, bptt=True), "bptt must be an integer of at least 1"),
                           (lambda: lm.sample("x", lenght=5), "unknown sampling option 'lenght'; did you mean 'length'"),
-                          (lambda: lm.sample("x", colour=5), "unknown sampling option 'colour'; the options are "
-                           "temperature, top_k"),
+                          (lambda: lm.sample("x", colour=5), "unknown sampling option 'colour'; sample takes prime, "
+                           "options, on_token, ending, temperature, top_k"),
                           (lambda: lm.sample("x", {"length": 5}), "options must be a SamplingOptions, got dict"),
                           (lambda: lm.sample("x", length=3, on_token=5), "on_token must be a function"),
                           (lambda: lmtool.load_model(b"runs/x"), r"the model \(a run directory or model file\) must be "
                            r"a path \(str or Path\), got bytes"),
                           (lambda: lmtool.load_model(""), r"the model \(a run directory or model file\) is an empty name"),
-                          (lambda: lm.perplexity(""), "an evaluation file name is empty"),
-                          (lambda: lmtool.load_model(char_run, device="cuda:1"), "CUDA_VISIBLE_DEVICES=1"),
+                          (lambda: lm.perplexity(""), "a file to evaluate is an empty name; give a path"),
+                          (lambda: lm.sample("x", promt="y"), "unknown sampling option 'promt'; did you mean 'prime'"),
+                          (lambda: lmtool.load_model(char_run, device="cuda:1"), "lmtool uses the current GPU; choose "
+                           "which GPU that is with CUDA_VISIBLE_DEVICES"),
+                          (lambda: lmtool.load_model(char_run, device=3), "device must be auto, cpu, cuda or mps, got int"),
                           (lambda: lm.sample("x", temperature=float("inf")), "positive and finite, got inf"),
                           (lambda: lm.sample("x", seed=2**32), "--seed must be between 0 and 4,294,967,295")):
         with pytest.raises(lmtool.LmtoolError, match=message):  # exported by the package, torch-free
@@ -652,7 +658,8 @@ def test_the_library_refuses_what_the_command_line_refuses(char_run, tmp_path):
     held.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:3000], encoding="utf-8")
     assert (lm.perplexity(PurePosixPath(held), bptt=np.int32(16), batch_size=4).score.perplexity
             == lm.perplexity(str(held), bptt=16, batch_size=4).score.perplexity)
-    assert lmtool.load_model(char_run, device=torch.device("cpu")).device == torch.device("cpu")
+    for device in (torch.device("cpu"), torch.device("cpu", 0), "cpu:0"):
+        assert lmtool.load_model(char_run, device=device).device == torch.device("cpu")
     assert lm.sample(None, length=3, seed=1) == lm.sample("", length=3, seed=1)  # no prime
 
     options = SamplingOptions(length=np.int64(3), temperature=np.float32(0.5), seed=np.int32(1), stop_at_eos=np.bool_(0))
