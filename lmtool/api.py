@@ -112,7 +112,8 @@ class Model:
             # read backward, <EOS> is where the line starts: nothing to print
             return [self.tokenizer.decode(_without_stop(ids, options)[::-1]) for ids in samples]
         if "forward" not in self.directions:
-            raise LmtoolError("this model reads backward only: give ending=TEXT to write the text that leads to it")
+            raise LmtoolError("this model reads backward only: give ending=TEXT to write the text that leads to it "
+                              "(ending=\"\" for a line that leads to a line end)")
         prime_ids, _ = encode_prime(self.tokenizer, prime)
         samples = generate(self.network, prime_ids, options, on_token, "forward")
         return [self.tokenizer.decode(_without_stop(ids, options)) for ids in samples]

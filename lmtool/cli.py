@@ -197,7 +197,8 @@ def sample(
         _sample_toward(lm, ending, options, output)
         return
     if "forward" not in lm.directions:
-        raise LmtoolError("this model reads backward only: give --ending TEXT to write the text that leads to it")
+        raise LmtoolError("this model reads backward only: give --ending TEXT to write the text that leads to it "
+                          "(--ending \"\" for a line that leads to a line end)")
     _, unknown = encode_prime(lm.tokenizer, prime)
     if unknown:
         warnings.warn(f"{unknown} token(s) of --prime are not in the vocabulary and are read as <UNK>")

@@ -183,6 +183,9 @@ def test_char_level_ending(tmp_path, run_cli, small_corpus):
     assert result.out.endswith("to bed.\n") and len(result.out) > len("to bed.\n")
     refused = run_cli("sample", "--model", run, "--prime", "ROMEO:")
     assert refused.code == 2 and refused.out == "" and "give --ending TEXT" in refused.err
+    assert '(--ending "" for a line that leads to a line end)' in refused.err
+    unconditioned = run_cli("sample", "--model", run, "--ending", "", "--length", "40", "--seed", "2")
+    assert unconditioned.code == 0 and unconditioned.out.strip(), unconditioned.err  # the advice works
     assert "has no forward direction" in run_cli("score", "to bed", "--model", run, "--direction", "forward").err
     lm = lmtool.load_model(run)
     with pytest.raises(LmtoolError, match="this model reads backward only: give ending=TEXT"):  # not the CLI's flag
