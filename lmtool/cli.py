@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -130,10 +131,12 @@ def train(
         from lmtool.train import train as run_training
 
         run_training(cfg, corpus, valid_path=valid, test_path=test, out=out, overwrite=overwrite, on_event=display)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         # Before the run starts, `out` may still hold an earlier run that --overwrite was about to replace.
         run_dir = display.run_dir or (None if overwrite else out)
-        raise Interrupted(f"training interrupted{_what_was_kept(run_dir)}") from None
+        terminated = isinstance(stop, Terminated)
+        raise Interrupted(f"training {'stopped by SIGTERM' if terminated else 'interrupted'}{_what_was_kept(run_dir)}",
+                          exit_code=128 + signal.SIGTERM if terminated else 130) from None
     finally:
         display.close()
 
@@ -448,6 +451,28 @@ def _internal_error(err: Exception) -> None:
     sys.exit(1)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training's own handler (loading, sampling, scoring): unwound as Ctrl-C is, so temporary
+    files go and the message says what was kept, but exits 143, as a process stopped by SIGTERM does."""
+
+
+# Set by the handler: typer turns any KeyboardInterrupt into a plain exit code 130, losing which one it was.
+_sigterm = {"received": False}
+
+
+def _raise_terminated(signum, frame) -> None:
+    _sigterm["received"] = True
+    raise Terminated()
+
+def _stopped() -> None:
+    """Ctrl-C or SIGTERM outside training: one line, and the exit code a shell expects of each."""
+    if _sigterm["received"]:
+        print("lmtool: stopped by SIGTERM", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    print("lmtool: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every user mistake into one line on stderr and an exit code."""
     if sys.stdout is None or sys.stderr is None:  # started with `>&-` or `2>&-`: results or messages would be lost
@@ -456,6 +481,19 @@ def main(argv: list[str] | None = None) -> None:
                   file=sys.stderr)
         sys.exit(2)
     warnings.showwarning = _show_warning
+    _sigterm["received"] = False
+    try:  # the training loop installs its own handler while it runs, and puts this one back
+        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        previous_handler = None
+    try:
+        _run(argv)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _run(argv: list[str] | None) -> None:
     try:
         result = app(args=argv, prog_name="lmtool", standalone_mode=False)
     except LmtoolError as err:
@@ -472,8 +510,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lmtool: error: {_one_line(err.format_message())}{hint}", file=sys.stderr)
         sys.exit(err.exit_code)
     except (typer.Abort, click.Abort, KeyboardInterrupt):
-        print("lmtool: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _stopped()
     except OSError as err:
         if err.filename is None and err.errno in OUTPUT_ERRORS:  # writing to standard output or a pipe
             print(f"lmtool: error: cannot write the output: {err.strerror}", file=sys.stderr)
@@ -494,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
                   "--bptt (data.bptt), or a smaller model", file=sys.stderr)
             sys.exit(1)
         _internal_error(err)
-    if result == 130:  # Ctrl-C outside training: typer turns KeyboardInterrupt into exit code 130
-        print("lmtool: interrupted", file=sys.stderr)
+    if result == 130:  # Ctrl-C or SIGTERM outside training: typer turns KeyboardInterrupt into exit code 130
+        _stopped()
     if isinstance(result, int) and result != 0:
         sys.exit(result)

@@ -287,6 +287,32 @@ def test_ctrl_c_before_a_model_is_saved_says_how_to_start_again(run_cli, small_c
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 
+def test_sigterm_outside_training_says_so_exits_143_and_leaves_no_file(run_cli, tiny_run, small_corpus, tmp_path,
+                                                                         monkeypatch):
+    """It used to kill the process silently (the default action), leaving a half-made run or a temporary file."""
+    import signal
+    import time
+
+    import lmtool.api
+    import lmtool.train
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at the next bytecode
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(lmtool.api.Model, "sample", terminated)
+    result = run_cli("sample", "--model", tiny_run, "--output", tmp_path / "out.txt")
+    assert result.code == 143 and result.err == "lmtool: stopped by SIGTERM\n", result.err
+    assert [p.name for p in tmp_path.iterdir()] == [small_corpus.name]  # no out.txt, no temporary beside it
+    monkeypatch.setattr(lmtool.train._Trainer, "run", terminated)  # after the run directory is made
+    result = run_cli("train", small_corpus, "--config", CONFIGS / "tiny.yaml", "--out", tmp_path / "run")
+    assert result.code == 143
+    assert result.err.strip() == (f"lmtool: training stopped by SIGTERM before any model was saved; to start again, "
+                                  f"add --overwrite (run {tmp_path / 'run'})")
+    assert signal.getsignal(signal.SIGTERM) is before  # the test process's own handler is back
+
+
 def test_a_model_that_scores_nan_is_refused_not_printed(run_cli, tiny_run, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
