@@ -17,7 +17,7 @@ import typer
 from lmtool.errors import Interrupted, LmtoolError
 # torch-free: a missing model or file, or a binary one, is reported before torch is imported (seconds)
 from lmtool.atomic_files import can_write_beside
-from lmtool.run_paths import BEST_MODEL, RUN_FILES, is_run_dir, resolve_model_path
+from lmtool.run_paths import BEST_MODEL, RUN_FILES, TRAINING_STATE, is_run_dir, resolve_model_path
 from lmtool.text_files import check_readable_file, iter_lines, stdin_lines
 
 # Newer typer vendors its own click; usage errors may come from either.
@@ -133,7 +133,7 @@ def train(
         run_training(cfg, corpus, valid_path=valid, test_path=test, out=out, overwrite=overwrite, on_event=display)
     except KeyboardInterrupt as stop:
         # Before the run starts, `out` may still hold an earlier run that --overwrite was about to replace.
-        run_dir = display.run_dir or (None if overwrite else out)
+        run_dir = display.run_dir or resume or (None if overwrite else out)
         terminated = isinstance(stop, Terminated)
         raise Interrupted(f"training {'stopped by SIGTERM' if terminated else 'interrupted'}{_what_was_kept(run_dir)}",
                           exit_code=128 + signal.SIGTERM if terminated else 130) from None
@@ -225,6 +225,8 @@ def _what_was_kept(run_dir: str | Path | None) -> str:
     """For the message of a training stopped by Ctrl-C before its own handler could save a checkpoint."""
     if not run_dir or not is_run_dir(Path(run_dir)):
         return ""
+    if (Path(run_dir) / TRAINING_STATE).is_file():  # a resume stopped before its loop: --overwrite would lose it
+        return f"; its last checkpoint is kept: continue with 'lmtool train --resume {run_dir}'"
     if (Path(run_dir) / BEST_MODEL).is_file():
         return f"; the best model so far is in {run_dir}"
     return f" before any model was saved; to start again, add --overwrite (run {run_dir})"
@@ -484,13 +486,14 @@ def main(argv: list[str] | None = None) -> None:
     _sigterm["received"] = False
     try:  # the training loop installs its own handler while it runs, and puts this one back
         previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+        installed = True
     except ValueError:  # not the main thread
-        previous_handler = None
+        installed = False
     try:
         _run(argv)
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        if installed:  # (None: a handler not set from Python, which the default stands for)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_handler is None else previous_handler)
 
 
 def _run(argv: list[str] | None) -> None:

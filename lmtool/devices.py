@@ -12,15 +12,15 @@ def device_name(device: str | torch.device) -> str:
     name = str(device) if isinstance(device, torch.device) else device
     if not isinstance(name, str):
         raise LmtoolError(f"device must be auto, cpu, cuda or mps, got {type(device).__name__}")
-    kind, _, index = name.partition(":")
-    if kind in ("cpu", "mps") and index.isdigit():  # one of each: the index names nothing
-        return kind
-    if kind == "cuda" and index:
-        if index == "0":  # the current GPU, as lmtool never switches
+    kind, colon, index = name.partition(":")
+    if colon and kind in ("cpu", "cuda", "mps") and index.isascii() and index.isdecimal():
+        if kind != "cuda" or int(index) == 0:  # one cpu, one mps; cuda:0 is the current GPU, as lmtool never switches
             return kind
         # lmtool uses the current GPU throughout (CUDA graphs, memory stats), so another is picked outside it
         raise LmtoolError(f"device {name!r}: lmtool uses the current GPU; choose which GPU that is with "
                           "CUDA_VISIBLE_DEVICES and use device cuda")
+    if name not in ("auto", "cpu", "cuda", "mps"):
+        raise LmtoolError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
     return name
 
 
@@ -33,8 +33,6 @@ def resolve_device(name: str | torch.device) -> torch.device:
         raise LmtoolError("--device cuda was asked for but PyTorch sees no CUDA GPU here; use --device cpu or auto")
     if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise LmtoolError("--device mps was asked for but this machine has no Apple GPU; use --device cpu or auto")
-    if name not in ("cpu", "cuda", "mps"):
-        raise LmtoolError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
     return torch.device(name)
 
 

@@ -25,7 +25,7 @@ from lmtool.checkpoint import (
     open_run,
     TRAINING_STATE_VERSION,
 )
-from lmtool.config import Config, flat_settings
+from lmtool.config import Config, check_new_seed, flat_settings
 from lmtool.data import Corpus, batchify, file_digest, fit_batch_size, load_corpus, num_windows, oriented, windows
 from lmtool.devices import device_name, resolve_device, resolve_precision
 from lmtool.distributed import DistributedContext, distributed_session
@@ -97,6 +97,8 @@ def train(
     """
     if not isinstance(config, Config):
         raise LmtoolError(f"config must be a Config (from lmtool.config.load_config), got {type(config).__name__}")
+    check_new_seed("train.seed", config.train.seed)  # a Config built by hand too; resumed runs keep theirs
+    _check_on_event(on_event)
     corpus_path = path_argument(corpus_path, "corpus_path")
     valid_path, test_path, out = (None if value is None else path_argument(value, name) for value, name in
                                   ((valid_path, "valid_path"), (test_path, "test_path"), (out, "out")))
@@ -205,6 +207,7 @@ def resume(
     run_path = path_argument(run_path, "the run to resume")
     if limits is not None and (not isinstance(limits, dict) or not set(limits) <= set(RESUME_LIMITS)):
         raise LmtoolError(f"limits must be a dict of {', '.join(RESUME_LIMITS)}, got {limits!r}")
+    _check_on_event(on_event)
     if device is not None:
         device = device_name(device)
     run, config, tokenizer = open_run(run_path)
@@ -215,6 +218,12 @@ def resume(
 
 
 RESUME_LIMITS = ("max_time", "max_epochs", "max_steps")
+
+
+def _check_on_event(on_event) -> None:
+    """Before any file is touched: a wrong callback would otherwise fail at the first event, mid-way."""
+    if on_event is not None and not callable(on_event):
+        raise LmtoolError(f"on_event must be a function that takes each event (a dict), got {type(on_event).__name__}")
 
 
 def _resume(run: RunDir, config: Config, tokenizer, on_event, limits, device) -> TrainResult:
@@ -925,11 +934,13 @@ class _Trainer:
                 os._exit(128 + signum)
             self.signal_received = signum
 
-        try:
-            previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread: leave signals alone
-            previous = {}
-        try:
+        previous = {}
+        try:  # restored even if a signal lands between the two installs
+            try:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
             yield
         finally:
             for sig, old in previous.items():

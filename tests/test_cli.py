@@ -313,6 +313,25 @@ def test_sigterm_outside_training_says_so_exits_143_and_leaves_no_file(run_cli, 
     assert signal.getsignal(signal.SIGTERM) is before  # the test process's own handler is back
 
 
+def test_a_resume_stopped_before_its_loop_says_to_resume_not_to_overwrite(run_cli, small_corpus, tmp_path,
+                                                                           monkeypatch):
+    """--overwrite, the advice for a new run stopped before any model, would have deleted this run's checkpoint."""
+    import lmtool.train
+
+    run = tmp_path / "run"
+    assert run_cli("train", small_corpus, "--config", CONFIGS / "tiny.yaml", "--set", "train.max_steps=2",
+                   "--out", run).code == 0
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lmtool.train._Trainer, "run", interrupted)  # after the resume is announced
+    result = run_cli("train", "--resume", run, "--max-steps", "4")
+    assert result.code == 130
+    assert result.err.strip().splitlines()[-1] == (f"lmtool: training interrupted; its last checkpoint is kept: "
+                                                   f"continue with 'lmtool train --resume {run}'")
+
+
 def test_a_model_that_scores_nan_is_refused_not_printed(run_cli, tiny_run, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file

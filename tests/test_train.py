@@ -402,9 +402,13 @@ def test_a_run_saved_with_a_seed_above_32_bits_still_loads_and_resumes(small_cor
     from lmtool.config import config_from_dict
     from lmtool.train import resume
 
+    import lmtool.train
+
     tree = load_config(TINY, ["train.max_steps=2"]).to_dict()
     tree["train"]["seed"] = 2**64 - 1  # as lmtool once accepted
-    run = train(config_from_dict(tree), small_corpus, out=tmp_path / "run").run_dir
+    with pytest.MonkeyPatch.context() as older_lmtool:
+        older_lmtool.setattr(lmtool.train, "check_new_seed", lambda name, seed: None)
+        run = train(config_from_dict(tree), small_corpus, out=tmp_path / "run").run_dir
     assert lmtool.load_model(run).config.train.seed == 2**64 - 1
     # numpy counts and torch's device objects, as a Python caller may pass them
     resumed = resume(run, limits={"max_steps": np.int64(3)}, device=torch.device("cpu"))
@@ -413,3 +417,15 @@ def test_a_run_saved_with_a_seed_above_32_bits_still_loads_and_resumes(small_cor
         resume(run, limits="max_steps=4")
     with pytest.raises(LmtoolError, match=r"limits must be a dict of .*, got \{'lr': 1\}"):
         resume(run, limits={"lr": 1})
+    config_before = (run / "config.yaml").read_bytes()
+    for call, message in ((lambda: resume(run, limits={"max_steps": 5}, on_event=5), "on_event must be a function"),
+                          (lambda: resume(run, device=""), "unknown device ''"),  # it was silently ignored
+                          (lambda: resume(run, device="cuda:abc"), "unknown device 'cuda:abc'"),
+                          (lambda: resume(run, device="cpu:\u0663"), "unknown device")):
+        with pytest.raises(LmtoolError, match=message):
+            call()
+    assert (run / "config.yaml").read_bytes() == config_before  # refused before the run was touched
+    # a Config built by hand is held to the same limit as one from load_config
+    tree["train"]["seed"] = 2**32 + 7
+    with pytest.raises(LmtoolError, match="train.seed must be between 0 and 4,294,967,295"):
+        train(config_from_dict(tree), small_corpus, out=tmp_path / "new")
