@@ -484,9 +484,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     warnings.showwarning = _show_warning
     _sigterm["received"] = False
+    # Under torchrun the default stays: torchrun stops the other ranks with SIGTERM when one fails, and a rank
+    # blocked in a collective would run a Python handler only once the collective returned.
+    installed = os.environ.get("WORLD_SIZE", "1") == "1"
     try:  # the training loop installs its own handler while it runs, and puts this one back
-        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
-        installed = True
+        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if installed else None
     except ValueError:  # not the main thread
         installed = False
     try:

@@ -311,6 +311,17 @@ def test_sigterm_outside_training_says_so_exits_143_and_leaves_no_file(run_cli, 
     assert result.err.strip() == (f"lmtool: training stopped by SIGTERM before any model was saved; to start again, "
                                   f"add --overwrite (run {tmp_path / 'run'})")
     assert signal.getsignal(signal.SIGTERM) is before  # the test process's own handler is back
+    # under torchrun SIGTERM keeps its default: it is how torchrun stops the other ranks when one fails
+    seen = []
+
+    def record_the_handler(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return ["text"]
+
+    monkeypatch.setattr(lmtool.api.Model, "sample", record_the_handler)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run_cli("sample", "--model", tiny_run).code == 0
+    assert seen == [before]
 
 
 def test_a_resume_stopped_before_its_loop_says_to_resume_not_to_overwrite(run_cli, small_corpus, tmp_path,
