@@ -212,9 +212,16 @@ def load_corpus(
             warnings.warn(f"{what} file {path} reads as {counted(scan.num_lines, 'line')}{scan.carriage_return_hint()}",
                           stacklevel=2)
     if tokenizer is None:
-        tokenizer = Tokenizer.build(
-            iter_line_range(train_path, "training", 0, train_stop), level, min_freq, max_size, lowercase, unk_marker
-        )
+        counts = Tokenizer.count(iter_line_range(train_path, "training", 0, train_stop), level, lowercase)
+        tokenizer = Tokenizer.from_counts(counts, level, min_freq, max_size, lowercase, unk_marker)
+        # Every token would be <UNK>: a perplexity that measures nothing. Told before the slow encoding; a split
+        # with no tokens at all is blank, which the check below names more precisely.
+        if len(tokenizer) == len(SPECIALS) and counts:
+            unit = "character" if level == "char" else "word"
+            why = (f"every {unit} occurs fewer than data.min_freq={min_freq} times; lower data.min_freq" if min_freq > 1
+                   else f"its only {unit}s are literal <EOS>, <UNK> or data.unk_marker; train on real text")
+            raise LmtoolError(f"the training split of {train_path} gives an empty vocabulary (nothing besides <EOS> "
+                              f"and <UNK>): {why}")
     # A token takes at least one character, so the character count bounds the number of ids (lowercasing can
     # lengthen text: encode_stream grows then). Pages of the buffer that are never written cost no memory.
     room = train_scan.num_chars + 2
@@ -230,12 +237,6 @@ def load_corpus(
                                   "lines; give --valid FILE, or trim the blank lines")
     else:
         valid = encode_stream(tokenizer, iter_text_chunks(valid_path, "validation"), valid_scan.num_chars + 2)
-    if new_run and len(tokenizer) == len(SPECIALS):  # every token would be <UNK>: a perplexity that measures nothing
-        unit = "character" if level == "char" else "word"
-        why = (f"every {unit} occurs fewer than data.min_freq={min_freq} times; lower data.min_freq" if min_freq > 1
-               else f"its only {unit}s are literal <EOS>, <UNK> or data.unk_marker; train on real text")
-        raise LmtoolError(f"the training split of {train_path} gives an empty vocabulary (nothing besides <EOS> and "
-                          f"<UNK>): {why}")
     test = None
     if test_scan is not None:
         test = encode_stream(tokenizer, iter_text_chunks(test_path, "test"), test_scan.num_chars + 2)

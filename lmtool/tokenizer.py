@@ -70,11 +70,16 @@ class Tokenizer:
         unk_marker: str | None = None,
     ) -> "Tokenizer":
         """Count tokens in the (training) lines or multi-line text pieces; keep the frequent ones, most frequent first."""
-        probe = cls(level=level, tokens=SPECIALS, lowercase=lowercase, unk_marker=unk_marker)
+        return cls.from_counts(cls.count(lines, level, lowercase), level, min_freq, max_size, lowercase, unk_marker)
+
+    @classmethod
+    def count(cls, lines: Iterable[str], level: str, lowercase: bool = False) -> Counter:
+        """How often each token occurs in lines or multi-line text pieces (specials written out included)."""
+        probe = cls(level=level, tokens=SPECIALS, lowercase=lowercase)
         counts: Counter[str] = Counter()
         for text in lines:
             probe.count_into(counts, text)
-        return cls.from_counts(counts, level, min_freq, max_size, lowercase, unk_marker)
+        return counts
 
     def count_into(self, counts: Counter, text: str) -> None:
         """Add the token counts of a piece of text (any number of lines) to `counts`."""

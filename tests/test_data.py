@@ -77,6 +77,19 @@ def test_lone_carriage_returns_are_not_line_ends_and_say_so(tmp_path):
         load_corpus(path, None, None, "word", 1, None, False, None, 0.5)
 
 
+def test_an_empty_vocabulary_is_refused_before_the_text_is_encoded(tmp_path, monkeypatch):
+    import lmtool.data
+
+    path = tmp_path / "c.txt"
+    path.write_text("a b\nb a\n<unk> <EOS>\n" * 20)
+    monkeypatch.setattr(lmtool.data, "encode_stream", lambda *args: pytest.fail("encoded a corpus it refuses"))
+    with pytest.raises(LmtoolError, match="empty vocabulary .*: every word occurs fewer than data.min_freq=100 times"):
+        load_corpus(path, None, None, "word", 100, None, False, "<unk>", 0.1)
+    path.write_text("<unk> <EOS>\n<UNK>\n" * 20)
+    with pytest.raises(LmtoolError, match="its only words are literal <EOS>, <UNK> or data.unk_marker"):
+        load_corpus(path, None, None, "word", 1, None, False, "<unk>", 0.1)
+
+
 def test_encode_lines_appends_eos_per_line():
     tok = Tokenizer.build(["ab"], level="char")
     a, b = tok.token_id("a"), tok.token_id("b")
