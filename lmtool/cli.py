@@ -61,8 +61,10 @@ def _root(
 
 @app.command()
 def train(
-    corpus: Optional[Path] = typer.Argument(None, parser=_path, help="training text: a UTF-8 file, one sentence or line per line"),
-    resume: Optional[Path] = typer.Option(None, "--resume", parser=_path, metavar="<path>", help="continue RUN from its last checkpoint, exactly"),
+    corpus: Optional[Path] = typer.Argument(
+        None, parser=_path, help="training text: a UTF-8 file, one sentence or line per line"),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", parser=_path, metavar="<path>", help="continue RUN from its last checkpoint, exactly"),
     configs: List[Path] = typer.Option([], "--config", "-c", metavar="<path>", parser=_path,
                                        help="YAML config (default: built-in char or word defaults)"),
     set_: List[str] = typer.Option([], "--set", metavar="<key=value>",
@@ -74,9 +76,13 @@ def train(
     max_time: Optional[str] = typer.Option(None, "--max-time", help="stop after this long: 600, 90s, 10m, 2h  (train.max_time)"),
     max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="train.max_epochs"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="train.max_steps"),
-    valid: Optional[Path] = typer.Option(None, parser=_path, metavar="<path>", help="validation text (default: the last data.valid_fraction of the corpus)"),
-    test: Optional[Path] = typer.Option(None, parser=_path, metavar="<path>", help="test text, scored with the best model at the end"),
-    out: Optional[Path] = typer.Option(None, parser=_path, metavar="<path>", help="run directory (default: runs/<corpus>-<timestamp>)"),
+    valid: Optional[Path] = typer.Option(
+        None, parser=_path, metavar="<path>",
+        help="validation text (default: the last data.valid_fraction of the corpus)"),
+    test: Optional[Path] = typer.Option(
+        None, parser=_path, metavar="<path>", help="test text, scored with the best model at the end"),
+    out: Optional[Path] = typer.Option(
+        None, parser=_path, metavar="<path>", help="run directory (default: runs/<corpus>-<timestamp>)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
 ) -> None:
     """Train a language model on CORPUS and save it as a run directory (runs/latest points at it).
@@ -135,7 +141,8 @@ def train(
         # Before the run starts, `out` may still hold an earlier run that --overwrite was about to replace.
         run_dir = display.run_dir or resume or (None if overwrite else out)
         terminated = isinstance(stop, Terminated)
-        raise Interrupted(f"training {'stopped by SIGTERM' if terminated else 'interrupted'}{_what_was_kept(run_dir)}",
+        how = "stopped by SIGTERM" if terminated else "interrupted"
+        raise Interrupted(f"training {how}{_what_was_kept(run_dir)}",
                           exit_code=128 + signal.SIGTERM if terminated else 130) from None
     finally:
         display.close()
@@ -173,7 +180,8 @@ def sample(
     num_samples: int = typer.Option(1, "--num-samples", "-n", help="samples generated together as one batch"),
     seed: Optional[int] = typer.Option(None, help="same seed, same text"),
     stop_at_eos: bool = typer.Option(False, "--stop-at-eos", help="end a sample at its first line end (<EOS>)"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", parser=_path, metavar="<path>", help="also write the samples to this file"),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", parser=_path, metavar="<path>", help="also write the samples to this file"),
     overwrite: bool = typer.Option(False, help="let --output replace an existing file"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
     precision: str = typer.Option(

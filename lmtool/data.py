@@ -233,8 +233,8 @@ def load_corpus(
         for split, ids, lines, which in splits:
             # the leading <EOS> and one per line, nothing else: line ends alone, to learn from or to score
             if new_run and ids.numel() == lines + 1:
-                raise LmtoolError(f"the {split} split of {train_path} (its {which} {counted(lines, 'line')}) holds only blank "
-                                  "lines; give --valid FILE, or trim the blank lines")
+                raise LmtoolError(f"the {split} split of {train_path} (its {which} {counted(lines, 'line')}) holds "
+                                  "only blank lines; give --valid FILE, or trim the blank lines")
     else:
         valid = encode_stream(tokenizer, iter_text_chunks(valid_path, "validation"), valid_scan.num_chars + 2)
     test = None

@@ -249,8 +249,8 @@ def print_evaluation(console: Console, evaluation: FileEvaluation, level: str) -
     unit = token_unit(level)
     several = len(evaluation.by_direction) > 1
     # a forward reading is what "perplexity" means; any other is named, as score's titles name it
-    sections = [("perplexity" if d == "forward" and not several else f"perplexity, {d}", _stream_rows(evaluation, s, unit))
-                for d, s in evaluation.by_direction.items()]
+    sections = [("perplexity" if d == "forward" and not several else f"perplexity, {d}",
+                 _stream_rows(evaluation, s, unit)) for d, s in evaluation.by_direction.items()]
     closing = []
     m = evaluation.mixture
     if m is not None:
