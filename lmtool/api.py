@@ -167,7 +167,7 @@ class Model:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="lmtool-eval-") as tmp, autocast:
             for n, path in enumerate(paths):
-                ids = encode_file_to_disk(self.tokenizer, Path(path), Path(tmp) / f"{n}.ids")
+                ids = encode_file_to_disk(self.tokenizer, path, Path(tmp) / f"{n}.ids")
                 if ids.numel() < 2 * batch_size:  # each of the batch's streams needs a token and its successor
                     # ids start with the sentence start, which is read but not scored
                     raise LmtoolError(f"{path} holds {ids.numel() - 1} tokens, too few for --batch-size {batch_size}; "
@@ -182,14 +182,14 @@ class Model:
                               seconds=time.perf_counter() - start, by_direction=totals, mixture=mixture,
                               precision=precision)
 
-    def _line_mixture(self, paths: Sequence[str | Path], bptt: int, precision: str,
+    def _line_mixture(self, paths: Sequence[Path], bptt: int, precision: str,
                       lines_per_batch: int = 1024) -> StreamScore:
         """Sum over lines of -log(1/2 P_forward + 1/2 P_backward), reading the files a batch of lines at a time.
         Short lines are scored together in padded batches; a long line alone, `bptt` tokens at a time, so memory
         stays bounded however long a line is."""
         nll, tokens = [], 0
         for path in paths:
-            lines = iter_lines(Path(path), "evaluation")
+            lines = iter_lines(path, "evaluation")
             while batch := list(itertools.islice(lines, lines_per_batch)):
                 short = [line for line in batch if len(line) <= LONG_LINE]
                 for mix in self.score(short, batch_size=64, precision=precision) if short else []:

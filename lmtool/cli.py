@@ -137,10 +137,10 @@ def train(
         from lmtool.train import train as run_training
 
         run_training(cfg, corpus, valid_path=valid, test_path=test, out=out, overwrite=overwrite, on_event=display)
-    except KeyboardInterrupt as stop:
+    except KeyboardInterrupt:
         # Before the run starts, `out` may still hold an earlier run that --overwrite was about to replace.
         run_dir = display.run_dir or resume or (None if overwrite else out)
-        terminated = isinstance(stop, Terminated)
+        terminated = _sigterm["received"]
         how = "stopped by SIGTERM" if terminated else "interrupted"
         raise Interrupted(f"training {how}{_what_was_kept(run_dir)}",
                           exit_code=128 + signal.SIGTERM if terminated else 130) from None
@@ -461,18 +461,16 @@ def _internal_error(err: Exception) -> None:
     sys.exit(1)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM outside training's own handler (loading, sampling, scoring): unwound as Ctrl-C is, so temporary
-    files go and the message says what was kept, but exits 143, as a process stopped by SIGTERM does."""
-
-
 # Set by the handler: typer turns any KeyboardInterrupt into a plain exit code 130, losing which one it was.
 _sigterm = {"received": False}
 
 
 def _raise_terminated(signum, frame) -> None:
+    """SIGTERM outside training's own handler (loading, sampling, scoring): unwound as Ctrl-C is, so temporary
+    files go and the message says what was kept, but the exit code is 143, as for a process SIGTERM stopped."""
     _sigterm["received"] = True
-    raise Terminated()
+    raise KeyboardInterrupt
+
 
 def _stopped() -> None:
     """Ctrl-C or SIGTERM outside training: one line, and the exit code a shell expects of each."""
@@ -492,13 +490,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     warnings.showwarning = _show_warning
     _sigterm["received"] = False
+    installed, previous_handler = False, None
     # Under torchrun the default stays: torchrun stops the other ranks with SIGTERM when one fails, and a rank
     # blocked in a collective would run a Python handler only once the collective returned.
-    installed = os.environ.get("WORLD_SIZE", "1") == "1"
-    try:  # the training loop installs its own handler while it runs, and puts this one back
-        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if installed else None
-    except ValueError:  # not the main thread
-        installed = False
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        try:  # the training loop installs its own handler while it runs, and puts this one back
+            previous_handler, installed = signal.signal(signal.SIGTERM, _raise_terminated), True
+        except ValueError:  # not the main thread
+            pass
     try:
         _run(argv)
     finally:

@@ -54,8 +54,8 @@ class Tokenizer:
         assert self.tokens[: len(SPECIALS)] == SPECIALS, "vocabulary must start with the special tokens"
         object.__setattr__(self, "_ids", {tok: i for i, tok in enumerate(self.tokens)})
         # A vocabulary built before lowercased specials were read as <UNK> may hold "<eos>" as a word: it keeps it.
-        kept_words = {w for w in _read_as_unk(self.unk_marker, self.lowercase) if self._ids.get(w, UNK_ID) > UNK_ID}
-        object.__setattr__(self, "_read_as_unk", _read_as_unk(self.unk_marker, self.lowercase) - kept_words)
+        words = _read_as_unk(self.unk_marker, self.lowercase)
+        object.__setattr__(self, "_read_as_unk", frozenset(w for w in words if self._ids.get(w, UNK_ID) <= UNK_ID))
         if len(self._ids) != len(self.tokens):
             raise LmtoolError("vocabulary holds the same token twice")
 

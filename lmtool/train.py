@@ -205,8 +205,8 @@ def resume(
     """Continue a run from its last training checkpoint; the result is the same as if it had never stopped.
     `limits` may raise or lower max_time, max_epochs and max_steps; `device` may move it (cpu, cuda, ...)."""
     run_path = path_argument(run_path, "the run to resume")
-    if limits is not None and (not isinstance(limits, dict) or not set(limits) <= set(RESUME_LIMITS)):
-        raise LmtoolError(f"limits must be a dict of {', '.join(RESUME_LIMITS)}, got {limits!r}")
+    if limits is not None and (not isinstance(limits, dict) or not set(limits) <= set(LIMITS)):
+        raise LmtoolError(f"limits must be a dict of {', '.join(LIMITS)}, got {limits!r}")
     _check_on_event(on_event)
     if device is not None:
         device = device_name(device)
@@ -215,9 +215,6 @@ def resume(
         return _resume(run, config, tokenizer, on_event, limits, device)
     finally:
         run.release()
-
-
-RESUME_LIMITS = ("max_time", "max_epochs", "max_steps")
 
 
 def _check_on_event(on_event) -> None:
@@ -262,7 +259,7 @@ def _resume(run: RunDir, config: Config, tokenizer, on_event, limits, device) ->
             trainer.close()
 
 
-LIMITS = ("max_steps", "max_epochs", "max_time")
+LIMITS = ("max_time", "max_epochs", "max_steps")  # in the order the command line lists them
 
 
 def _limit_reason(limit: str, value: Any) -> str:
