@@ -3,14 +3,17 @@
 Usage: python bench/sampling.py [--tokens 400] [--device cuda --streams 1,8,64,256]
 Builds untrained models of the reference sizes (char 2x512 LSTM, 66 symbols; word 2x200 LSTM with the
 WikiText-2 vocabulary of 33,278, with full and adaptive softmax) and times, in one process: the bare products of one step (each layer's
-input and hidden weights, then the output layer), a naive loop that calls nn.LSTM on length-1 inputs, and
-`lmtool.sample.generate` (sampling included), all three in turn round after round, so the lmtool / bare ratio
-is a median of per-round ratios on a drifting machine; for the word models also the PyTorch example's generator
+input and hidden weights, then the output layer), with the weights as PyTorch stores them and transposed (the
+faster of the two, round by round, is the bare cost), a naive loop that calls nn.LSTM on length-1 inputs, and
+`lmtool.sample.generate` (sampling included), and generate again with the weights in PyTorch's layout
+(`lmtool_pytorch_layout_ms_per_token`: the cell's LSTM step and F.linear, where lmtool.model.FEW_STREAMS_TRANSPOSED
+would transpose them), all in turn round after round, so the lmtool / bare ratio is a median of per-round ratios
+on a drifting machine; for the word models also the PyTorch example's generator
 (bench/peer_example.py) of the same size; for the plain output layers also the megabytes of weights the bare products
 read per token and at what rate, and the same products with bf16 weights (in the same rounds). Then batched generation for 1..64 streams, fp32 and --precision bf16,
 with the model FLOP/s against the matrix-multiply peak of that precision measured in the same run. One JSON
 line each; in fp32 on a CPU both of the LSTM's step layouts (the cell's, and the gate-major one lmtool uses
-from 4 streams) at every count, timed in alternating rounds. `--device cuda` runs only the batched generation, on the GPU (`--streams` picks the stream counts).
+from 4 streams, and for fewer where FEW_STREAMS_TRANSPOSED) at every count, timed in alternating rounds. `--device cuda` runs only the batched generation, on the GPU (`--streams` picks the stream counts).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch  # noqa: E402
 
 from lmtool.config import ModelConfig  # noqa: E402
 import lmtool.model  # noqa: E402
-from lmtool.model import GATE_MAJOR_MIN_STREAMS, LanguageModel  # noqa: E402
+from lmtool.model import FEW_STREAMS_TRANSPOSED, GATE_MAJOR_MIN_STREAMS, LanguageModel  # noqa: E402
 from lmtool.sample import SamplingOptions, generate  # noqa: E402
 
 
@@ -43,7 +46,9 @@ def interleaved_ms(fns: dict, tokens: int, rounds: int = 9) -> tuple[dict[str, f
             start = time.perf_counter()
             fn(tokens)
             times[name].append((time.perf_counter() - start) / tokens * 1000)
-    ratios = [ours / bare for ours, bare in zip(times["lmtool"][1:], times["bare"][1:])]  # the first round warms up
+    # the bare products in whichever weight layout was faster in that round; the first round warms up
+    bare_times = [min(layouts) for layouts in zip(*(times[name][1:] for name in times if name.startswith("bare-")))]
+    ratios = [ours / bare for ours, bare in zip(times["lmtool"][1:], bare_times)]
     return {name: statistics.median(t[1:]) for name, t in times.items()}, statistics.median(ratios)
 
 
@@ -57,16 +62,22 @@ def per_token_ms(fn, tokens: int, repeats: int = 5) -> float:
 
 
 @torch.inference_mode()
-def bare(model: LanguageModel, tokens: int) -> None:
-    layers = [(getattr(model.rnn, f"weight_ih_l{i}"), getattr(model.rnn, f"weight_hh_l{i}"))
-              for i in range(model.config.num_layers)]
+def bare(model: LanguageModel, tokens: int, transposed: bool = False) -> None:
+    """The products of one step, `tokens` times: each layer's input and hidden weights, then the output layer,
+    with the weights as PyTorch stores them ((outputs, inputs): a row times the transpose) or, `transposed`,
+    copied once into (inputs, outputs) matrices. Which layout is faster depends on the CPU's BLAS."""
+    hidden = model.config.hidden_size
+    weights = [getattr(model.rnn, f"weight_{kind}_l{i}").detach() for i in range(model.config.num_layers)
+               for kind in ("ih", "hh")] + [model.decoder.weight.detach()]
+    weights = [w.t().contiguous() if transposed else w.t() for w in weights]  # both multiplied as v @ w
+    layers, decoder = list(zip(weights[:-1:2], weights[1:-1:2])), weights[-1]
     x = torch.randn(1, model.config.embedding_size)
-    h = torch.randn(1, model.config.hidden_size)
+    h = torch.randn(1, hidden)
     for _ in range(tokens):
         v = x
         for w_ih, w_hh in layers:
-            v = (v @ w_ih.t() + h @ w_hh.t())[:, : model.config.hidden_size]
-        model.decoder(v)
+            v = (v @ w_ih + h @ w_hh)[:, :hidden]
+        v @ decoder
 
 
 def bare_weight_bytes(model: LanguageModel) -> int:
@@ -89,6 +100,15 @@ def bare_bf16_matvecs(model: LanguageModel, tokens: int) -> None:
         for w_ih, w_hh in layers:
             v = (torch.mv(w_ih, v) + torch.mv(w_hh, h))[:hidden]
         torch.mv(decoder, v)
+
+
+def pytorch_layout(generate_tokens, tokens: int) -> None:
+    """lmtool's generation of one to three streams with the weights as PyTorch stores them, on any CPU."""
+    lmtool.model.FEW_STREAMS_TRANSPOSED = False
+    try:
+        generate_tokens(tokens)
+    finally:
+        lmtool.model.FEW_STREAMS_TRANSPOSED = FEW_STREAMS_TRANSPOSED
 
 
 @torch.inference_mode()
@@ -128,10 +148,13 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
         options = SamplingOptions(length=tokens, seed=1)
         ours = lambda n: generate(model, [], SamplingOptions(length=n, seed=1))  # noqa: E731
         if model.config.softmax == "full":  # the bare products are defined for the plain output layer
-            ms, ratio = interleaved_ms({"lmtool": ours, "bare": lambda n: bare(model, n),
-                                        "bare-bf16": lambda n: bare_bf16_matvecs(model, n),
+            ms, ratio = interleaved_ms({"lmtool": ours, "lmtool-pytorch-layout": lambda n: pytorch_layout(ours, n),
+                                        "bare-rows": lambda n: bare(model, n),
+                                        "bare-transposed": lambda n: bare(model, n, transposed=True),
+                                        "bf16": lambda n: bare_bf16_matvecs(model, n),
                                         "naive": lambda n: naive(model, n)}, tokens)
             lmtool_ms = ms["lmtool"]
+            ms["bare"] = min(ms["bare-rows"], ms["bare-transposed"])
         else:
             lmtool_ms = per_token_ms(lambda n: generate(model, [], options), tokens)
         record = {**info, "model": name, "streams": 1, "lmtool_ms_per_token": round(lmtool_ms, 4),
@@ -144,8 +167,12 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
                           naive_over_bare=round(ms["naive"] / ms["bare"], 2),
                           bare_weight_mb_per_token=round(weight_mb, 1),
                           bare_gb_per_s=round(weight_mb / ms["bare"], 1),
-                          bare_bf16_weights_ms_per_token=round(ms["bare-bf16"], 4),
-                          bare_bf16_over_fp32=round(ms["bare-bf16"] / ms["bare"], 2))
+                          lmtool_pytorch_layout_ms_per_token=round(ms["lmtool-pytorch-layout"], 4),
+                          few_streams_transposed=lmtool.model.FEW_STREAMS_TRANSPOSED,
+                          bare_rows_ms_per_token=round(ms["bare-rows"], 4),
+                          bare_transposed_ms_per_token=round(ms["bare-transposed"], 4),
+                          bare_bf16_weights_ms_per_token=round(ms["bf16"], 4),
+                          bare_bf16_over_fp32=round(ms["bf16"] / ms["bare"], 2))
         if name.startswith("word"):
             record.update(example_generator_words_per_s=round(peer_words_per_s),
                           over_example_generator=round(1000 / lmtool_ms / peer_words_per_s, 2),
@@ -166,17 +193,21 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
         for precision in ("fp32", "bf16"):  # --precision bf16: the recurrent layers step in bfloat16
             options = SamplingOptions(length=tokens // 2, num_samples=streams, seed=1, precision=precision)
             both = precision == "fp32" and device == "cpu"  # elsewhere lmtool always steps in the cell layout
-            # each layout forced through the threshold: 1 (always gate-major) or above `streams` (never)
+            # each layout forced through the threshold: 1 (always gate-major) or above `streams` with no
+            # transposed few streams (never)
             layouts = {"gate-major": 1, "cell": streams + 1} if both else {"cell": streams + 1}
             times: dict[str, list[float]] = {name: [] for name in layouts}
             try:
                 for r in range(5):
                     for name, threshold in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
                         lmtool.model.GATE_MAJOR_MIN_STREAMS = threshold
+                        lmtool.model.FEW_STREAMS_TRANSPOSED = FEW_STREAMS_TRANSPOSED and threshold == 1
                         times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 2, repeats=2))
             finally:
                 lmtool.model.GATE_MAJOR_MIN_STREAMS = GATE_MAJOR_MIN_STREAMS
-            chosen = "gate-major" if both and streams >= GATE_MAJOR_MIN_STREAMS else "cell"  # what lmtool runs
+                lmtool.model.FEW_STREAMS_TRANSPOSED = FEW_STREAMS_TRANSPOSED
+            # what lmtool runs
+            chosen = "gate-major" if both and (streams >= GATE_MAJOR_MIN_STREAMS or FEW_STREAMS_TRANSPOSED) else "cell"
             throughput = streams * 1000 / statistics.median(times[chosen])
             one_stream = one_stream or throughput
             gflops = throughput * 2 * macs / 1e9

@@ -52,21 +52,44 @@ LAYER_FUNCTIONS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru"
 # From this many streams an LSTM generating in fp32 on a CPU steps with its weights transposed into
 # (inputs, 4 x hidden) matrices: the matrix products of a few dozen rows then run faster than in
 # torch.lstm_cell's layout, and fewer, larger operations run per step (`python bench/sampling.py` times both
-# layouts at every stream count). For one to three streams the cell's layout, a matrix-vector product over rows,
-# was as fast or faster; in bf16 the gate-major layout was mostly slower. CUDA keeps torch.lstm_cell, whose
-# pointwise part is one fused kernel there (not measured in the other layout).
+# layouts at every stream count). For one to three streams it depends on the CPU (FEW_STREAMS_TRANSPOSED); in
+# bf16 the gate-major layout was mostly slower. CUDA keeps torch.lstm_cell, whose pointwise part is one fused
+# kernel there (not measured in the other layout).
 GATE_MAJOR_MIN_STREAMS = 4
+
+
+def _mkl_on_amd() -> bool:
+    """Whether PyTorch's CPU products run on MKL on an AMD processor (Linux's /proc/cpuinfo names the vendor)."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
+# Whether one to three streams also generate with transposed weights: the LSTM in the gate-major layout and a
+# full softmax's output layer as an (H, V) matrix. MKL multiplies one or two rows by PyTorch's (outputs, inputs)
+# weights far below the memory's speed on an AMD EPYC: there the 33k-word output layer took 3.7 ms per token
+# in that layout and 0.9 ms transposed, and the char model's bare products 0.55 against 0.33 ms. On an Intel
+# Xeon that layout was the faster one for one to three streams (the gate-major step 0.77-0.87x the cell's), so
+# it is kept there and on CPUs not measured. `python bench/sampling.py` times both layouts.
+FEW_STREAMS_TRANSPOSED = _mkl_on_amd()
 
 
 @dataclass(frozen=True)
 class StepWeights:
     """What one generation step reads, detached (and cast, for bf16 generation): the embedding table and each
     layer's (w_ih, w_hh, b_ih, b_hh); or, with `gate_major`, an LSTM layer's (w_ih.T, w_hh.T, b_ih + b_hh)
-    with the gates reordered to input, forget, output, cell (see `lstm_step_gate_major`)."""
+    with the gates reordered to input, forget, output, cell (see `lstm_step_gate_major`). `output_major` is
+    a full softmax's (weight.T, bias), contiguous, where that layout scores faster (FEW_STREAMS_TRANSPOSED);
+    else None, and the model's own output layer scores (in fp32 whatever the dtype)."""
 
     embedding: torch.Tensor
     layers: list[tuple[torch.Tensor, ...]]
     gate_major: bool = False
+    output_major: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def lstm_step_gate_major(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], w_ih_t: torch.Tensor,
@@ -81,6 +104,21 @@ def lstm_step_gate_major(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tenso
     input_gate, forget_gate = sigmoid_gates[:, :hidden], sigmoid_gates[:, hidden: 2 * hidden]
     c = torch.addcmul(forget_gate * c, input_gate, cell_input)
     return sigmoid_gates[:, 2 * hidden:] * torch.tanh(c), c
+
+
+# PyTorch stores an LSTM's gates as input, forget, cell, output; the gate-major layout moves the cell gate last.
+GATE_MAJOR_ORDER = (0, 1, 3, 2)
+
+
+def _gate_major(weight: torch.Tensor) -> torch.Tensor:
+    """An LSTM layer's (4H, inputs) weights as an (inputs, 4H) matrix in GATE_MAJOR_ORDER: one transposing copy
+    per gate, straight into place (half the time of reordering the rows and then transposing them)."""
+    hidden = weight.size(0) // 4
+    out = weight.new_empty(weight.size(1), 4 * hidden)
+    gates = weight.view(4, hidden, -1)
+    for place, gate in enumerate(GATE_MAJOR_ORDER):
+        out[:, place * hidden: (place + 1) * hidden].copy_(gates[gate].t())
+    return out
 
 
 def map_state(fn, state, *others):
@@ -165,8 +203,16 @@ class LanguageModel(nn.Module):
         """One token per stream, for generation: (B,) ids -> (B, V) scores. Equal to `forward` on a length-1
         input, but computed with PyTorch's single-step cell functions instead of the sequence kernel, whose
         set-up costs more than the step. Pass `weights=model.step_weights()` when stepping many times."""
+        weights = weights if weights is not None else self.step_weights(direction)
         hidden, state = self.step_hidden(token, state, weights, direction)
-        return self.scores(hidden), state
+        return self.step_scores(hidden, weights), state
+
+    def step_scores(self, hidden: torch.Tensor, weights: StepWeights) -> torch.Tensor:
+        """`scores` for a generation step's (B, H) outputs, read in fp32, in `weights`' output layout."""
+        if weights.output_major is None:
+            return self.scores(hidden.float())
+        weight_t, bias = weights.output_major
+        return torch.addmm(bias, hidden.float(), weight_t)
 
     @torch.no_grad()
     def step_hidden(
@@ -211,22 +257,27 @@ class LanguageModel(nn.Module):
                      streams: int = 1) -> StepWeights:
         """The embedding and each layer's (w_ih, w_hh, b_ih, b_hh), detached, for `step` in that direction;
         cast to `dtype` if given (bf16 generation). An LSTM stepping `streams` >= GATE_MAJOR_MIN_STREAMS at once
-        in fp32 on a CPU gets them in the gate-major layout instead (a copy of its recurrent weights)."""
+        in fp32 on a CPU gets them in the gate-major layout instead (a copy of its recurrent weights), and so do
+        fewer streams, with a full softmax's output weights transposed too, where FEW_STREAMS_TRANSPOSED."""
         rnn = self.stack(direction)
 
         def ready(t: torch.Tensor) -> torch.Tensor:
             return t.detach() if dtype is None else t.detach().to(dtype)
 
         layers = [tuple(ready(w) for w in _layer_weights(rnn, layer)) for layer in range(self.config.num_layers)]
-        gate_major = (self.config.cell == "lstm" and streams >= GATE_MAJOR_MIN_STREAMS
-                      and layers[0][0].dtype == torch.float32 and self.device.type == "cpu")
+        on_cpu = self.device.type == "cpu"
+        few_transposed = on_cpu and FEW_STREAMS_TRANSPOSED and streams < GATE_MAJOR_MIN_STREAMS
+        gate_major = (self.config.cell == "lstm" and layers[0][0].dtype == torch.float32 and on_cpu
+                      and (streams >= GATE_MAJOR_MIN_STREAMS or few_transposed))
         if gate_major:
-            # PyTorch stores the gates as input, forget, cell, output; move the cell gate last.
-            h = rnn.hidden_size
-            order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
-            layers = [(w_ih[order].t().contiguous(), w_hh[order].t().contiguous(), (b_ih + b_hh)[order])
+            order = list(GATE_MAJOR_ORDER)
+            layers = [(_gate_major(w_ih), _gate_major(w_hh), (b_ih + b_hh).view(4, -1)[order].flatten())
                       for w_ih, w_hh, b_ih, b_hh in layers]
-        return StepWeights(embedding=ready(self.embedding.weight), layers=layers, gate_major=gate_major)
+        output_major = None
+        if few_transposed and self.config.softmax == "full" and self.decoder.weight.dtype == torch.float32:
+            output_major = (self.decoder.weight.detach().t().contiguous(), self.decoder.bias.detach())
+        return StepWeights(embedding=ready(self.embedding.weight), layers=layers, gate_major=gate_major,
+                           output_major=output_major)
 
     @property
     def device(self) -> torch.device:

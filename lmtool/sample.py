@@ -199,7 +199,7 @@ def generate(
         if two_level:
             token = draw_adaptive(model.adaptive, last.float(), generator)  # (B,)
         else:
-            token = pick_next(model.scores(last.float()), options, generator)  # (B,)
+            token = pick_next(model.step_scores(last, weights), options, generator)  # (B,)
         if options.stop_at_eos:
             token = token.masked_fill(done, EOS_ID)
         out.append(token)

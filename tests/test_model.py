@@ -64,9 +64,12 @@ def test_single_token_step_equals_the_sequence_kernel(cell):
     torch.testing.assert_close(logits, full[:, 0])
 
 
-def test_many_streams_step_in_the_gate_major_layout_like_the_sequence_kernel():
+def test_many_streams_step_in_the_gate_major_layout_like_the_sequence_kernel(monkeypatch):
     """Generation for several streams steps an LSTM with its weights transposed and its gates reordered: the
     same scores and states as the sequence kernel, in each direction of a bidirectional model."""
+    import lmtool.model
+
+    monkeypatch.setattr(lmtool.model, "FEW_STREAMS_TRANSPOSED", False)  # as on an Intel CPU
     model = LanguageModel(ModelConfig(cell="lstm", embedding_size=6, hidden_size=10, num_layers=2,
                                       direction="bidirectional"), 13).eval()
     with torch.no_grad():  # larger weights than the initialisation's, so that a swapped gate shows clearly
@@ -97,6 +100,7 @@ def test_generation_for_many_streams_steps_in_the_gate_major_layout(monkeypatch)
     import lmtool.model
     from lmtool.sample import SamplingOptions, generate
 
+    monkeypatch.setattr(lmtool.model, "FEW_STREAMS_TRANSPOSED", False)  # as on an Intel CPU
     model = LanguageModel(ModelConfig(embedding_size=6, hidden_size=10), 13).eval()
     calls = []
     real_step = lmtool.model.lstm_step_gate_major
@@ -110,6 +114,68 @@ def test_generation_for_many_streams_steps_in_the_gate_major_layout(monkeypatch)
     # same seed, same samples
     assert samples == generate(model, [], SamplingOptions(length=5, num_samples=GATE_MAJOR_MIN_STREAMS, seed=0,
                                                           stop_at_eos=False))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_few_streams_step_with_transposed_weights_where_the_cpu_wants_them(monkeypatch, cell):
+    """Where FEW_STREAMS_TRANSPOSED (MKL on an AMD CPU), one to three streams step an LSTM in the gate-major
+    layout and score a full softmax with its output weights as an (H, V) matrix: the same scores and states as
+    the sequence kernel. The copies follow the model's later training (they are made per generation)."""
+    import lmtool.model
+
+    monkeypatch.setattr(lmtool.model, "FEW_STREAMS_TRANSPOSED", True)
+    model = LanguageModel(ModelConfig(cell=cell, embedding_size=6, hidden_size=10, num_layers=2), 13).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(8)
+    x = torch.randint(0, 13, (GATE_MAJOR_MIN_STREAMS - 1, 7))
+    full, final = model(x)
+    weights = model.step_weights(streams=GATE_MAJOR_MIN_STREAMS - 1)
+    assert weights.gate_major == (cell == "lstm")
+    weight_t, bias = weights.output_major
+    assert weight_t.shape == (10, 13) and weight_t.is_contiguous() and bias is not None
+    state, steps = model.init_state(GATE_MAJOR_MIN_STREAMS - 1), []
+    for t in range(7):
+        logits, state = model.step(x[:, t], state, weights)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full)
+    torch.testing.assert_close(state, final)
+    # from GATE_MAJOR_MIN_STREAMS streams the output layer keeps PyTorch's layout; so does bf16's fp32 one
+    assert model.step_weights(streams=GATE_MAJOR_MIN_STREAMS).output_major is None
+    bf16 = model.step_weights(dtype=torch.bfloat16)
+    assert not bf16.gate_major and bf16.output_major[0].dtype == torch.float32
+    # the transposed copy is taken from the weights of the moment, not cached
+    with torch.no_grad():
+        model.decoder.bias.add_(1.0)
+    torch.testing.assert_close(model.step(x[:, 0], model.init_state(GATE_MAJOR_MIN_STREAMS - 1))[0], model(x[:, :1])[0][:, 0])
+    # an adaptive softmax has no such layer; elsewhere (an Intel CPU) nothing is transposed for few streams
+    assert adaptive_model().step_weights().output_major is None
+    from lmtool.sample import SamplingOptions, generate
+
+    options = SamplingOptions(length=20, num_samples=2, seed=3, stop_at_eos=False)
+    transposed = generate(model, [1, 2], options)
+    monkeypatch.setattr(lmtool.model, "FEW_STREAMS_TRANSPOSED", False)
+    assert model.step_weights().output_major is None and not model.step_weights().gate_major
+    assert generate(model, [1, 2], options) == transposed  # the same distributions, so the same draws
+
+
+def test_mkl_on_amd_reads_the_cpu_vendor(monkeypatch, tmp_path):
+    import builtins
+
+    import lmtool.model
+
+    real_open = builtins.open
+    for vendor, expected in (("AuthenticAMD", True), ("GenuineIntel", False)):
+        cpuinfo = tmp_path / vendor
+        cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu avx512f\n")
+        monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+        monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+        assert lmtool.model._mkl_on_amd() is expected
+        monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)  # another BLAS: not measured
+        assert lmtool.model._mkl_on_amd() is False
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("/proc/cpuinfo")))
+    assert lmtool.model._mkl_on_amd() is False  # no /proc (macOS, Windows)
 
 
 def test_precision_resolution():
