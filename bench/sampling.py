@@ -6,14 +6,14 @@ WikiText-2 vocabulary of 33,278, with full and adaptive softmax) and times, in o
 input and hidden weights, then the output layer), with the weights as PyTorch stores them and transposed (the
 faster of the two, round by round, is the bare cost), a naive loop that calls nn.LSTM on length-1 inputs, and
 `lmtool.sample.generate` (sampling included), and generate again with the weights in PyTorch's layout
-(`lmtool_pytorch_layout_ms_per_token`: the cell's LSTM step and F.linear, where lmtool.model.FEW_STREAMS_TRANSPOSED
-would transpose them), all in turn round after round, so the lmtool / bare ratio is a median of per-round ratios
+(`lmtool_pytorch_layout_ms_per_token`: the cell's LSTM step and F.linear, where lmtool.model.MKL_ON_AMD
+transposes them for one stream), all in turn round after round, so the lmtool / bare ratio is a median of per-round ratios
 on a drifting machine; for the word models also the PyTorch example's generator
 (bench/peer_example.py) of the same size; for the plain output layers also the megabytes of weights the bare products
 read per token and at what rate, and the same products with bf16 weights (in the same rounds). Then batched generation for 1..64 streams, fp32 and --precision bf16,
 with the model FLOP/s against the matrix-multiply peak of that precision measured in the same run. One JSON
 line each; in fp32 on a CPU both of the LSTM's step layouts (the cell's, and the gate-major one lmtool uses
-from 4 streams, and for fewer where FEW_STREAMS_TRANSPOSED) at every count, timed in alternating rounds. `--device cuda` runs only the batched generation, on the GPU (`--streams` picks the stream counts).
+from 4 streams, or below 4 where MKL_ON_AMD) at every count, timed in alternating rounds. `--device cuda` runs only the batched generation, on the GPU (`--streams` picks the stream counts).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from lmtool.config import ModelConfig  # noqa: E402
 import lmtool.model  # noqa: E402
-from lmtool.model import FEW_STREAMS_TRANSPOSED, GATE_MAJOR_MIN_STREAMS, LanguageModel  # noqa: E402
+from lmtool.model import GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, LanguageModel  # noqa: E402
 from lmtool.sample import SamplingOptions, generate  # noqa: E402
 
 
@@ -103,12 +103,13 @@ def bare_bf16_matvecs(model: LanguageModel, tokens: int) -> None:
 
 
 def pytorch_layout(generate_tokens, tokens: int) -> None:
-    """lmtool's generation of one to three streams with the weights as PyTorch stores them, on any CPU."""
-    lmtool.model.FEW_STREAMS_TRANSPOSED = False
+    """lmtool's generation of one to three streams with the weights as PyTorch stores them, on any CPU (as it
+    runs where MKL is not on an AMD processor)."""
+    lmtool.model.MKL_ON_AMD = False
     try:
         generate_tokens(tokens)
     finally:
-        lmtool.model.FEW_STREAMS_TRANSPOSED = FEW_STREAMS_TRANSPOSED
+        lmtool.model.MKL_ON_AMD = MKL_ON_AMD
 
 
 @torch.inference_mode()
@@ -168,7 +169,7 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
                           bare_weight_mb_per_token=round(weight_mb, 1),
                           bare_gb_per_s=round(weight_mb / ms["bare"], 1),
                           lmtool_pytorch_layout_ms_per_token=round(ms["lmtool-pytorch-layout"], 4),
-                          few_streams_transposed=lmtool.model.FEW_STREAMS_TRANSPOSED,
+                          mkl_on_amd=MKL_ON_AMD,
                           bare_rows_ms_per_token=round(ms["bare-rows"], 4),
                           bare_transposed_ms_per_token=round(ms["bare-transposed"], 4),
                           bare_bf16_weights_ms_per_token=round(ms["bf16"], 4),
@@ -183,7 +184,8 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
 def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device: str, info: dict) -> None:
     """The char model generating for many streams at once, fp32 and --precision bf16, against one fp32 stream.
     In fp32 on a CPU, where lmtool picks the LSTM's step layout by the number of streams
-    (lmtool.model.GATE_MAJOR_MIN_STREAMS), both layouts are timed at every count, in alternating rounds."""
+    (lmtool.model.GATE_MAJOR_MIN_STREAMS and MKL_ON_AMD), both layouts are timed at every count, in alternating
+    rounds."""
     # Many streams turn the matrix-vector products into matrix products: the ceiling is then the matmul peak.
     peak = matmul_peak_gflops(torch.float32, device)
     macs = sum(w.numel() for w in model.rnn.parameters() if w.dim() == 2) + model.decoder.weight.numel()
@@ -193,21 +195,22 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
         for precision in ("fp32", "bf16"):  # --precision bf16: the recurrent layers step in bfloat16
             options = SamplingOptions(length=tokens // 2, num_samples=streams, seed=1, precision=precision)
             both = precision == "fp32" and device == "cpu"  # elsewhere lmtool always steps in the cell layout
-            # each layout forced through the threshold: 1 (always gate-major) or above `streams` with no
-            # transposed few streams (never)
+            # each layout forced through the threshold, with the other CPUs' rule (MKL_ON_AMD off): 1 (always
+            # gate-major) or above `streams` (never)
             layouts = {"gate-major": 1, "cell": streams + 1} if both else {"cell": streams + 1}
             times: dict[str, list[float]] = {name: [] for name in layouts}
             try:
                 for r in range(5):
                     for name, threshold in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
                         lmtool.model.GATE_MAJOR_MIN_STREAMS = threshold
-                        lmtool.model.FEW_STREAMS_TRANSPOSED = FEW_STREAMS_TRANSPOSED and threshold == 1
+                        lmtool.model.MKL_ON_AMD = False
                         times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 2, repeats=2))
             finally:
                 lmtool.model.GATE_MAJOR_MIN_STREAMS = GATE_MAJOR_MIN_STREAMS
-                lmtool.model.FEW_STREAMS_TRANSPOSED = FEW_STREAMS_TRANSPOSED
+                lmtool.model.MKL_ON_AMD = MKL_ON_AMD
             # what lmtool runs
-            chosen = "gate-major" if both and (streams >= GATE_MAJOR_MIN_STREAMS or FEW_STREAMS_TRANSPOSED) else "cell"
+            few = streams < GATE_MAJOR_MIN_STREAMS
+            chosen = "gate-major" if both and (few if MKL_ON_AMD else not few) else "cell"
             throughput = streams * 1000 / statistics.median(times[chosen])
             one_stream = one_stream or throughput
             gflops = throughput * 2 * macs / 1e9

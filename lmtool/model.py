@@ -49,12 +49,12 @@ CELL_STEPS = {
 LAYER_FUNCTIONS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru": torch.gru, "lstm": torch.lstm}
 
 
-# From this many streams an LSTM generating in fp32 on a CPU steps with its weights transposed into
-# (inputs, 4 x hidden) matrices: the matrix products of a few dozen rows then run faster than in
-# torch.lstm_cell's layout, and fewer, larger operations run per step (`python bench/sampling.py` times both
-# layouts at every stream count). For one to three streams it depends on the CPU (FEW_STREAMS_TRANSPOSED); in
-# bf16 the gate-major layout was mostly slower. CUDA keeps torch.lstm_cell, whose pointwise part is one fused
-# kernel there (not measured in the other layout).
+# An LSTM generating in fp32 on a CPU can step with its weights transposed into (inputs, 4 x hidden) matrices
+# and its three sigmoid gates side by side (the gate-major layout, `lstm_step_gate_major`), and a full softmax
+# can score with its output weights as an (H, V) matrix. Which layout runs faster depends on the CPU's BLAS and
+# on how many streams are generated: below GATE_MAJOR_MIN_STREAMS or from it (see MKL_ON_AMD).
+# `python bench/sampling.py` times both layouts at every stream count. In bf16 the gate-major layout was
+# mostly slower; CUDA keeps torch.lstm_cell, whose pointwise part is one fused kernel there.
 GATE_MAJOR_MIN_STREAMS = 4
 
 
@@ -69,13 +69,14 @@ def _mkl_on_amd() -> bool:
         return False
 
 
-# Whether one to three streams also generate with transposed weights: the LSTM in the gate-major layout and a
-# full softmax's output layer as an (H, V) matrix. MKL multiplies one or two rows by PyTorch's (outputs, inputs)
-# weights far below the memory's speed on an AMD EPYC: there the 33k-word output layer took 3.7 ms per token
-# in that layout and 0.9 ms transposed, and the char model's bare products 0.55 against 0.33 ms. On an Intel
-# Xeon that layout was the faster one for one to three streams (the gate-major step 0.77-0.87x the cell's), so
-# it is kept there and on CPUs not measured. `python bench/sampling.py` times both layouts.
-FEW_STREAMS_TRANSPOSED = _mkl_on_amd()
+# Where MKL runs on an AMD processor, one to three streams generate with transposed weights (the LSTM
+# gate-major, the output layer (H, V)) and more streams in PyTorch's layout; elsewhere the reverse. On a 2-core
+# AMD EPYC, MKL multiplied one or two rows by PyTorch's (outputs, inputs) weights far below the memory's speed:
+# the 33k-word output layer took 3.7 ms per token that way and 0.9 ms transposed, the char model's bare step
+# products 0.55-0.73 against 0.31-0.36 ms; from 4 to 64 streams the gate-major step measured 0.82-1.09x the
+# cell's. On an Intel Xeon the cell's layout was the faster one for one to three streams (the gate-major step
+# 0.77-0.87x) and the gate-major one from four (1.06-1.80x); CPUs not measured are treated like it.
+MKL_ON_AMD = _mkl_on_amd()
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class StepWeights:
     """What one generation step reads, detached (and cast, for bf16 generation): the embedding table and each
     layer's (w_ih, w_hh, b_ih, b_hh); or, with `gate_major`, an LSTM layer's (w_ih.T, w_hh.T, b_ih + b_hh)
     with the gates reordered to input, forget, output, cell (see `lstm_step_gate_major`). `output_major` is
-    a full softmax's (weight.T, bias), contiguous, where that layout scores faster (FEW_STREAMS_TRANSPOSED);
+    a full softmax's (weight.T, bias), contiguous, where that layout scores faster (MKL_ON_AMD, few streams);
     else None, and the model's own output layer scores (in fp32 whatever the dtype)."""
 
     embedding: torch.Tensor
@@ -256,25 +257,25 @@ class LanguageModel(nn.Module):
     def step_weights(self, direction: str | None = None, dtype: torch.dtype | None = None,
                      streams: int = 1) -> StepWeights:
         """The embedding and each layer's (w_ih, w_hh, b_ih, b_hh), detached, for `step` in that direction;
-        cast to `dtype` if given (bf16 generation). An LSTM stepping `streams` >= GATE_MAJOR_MIN_STREAMS at once
-        in fp32 on a CPU gets them in the gate-major layout instead (a copy of its recurrent weights), and so do
-        fewer streams, with a full softmax's output weights transposed too, where FEW_STREAMS_TRANSPOSED."""
+        cast to `dtype` if given (bf16 generation). An LSTM stepping `streams` at once in fp32 on a CPU gets them
+        in the gate-major layout instead (a copy of its recurrent weights) where that is the CPU's faster layout
+        for that many streams (MKL_ON_AMD), and a full softmax's output weights come transposed for fewer than
+        GATE_MAJOR_MIN_STREAMS where MKL_ON_AMD."""
         rnn = self.stack(direction)
 
         def ready(t: torch.Tensor) -> torch.Tensor:
             return t.detach() if dtype is None else t.detach().to(dtype)
 
         layers = [tuple(ready(w) for w in _layer_weights(rnn, layer)) for layer in range(self.config.num_layers)]
-        on_cpu = self.device.type == "cpu"
-        few_transposed = on_cpu and FEW_STREAMS_TRANSPOSED and streams < GATE_MAJOR_MIN_STREAMS
-        gate_major = (self.config.cell == "lstm" and layers[0][0].dtype == torch.float32 and on_cpu
-                      and (streams >= GATE_MAJOR_MIN_STREAMS or few_transposed))
+        few = streams < GATE_MAJOR_MIN_STREAMS
+        transposed = self.device.type == "cpu" and (few if MKL_ON_AMD else not few)  # the faster layout there
+        gate_major = transposed and self.config.cell == "lstm" and layers[0][0].dtype == torch.float32
         if gate_major:
             order = list(GATE_MAJOR_ORDER)
             layers = [(_gate_major(w_ih), _gate_major(w_hh), (b_ih + b_hh).view(4, -1)[order].flatten())
                       for w_ih, w_hh, b_ih, b_hh in layers]
         output_major = None
-        if few_transposed and self.config.softmax == "full" and self.decoder.weight.dtype == torch.float32:
+        if transposed and few and self.config.softmax == "full" and self.decoder.weight.dtype == torch.float32:
             output_major = (self.decoder.weight.detach().t().contiguous(), self.decoder.bias.detach())
         return StepWeights(embedding=ready(self.embedding.weight), layers=layers, gate_major=gate_major,
                            output_major=output_major)

@@ -69,7 +69,7 @@ def test_many_streams_step_in_the_gate_major_layout_like_the_sequence_kernel(mon
     same scores and states as the sequence kernel, in each direction of a bidirectional model."""
     import lmtool.model
 
-    monkeypatch.setattr(lmtool.model, "FEW_STREAMS_TRANSPOSED", False)  # as on an Intel CPU
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", False)  # as on an Intel CPU
     model = LanguageModel(ModelConfig(cell="lstm", embedding_size=6, hidden_size=10, num_layers=2,
                                       direction="bidirectional"), 13).eval()
     with torch.no_grad():  # larger weights than the initialisation's, so that a swapped gate shows clearly
@@ -100,7 +100,7 @@ def test_generation_for_many_streams_steps_in_the_gate_major_layout(monkeypatch)
     import lmtool.model
     from lmtool.sample import SamplingOptions, generate
 
-    monkeypatch.setattr(lmtool.model, "FEW_STREAMS_TRANSPOSED", False)  # as on an Intel CPU
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", False)  # as on an Intel CPU
     model = LanguageModel(ModelConfig(embedding_size=6, hidden_size=10), 13).eval()
     calls = []
     real_step = lmtool.model.lstm_step_gate_major
@@ -118,12 +118,12 @@ def test_generation_for_many_streams_steps_in_the_gate_major_layout(monkeypatch)
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_few_streams_step_with_transposed_weights_where_the_cpu_wants_them(monkeypatch, cell):
-    """Where FEW_STREAMS_TRANSPOSED (MKL on an AMD CPU), one to three streams step an LSTM in the gate-major
-    layout and score a full softmax with its output weights as an (H, V) matrix: the same scores and states as
-    the sequence kernel. The copies follow the model's later training (they are made per generation)."""
+    """Where MKL runs on an AMD CPU, one to three streams step an LSTM in the gate-major layout and score a full
+    softmax with its output weights as an (H, V) matrix, and more streams use PyTorch's layout: the same scores
+    and states as the sequence kernel. The copies follow the model's later training (made per generation)."""
     import lmtool.model
 
-    monkeypatch.setattr(lmtool.model, "FEW_STREAMS_TRANSPOSED", True)
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
     model = LanguageModel(ModelConfig(cell=cell, embedding_size=6, hidden_size=10, num_layers=2), 13).eval()
     with torch.no_grad():
         for param in model.parameters():
@@ -140,8 +140,9 @@ def test_few_streams_step_with_transposed_weights_where_the_cpu_wants_them(monke
         steps.append(logits)
     torch.testing.assert_close(torch.stack(steps, 1), full)
     torch.testing.assert_close(state, final)
-    # from GATE_MAJOR_MIN_STREAMS streams the output layer keeps PyTorch's layout; so does bf16's fp32 one
-    assert model.step_weights(streams=GATE_MAJOR_MIN_STREAMS).output_major is None
+    # from GATE_MAJOR_MIN_STREAMS streams both keep PyTorch's layout there; bf16's fp32 output layer does not
+    many = model.step_weights(streams=GATE_MAJOR_MIN_STREAMS)
+    assert many.output_major is None and not many.gate_major
     bf16 = model.step_weights(dtype=torch.bfloat16)
     assert not bf16.gate_major and bf16.output_major[0].dtype == torch.float32
     # the transposed copy is taken from the weights of the moment, not cached
@@ -154,7 +155,7 @@ def test_few_streams_step_with_transposed_weights_where_the_cpu_wants_them(monke
 
     options = SamplingOptions(length=20, num_samples=2, seed=3, stop_at_eos=False)
     transposed = generate(model, [1, 2], options)
-    monkeypatch.setattr(lmtool.model, "FEW_STREAMS_TRANSPOSED", False)
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", False)
     assert model.step_weights().output_major is None and not model.step_weights().gate_major
     assert generate(model, [1, 2], options) == transposed  # the same distributions, so the same draws
 
