@@ -72,10 +72,11 @@ def _mkl_on_amd() -> bool:
 # Where MKL runs on an AMD processor, one to three streams generate with transposed weights (the LSTM
 # gate-major, the output layer (H, V)) and more streams in PyTorch's layout; elsewhere the reverse. On a 2-core
 # AMD EPYC, MKL multiplied one or two rows by PyTorch's (outputs, inputs) weights far below the memory's speed:
-# the 33k-word output layer took 3.7 ms per token that way and 0.9 ms transposed, the char model's bare step
-# products 0.55-0.73 against 0.31-0.36 ms; from 4 to 64 streams the gate-major step measured 0.82-1.09x the
-# cell's. On an Intel Xeon the cell's layout was the faster one for one to three streams (the gate-major step
-# 0.77-0.87x) and the gate-major one from four (1.06-1.80x); CPUs not measured are treated like it.
+# the bare step products of a word model with 33k words took 3.6-4.1 ms per token that way and 1.1-1.2 ms
+# transposed, the char model's 0.39-0.73 against 0.31-0.36 ms; from 4 to 64 streams the gate-major step
+# measured 0.69-1.09x the cell's. On an Intel Xeon the cell's layout was the faster one for one to three streams
+# (the gate-major step 0.77-0.87x) and the gate-major one from four (1.06-1.80x); CPUs not measured are treated
+# like it. `python bench/sampling.py` times both layouts (README, Generation speed).
 MKL_ON_AMD = _mkl_on_amd()
 
 
