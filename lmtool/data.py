@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -179,6 +180,23 @@ class Corpus:
     test: torch.Tensor | None  # (N_test,)
 
 
+# A vocabulary that leaves more than this share of the training tokens out (data.min_freq, data.max_size) turns
+# much of the text into <UNK>, which the model then learns to predict instead: worth a word, as it may not be meant.
+UNKNOWN_SHARE_WARNING = 0.25
+
+
+def _warn_if_mostly_unknown(counts: Counter, tokenizer: Tokenizer, min_freq: int, max_size: int | None) -> None:
+    total = sum(counts.values())
+    left_out = tokenizer.left_out(counts)
+    if total and left_out > UNKNOWN_SHARE_WARNING * total:
+        unit = "characters" if tokenizer.level == "char" else "words"
+        limit = "null" if max_size is None else max_size
+        warnings.warn(f"{left_out / total:.0%} of the training split's {unit} are outside its vocabulary of "
+                      f"{counted(len(tokenizer), 'entry', 'entries')} (data.min_freq={min_freq}, data.max_size={limit}) "
+                      "and read as <UNK>; if that is not meant, lower data.min_freq or raise data.max_size",
+                      stacklevel=3)
+
+
 def load_corpus(
     train_path: Path,
     valid_path: Path | None,
@@ -222,6 +240,7 @@ def load_corpus(
                    else f"its only {unit}s are literal <EOS>, <UNK> or data.unk_marker; train on real text")
             raise LmtoolError(f"the training split of {train_path} gives an empty vocabulary (nothing besides <EOS> "
                               f"and <UNK>): {why}")
+        _warn_if_mostly_unknown(counts, tokenizer, min_freq, max_size)
     # A token takes at least one character, so the character count bounds the number of ids (lowercasing can
     # lengthen text: encode_stream grows then). Pages of the buffer that are never written cost no memory.
     room = train_scan.num_chars + 2

@@ -115,6 +115,11 @@ class Tokenizer:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def left_out(self, counts: Counter) -> int:
+        """How many of the counted tokens this vocabulary reads as <UNK> only because it does not hold them (not
+        the text's own unknown markers or written-out specials, which are <UNK> whatever the vocabulary)."""
+        return sum(n for token, n in counts.items() if token not in self._ids and token not in self._read_as_unk)
+
     def split(self, line: str) -> list[str]:
         """One line (no newline) into token strings, before the vocabulary is applied."""
         if self.lowercase:

@@ -47,7 +47,8 @@ def test_vocabulary_comes_from_training_split_only(tmp_path):
 def test_held_out_validation_is_the_contiguous_tail_and_rare_train_words_become_unk(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text("a a b\na a c\na a d\nlast line\n")
-    corpus = load_corpus(path, None, None, "word", 2, None, False, None, 0.25)
+    with pytest.warns(UserWarning, match=r"^33% of the training split's words are outside its vocabulary"):
+        corpus = load_corpus(path, None, None, "word", 2, None, False, None, 0.25)
     assert corpus.tokenizer.tokens[2:] == ("a",)
     assert corpus.train.tolist().count(UNK_ID) == 3  # b, c, d: <UNK> gets a trained probability
     assert corpus.valid.tolist() == [EOS_ID, UNK_ID, UNK_ID, EOS_ID]  # "last line" held out at the end
@@ -75,6 +76,26 @@ def test_lone_carriage_returns_are_not_line_ends_and_say_so(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_corpus(path, None, None, "word", 1, None, False, None, 0.5)
+
+
+def test_a_vocabulary_that_leaves_most_tokens_out_is_warned_about(tmp_path):
+    """data.min_freq or data.max_size leaving over a quarter of the training tokens outside the vocabulary: a
+    warning naming the share and both settings (training goes on). The text's own unknown markers do not count."""
+    path = tmp_path / "w.txt"
+    path.write_text("the a the b the c the d the e\n" * 4 + "the the\n")  # 'the' 22 times, a-e 4 times each
+    for min_freq, max_size in ((5, None), (1, 3)):  # a vocabulary of <EOS>, <UNK> and 'the'
+        expected = (rf"^48% of the training split's words are outside its vocabulary of 3 entries "
+                    rf"\(data.min_freq={min_freq}, data.max_size={max_size or 'null'}\) and read as <UNK>; if that is "
+                    r"not meant, lower data.min_freq or raise data.max_size$")
+        with pytest.warns(UserWarning, match=expected):
+            corpus = load_corpus(path, path, None, "word", min_freq, max_size, False, None, 0.0)
+        assert len(corpus.tokenizer) == 3
+    # half the words are the text's own <unk> markers, and min_freq leaves out only x (3 of 24): nothing to say
+    path.write_text("<unk> <unk> <unk> x y y y y\n" * 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        corpus = load_corpus(path, path, None, "word", 4, None, False, "<unk>", 0.0)
+    assert corpus.tokenizer.tokens[2:] == ("y",)
 
 
 def test_an_empty_vocabulary_is_refused_before_the_text_is_encoded(tmp_path, monkeypatch):
