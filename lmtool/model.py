@@ -204,8 +204,10 @@ class LanguageModel(nn.Module):
     ) -> tuple[torch.Tensor, State]:
         """One token per stream, for generation: (B,) ids -> (B, V) scores. Equal to `forward` on a length-1
         input, but computed with PyTorch's single-step cell functions instead of the sequence kernel, whose
-        set-up costs more than the step. Pass `weights=model.step_weights()` when stepping many times."""
-        weights = weights if weights is not None else self.step_weights(direction)
+        set-up costs more than the step. Pass `weights=model.step_weights()` when stepping many times: without
+        them each call reads the weights in PyTorch's layout (copying them into a faster one would cost more than
+        one step)."""
+        weights = weights if weights is not None else self.step_weights(direction, relayout=False)
         hidden, state = self.step_hidden(token, state, weights, direction)
         return self.step_scores(hidden, weights), state
 
@@ -221,7 +223,7 @@ class LanguageModel(nn.Module):
         self, token: torch.Tensor, state: State, weights: StepWeights | None = None, direction: str | None = None
     ) -> tuple[torch.Tensor, State]:
         """`step` up to the top layer's output (B, H), before the output layer."""
-        weights = weights if weights is not None else self.step_weights(direction)
+        weights = weights if weights is not None else self.step_weights(direction, relayout=False)
         output, layers = self.step_layers(token, self.layer_states(state), weights)
         return output, self.stacked_state(layers)
 
@@ -256,12 +258,12 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def step_weights(self, direction: str | None = None, dtype: torch.dtype | None = None,
-                     streams: int = 1) -> StepWeights:
+                     streams: int = 1, relayout: bool = True) -> StepWeights:
         """The embedding and each layer's (w_ih, w_hh, b_ih, b_hh), detached, for `step` in that direction;
         cast to `dtype` if given (bf16 generation). An LSTM stepping `streams` at once in fp32 on a CPU gets them
         in the gate-major layout instead (a copy of its recurrent weights) where that is the CPU's faster layout
         for that many streams (MKL_ON_AMD), and a full softmax's output weights come transposed for fewer than
-        GATE_MAJOR_MIN_STREAMS where MKL_ON_AMD."""
+        GATE_MAJOR_MIN_STREAMS where MKL_ON_AMD. relayout=False keeps PyTorch's layout (no copies)."""
         rnn = self.stack(direction)
 
         def ready(t: torch.Tensor) -> torch.Tensor:
@@ -269,7 +271,8 @@ class LanguageModel(nn.Module):
 
         layers = [tuple(ready(w) for w in _layer_weights(rnn, layer)) for layer in range(self.config.num_layers)]
         few = streams < GATE_MAJOR_MIN_STREAMS
-        transposed = self.device.type == "cpu" and (few if MKL_ON_AMD else not few)  # the faster layout there
+        # the faster layout on this CPU for that many streams
+        transposed = relayout and self.device.type == "cpu" and (few if MKL_ON_AMD else not few)
         gate_major = transposed and self.config.cell == "lstm" and layers[0][0].dtype == torch.float32
         if gate_major:
             order = list(GATE_MAJOR_ORDER)

@@ -149,6 +149,16 @@ def test_few_streams_step_with_transposed_weights_where_the_cpu_wants_them(monke
     with torch.no_grad():
         model.decoder.bias.add_(1.0)
     torch.testing.assert_close(model.step(x[:, 0], model.init_state(GATE_MAJOR_MIN_STREAMS - 1))[0], model(x[:, :1])[0][:, 0])
+    # a step given no weights reads PyTorch's layout: a copy would cost more than the step
+    plain = model.step_weights(relayout=False)
+    assert plain.output_major is None and not plain.gate_major and plain.layers[0][0] is not None
+    calls = []
+    real_step_weights = type(model).step_weights
+    monkeypatch.setattr(type(model), "step_weights", lambda self, *a, **k: calls.append(k) or real_step_weights(self, *a, **k))
+    model.step(x[:, 0], model.init_state(GATE_MAJOR_MIN_STREAMS - 1))
+    model.step_hidden(x[:, 0], model.init_state(GATE_MAJOR_MIN_STREAMS - 1))
+    assert calls == [{"relayout": False}] * 2
+    monkeypatch.setattr(type(model), "step_weights", real_step_weights)
     # an adaptive softmax has no such layer; elsewhere (an Intel CPU) nothing is transposed for few streams
     assert adaptive_model().step_weights().output_major is None
     from lmtool.sample import SamplingOptions, generate
