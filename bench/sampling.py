@@ -61,16 +61,22 @@ def per_token_ms(fn, tokens: int, repeats: int = 5) -> float:
     return statistics.median(times[1:])
 
 
-@torch.inference_mode()
-def bare(model: LanguageModel, tokens: int, transposed: bool = False) -> None:
-    """The products of one step, `tokens` times: each layer's input and hidden weights, then the output layer,
-    with the weights as PyTorch stores them ((outputs, inputs): a row times the transpose) or, `transposed`,
-    copied once into (inputs, outputs) matrices. Which layout is faster depends on the CPU's BLAS."""
-    hidden = model.config.hidden_size
+def bare_weights(model: LanguageModel, transposed: bool = False) -> tuple[list, torch.Tensor]:
+    """Each layer's (input, hidden) weights and the output layer's, each to be multiplied as `v @ w`: as PyTorch
+    stores them ((outputs, inputs), a row times the transpose) or, `transposed`, copied into (inputs, outputs)
+    matrices. Made once, outside the timed calls."""
     weights = [getattr(model.rnn, f"weight_{kind}_l{i}").detach() for i in range(model.config.num_layers)
                for kind in ("ih", "hh")] + [model.decoder.weight.detach()]
-    weights = [w.t().contiguous() if transposed else w.t() for w in weights]  # both multiplied as v @ w
-    layers, decoder = list(zip(weights[:-1:2], weights[1:-1:2])), weights[-1]
+    weights = [w.t().contiguous() if transposed else w.t() for w in weights]
+    return list(zip(weights[:-1:2], weights[1:-1:2])), weights[-1]
+
+
+@torch.inference_mode()
+def bare(model: LanguageModel, tokens: int, weights: tuple[list, torch.Tensor]) -> None:
+    """The products of one step, `tokens` times: each layer's input and hidden weights, then the output layer,
+    in the layout of `weights` (bare_weights). Which layout is faster depends on the CPU's BLAS."""
+    layers, decoder = weights
+    hidden = model.config.hidden_size
     x = torch.randn(1, model.config.embedding_size)
     h = torch.randn(1, hidden)
     for _ in range(tokens):
@@ -149,9 +155,10 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
         options = SamplingOptions(length=tokens, seed=1)
         ours = lambda n: generate(model, [], SamplingOptions(length=n, seed=1))  # noqa: E731
         if model.config.softmax == "full":  # the bare products are defined for the plain output layer
+            rows, transposed = bare_weights(model), bare_weights(model, transposed=True)
             ms, ratio = interleaved_ms({"lmtool": ours, "lmtool-pytorch-layout": lambda n: pytorch_layout(ours, n),
-                                        "bare-rows": lambda n: bare(model, n),
-                                        "bare-transposed": lambda n: bare(model, n, transposed=True),
+                                        "bare-rows": lambda n: bare(model, n, rows),
+                                        "bare-transposed": lambda n: bare(model, n, transposed),
                                         "bf16": lambda n: bare_bf16_matvecs(model, n),
                                         "naive": lambda n: naive(model, n)}, tokens)
             lmtool_ms = ms["lmtool"]
@@ -195,15 +202,21 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
         for precision in ("fp32", "bf16"):  # --precision bf16: the recurrent layers step in bfloat16
             options = SamplingOptions(length=tokens // 2, num_samples=streams, seed=1, precision=precision)
             both = precision == "fp32" and device == "cpu"  # elsewhere lmtool always steps in the cell layout
-            # each layout forced through the threshold, with the other CPUs' rule (MKL_ON_AMD off): 1 (always
-            # gate-major) or above `streams` (never)
-            layouts = {"gate-major": 1, "cell": streams + 1} if both else {"cell": streams + 1}
+            # Each layout forced through the rule's two settings, (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD), on this
+            # CPU's side of the rule: where MKL_ON_AMD, "gate-major" also scores with the transposed output layer,
+            # as lmtool does for one to three streams there. bf16 runs as lmtool does.
+            if not both:
+                layouts = {"cell": (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD)}
+            elif MKL_ON_AMD:
+                layouts = {"gate-major": (streams + 1, True), "cell": (1, True)}
+            else:
+                layouts = {"gate-major": (1, False), "cell": (streams + 1, False)}
             times: dict[str, list[float]] = {name: [] for name in layouts}
             try:
                 for r in range(5):
-                    for name, threshold in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
+                    for name, (threshold, amd) in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
                         lmtool.model.GATE_MAJOR_MIN_STREAMS = threshold
-                        lmtool.model.MKL_ON_AMD = False
+                        lmtool.model.MKL_ON_AMD = amd
                         times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 2, repeats=2))
             finally:
                 lmtool.model.GATE_MAJOR_MIN_STREAMS = GATE_MAJOR_MIN_STREAMS

@@ -186,8 +186,7 @@ UNKNOWN_SHARE_WARNING = 0.25
 
 
 def _warn_if_mostly_unknown(counts: Counter, tokenizer: Tokenizer, min_freq: int, max_size: int | None) -> None:
-    total = sum(counts.values())
-    left_out = tokenizer.left_out(counts)
+    left_out, total = tokenizer.left_out(counts)
     if total and left_out > UNKNOWN_SHARE_WARNING * total:
         unit = "characters" if tokenizer.level == "char" else "words"
         limit = "null" if max_size is None else max_size

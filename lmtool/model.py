@@ -86,12 +86,12 @@ class StepWeights:
     layer's (w_ih, w_hh, b_ih, b_hh); or, with `gate_major`, an LSTM layer's (w_ih.T, w_hh.T, b_ih + b_hh)
     with the gates reordered to input, forget, output, cell (see `lstm_step_gate_major`). `output_major` is
     a full softmax's (weight.T, bias), contiguous, where that layout scores faster (MKL_ON_AMD, few streams);
-    else None, and the model's own output layer scores (in fp32 whatever the dtype)."""
+    else None, and the model's own output layer scores (in its dtype)."""
 
     embedding: torch.Tensor
     layers: list[tuple[torch.Tensor, ...]]
     gate_major: bool = False
-    output_major: tuple[torch.Tensor, torch.Tensor] | None = None
+    output_major: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 def lstm_step_gate_major(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], w_ih_t: torch.Tensor,
@@ -212,11 +212,14 @@ class LanguageModel(nn.Module):
         return self.step_scores(hidden, weights), state
 
     def step_scores(self, hidden: torch.Tensor, weights: StepWeights) -> torch.Tensor:
-        """`scores` for a generation step's (B, H) outputs, read in fp32, in `weights`' output layout."""
+        """`scores` for a generation step's (B, H) outputs, in `weights`' output layout; outputs of bf16 layers are
+        read in the output layer's own dtype (fp32 for a trained model)."""
         if weights.output_major is None:
-            return self.scores(hidden.float())
+            full = self.config.softmax == "full"  # the adaptive softmax reads fp32 itself
+            return self.scores(hidden.to(self.decoder.weight.dtype) if full else hidden)
         weight_t, bias = weights.output_major
-        return torch.addmm(bias, hidden.float(), weight_t)
+        hidden = hidden.to(weight_t.dtype)
+        return torch.mm(hidden, weight_t) if bias is None else torch.addmm(bias, hidden, weight_t)
 
     @torch.no_grad()
     def step_hidden(
@@ -280,7 +283,8 @@ class LanguageModel(nn.Module):
                       for w_ih, w_hh, b_ih, b_hh in layers]
         output_major = None
         if transposed and few and self.config.softmax == "full" and self.decoder.weight.dtype == torch.float32:
-            output_major = (self.decoder.weight.detach().t().contiguous(), self.decoder.bias.detach())
+            bias = self.decoder.bias
+            output_major = (self.decoder.weight.detach().t().contiguous(), None if bias is None else bias.detach())
         return StepWeights(embedding=ready(self.embedding.weight), layers=layers, gate_major=gate_major,
                            output_major=output_major)
 

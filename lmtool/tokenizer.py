@@ -115,10 +115,16 @@ class Tokenizer:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def left_out(self, counts: Counter) -> int:
-        """How many of the counted tokens this vocabulary reads as <UNK> only because it does not hold them (not
-        the text's own unknown markers or written-out specials, which are <UNK> whatever the vocabulary)."""
-        return sum(n for token, n in counts.items() if token not in self._ids and token not in self._read_as_unk)
+    def left_out(self, counts: Counter) -> tuple[int, int]:
+        """Of the counted tokens, leaving aside the text's own unknown markers and written-out specials (which are
+        <UNK> whatever the vocabulary): how many this vocabulary reads as <UNK> because it does not hold them, and
+        how many there are."""
+        left_out = total = 0
+        for token, n in counts.items():
+            if token not in self._read_as_unk:
+                total += n
+                left_out += n if token not in self._ids else 0
+        return left_out, total
 
     def split(self, line: str) -> list[str]:
         """One line (no newline) into token strings, before the vocabulary is applied."""

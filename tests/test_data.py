@@ -90,12 +90,16 @@ def test_a_vocabulary_that_leaves_most_tokens_out_is_warned_about(tmp_path):
         with pytest.warns(UserWarning, match=expected):
             corpus = load_corpus(path, path, None, "word", min_freq, max_size, False, None, 0.0)
         assert len(corpus.tokenizer) == 3
-    # half the words are the text's own <unk> markers, and min_freq leaves out only x (3 of 24): nothing to say
-    path.write_text("<unk> <unk> <unk> x y y y y\n" * 3)
+    # the text's own <unk> markers (and written-out specials) count neither way: min_freq leaving out x, 3 of the
+    # 15 other words, is nothing to say; leaving out x and z, 6 of 15, is (with the markers: 3 and 6 of 27)
+    path.write_text("<unk> <unk> <unk> <UNK> x y y y y\n" * 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         corpus = load_corpus(path, path, None, "word", 4, None, False, "<unk>", 0.0)
     assert corpus.tokenizer.tokens[2:] == ("y",)
+    path.write_text("<unk> <unk> <unk> <UNK> x y y y z\n" * 3)
+    with pytest.warns(UserWarning, match="^40% of the training split's words are outside its vocabulary of 3 entries"):
+        load_corpus(path, path, None, "word", 4, None, False, "<unk>", 0.0)
 
 
 def test_an_empty_vocabulary_is_refused_before_the_text_is_encoded(tmp_path, monkeypatch):

@@ -145,10 +145,19 @@ def test_few_streams_step_with_transposed_weights_where_the_cpu_wants_them(monke
     assert many.output_major is None and not many.gate_major
     bf16 = model.step_weights(dtype=torch.bfloat16)
     assert not bf16.gate_major and bf16.output_major[0].dtype == torch.float32
-    # the transposed copy is taken from the weights of the moment, not cached
+    # the transposed copies are taken from the weights of the moment, not cached
+    streams, first = GATE_MAJOR_MIN_STREAMS - 1, x[:, 0]
     with torch.no_grad():
-        model.decoder.bias.add_(1.0)
-    torch.testing.assert_close(model.step(x[:, 0], model.init_state(GATE_MAJOR_MIN_STREAMS - 1))[0], model(x[:, :1])[0][:, 0])
+        model.decoder.weight.add_(0.5)
+        next(model.rnn.parameters()).mul_(-1)
+    fresh = model.step_weights(streams=streams)
+    assert fresh.output_major is not None
+    torch.testing.assert_close(model.step(first, model.init_state(streams), fresh)[0], model(x[:, :1])[0][:, 0])
+    # a decoder without a bias (a library user's change) scores the same in the transposed layout
+    model.decoder.bias = None
+    no_bias = model.step_weights(streams=streams)
+    assert no_bias.output_major[1] is None
+    torch.testing.assert_close(model.step(first, model.init_state(streams), no_bias)[0], model(x[:, :1])[0][:, 0])
     # a step given no weights reads PyTorch's layout: a copy would cost more than the step
     plain = model.step_weights(relayout=False)
     assert plain.output_major is None and not plain.gate_major and plain.layers[0][0] is not None
@@ -168,6 +177,22 @@ def test_few_streams_step_with_transposed_weights_where_the_cpu_wants_them(monke
     monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", False)
     assert model.step_weights().output_major is None and not model.step_weights().gate_major
     assert generate(model, [1, 2], options) == transposed  # the same distributions, so the same draws
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("amd", [True, False])
+def test_a_model_in_another_dtype_steps_in_that_dtype(monkeypatch, dtype, amd):
+    """A library user's model cast to bf16 or fp64 steps as it did before the transposed layouts: its scores
+    come in its own dtype and match its sequence kernel."""
+    import lmtool.model
+
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", amd)
+    model = LanguageModel(ModelConfig(embedding_size=6, hidden_size=10), 13).eval().to(dtype)
+    x = torch.randint(0, 13, (2, 1))
+    for weights in (None, model.step_weights(streams=2)):
+        logits, _ = model.step(x[:, 0], model.init_state(2), weights)
+        assert logits.dtype == dtype
+        torch.testing.assert_close(logits, model(x)[0][:, 0], atol=0.05, rtol=0.02)
 
 
 def test_mkl_on_amd_reads_the_cpu_vendor(monkeypatch, tmp_path):
