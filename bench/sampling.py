@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from lmtool.config import ModelConfig  # noqa: E402
 import lmtool.model  # noqa: E402
-from lmtool.model import GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, LanguageModel  # noqa: E402
+from lmtool.model import GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, OUTPUT_MAJOR_MIN_VOCAB, LanguageModel  # noqa: E402
 from lmtool.sample import SamplingOptions, generate  # noqa: E402
 
 
@@ -144,6 +144,9 @@ def main() -> None:
     }
     if args.device == "cpu":
         single_stream(models, args.tokens, info)
+    if args.device == "cpu" and MKL_ON_AMD:
+        word_output_layouts(models["word 2x200 LSTM, V=33278"], args.tokens, [int(n) for n in args.streams.split(",")],
+                            info)
     batched(models["char 2x512 LSTM, V=66"].to(args.device), args.tokens, [int(n) for n in args.streams.split(",")],
             args.device, info)
 
@@ -186,6 +189,31 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
                           over_example_generator=round(1000 / lmtool_ms / peer_words_per_s, 2),
                           over_reference_185=round(1000 / lmtool_ms / 185, 2))
         print(json.dumps(record), flush=True)
+
+
+def word_output_layouts(model: LanguageModel, tokens: int, stream_counts: list[int], info: dict) -> None:
+    """Where MKL_ON_AMD: the full-softmax word model generating for GATE_MAJOR_MIN_STREAMS streams and more in
+    fp32, its output layer in PyTorch's layout and transposed (lmtool.model.OUTPUT_MAJOR_MIN_VOCAB), timed in
+    alternating rounds. One JSON line per stream count."""
+    for streams in sorted(n for n in stream_counts if n >= GATE_MAJOR_MIN_STREAMS):
+        options = SamplingOptions(length=tokens // 4, num_samples=streams, seed=1)
+        layouts = {"transposed": 0, "pytorch": None}  # OUTPUT_MAJOR_MIN_VOCAB forced
+        times: dict[str, list[float]] = {name: [] for name in layouts}
+        try:
+            for r in range(5):
+                for name, min_vocab in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
+                    lmtool.model.OUTPUT_MAJOR_MIN_VOCAB = min_vocab
+                    times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 4, repeats=2))
+        finally:
+            lmtool.model.OUTPUT_MAJOR_MIN_VOCAB = OUTPUT_MAJOR_MIN_VOCAB
+        large = OUTPUT_MAJOR_MIN_VOCAB is not None and model.vocab_size >= OUTPUT_MAJOR_MIN_VOCAB
+        print(json.dumps({
+            **info, "model": "word 2x200 LSTM, V=33278", "device": "cpu", "streams": streams, "precision": "fp32",
+            "output_layout": "transposed" if large else "pytorch",
+            **{f"{name}_output_words_per_s": round(streams * 1000 / statistics.median(t)) for name, t in times.items()},
+            "transposed_over_pytorch_median_of_rounds": round(statistics.median(
+                p / t for p, t in zip(times["pytorch"], times["transposed"])), 2),
+        }), flush=True)
 
 
 def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device: str, info: dict) -> None:

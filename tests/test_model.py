@@ -195,6 +195,22 @@ def test_a_model_in_another_dtype_steps_in_that_dtype(monkeypatch, dtype, amd):
         torch.testing.assert_close(logits, model(x)[0][:, 0], atol=0.05, rtol=0.02)
 
 
+def test_large_vocabularies_score_transposed_at_any_stream_count_where_the_cpu_wants_it(monkeypatch):
+    """Where MKL runs on an AMD CPU, a full softmax of OUTPUT_MAJOR_MIN_VOCAB tokens or more scores with its output
+    weights transposed for many streams too (the LSTM keeps PyTorch's layout there): the same scores."""
+    import lmtool.model
+
+    model = LanguageModel(ModelConfig(embedding_size=6, hidden_size=10), 13).eval()
+    x = torch.randint(0, 13, (GATE_MAJOR_MIN_STREAMS + 1, 1))
+    for amd, min_vocab, transposed in ((True, 13, True), (True, 14, False), (True, None, False), (False, 13, False)):
+        monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", amd)
+        monkeypatch.setattr(lmtool.model, "OUTPUT_MAJOR_MIN_VOCAB", min_vocab)
+        weights = model.step_weights(streams=x.size(0))
+        assert (weights.output_major is not None) == transposed and weights.gate_major == (not amd)
+        logits, _ = model.step(x[:, 0], model.init_state(x.size(0)), weights)
+        torch.testing.assert_close(logits, model(x)[0][:, 0])
+
+
 def test_mkl_on_amd_reads_the_cpu_vendor(monkeypatch, tmp_path):
     import builtins
 
