@@ -13,7 +13,9 @@ on a drifting machine; for the word models also the PyTorch example's generator
 read per token and at what rate, and the same products with bf16 weights (in the same rounds). Then batched generation for 1..64 streams, fp32 and --precision bf16,
 with the model FLOP/s against the matrix-multiply peak of that precision measured in the same run. One JSON
 line each; in fp32 on a CPU both of the LSTM's step layouts (the cell's, and the gate-major one lmtool uses
-from 4 streams, or below 4 where MKL_ON_AMD) at every count, timed in alternating rounds. `--device cuda` runs only the batched generation, on the GPU (`--streams` picks the stream counts).
+from 4 streams, or below 4 where MKL_ON_AMD) at every count, timed in alternating rounds; where MKL_ON_AMD, also
+the full-softmax word model's generation from 4 streams with its output layer in both layouts
+(lmtool.model.OUTPUT_MAJOR_MIN_VOCAB). `--device cuda` runs only the batched generation, on the GPU (`--streams` picks the stream counts).
 """
 
 from __future__ import annotations
