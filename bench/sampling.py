@@ -232,15 +232,13 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
         for precision in ("fp32", "bf16"):  # --precision bf16: the recurrent layers step in bfloat16
             options = SamplingOptions(length=tokens // 2, num_samples=streams, seed=1, precision=precision)
             both = precision == "fp32" and device == "cpu"  # elsewhere lmtool always steps in the cell layout
-            # Each layout forced through the rule's two settings, (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD), on this
-            # CPU's side of the rule: where MKL_ON_AMD, "gate-major" also scores with the transposed output layer,
-            # as lmtool does for one to three streams there. bf16 runs as lmtool does.
+            # Each layout forced through the rule's two settings, (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD): where
+            # MKL_ON_AMD, "gate-major" also scores with the transposed output layer, as lmtool does for one to
+            # three streams there. bf16 runs as lmtool does.
             if not both:
                 layouts = {"cell": (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD)}
-            elif MKL_ON_AMD:
-                layouts = {"gate-major": (streams + 1, True), "cell": (1, True)}
-            else:
-                layouts = {"gate-major": (1, False), "cell": (streams + 1, False)}
+            else:  # the other CPUs' rule (few streams: the cell) for the cell; AMD's (few: gate-major) or theirs
+                layouts = {"gate-major": (streams + 1, True) if MKL_ON_AMD else (1, False), "cell": (streams + 1, False)}
             times: dict[str, list[float]] = {name: [] for name in layouts}
             try:
                 for r in range(5):
@@ -252,8 +250,7 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
                 lmtool.model.GATE_MAJOR_MIN_STREAMS = GATE_MAJOR_MIN_STREAMS
                 lmtool.model.MKL_ON_AMD = MKL_ON_AMD
             # what lmtool runs
-            few = streams < GATE_MAJOR_MIN_STREAMS
-            chosen = "gate-major" if both and (few if MKL_ON_AMD else not few) else "cell"
+            chosen = "gate-major" if both and model.step_weights(streams=streams).gate_major else "cell"
             throughput = streams * 1000 / statistics.median(times[chosen])
             one_stream = one_stream or throughput
             gflops = throughput * 2 * macs / 1e9

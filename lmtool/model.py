@@ -70,11 +70,13 @@ def _mkl_on_amd() -> bool:
 
 
 # Where MKL runs on an AMD processor, one to three streams generate with transposed weights (the LSTM
-# gate-major, the output layer (H, V)) and more streams in PyTorch's layout; elsewhere the reverse. On a 2-core
+# gate-major, the output layer (H, V)) and more streams in PyTorch's layout, except that an LSTM whose first
+# layer's input product is looked up (StepWeights.input_table: a character vocabulary) stays gate-major, which
+# measured 0.99-1.18x the cell's at 4-64 streams with the lookup (three runs); elsewhere the reverse. On a 2-core
 # AMD EPYC, MKL multiplied one or two rows by PyTorch's (outputs, inputs) weights far below the memory's speed:
-# the bare step products of a word model with 33k words took 3.6-4.1 ms per token that way and 1.1-1.2 ms
-# transposed, the char model's 0.39-0.73 against 0.31-0.36 ms; from 4 to 64 streams the gate-major step
-# measured 0.69-1.09x the cell's. On an Intel Xeon the cell's layout was the faster one for one to three streams
+# the bare step products of a word model with 33k words took 3.4-4.1 ms per token that way and 0.9-1.2 ms
+# transposed, the char model's 0.37-0.89 against 0.28-0.38 ms; from 4 to 64 streams the gate-major step without
+# the lookup measured 0.69-1.09x the cell's. On an Intel Xeon the cell's layout was the faster one for one to three streams
 # (the gate-major step 0.77-0.87x) and the gate-major one from four (1.06-1.80x); CPUs not measured are treated
 # like it. `python bench/sampling.py` times both layouts (README, Generation speed).
 MKL_ON_AMD = _mkl_on_amd()
@@ -92,21 +94,31 @@ class StepWeights:
     layer's (w_ih, w_hh, b_ih, b_hh); or, with `gate_major`, an LSTM layer's (w_ih.T, w_hh.T, b_ih + b_hh)
     with the gates reordered to input, forget, output, cell (see `lstm_step_gate_major`). `output_major` is
     a full softmax's (weight.T, bias), contiguous, where that layout scores faster (MKL_ON_AMD, few streams);
-    else None, and the model's own output layer scores (in its dtype)."""
+    else None, and the model's own output layer scores (in its dtype). `input_table`, gate-major only: the
+    first layer's input product of every token, biases included ((V, 4H): embedding @ w_ih.T + b_ih + b_hh),
+    where it is no larger than the w_ih it replaces (a character vocabulary): a step looks its token's row up
+    instead of embedding it and multiplying."""
 
     embedding: torch.Tensor
     layers: list[tuple[torch.Tensor, ...]]
     gate_major: bool = False
     output_major: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    input_table: torch.Tensor | None = None
 
 
 def lstm_step_gate_major(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], w_ih_t: torch.Tensor,
                          w_hh_t: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.lstm_cell on StepWeights' gate-major layout: the gates accumulate in one (B, 4H) buffer, and the
     three sigmoid gates, stored side by side, take one call."""
+    return lstm_step_from_input_gates(torch.addmm(bias, x, w_ih_t), state, w_hh_t)
+
+
+def lstm_step_from_input_gates(input_gates: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
+                               w_hh_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lstm_step_gate_major` from the input's (B, 4H) contribution, biases included, which it overwrites."""
     h, c = state
     hidden = h.size(-1)
-    gates = torch.addmm(bias, x, w_ih_t).addmm_(h, w_hh_t)  # (B, 4H): input, forget, output | cell
+    gates = input_gates.addmm_(h, w_hh_t)  # (B, 4H): input, forget, output | cell
     sigmoid_gates = gates[:, : 3 * hidden].sigmoid_()
     cell_input = gates[:, 3 * hidden:].tanh_()
     input_gate, forget_gate = sigmoid_gates[:, :hidden], sigmoid_gates[:, hidden: 2 * hidden]
@@ -241,10 +253,15 @@ class LanguageModel(nn.Module):
         """`step_hidden` on the state kept as one entry per layer ((h, c) for an LSTM, else h; see
         `layer_states`): a generation loop then never splits and restacks it. At batch 1 the per-operation
         overhead is what costs, so this is plain functional calls."""
-        x = F.embedding(token, weights.embedding)  # (B, E)
         cell_step = lstm_step_gate_major if weights.gate_major else CELL_STEPS[self.config.cell]
         new_layers = []
-        for w, layer in zip(weights.layers, layers):
+        if weights.input_table is not None:  # the first layer's input product, looked up (a copy: overwritten)
+            x, c = lstm_step_from_input_gates(weights.input_table.index_select(0, token), layers[0],
+                                              weights.layers[0][1])
+            new_layers.append((x, c))
+        else:
+            x = F.embedding(token, weights.embedding)  # (B, E)
+        for w, layer in zip(weights.layers[len(new_layers):], layers[len(new_layers):]):
             if self.config.cell == "lstm":
                 x, c = cell_step(x, layer, *w)  # (B, H) each
                 new_layers.append((x, c))
@@ -280,13 +297,18 @@ class LanguageModel(nn.Module):
 
         layers = [tuple(ready(w) for w in _layer_weights(rnn, layer)) for layer in range(self.config.num_layers)]
         few = streams < GATE_MAJOR_MIN_STREAMS
-        # the faster layout on this CPU for that many streams
-        transposed = relayout and self.device.type == "cpu" and (few if MKL_ON_AMD else not few)
+        looks_up = self.vocab_size <= self.config.embedding_size  # gate-major would look the input product up
+        # the faster layout on this CPU for that many streams (MKL_ON_AMD)
+        transposed = relayout and self.device.type == "cpu" and ((few or looks_up) if MKL_ON_AMD else not few)
         gate_major = transposed and self.config.cell == "lstm" and layers[0][0].dtype == torch.float32
         if gate_major:
             order = list(GATE_MAJOR_ORDER)
             layers = [(_gate_major(w_ih), _gate_major(w_hh), (b_ih + b_hh).view(4, -1)[order].flatten())
                       for w_ih, w_hh, b_ih, b_hh in layers]
+        input_table = None
+        if gate_major and looks_up:
+            w_ih_t, _, bias = layers[0]
+            input_table = torch.addmm(bias, self.embedding.weight.detach(), w_ih_t)  # (V, 4H)
         output_major = None
         large = OUTPUT_MAJOR_MIN_VOCAB is not None and self.vocab_size >= OUTPUT_MAJOR_MIN_VOCAB
         output_transposed = transposed and few or (relayout and MKL_ON_AMD and large and self.device.type == "cpu")
@@ -294,7 +316,7 @@ class LanguageModel(nn.Module):
             bias = self.decoder.bias
             output_major = (self.decoder.weight.detach().t().contiguous(), None if bias is None else bias.detach())
         return StepWeights(embedding=ready(self.embedding.weight), layers=layers, gate_major=gate_major,
-                           output_major=output_major)
+                           output_major=output_major, input_table=input_table)
 
     @property
     def device(self) -> torch.device:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -209,6 +211,45 @@ def test_large_vocabularies_score_transposed_at_any_stream_count_where_the_cpu_w
         assert (weights.output_major is not None) == transposed and weights.gate_major == (not amd)
         logits, _ = model.step(x[:, 0], model.init_state(x.size(0)), weights)
         torch.testing.assert_close(logits, model(x)[0][:, 0])
+
+
+@pytest.mark.parametrize("amd", [True, False])
+def test_a_small_vocabulary_looks_up_the_first_layers_input_product(monkeypatch, amd):
+    """In the gate-major layout a vocabulary no larger than the embedding (a character model's) gets the first
+    layer's input product of every token precomputed: the same scores and states as the sequence kernel, in
+    both directions of a bidirectional model, and the same samples."""
+    import lmtool.model
+    from lmtool.sample import SamplingOptions, generate
+
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", amd)
+    model = LanguageModel(ModelConfig(embedding_size=16, hidden_size=10, num_layers=2,
+                                      direction="bidirectional"), 13).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(8)
+    streams = 2 if amd else GATE_MAJOR_MIN_STREAMS  # where each CPU steps gate-major
+    x = torch.randint(0, 13, (streams, 6))
+    for direction in ("forward", "backward"):
+        full, (h_full, c_full) = model(x, direction=direction)
+        weights = model.step_weights(direction, streams=streams)
+        assert weights.gate_major and weights.input_table.shape == (13, 40)
+        state, steps = model.init_state(streams), []
+        for t in range(6):
+            logits, state = model.step(x[:, t], state, weights)
+            steps.append(logits)
+        torch.testing.assert_close(torch.stack(steps, 1), full)
+        torch.testing.assert_close(state, (h_full, c_full))
+    many = model.step_weights(streams=64)  # many streams too, on either CPU: the lookup makes gate-major faster
+    assert many.gate_major and many.input_table is not None
+    options = SamplingOptions(length=12, num_samples=streams, seed=5, stop_at_eos=False)
+    looked_up = generate(model, [3], options)
+    # as if the table were larger than w_ih: the embedding is multiplied
+    monkeypatch.setattr(model, "config", dataclasses.replace(model.config, embedding_size=12))
+    assert model.step_weights(streams=streams).input_table is None
+    assert model.step_weights(streams=64).gate_major == (not amd)  # AMD: PyTorch's layout without the lookup
+    assert generate(model, [3], options) == looked_up
+    # the cell's layout and bf16 steps multiply as before
+    assert model.step_weights(dtype=torch.bfloat16, streams=streams).input_table is None
 
 
 def test_mkl_on_amd_reads_the_cpu_vendor(monkeypatch, tmp_path):
