@@ -12,8 +12,9 @@ on a drifting machine; for the word models also the PyTorch example's generator
 (bench/peer_example.py) of the same size; for the plain output layers also the megabytes of weights the bare products
 read per token and at what rate, and the same products with bf16 weights (in the same rounds). Then batched generation for 1..64 streams, fp32 and --precision bf16,
 with the model FLOP/s against the matrix-multiply peak of that precision measured in the same run. One JSON
-line each; in fp32 on a CPU both of the LSTM's step layouts (the cell's, and the gate-major one lmtool uses
-from 4 streams, or below 4 where MKL_ON_AMD) at every count, timed in alternating rounds; where MKL_ON_AMD, also
+line each; in fp32 on a CPU both of the LSTM's step layouts (the cell's, and the gate-major one, which lmtool
+uses from 4 streams, and where MKL_ON_AMD below 4 and, for the char model, at every count) at every count, timed
+in alternating rounds; where MKL_ON_AMD, also
 the full-softmax word model's generation from 4 streams with its output layer in both layouts
 (lmtool.model.OUTPUT_MAJOR_MIN_VOCAB). `--device cuda` runs only the batched generation, on the GPU (`--streams` picks the stream counts).
 """
@@ -238,7 +239,10 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
             if not both:
                 layouts = {"cell": (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD)}
             else:  # the other CPUs' rule (few streams: the cell) for the cell; AMD's (few: gate-major) or theirs
-                layouts = {"gate-major": (streams + 1, True) if MKL_ON_AMD else (1, False), "cell": (streams + 1, False)}
+                # AMD: below 4 streams the few-stream rule; from 4, the char model's own (gate-major with its
+                # input table, output layer untransposed)
+                amd = (streams + 1 if streams < GATE_MAJOR_MIN_STREAMS else GATE_MAJOR_MIN_STREAMS, True)
+                layouts = {"gate-major": amd if MKL_ON_AMD else (1, False), "cell": (streams + 1, False)}
             times: dict[str, list[float]] = {name: [] for name in layouts}
             try:
                 for r in range(5):

@@ -72,7 +72,7 @@ def _mkl_on_amd() -> bool:
 # Where MKL runs on an AMD processor, one to three streams generate with transposed weights (the LSTM
 # gate-major, the output layer (H, V)) and more streams in PyTorch's layout, except that an LSTM whose first
 # layer's input product is looked up (StepWeights.input_table: a character vocabulary) stays gate-major, which
-# measured 0.99-1.18x the cell's at 4-64 streams with the lookup (three runs); elsewhere the reverse. On a 2-core
+# measured 0.94-1.20x the cell's at 4-64 streams with the lookup (four runs); elsewhere the reverse. On a 2-core
 # AMD EPYC, MKL multiplied one or two rows by PyTorch's (outputs, inputs) weights far below the memory's speed:
 # the bare step products of a word model with 33k words took 3.4-4.1 ms per token that way and 0.9-1.2 ms
 # transposed, the char model's 0.37-0.89 against 0.28-0.38 ms; from 4 to 64 streams the gate-major step without
@@ -308,7 +308,7 @@ class LanguageModel(nn.Module):
         input_table = None
         if gate_major and looks_up:
             w_ih_t, _, bias = layers[0]
-            input_table = torch.addmm(bias, self.embedding.weight.detach(), w_ih_t)  # (V, 4H)
+            input_table = torch.addmm(bias, ready(self.embedding.weight), w_ih_t)  # (V, 4H)
         output_major = None
         large = OUTPUT_MAJOR_MIN_VOCAB is not None and self.vocab_size >= OUTPUT_MAJOR_MIN_VOCAB
         output_transposed = transposed and few or (relayout and MKL_ON_AMD and large and self.device.type == "cpu")

@@ -239,6 +239,11 @@ def test_a_small_vocabulary_looks_up_the_first_layers_input_product(monkeypatch,
             steps.append(logits)
         torch.testing.assert_close(torch.stack(steps, 1), full)
         torch.testing.assert_close(state, (h_full, c_full))
+        weights.input_table.zero_()  # the step reads the table, not the embedding
+        assert not torch.allclose(model.step(x[:, 0], model.init_state(streams), weights)[0], full[:, 0])
+    # a model in another dtype stepped in fp32 builds its table in fp32 too
+    assert model.double().step_weights(dtype=torch.float32, streams=streams).input_table.dtype == torch.float32
+    model.float()
     many = model.step_weights(streams=64)  # many streams too, on either CPU: the lookup makes gate-major faster
     assert many.gate_major and many.input_table is not None
     options = SamplingOptions(length=12, num_samples=streams, seed=5, stop_at_eos=False)
