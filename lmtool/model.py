@@ -296,10 +296,13 @@ class LanguageModel(nn.Module):
             return t.detach() if dtype is None else t.detach().to(dtype)
 
         layers = [tuple(ready(w) for w in _layer_weights(rnn, layer)) for layer in range(self.config.num_layers)]
+        # The faster layouts on this CPU for that many streams (MKL_ON_AMD); other devices keep PyTorch's.
+        on_cpu = relayout and self.device.type == "cpu"
         few = streams < GATE_MAJOR_MIN_STREAMS
         looks_up = self.vocab_size <= self.config.embedding_size  # gate-major would look the input product up
-        # the faster layout on this CPU for that many streams (MKL_ON_AMD)
-        transposed = relayout and self.device.type == "cpu" and ((few or looks_up) if MKL_ON_AMD else not few)
+        large = OUTPUT_MAJOR_MIN_VOCAB is not None and self.vocab_size >= OUTPUT_MAJOR_MIN_VOCAB
+        amd = on_cpu and MKL_ON_AMD
+        transposed = (few or looks_up) if amd else (on_cpu and not few)
         gate_major = transposed and self.config.cell == "lstm" and layers[0][0].dtype == torch.float32
         if gate_major:
             order = list(GATE_MAJOR_ORDER)
@@ -310,9 +313,7 @@ class LanguageModel(nn.Module):
             w_ih_t, _, bias = layers[0]
             input_table = torch.addmm(bias, ready(self.embedding.weight), w_ih_t)  # (V, 4H)
         output_major = None
-        large = OUTPUT_MAJOR_MIN_VOCAB is not None and self.vocab_size >= OUTPUT_MAJOR_MIN_VOCAB
-        output_transposed = transposed and few or (relayout and MKL_ON_AMD and large and self.device.type == "cpu")
-        if output_transposed and self.config.softmax == "full" and self.decoder.weight.dtype == torch.float32:
+        if amd and (few or large) and self.config.softmax == "full" and self.decoder.weight.dtype == torch.float32:
             bias = self.decoder.bias
             output_major = (self.decoder.weight.detach().t().contiguous(), None if bias is None else bias.detach())
         return StepWeights(embedding=ready(self.embedding.weight), layers=layers, gate_major=gate_major,
