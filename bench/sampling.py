@@ -26,7 +26,9 @@ import json
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info, matmul_peak_gflops, require_cuda  # noqa: E402
@@ -36,7 +38,7 @@ import torch  # noqa: E402
 
 from lmtool.config import ModelConfig  # noqa: E402
 import lmtool.model  # noqa: E402
-from lmtool.model import GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, OUTPUT_MAJOR_MIN_VOCAB, LanguageModel  # noqa: E402
+from lmtool.model import GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, LanguageModel  # noqa: E402
 from lmtool.sample import SamplingOptions, generate  # noqa: E402
 
 
@@ -111,14 +113,25 @@ def bare_bf16_matvecs(model: LanguageModel, tokens: int) -> None:
         torch.mv(decoder, v)
 
 
+@contextmanager
+def layout_rule(**settings) -> Iterator[None]:
+    """lmtool.model's layout settings (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, OUTPUT_MAJOR_MIN_VOCAB) forced to these
+    values for the block, then restored: how the bench times a layout lmtool would not pick here."""
+    saved = {name: getattr(lmtool.model, name) for name in settings}
+    for name, value in settings.items():
+        setattr(lmtool.model, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(lmtool.model, name, value)
+
+
 def pytorch_layout(generate_tokens, tokens: int) -> None:
     """lmtool's generation of one to three streams with the weights as PyTorch stores them, on any CPU (as it
     runs where MKL is not on an AMD processor)."""
-    lmtool.model.MKL_ON_AMD = False
-    try:
+    with layout_rule(MKL_ON_AMD=False):
         generate_tokens(tokens)
-    finally:
-        lmtool.model.MKL_ON_AMD = MKL_ON_AMD
 
 
 @torch.inference_mode()
@@ -202,17 +215,14 @@ def word_output_layouts(model: LanguageModel, tokens: int, stream_counts: list[i
         options = SamplingOptions(length=tokens // 4, num_samples=streams, seed=1)
         layouts = {"transposed": 0, "pytorch": None}  # OUTPUT_MAJOR_MIN_VOCAB forced
         times: dict[str, list[float]] = {name: [] for name in layouts}
-        try:
-            for r in range(5):
-                for name, min_vocab in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
-                    lmtool.model.OUTPUT_MAJOR_MIN_VOCAB = min_vocab
+        for r in range(5):
+            for name, min_vocab in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
+                with layout_rule(OUTPUT_MAJOR_MIN_VOCAB=min_vocab):
                     times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 4, repeats=2))
-        finally:
-            lmtool.model.OUTPUT_MAJOR_MIN_VOCAB = OUTPUT_MAJOR_MIN_VOCAB
-        large = OUTPUT_MAJOR_MIN_VOCAB is not None and model.vocab_size >= OUTPUT_MAJOR_MIN_VOCAB
+        transposed = model.step_weights(streams=streams).output_major is not None  # what lmtool runs
         print(json.dumps({
             **info, "model": "word 2x200 LSTM, V=33278", "device": "cpu", "streams": streams, "precision": "fp32",
-            "output_layout": "transposed" if large else "pytorch",
+            "output_layout": "transposed" if transposed else "pytorch",
             **{f"{name}_output_words_per_s": round(streams * 1000 / statistics.median(t)) for name, t in times.items()},
             "transposed_over_pytorch_median_of_rounds": round(statistics.median(
                 p / t for p, t in zip(times["pytorch"], times["transposed"])), 2),
@@ -233,26 +243,20 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
         for precision in ("fp32", "bf16"):  # --precision bf16: the recurrent layers step in bfloat16
             options = SamplingOptions(length=tokens // 2, num_samples=streams, seed=1, precision=precision)
             both = precision == "fp32" and device == "cpu"  # elsewhere lmtool always steps in the cell layout
-            # Each layout forced through the rule's two settings, (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD): where
-            # MKL_ON_AMD, "gate-major" also scores with the transposed output layer, as lmtool does for one to
-            # three streams there. bf16 runs as lmtool does.
+            # Each layout forced through the rule's two settings, (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD). The cell:
+            # the other CPUs' rule for few streams. Gate-major: theirs for many, or where MKL_ON_AMD the way lmtool
+            # runs it there (below 4 streams with the output layer transposed; from 4, the char model's own rule:
+            # its input table, the output layer untransposed). bf16 runs as lmtool does.
             if not both:
                 layouts = {"cell": (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD)}
-            else:  # the other CPUs' rule (few streams: the cell) for the cell; AMD's (few: gate-major) or theirs
-                # AMD: below 4 streams the few-stream rule; from 4, the char model's own (gate-major with its
-                # input table, output layer untransposed)
-                amd = (streams + 1 if streams < GATE_MAJOR_MIN_STREAMS else GATE_MAJOR_MIN_STREAMS, True)
-                layouts = {"gate-major": amd if MKL_ON_AMD else (1, False), "cell": (streams + 1, False)}
+            else:
+                amd_gate_major = (min(streams + 1, GATE_MAJOR_MIN_STREAMS), True)
+                layouts = {"gate-major": amd_gate_major if MKL_ON_AMD else (1, False), "cell": (streams + 1, False)}
             times: dict[str, list[float]] = {name: [] for name in layouts}
-            try:
-                for r in range(5):
-                    for name, (threshold, amd) in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
-                        lmtool.model.GATE_MAJOR_MIN_STREAMS = threshold
-                        lmtool.model.MKL_ON_AMD = amd
+            for r in range(5):
+                for name, (threshold, amd) in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
+                    with layout_rule(GATE_MAJOR_MIN_STREAMS=threshold, MKL_ON_AMD=amd):
                         times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 2, repeats=2))
-            finally:
-                lmtool.model.GATE_MAJOR_MIN_STREAMS = GATE_MAJOR_MIN_STREAMS
-                lmtool.model.MKL_ON_AMD = MKL_ON_AMD
             # what lmtool runs
             chosen = "gate-major" if both and model.step_weights(streams=streams).gate_major else "cell"
             throughput = streams * 1000 / statistics.median(times[chosen])
