@@ -44,18 +44,31 @@ def test_single_layer_with_dropout_does_not_warn(recwarn):
     assert not [w for w in recwarn if "dropout" in str(w.message)]
 
 
+def stepped(model, tokens, weights=None):
+    """`model.step` over (B, T) tokens from the zero state: the (B, T, V) scores and the final state."""
+    state, steps = model.init_state(tokens.size(0)), []
+    for t in range(tokens.size(1)):
+        scores, state = model.step(tokens[:, t], state, weights)
+        steps.append(scores)
+    return torch.stack(steps, 1), state
+
+
+def sharpened(model):
+    """The model with its weights 8 times the initialisation's, so that a swapped gate or a lost bias shows."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(8)
+    return model
+
+
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_single_token_step_equals_the_sequence_kernel(cell):
     model = LanguageModel(ModelConfig(cell=cell, embedding_size=6, hidden_size=10, num_layers=2, dropout=0.3), 13)
     model.eval()
     x = torch.randint(0, 13, (3, 7))
     full, full_state = model(x)
-    state = model.init_state(3)
-    steps = []
-    for t in range(7):
-        logits, state = model.step(x[:, t], state)
-        steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, 1), full)
+    steps, state = stepped(model, x)
+    torch.testing.assert_close(steps, full)
     for a, b in zip(state if isinstance(state, tuple) else (state,), full_state if isinstance(full_state, tuple) else (full_state,)):
         torch.testing.assert_close(a, b)
     # the cached step weights follow an update of the parameters
@@ -74,19 +87,14 @@ def test_many_streams_step_in_the_gate_major_layout_like_the_sequence_kernel(mon
     monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", False)  # as on an Intel CPU
     model = LanguageModel(ModelConfig(cell="lstm", embedding_size=6, hidden_size=10, num_layers=2,
                                       direction="bidirectional"), 13).eval()
-    with torch.no_grad():  # larger weights than the initialisation's, so that a swapped gate shows clearly
-        for param in model.parameters():
-            param.mul_(8)
+    sharpened(model)
     x = torch.randint(0, 13, (5, 7))
     for direction in ("forward", "backward"):
         full, (h_full, c_full) = model(x, direction=direction)
         weights = model.step_weights(direction, streams=5)
         assert weights.gate_major
-        state, steps = model.init_state(5), []
-        for t in range(7):
-            logits, state = model.step(x[:, t], state, weights)
-            steps.append(logits)
-        torch.testing.assert_close(torch.stack(steps, 1), full)
+        steps, state = stepped(model, x, weights)
+        torch.testing.assert_close(steps, full)
         torch.testing.assert_close(state[0], h_full)
         torch.testing.assert_close(state[1], c_full)
     assert not model.step_weights(streams=GATE_MAJOR_MIN_STREAMS - 1).gate_major
@@ -126,21 +134,15 @@ def test_few_streams_step_with_transposed_weights_where_the_cpu_wants_them(monke
     import lmtool.model
 
     monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
-    model = LanguageModel(ModelConfig(cell=cell, embedding_size=6, hidden_size=10, num_layers=2), 13).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.mul_(8)
+    model = sharpened(LanguageModel(ModelConfig(cell=cell, embedding_size=6, hidden_size=10, num_layers=2), 13).eval())
     x = torch.randint(0, 13, (GATE_MAJOR_MIN_STREAMS - 1, 7))
     full, final = model(x)
     weights = model.step_weights(streams=GATE_MAJOR_MIN_STREAMS - 1)
     assert weights.gate_major == (cell == "lstm")
     weight_t, bias = weights.output_major
     assert weight_t.shape == (10, 13) and weight_t.is_contiguous() and bias is not None
-    state, steps = model.init_state(GATE_MAJOR_MIN_STREAMS - 1), []
-    for t in range(7):
-        logits, state = model.step(x[:, t], state, weights)
-        steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, 1), full)
+    steps, state = stepped(model, x, weights)
+    torch.testing.assert_close(steps, full)
     torch.testing.assert_close(state, final)
     # from GATE_MAJOR_MIN_STREAMS streams both keep PyTorch's layout there; bf16's fp32 output layer does not
     many = model.step_weights(streams=GATE_MAJOR_MIN_STREAMS)
@@ -222,22 +224,16 @@ def test_a_small_vocabulary_looks_up_the_first_layers_input_product(monkeypatch,
     from lmtool.sample import SamplingOptions, generate
 
     monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", amd)
-    model = LanguageModel(ModelConfig(embedding_size=16, hidden_size=10, num_layers=2,
-                                      direction="bidirectional"), 13).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.mul_(8)
+    model = sharpened(LanguageModel(ModelConfig(embedding_size=16, hidden_size=10, num_layers=2,
+                                                direction="bidirectional"), 13).eval())
     streams = 2 if amd else GATE_MAJOR_MIN_STREAMS  # where each CPU steps gate-major
     x = torch.randint(0, 13, (streams, 6))
     for direction in ("forward", "backward"):
         full, (h_full, c_full) = model(x, direction=direction)
         weights = model.step_weights(direction, streams=streams)
         assert weights.gate_major and weights.input_table.shape == (13, 40)
-        state, steps = model.init_state(streams), []
-        for t in range(6):
-            logits, state = model.step(x[:, t], state, weights)
-            steps.append(logits)
-        torch.testing.assert_close(torch.stack(steps, 1), full)
+        steps, state = stepped(model, x, weights)
+        torch.testing.assert_close(steps, full)
         torch.testing.assert_close(state, (h_full, c_full))
         weights.input_table.zero_()  # the step reads the table, not the embedding
         assert not torch.allclose(model.step(x[:, 0], model.init_state(streams), weights)[0], full[:, 0])
@@ -301,11 +297,7 @@ def test_adaptive_softmax_is_an_exact_distribution_and_its_loss_matches_it():
     nll, _ = model(x, targets=y)
     torch.testing.assert_close(nll, -scores.gather(-1, y.unsqueeze(-1)).squeeze(-1))
     # generation's step gives the same distribution as the sequence kernel
-    state, steps = model.init_state(3), []
-    for t in range(9):
-        step_scores, state = model.step(x[:, t], state)
-        steps.append(step_scores)
-    torch.testing.assert_close(torch.stack(steps, 1), scores)
+    torch.testing.assert_close(stepped(model, x)[0], scores)
 
 
 def test_the_loss_stays_float32_under_bf16_autocast():
