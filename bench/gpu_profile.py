@@ -86,7 +86,8 @@ def main() -> None:
 
         def bare_run(steps: int):
             return profiled(lambda: bare_loop(streams, len(corpus.tokenizer), m.embedding_size, m.hidden_size,
-                                              m.num_layers, cfg.data.bptt, steps, args.precision == "bf16", "cuda"))
+                                              m.num_layers, cfg.data.bptt, steps, args.precision == "bf16", "cuda",
+                                              cfg.train.log_every))
 
         lmtool_run(5)  # warm up cuDNN and the allocator
         ours = (lmtool_run(10), lmtool_run(40))
