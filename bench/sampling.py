@@ -3,8 +3,9 @@
 Usage: python bench/sampling.py [--tokens 400] [--device cuda --streams 1,8,64,256]
 Builds untrained models of the reference sizes (char 2x512 LSTM, 66 symbols; word 2x200 LSTM with the
 WikiText-2 vocabulary of 33,278, with full and adaptive softmax) and times, in one process: the bare products of one step (each layer's
-input and hidden weights, then the output layer), with the weights as PyTorch stores them and transposed (the
-faster of the two, round by round, is the bare cost), a naive loop that calls nn.LSTM on length-1 inputs, and
+input and hidden weights, then the output layer), with the weights as PyTorch stores them, transposed, and
+transposed in column blocks, one per thread (lmtool.column_blocks; the fastest of the three, round by round,
+is the bare cost), a naive loop that calls nn.LSTM on length-1 inputs, and
 `lmtool.sample.generate` (sampling included), and generate again with the weights in PyTorch's layout
 (`lmtool_pytorch_layout_ms_per_token`: the cell's LSTM step and F.linear, where lmtool.model.MKL_ON_AMD
 transposes them for one stream), all in turn round after round, so the lmtool / bare ratio is a median of per-round ratios
@@ -36,9 +37,10 @@ from peer_example import PeerModel, generate_words_per_s  # noqa: E402
 
 import torch  # noqa: E402
 
+from lmtool.column_blocks import in_column_blocks, times  # noqa: E402
 from lmtool.config import ModelConfig  # noqa: E402
 import lmtool.model  # noqa: E402
-from lmtool.model import GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, LanguageModel  # noqa: E402
+from lmtool.model import GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, LanguageModel, Matrix  # noqa: E402
 from lmtool.sample import SamplingOptions, generate  # noqa: E402
 
 
@@ -66,13 +68,16 @@ def per_token_ms(fn, tokens: int, repeats: int = 5) -> float:
     return statistics.median(times[1:])
 
 
-def bare_weights(model: LanguageModel, transposed: bool = False) -> tuple[list, torch.Tensor]:
+def bare_weights(model: LanguageModel, layout: str = "rows") -> tuple[list, Matrix]:
     """Each layer's (input, hidden) weights and the output layer's, each to be multiplied as `v @ w`: as PyTorch
-    stores them ((outputs, inputs), a row times the transpose) or, `transposed`, copied into (inputs, outputs)
-    matrices. Made once, outside the timed calls."""
+    stores them ("rows": (outputs, inputs), a row times the transpose), copied into (inputs, outputs) matrices
+    ("transposed"), or those cut into column blocks, one per thread where large enough ("blocks", as lmtool
+    steps where MKL_ON_AMD; lmtool.column_blocks). Made once, outside the timed calls."""
     weights = [getattr(model.rnn, f"weight_{kind}_l{i}").detach() for i in range(model.config.num_layers)
                for kind in ("ih", "hh")] + [model.decoder.weight.detach()]
-    weights = [w.t().contiguous() if transposed else w.t() for w in weights]
+    relayout = {"rows": torch.Tensor.t, "transposed": lambda w: w.t().contiguous(),
+                "blocks": lambda w: in_column_blocks(w.t())}[layout]
+    weights = [relayout(w) for w in weights]
     return list(zip(weights[:-1:2], weights[1:-1:2])), weights[-1]
 
 
@@ -87,8 +92,8 @@ def bare(model: LanguageModel, tokens: int, weights: tuple[list, torch.Tensor]) 
     for _ in range(tokens):
         v = x
         for w_ih, w_hh in layers:
-            v = (v @ w_ih + h @ w_hh)[:, :hidden]
-        v @ decoder
+            v = (times(v, w_ih) + times(h, w_hh))[:, :hidden]
+        times(v, decoder)
 
 
 def bare_weight_bytes(model: LanguageModel) -> int:
@@ -174,14 +179,15 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
         options = SamplingOptions(length=tokens, seed=1)
         ours = lambda n: generate(model, [], SamplingOptions(length=n, seed=1))  # noqa: E731
         if model.config.softmax == "full":  # the bare products are defined for the plain output layer
-            rows, transposed = bare_weights(model), bare_weights(model, transposed=True)
+            rows, transposed, blocks = (bare_weights(model, layout) for layout in ("rows", "transposed", "blocks"))
             ms, ratio = interleaved_ms({"lmtool": ours, "lmtool-pytorch-layout": lambda n: pytorch_layout(ours, n),
                                         "bare-rows": lambda n: bare(model, n, rows),
                                         "bare-transposed": lambda n: bare(model, n, transposed),
+                                        "bare-blocks": lambda n: bare(model, n, blocks),
                                         "bf16": lambda n: bare_bf16_matvecs(model, n),
                                         "naive": lambda n: naive(model, n)}, tokens)
             lmtool_ms = ms["lmtool"]
-            ms["bare"] = min(ms["bare-rows"], ms["bare-transposed"])
+            ms["bare"] = min(ms["bare-rows"], ms["bare-transposed"], ms["bare-blocks"])
         else:
             lmtool_ms = per_token_ms(lambda n: generate(model, [], options), tokens)
         record = {**info, "model": name, "streams": 1, "lmtool_ms_per_token": round(lmtool_ms, 4),
@@ -198,6 +204,7 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
                           mkl_on_amd=MKL_ON_AMD,
                           bare_rows_ms_per_token=round(ms["bare-rows"], 4),
                           bare_transposed_ms_per_token=round(ms["bare-transposed"], 4),
+                          bare_blocks_ms_per_token=round(ms["bare-blocks"], 4),
                           bare_bf16_weights_ms_per_token=round(ms["bf16"], 4),
                           bare_bf16_over_fp32=round(ms["bf16"] / ms["bare"], 2))
         if name.startswith("word"):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmtool.chunked_nll import linear_nll, saves_traffic
+from lmtool.column_blocks import ColumnBlocks, in_column_blocks, times
 from lmtool.config import ModelConfig
 from lmtool.dropout import dropout, fast_dropout_applies
 from lmtool.errors import LmtoolError
@@ -88,42 +89,55 @@ MKL_ON_AMD = _mkl_on_amd()
 OUTPUT_MAJOR_MIN_VOCAB: int | None = 30000
 
 
+# A transposed weight matrix of a generation step: whole, or in column blocks (lmtool.column_blocks).
+Matrix = Union[torch.Tensor, ColumnBlocks]
+
+
 @dataclass(frozen=True)
 class StepWeights:
     """What one generation step reads, detached (and cast, for bf16 generation): the embedding table and each
-    layer's (w_ih, w_hh, b_ih, b_hh); or, with `gate_major`, an LSTM layer's (w_ih.T, w_hh.T, b_ih + b_hh)
-    with the gates reordered to input, forget, output, cell (see `lstm_step_gate_major`). `output_major` is
-    a full softmax's (weight.T, bias), contiguous, where that layout scores faster (MKL_ON_AMD, few streams);
-    else None, and the model's own output layer scores (in its dtype). `input_table`, gate-major only: the
-    first layer's input product of every token, biases included ((V, 4H): embedding @ w_ih.T + b_ih + b_hh),
-    where it is no larger than the w_ih it replaces (a character vocabulary): a step looks its token's row up
-    instead of embedding it and multiplying."""
+    layer's (w_ih, w_hh, b_ih, b_hh); or, with `gate_major`, an LSTM layer's ([w_ih.T; w_hh.T], b_ih + b_hh):
+    its input and hidden weights transposed and stacked, (inputs + H, 4H), with the gates reordered to input,
+    forget, output, cell (see `lstm_step_gate_major`). `output_major` is a full softmax's (weight.T, bias) where
+    that layout scores faster (MKL_ON_AMD, few streams); else None, and the model's own output layer scores (in
+    its dtype). `input_table`, gate-major only: the first layer's input product of every token, biases included
+    ((V, 4H): embedding @ w_ih.T + b_ih + b_hh), where it is no larger than the w_ih it replaces (a character
+    vocabulary): a step looks its token's row up instead of embedding it and multiplying, and that layer's entry
+    is (w_hh.T, bias). Where MKL_ON_AMD, the transposed matrices of either layout come in column blocks, one per
+    thread, where they are large enough (lmtool.column_blocks); elsewhere they are contiguous tensors."""
 
     embedding: torch.Tensor
-    layers: list[tuple[torch.Tensor, ...]]
+    layers: list[tuple]
     gate_major: bool = False
-    output_major: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    output_major: tuple[Matrix, torch.Tensor | None] | None = None
     input_table: torch.Tensor | None = None
 
 
-def lstm_step_gate_major(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], w_ih_t: torch.Tensor,
-                         w_hh_t: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.lstm_cell on StepWeights' gate-major layout: the gates accumulate in one (B, 4H) buffer, and the
-    three sigmoid gates, stored side by side, take one call."""
-    return lstm_step_from_input_gates(torch.addmm(bias, x, w_ih_t), state, w_hh_t)
-
-
-def lstm_step_from_input_gates(input_gates: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
-                               w_hh_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`lstm_step_gate_major` from the input's (B, 4H) contribution, biases included, which it overwrites."""
+def lstm_step_gate_major(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], weight_t: Matrix,
+                         bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.lstm_cell on StepWeights' gate-major layout: the input and the hidden state side by side take one
+    product with the stacked (inputs + H, 4H) weights (one call, not two), the gates land in one (B, 4H) buffer,
+    and the three sigmoid gates, stored side by side, take one call."""
     h, c = state
-    hidden = h.size(-1)
-    gates = input_gates.addmm_(h, w_hh_t)  # (B, 4H): input, forget, output | cell
+    return lstm_gates_step(times(torch.cat((x, h), dim=1), weight_t, bias), c)
+
+
+def lstm_gates_step(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An LSTM step's (h, c) from its (B, 4H) gate inputs in the gate-major order, which it overwrites."""
+    hidden = c.size(-1)
     sigmoid_gates = gates[:, : 3 * hidden].sigmoid_()
     cell_input = gates[:, 3 * hidden:].tanh_()
     input_gate, forget_gate = sigmoid_gates[:, :hidden], sigmoid_gates[:, hidden: 2 * hidden]
     c = torch.addcmul(forget_gate * c, input_gate, cell_input)
     return sigmoid_gates[:, 2 * hidden:] * torch.tanh(c), c
+
+
+def lstm_step_from_input_gates(input_gates: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
+                               w_hh_t: Matrix) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lstm_step_gate_major` from the input's (B, 4H) contribution, biases included, which it may overwrite,
+    and the (H, 4H) hidden weights."""
+    h, c = state
+    return lstm_gates_step(times(h, w_hh_t, input_gates), c)  # gates (B, 4H): input, forget, output | cell
 
 
 # PyTorch stores an LSTM's gates as input, forget, cell, output; the gate-major layout moves the cell gate last.
@@ -236,8 +250,7 @@ class LanguageModel(nn.Module):
             full = self.config.softmax == "full"  # the adaptive softmax reads fp32 itself
             return self.scores(hidden.to(self.decoder.weight.dtype) if full else hidden)
         weight_t, bias = weights.output_major
-        hidden = hidden.to(weight_t.dtype)
-        return torch.mm(hidden, weight_t) if bias is None else torch.addmm(bias, hidden, weight_t)
+        return times(hidden.to(weight_t.dtype), weight_t, bias)
 
     @torch.no_grad()
     def step_hidden(
@@ -257,7 +270,7 @@ class LanguageModel(nn.Module):
         new_layers = []
         if weights.input_table is not None:  # the first layer's input product, looked up (a copy: overwritten)
             x, c = lstm_step_from_input_gates(weights.input_table.index_select(0, token), layers[0],
-                                              weights.layers[0][1])
+                                              weights.layers[0][0])
             new_layers.append((x, c))
         else:
             x = F.embedding(token, weights.embedding)  # (B, E)
@@ -304,18 +317,23 @@ class LanguageModel(nn.Module):
         amd = on_cpu and MKL_ON_AMD
         transposed = (few or looks_up) if amd else (on_cpu and not few)
         gate_major = transposed and self.config.cell == "lstm" and layers[0][0].dtype == torch.float32
+        # MKL multiplies a few rows by a transposed matrix on one thread there: blocks of columns use them all
+        transpose = in_column_blocks if amd else torch.Tensor.contiguous
+        input_table = None
         if gate_major:
             order = list(GATE_MAJOR_ORDER)
             layers = [(_gate_major(w_ih), _gate_major(w_hh), (b_ih + b_hh).view(4, -1)[order].flatten())
                       for w_ih, w_hh, b_ih, b_hh in layers]
-        input_table = None
-        if gate_major and looks_up:
-            w_ih_t, _, bias = layers[0]
-            input_table = torch.addmm(bias, ready(self.embedding.weight), w_ih_t)  # (V, 4H)
+            stacked = [(torch.cat((w_ih_t, w_hh_t)), bias) for w_ih_t, w_hh_t, bias in layers]
+            if looks_up:  # the first layer multiplies its hidden state alone
+                w_ih_t, w_hh_t, bias = layers[0]
+                input_table = torch.addmm(bias, ready(self.embedding.weight), w_ih_t)  # (V, 4H)
+                stacked[0] = (w_hh_t, bias)
+            layers = [(transpose(weight_t), bias) for weight_t, bias in stacked]
         output_major = None
         if amd and (few or large) and self.config.softmax == "full" and self.decoder.weight.dtype == torch.float32:
             bias = self.decoder.bias
-            output_major = (self.decoder.weight.detach().t().contiguous(), None if bias is None else bias.detach())
+            output_major = (transpose(self.decoder.weight.detach().t()), None if bias is None else bias.detach())
         return StepWeights(embedding=ready(self.embedding.weight), layers=layers, gate_major=gate_major,
                            output_major=output_major, input_table=input_table)
 
