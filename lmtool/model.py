@@ -144,11 +144,12 @@ def lstm_step_from_input_gates(input_gates: torch.Tensor, state: tuple[torch.Ten
 GATE_MAJOR_ORDER = (0, 1, 3, 2)
 
 
-def _gate_major(weight: torch.Tensor) -> torch.Tensor:
-    """An LSTM layer's (4H, inputs) weights as an (inputs, 4H) matrix in GATE_MAJOR_ORDER: one transposing copy
-    per gate, straight into place (half the time of reordering the rows and then transposing them)."""
+def _gate_major(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """An LSTM layer's (4H, inputs) weights as an (inputs, 4H) matrix in GATE_MAJOR_ORDER (written into `out` if
+    given): one transposing copy per gate, straight into place (half the time of reordering the rows and then
+    transposing them)."""
     hidden = weight.size(0) // 4
-    out = weight.new_empty(weight.size(1), 4 * hidden)
+    out = weight.new_empty(weight.size(1), 4 * hidden) if out is None else out
     gates = weight.view(4, hidden, -1)
     for place, gate in enumerate(GATE_MAJOR_ORDER):
         out[:, place * hidden: (place + 1) * hidden].copy_(gates[gate].t())
@@ -321,14 +322,17 @@ class LanguageModel(nn.Module):
         transpose = in_column_blocks if amd else torch.Tensor.contiguous
         input_table = None
         if gate_major:
-            order = list(GATE_MAJOR_ORDER)
-            layers = [(_gate_major(w_ih), _gate_major(w_hh), (b_ih + b_hh).view(4, -1)[order].flatten())
-                      for w_ih, w_hh, b_ih, b_hh in layers]
-            stacked = [(torch.cat((w_ih_t, w_hh_t)), bias) for w_ih_t, w_hh_t, bias in layers]
-            if looks_up:  # the first layer multiplies its hidden state alone
-                w_ih_t, w_hh_t, bias = layers[0]
-                input_table = torch.addmm(bias, ready(self.embedding.weight), w_ih_t)  # (V, 4H)
-                stacked[0] = (w_hh_t, bias)
+            stacked = []
+            for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
+                bias = (b_ih + b_hh).view(4, -1)[list(GATE_MAJOR_ORDER)].flatten()
+                if layer == 0 and looks_up:  # the input product is looked up; the step multiplies h alone
+                    input_table = torch.addmm(bias, ready(self.embedding.weight), _gate_major(w_ih))  # (V, 4H)
+                    stacked.append((_gate_major(w_hh), bias))
+                    continue
+                weight_t = w_ih.new_empty(w_ih.size(1) + w_hh.size(1), w_ih.size(0))  # (inputs + H, 4H)
+                _gate_major(w_ih, out=weight_t[: w_ih.size(1)])
+                _gate_major(w_hh, out=weight_t[w_ih.size(1):])
+                stacked.append((weight_t, bias))
             layers = [(transpose(weight_t), bias) for weight_t, bias in stacked]
         output_major = None
         if amd and (few or large) and self.config.softmax == "full" and self.decoder.weight.dtype == torch.float32:

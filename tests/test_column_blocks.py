@@ -17,8 +17,10 @@ def threads(monkeypatch):
 
 @pytest.mark.parametrize("columns", [12, 13])  # divisible by the blocks, and not (the last block padded)
 @pytest.mark.parametrize("rows", [1, 3])
-def test_rows_times_blocks_equal_rows_times_the_whole_matrix(monkeypatch, threads, rows, columns):
+@pytest.mark.parametrize("copy_columns", [512, 3])  # copied in one piece, and in pieces across block edges
+def test_rows_times_blocks_equal_rows_times_the_whole_matrix(monkeypatch, threads, rows, columns, copy_columns):
     monkeypatch.setattr(lmtool.column_blocks, "MIN_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(lmtool.column_blocks, "COPY_COLUMNS", copy_columns)
     threads(3)
     matrix = torch.randn(7, columns, dtype=torch.float64)
     blocks = in_column_blocks(matrix.t().contiguous().t())  # from a transposed view, as the output layer's

@@ -142,6 +142,25 @@ def test_sampling_is_reproducible_and_carries_state(char_run):
     assert lm.tokenizer.decode(ids[1 + len("ROMEO:"):]) == greedy
 
 
+def test_a_short_prompt_is_stepped_and_a_long_one_read_with_the_same_samples(char_run, monkeypatch):
+    """On a CPU a prompt of a few tokens goes through the generation step (the sequence kernel's set-up costs
+    more); a longer one is read by the sequence kernel. Either way the samples are the same."""
+    import lmtool.sample
+
+    lm = lmtool.load_model(char_run)
+    reads = []
+    real_read = type(lm.network).read
+    monkeypatch.setattr(type(lm.network), "read", lambda self, *a, **k: reads.append(1) or real_read(self, *a, **k))
+    options = SamplingOptions(length=40, seed=7, num_samples=2)
+    short, long = "ROMEO:", "ROMEO: what say you?"  # 7 and 21 tokens with the <EOS> before them
+    samples = {prompt: lm.sample(prompt, options) for prompt in (short, long)}
+    assert reads == [1]  # the long prompt only
+    monkeypatch.setattr(lmtool.sample, "STEPPED_PROMPT_TOKENS", 0)
+    assert lm.sample(short, options) == samples[short] and reads == [1, 1]
+    monkeypatch.setattr(lmtool.sample, "STEPPED_PROMPT_TOKENS", 100)
+    assert lm.sample(long, options) == samples[long] and reads == [1, 1]
+
+
 def test_batched_samples_and_stop_at_eos(word_run):
     lm = lmtool.load_model(word_run)
     samples = lm.sample("", SamplingOptions(length=40, num_samples=5, seed=1, stop_at_eos=True))
