@@ -17,7 +17,9 @@ line each; in fp32 on a CPU both of the LSTM's step layouts (the cell's, and the
 uses from 4 streams, and where MKL_ON_AMD below 4 and, for the char model, at every count) at every count, timed
 in alternating rounds; where MKL_ON_AMD, also
 the full-softmax word model's generation from 4 streams with its output layer in both layouts
-(lmtool.model.OUTPUT_MAJOR_MIN_VOCAB). `--device cuda` runs only the batched generation, on the GPU (`--streams` picks the stream counts).
+(lmtool.model.OUTPUT_MAJOR_MIN_VOCAB); and a generation call's fixed costs on the CPU (preparing the step's weights,
+taking in a prompt of 1-16 tokens by reading it and by stepping it). `--device cuda` runs only the batched
+generation, on the GPU (`--streams` picks the stream counts).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from lmtool.column_blocks import in_column_blocks, times  # noqa: E402
 from lmtool.config import ModelConfig  # noqa: E402
 import lmtool.model  # noqa: E402
 from lmtool.model import GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, LanguageModel, Matrix  # noqa: E402
+import lmtool.sample  # noqa: E402
 from lmtool.sample import SamplingOptions, generate  # noqa: E402
 
 
@@ -165,6 +168,7 @@ def main() -> None:
     }
     if args.device == "cpu":
         single_stream(models, args.tokens, info)
+        set_up(models, info)
     if args.device == "cpu" and MKL_ON_AMD:
         word_output_layouts(models["word 2x200 LSTM, V=33278"], args.tokens, [int(n) for n in args.streams.split(",")],
                             info)
@@ -211,6 +215,39 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
             record.update(example_generator_words_per_s=round(peer_words_per_s),
                           over_example_generator=round(1000 / lmtool_ms / peer_words_per_s, 2),
                           over_reference_185=round(1000 / lmtool_ms / 185, 2))
+        print(json.dumps(record), flush=True)
+
+
+@torch.inference_mode()
+def set_up(models: dict, info: dict, prompt_lengths: tuple[int, ...] = (1, 4, 8, 16)) -> None:
+    """A generation call's fixed costs for one stream, per model with a plain output layer: preparing the step's
+    weights (`step_weights`, copies in the CPU's layout) and taking in a prompt of 1 to 16 tokens either way:
+    read by the sequence kernel (`LanguageModel.read`) or stepped like generated tokens (`step_layers`;
+    lmtool.sample.STEPPED_PROMPT_TOKENS picks). Medians of 9 calls after one uncounted."""
+    def median_ms(fn, calls: int = 9) -> float:
+        times_ms = []
+        for _ in range(calls + 1):
+            start = time.perf_counter()
+            fn()
+            times_ms.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times_ms[1:])
+
+    for name, model in models.items():
+        if model.config.softmax != "full":
+            continue
+        weights = model.step_weights(streams=1)
+        record = {**info, "model": name, "streams": 1, "step_weights_ms": round(median_ms(lambda: model.step_weights()), 3),
+                  "stepped_prompt_tokens": lmtool.sample.STEPPED_PROMPT_TOKENS}
+        for length in prompt_lengths:
+            prompt = torch.randint(0, model.vocab_size, (1, length))
+
+            def stepped() -> None:
+                layers = model.layer_states(model.init_state(1))
+                for t in range(length):
+                    _, layers = model.step_layers(prompt[:, t], layers, weights)
+
+            record[f"prompt_{length}_read_ms"] = round(median_ms(lambda: model.read(prompt)), 3)
+            record[f"prompt_{length}_stepped_ms"] = round(median_ms(stepped), 3)
         print(json.dumps(record), flush=True)
 
 

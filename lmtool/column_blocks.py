@@ -1,13 +1,13 @@
 """Products of a few rows with a matrix cut into column blocks, one block per thread.
 
 Generating one to a few streams multiplies a few rows by each weight matrix. Where MKL runs on an AMD processor
-it did such a product on one thread however many PyTorch had: on a 2-core AMD EPYC, one row times the (200,
-33,278) output matrix of a word model took 0.76-0.78 ms with one thread or two. Cut into two blocks of columns,
-(2, 200, 16,639), and multiplied in one batched call (`torch.bmm`, which runs the blocks on separate threads),
-it took 0.26-0.39 ms with the same fp32 arithmetic per score; a char model's (512, 2,048) LSTM matrix 0.044-0.060
-against 0.072-0.082 ms. Matrices of fewer than MIN_BLOCK_ELEMENTS per block stay whole: a (512, 66) output layer
-took twice as long in two blocks (the batched call's own cost). `python bench/sampling.py` times the bare
-products whole and in blocks.
+it did such a product on one thread however many PyTorch had. Cut into blocks of columns, (parts, K, N / parts),
+and multiplied in one batched call (`torch.bmm`, which runs the blocks on separate threads), the same products
+ran about twice as fast with the same fp32 arithmetic per output: on a 2-core AMD EPYC the bare products of one
+generation step took 0.43-0.44 ms in two blocks against 0.92-0.93 ms as whole transposed matrices for a word
+model with 33,278 words, and 0.19-0.23 against 0.30-0.31 ms for the char 2x512 model (`python bench/sampling.py`,
+which times them both ways). Matrices of fewer than MIN_BLOCK_ELEMENTS per block stay whole: for a small matrix,
+such as the char model's (512, 66) output layer, the batched call's own cost outweighs the second thread.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def in_column_blocks(matrix: torch.Tensor) -> torch.Tensor | ColumnBlocks:
     width = -(-columns // parts)
     # zeros only where the last block is padded: filling megabytes costs a generation call time up front
     blocks = (matrix.new_zeros if parts * width != columns else matrix.new_empty)(parts, rows, width)
-    # COPY_COLUMNS at a time: transposing the 33k-word output layer whole took 9.5 ms, in such pieces 3.9 ms
+    # COPY_COLUMNS at a time: a large transposed matrix (a word model's output layer) copies faster in pieces
+    # whose source rows stay in cache than in one strided pass
     for start in range(0, columns, COPY_COLUMNS):
         stop = min(start + COPY_COLUMNS, columns)
         for part in range(start // width, (stop - 1) // width + 1):  # the blocks these columns land in
