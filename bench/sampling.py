@@ -15,9 +15,9 @@ read per token and at what rate, and the same products with bf16 weights (in the
 with the model FLOP/s against the matrix-multiply peak of that precision measured in the same run. One JSON
 line each; in fp32 on a CPU both of the LSTM's step layouts (the cell's, and the gate-major one, which lmtool
 uses from 4 streams, and where MKL_ON_AMD below 4 and, for the char model, at every count) at every count, timed
-in alternating rounds; where MKL_ON_AMD, also
-the full-softmax word model's generation from 4 streams with its output layer in both layouts
-(lmtool.model.OUTPUT_MAJOR_MIN_VOCAB); and a generation call's fixed costs on the CPU (preparing the step's weights,
+in alternating rounds, and where MKL_ON_AMD the gate-major one with whole matrices as well as in column blocks;
+where MKL_ON_AMD, also the full-softmax word model's generation from 4 streams with its output layer in PyTorch's
+layout, transposed whole and transposed in column blocks (lmtool.model.OUTPUT_MAJOR_MIN_VOCAB); and a generation call's fixed costs on the CPU (preparing the step's weights,
 taking in a prompt of 1-16 tokens by reading it and by stepping it). `--device cuda` runs only the batched
 generation, on the GPU (`--streams` picks the stream counts).
 """
@@ -39,7 +39,8 @@ from peer_example import PeerModel, generate_words_per_s  # noqa: E402
 
 import torch  # noqa: E402
 
-from lmtool.column_blocks import in_column_blocks, times  # noqa: E402
+import lmtool.column_blocks  # noqa: E402
+from lmtool.column_blocks import in_column_blocks  # noqa: E402
 from lmtool.config import ModelConfig  # noqa: E402
 import lmtool.model  # noqa: E402
 from lmtool.model import GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, LanguageModel, Matrix  # noqa: E402
@@ -89,14 +90,15 @@ def bare(model: LanguageModel, tokens: int, weights: tuple[list, torch.Tensor]) 
     """The products of one step, `tokens` times: each layer's input and hidden weights, then the output layer,
     in the layout of `weights` (bare_weights). Which layout is faster depends on the CPU's BLAS."""
     layers, decoder = weights
+    product = lmtool.column_blocks.times
     hidden = model.config.hidden_size
     x = torch.randn(1, model.config.embedding_size)
     h = torch.randn(1, hidden)
     for _ in range(tokens):
         v = x
         for w_ih, w_hh in layers:
-            v = (times(v, w_ih) + times(h, w_hh))[:, :hidden]
-        times(v, decoder)
+            v = (product(v, w_ih) + product(h, w_hh))[:, :hidden]
+        product(v, decoder)
 
 
 def bare_weight_bytes(model: LanguageModel) -> int:
@@ -121,18 +123,24 @@ def bare_bf16_matvecs(model: LanguageModel, tokens: int) -> None:
         torch.mv(decoder, v)
 
 
+# Column blocks never used: every matrix has fewer elements than this per block.
+NO_BLOCKS = 2**62
+
+
 @contextmanager
 def layout_rule(**settings) -> Iterator[None]:
-    """lmtool.model's layout settings (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, OUTPUT_MAJOR_MIN_VOCAB) forced to these
-    values for the block, then restored: how the bench times a layout lmtool would not pick here."""
-    saved = {name: getattr(lmtool.model, name) for name in settings}
+    """lmtool's layout settings (lmtool.model's GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, OUTPUT_MAJOR_MIN_VOCAB and
+    lmtool.column_blocks' MIN_BLOCK_ELEMENTS) forced to these values for the block, then restored: how the bench
+    times a layout lmtool would not pick here."""
+    modules = {name: lmtool.column_blocks if name == "MIN_BLOCK_ELEMENTS" else lmtool.model for name in settings}
+    saved = {name: getattr(modules[name], name) for name in settings}
     for name, value in settings.items():
-        setattr(lmtool.model, name, value)
+        setattr(modules[name], name, value)
     try:
         yield
     finally:
         for name, value in saved.items():
-            setattr(lmtool.model, name, value)
+            setattr(modules[name], name, value)
 
 
 def pytorch_layout(generate_tokens, tokens: int) -> None:
@@ -253,15 +261,17 @@ def set_up(models: dict, info: dict, prompt_lengths: tuple[int, ...] = (1, 4, 8,
 
 def word_output_layouts(model: LanguageModel, tokens: int, stream_counts: list[int], info: dict) -> None:
     """Where MKL_ON_AMD: the full-softmax word model generating for GATE_MAJOR_MIN_STREAMS streams and more in
-    fp32, its output layer in PyTorch's layout and transposed (lmtool.model.OUTPUT_MAJOR_MIN_VOCAB), timed in
-    alternating rounds. One JSON line per stream count."""
+    fp32, its output layer in PyTorch's layout and transposed (lmtool.model.OUTPUT_MAJOR_MIN_VOCAB), in column
+    blocks as lmtool runs it and whole, timed in alternating rounds. One JSON line per stream count."""
+    blocks = lmtool.column_blocks.MIN_BLOCK_ELEMENTS
     for streams in sorted(n for n in stream_counts if n >= GATE_MAJOR_MIN_STREAMS):
         options = SamplingOptions(length=tokens // 4, num_samples=streams, seed=1)
-        layouts = {"transposed": 0, "pytorch": None}  # OUTPUT_MAJOR_MIN_VOCAB forced
+        # (OUTPUT_MAJOR_MIN_VOCAB, MIN_BLOCK_ELEMENTS) forced
+        layouts = {"transposed": (0, blocks), "transposed-whole": (0, NO_BLOCKS), "pytorch": (None, blocks)}
         times: dict[str, list[float]] = {name: [] for name in layouts}
         for r in range(5):
-            for name, min_vocab in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
-                with layout_rule(OUTPUT_MAJOR_MIN_VOCAB=min_vocab):
+            for name, (min_vocab, min_block) in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
+                with layout_rule(OUTPUT_MAJOR_MIN_VOCAB=min_vocab, MIN_BLOCK_ELEMENTS=min_block):
                     times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 4, repeats=2))
         transposed = model.step_weights(streams=streams).output_major is not None  # what lmtool runs
         print(json.dumps({
@@ -270,6 +280,8 @@ def word_output_layouts(model: LanguageModel, tokens: int, stream_counts: list[i
             **{f"{name}_output_words_per_s": round(streams * 1000 / statistics.median(t)) for name, t in times.items()},
             "transposed_over_pytorch_median_of_rounds": round(statistics.median(
                 p / t for p, t in zip(times["pytorch"], times["transposed"])), 2),
+            "blocks_over_whole_median_of_rounds": round(statistics.median(
+                w / t for w, t in zip(times["transposed-whole"], times["transposed"])), 2),
         }), flush=True)
 
 
@@ -291,15 +303,21 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
             # the other CPUs' rule for few streams. Gate-major: theirs for many, or where MKL_ON_AMD the way lmtool
             # runs it there (below 4 streams with the output layer transposed; from 4, the char model's own rule:
             # its input table, the output layer untransposed). bf16 runs as lmtool does.
+            # Where MKL_ON_AMD the gate-major layout is also timed with its matrices whole, not in column blocks.
+            blocks = lmtool.column_blocks.MIN_BLOCK_ELEMENTS
             if not both:
-                layouts = {"cell": (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD)}
+                layouts = {"cell": (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, blocks)}
             else:
-                amd_gate_major = (min(streams + 1, GATE_MAJOR_MIN_STREAMS), True)
-                layouts = {"gate-major": amd_gate_major if MKL_ON_AMD else (1, False), "cell": (streams + 1, False)}
+                amd_gate_major = (min(streams + 1, GATE_MAJOR_MIN_STREAMS), True, blocks)
+                layouts = {"gate-major": amd_gate_major if MKL_ON_AMD else (1, False, blocks),
+                           "cell": (streams + 1, False, blocks)}
+                if MKL_ON_AMD:
+                    layouts["gate-major-whole"] = (*amd_gate_major[:2], NO_BLOCKS)
             times: dict[str, list[float]] = {name: [] for name in layouts}
             for r in range(5):
-                for name, (threshold, amd) in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
-                    with layout_rule(GATE_MAJOR_MIN_STREAMS=threshold, MKL_ON_AMD=amd):
+                for name, (threshold, amd, min_block) in (list(layouts.items()) if r % 2 == 0
+                                                          else list(reversed(layouts.items()))):
+                    with layout_rule(GATE_MAJOR_MIN_STREAMS=threshold, MKL_ON_AMD=amd, MIN_BLOCK_ELEMENTS=min_block):
                         times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 2, repeats=2))
             # what lmtool runs
             chosen = "gate-major" if both and model.step_weights(streams=streams).gate_major else "cell"
@@ -317,6 +335,9 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
                                for name, t in times.items()})
                 record["gate_major_over_cell_median_of_rounds"] = round(statistics.median(
                     c / g for c, g in zip(times["cell"], times["gate-major"])), 2)
+                if "gate-major-whole" in times:
+                    record["blocks_over_whole_median_of_rounds"] = round(statistics.median(
+                        w / g for w, g in zip(times["gate-major-whole"], times["gate-major"])), 2)
             print(json.dumps(record), flush=True)
 
 

@@ -62,7 +62,7 @@ def _root(
 @app.command()
 def train(
     corpus: Optional[Path] = typer.Argument(
-        None, parser=_path, help="training text: a UTF-8 file, one sentence or line per line"),
+        None, parser=_path, metavar="CORPUS", help="training text: a UTF-8 file, one sentence or line per line"),
     resume: Optional[Path] = typer.Option(
         None, "--resume", parser=_path, metavar="<path>", help="continue RUN from its last checkpoint, exactly"),
     configs: List[Path] = typer.Option([], "--config", "-c", metavar="<path>", parser=_path,
@@ -323,7 +323,7 @@ class _Streamer:
 
 @app.command("score")
 def score(
-    sentences: List[str] = typer.Argument(None, help="sentences to score (or use --file)"),
+    sentences: List[str] = typer.Argument(None, metavar="SENTENCE", help="sentences to score (or use --file)"),
     files: Optional[List[str]] = typer.Option(
         None, "--file", "-f", metavar="<path>", parser=_name,
         help="score each line of this file ('-' for stdin); repeat it for several files, scored in order",
@@ -390,7 +390,7 @@ EXACT_STREAM_HINT_BYTES = 2_000_000
 
 @app.command("evaluate-perplexity")
 def evaluate_perplexity(
-    files: List[Path] = typer.Argument(..., parser=_path, help="held-out text files"),
+    files: List[Path] = typer.Argument(..., parser=_path, metavar="FILE", help="held-out text files"),
     model: Optional[str] = typer.Option(None, "--model", "-m", parser=_name, metavar="<path>", help=MODEL_HELP),
     batch_size: int = typer.Option(1, "--batch-size", help="parallel streams; 1 gives the exact whole-file number"),
     bptt: Optional[int] = typer.Option(None, help="tokens per forward window (default: the model's data.bptt)"),

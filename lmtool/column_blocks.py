@@ -3,7 +3,8 @@
 Generating one to a few streams multiplies a few rows by each weight matrix. Where MKL runs on an AMD processor
 it did such a product on one thread however many PyTorch had. Cut into blocks of columns, (parts, K, N / parts),
 and multiplied in one batched call (`torch.bmm`, which runs the blocks on separate threads), the same products
-ran about twice as fast with the same fp32 arithmetic per output: on a 2-core AMD EPYC the bare products of one
+ran about twice as fast, in fp32 with results equal to float rounding (the BLAS sums each output in its own
+order, which can differ with the number of blocks, so with the thread count): on a 2-core AMD EPYC the bare products of one
 generation step took 0.43-0.44 ms in two blocks against 0.92-0.93 ms as whole transposed matrices for a word
 model with 33,278 words, and 0.19-0.23 against 0.30-0.31 ms for the char 2x512 model (`python bench/sampling.py`,
 which times them both ways). Matrices of fewer than MIN_BLOCK_ELEMENTS per block stay whole: for a small matrix,
@@ -74,7 +75,8 @@ def times(rows: torch.Tensor, matrix: torch.Tensor | ColumnBlocks, add: torch.Te
     blocks = matrix.blocks
     count = rows.size(0)
     product = torch.bmm(rows.expand(blocks.size(0), -1, -1), blocks)  # (parts, B, width), a block per thread
-    # (B, parts x width): one row is already in that order; more rows are interleaved by a (small) copy
+    # (B, parts x width): one row is already in that order; more rows are interleaved by a copy (the size of the
+    # result; with it, blocks still measured 1.02x whole matrices at 64 streams of a 33k-word output layer)
     product = product.view(1, -1) if count == 1 else product.transpose(0, 1).reshape(count, -1)
     if product.size(1) != matrix.columns:
         product = product[:, : matrix.columns]

@@ -50,8 +50,9 @@ CELL_STEPS = {
 LAYER_FUNCTIONS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru": torch.gru, "lstm": torch.lstm}
 
 
-# An LSTM generating in fp32 on a CPU can step with its weights transposed into (inputs, 4 x hidden) matrices
-# and its three sigmoid gates side by side (the gate-major layout, `lstm_step_gate_major`), and a full softmax
+# An LSTM generating in fp32 on a CPU can step with its input and hidden weights transposed and stacked into one
+# (inputs + hidden, 4 x hidden) matrix and its three sigmoid gates side by side (the gate-major layout,
+# `lstm_step_gate_major`; (hidden, 4 x hidden) for a first layer whose input product is looked up), and a full softmax
 # can score with its output weights as an (H, V) matrix. Which layout runs faster depends on the CPU's BLAS and
 # on how many streams are generated: below GATE_MAJOR_MIN_STREAMS or from it (see MKL_ON_AMD).
 # `python bench/sampling.py` times both layouts at every stream count. In bf16 the gate-major layout was
@@ -99,7 +100,7 @@ class StepWeights:
     layer's (w_ih, w_hh, b_ih, b_hh); or, with `gate_major`, an LSTM layer's ([w_ih.T; w_hh.T], b_ih + b_hh):
     its input and hidden weights transposed and stacked, (inputs + H, 4H), with the gates reordered to input,
     forget, output, cell (see `lstm_step_gate_major`). `output_major` is a full softmax's (weight.T, bias) where
-    that layout scores faster (MKL_ON_AMD, few streams); else None, and the model's own output layer scores (in
+    that layout scores faster (MKL_ON_AMD: few streams, or a large vocabulary); else None, and the model's own output layer scores (in
     its dtype). `input_table`, gate-major only: the first layer's input product of every token, biases included
     ((V, 4H): embedding @ w_ih.T + b_ih + b_hh), where it is no larger than the w_ih it replaces (a character
     vocabulary): a step looks its token's row up instead of embedding it and multiplying, and that layer's entry
@@ -301,9 +302,11 @@ class LanguageModel(nn.Module):
                      streams: int = 1, relayout: bool = True) -> StepWeights:
         """The embedding and each layer's (w_ih, w_hh, b_ih, b_hh), detached, for `step` in that direction;
         cast to `dtype` if given (bf16 generation). An LSTM stepping `streams` at once in fp32 on a CPU gets them
-        in the gate-major layout instead (a copy of its recurrent weights) where that is the CPU's faster layout
-        for that many streams (MKL_ON_AMD), and a full softmax's output weights come transposed for fewer than
-        GATE_MAJOR_MIN_STREAMS where MKL_ON_AMD. relayout=False keeps PyTorch's layout (no copies)."""
+        in the gate-major layout instead (a copy of its recurrent weights, see StepWeights) where that is the CPU's
+        faster layout for that many streams (MKL_ON_AMD), and where MKL_ON_AMD a full softmax's output weights
+        come transposed for fewer than GATE_MAJOR_MIN_STREAMS, or for any count from OUTPUT_MAJOR_MIN_VOCAB tokens;
+        there the transposed matrices come in column blocks where large enough (lmtool.column_blocks).
+        relayout=False keeps PyTorch's layout (no copies)."""
         rnn = self.stack(direction)
 
         def ready(t: torch.Tensor) -> torch.Tensor:

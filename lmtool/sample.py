@@ -13,12 +13,12 @@ from torch import nn
 from lmtool.config import check_new_seed
 from lmtool.devices import inference_dtype
 from lmtool.errors import LmtoolError, non_finite_scores
-from lmtool.model import LanguageModel, map_state
+from lmtool.model import GATE_MAJOR_MIN_STREAMS, LanguageModel, map_state
 from lmtool.tokenizer import EOS_ID, UNK_ID, Tokenizer
 
 
 # A prompt of at most this many tokens (with the <EOS> before it) is stepped through like the generated tokens on a
-# CPU in fp32, not read by the sequence kernel, whose set-up costs more for a few tokens: for one token 0.28 against
+# CPU in fp32 for fewer than GATE_MAJOR_MIN_STREAMS streams, not read by the sequence kernel, whose set-up costs more for a few tokens: for one token 0.28 against
 # 2.6 ms (char 2x512 LSTM) and 0.14 against 0.86 ms (word 2x200) on a 2-core AMD EPYC, for 8 tokens 2.0 against
 # 3.3 and 0.85 against 1.03 ms; at 16 the word model read faster (1.2 against 1.7 ms) and the char model about even
 # (`python bench/sampling.py`, which times both; README, Generation speed).
@@ -192,7 +192,8 @@ def generate(
     # bf16 generation: the prompt is read in fp32, then the recurrent layers step in bf16; scores and sampling
     # stay fp32, so only the hidden state carries bf16 rounding.
     weights = model.step_weights(direction, dtype, streams=batch)
-    if device.type == "cpu" and dtype is None and context.size(1) <= STEPPED_PROMPT_TOKENS:
+    few = batch < GATE_MAJOR_MIN_STREAMS  # the cut-off was timed for one stream; many share the read's set-up
+    if device.type == "cpu" and dtype is None and few and context.size(1) <= STEPPED_PROMPT_TOKENS:
         layers = model.layer_states(model.init_state(batch))
         for t in range(context.size(1)):
             last, layers = model.step_layers(context[:, t], layers, weights)  # (B, H)

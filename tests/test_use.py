@@ -159,6 +159,10 @@ def test_a_short_prompt_is_stepped_and_a_long_one_read_with_the_same_samples(cha
     assert lm.sample(short, options) == samples[short] and reads == [1, 1]
     monkeypatch.setattr(lmtool.sample, "STEPPED_PROMPT_TOKENS", 100)
     assert lm.sample(long, options) == samples[long] and reads == [1, 1]
+    # bf16 generation reads even a short prompt in fp32, and so do many streams (they share the read's set-up)
+    lm.sample(short, SamplingOptions(length=5, seed=7, precision="bf16"))
+    lm.sample(short, SamplingOptions(length=5, seed=7, num_samples=lmtool.sample.GATE_MAJOR_MIN_STREAMS))
+    assert reads == [1, 1, 1, 1]
 
 
 def test_batched_samples_and_stop_at_eos(word_run):
