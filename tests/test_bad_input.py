@@ -191,7 +191,7 @@ def test_bad_input(run_cli, tmp_path, trained, case, command, message, code):
 
 # An empty name is Path("") — the current directory — once parsed, so each path option refuses it as it is parsed.
 EMPTY_NAMES = [
-    ("train", "", "'corpus'"),
+    ("train", "", "'CORPUS'"),
     ("train", "{good} --valid", "'--valid'"),
     ("train", "{good} --test", "'--test'"),
     ("train", "{good} --out", "'--out'"),
@@ -201,7 +201,7 @@ EMPTY_NAMES = [
     ("sample", "--model", "'--model'"),
     ("score", "--model {run} hi --file", "'--file'"),
     ("score", "hi --model", "'--model'"),
-    ("evaluate-perplexity", "--model {run} {good}", "'files'"),
+    ("evaluate-perplexity", "--model {run} {good}", "'FILE'"),
 ]
 
 
