@@ -1,8 +1,15 @@
+import os
 from pathlib import Path
 
 import pytest
 
-from lmtool.cli import main
+# The suite tests the CPU path, whose results it checks to float precision: a GPU, where `--device auto` and
+# `load_model` would pick it, computes in TF32 and needs its inputs on it. So the suite never sees one (nor do
+# the commands it runs in subprocesses, which inherit this); the GPU path has its own check, bench/gpu.sh.
+# Set before anything initialises CUDA.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+from lmtool.cli import main  # noqa: E402 (after the environment above)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
