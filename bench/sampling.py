@@ -6,7 +6,8 @@ WikiText-2 vocabulary of 33,278, with full and adaptive softmax) and times, in o
 input and hidden weights, then the output layer), with the weights as PyTorch stores them, transposed, and
 transposed in column blocks, one per thread (lmtool.column_blocks; the fastest of the three, round by round,
 is the bare cost), a naive loop that calls nn.LSTM on length-1 inputs, and
-`lmtool.sample.generate` (sampling included), and generate again with the weights in PyTorch's layout
+`lmtool.sample.generate` (sampling included; whole calls of --tokens, and the steady per-token time: what a
+call of --tokens takes beyond one of a quarter as many, per extra token), and generate again with the weights in PyTorch's layout
 (`lmtool_pytorch_layout_ms_per_token`: the cell's LSTM step and F.linear, where lmtool.model.MKL_ON_AMD
 transposes them for one stream), all in turn round after round, so the lmtool / bare ratio is a median of per-round ratios
 on a drifting machine; for the word models also the PyTorch example's generator
@@ -48,19 +49,28 @@ import lmtool.sample  # noqa: E402
 from lmtool.sample import SamplingOptions, generate  # noqa: E402
 
 
-def interleaved_ms(fns: dict, tokens: int, rounds: int = 9) -> tuple[dict[str, float], float]:
+def interleaved_ms(fns: dict, tokens: int, rounds: int = 9) -> tuple[dict[str, float], dict[str, float]]:
     """Per-token milliseconds of each function, timed in turn round after round (the order alternating), so that
-    all see the same moments of a drifting machine; and the median over rounds of lmtool's time / bare's."""
+    all see the same moments of a drifting machine; and the medians over rounds of lmtool's time / bare's:
+    "whole" for whole generation calls (their fixed set-up included), and "steady" for the time each further
+    token adds, where `fns` has "lmtool-quarter" (a call of a quarter as many tokens): the two calls' difference
+    over the difference of their tokens, the per-token latency once generation runs."""
     times: dict[str, list[float]] = {name: [] for name in fns}
+    quarter = tokens // 4
     for r in range(rounds):
         for name, fn in (list(fns.items()) if r % 2 == 0 else list(reversed(fns.items()))):
+            count = quarter if name == "lmtool-quarter" else tokens
             start = time.perf_counter()
-            fn(tokens)
-            times[name].append((time.perf_counter() - start) / tokens * 1000)
+            fn(count)
+            times[name].append((time.perf_counter() - start) / count * 1000)
+    if "lmtool-quarter" in times:
+        times["lmtool-steady"] = [(full * tokens - part * quarter) / (tokens - quarter)
+                                  for full, part in zip(times["lmtool"], times["lmtool-quarter"])]
     # the bare products in whichever weight layout was faster in that round; the first round warms up
     bare_times = [min(layouts) for layouts in zip(*(times[name][1:] for name in times if name.startswith("bare-")))]
-    ratios = [ours / bare for ours, bare in zip(times["lmtool"][1:], bare_times)]
-    return {name: statistics.median(t[1:]) for name, t in times.items()}, statistics.median(ratios)
+    ratios = {kind: statistics.median(ours / bare for ours, bare in zip(times[name][1:], bare_times))
+              for kind, name in (("whole", "lmtool"), ("steady", "lmtool-steady")) if name in times}
+    return {name: statistics.median(t[1:]) for name, t in times.items()}, ratios
 
 
 def per_token_ms(fn, tokens: int, repeats: int = 5) -> float:
@@ -192,7 +202,8 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
         ours = lambda n: generate(model, [], SamplingOptions(length=n, seed=1))  # noqa: E731
         if model.config.softmax == "full":  # the bare products are defined for the plain output layer
             rows, transposed, blocks = (bare_weights(model, layout) for layout in ("rows", "transposed", "blocks"))
-            ms, ratio = interleaved_ms({"lmtool": ours, "lmtool-pytorch-layout": lambda n: pytorch_layout(ours, n),
+            ms, ratios = interleaved_ms({"lmtool": ours, "lmtool-quarter": ours,
+                                         "lmtool-pytorch-layout": lambda n: pytorch_layout(ours, n),
                                         "bare-rows": lambda n: bare(model, n, rows),
                                         "bare-transposed": lambda n: bare(model, n, transposed),
                                         "bare-blocks": lambda n: bare(model, n, blocks),
@@ -207,8 +218,11 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
         if model.config.softmax == "full":
             weight_mb = bare_weight_bytes(model) / 1e6
             record.update(bare_matvec_ms_per_token=round(ms["bare"], 4), naive_nn_lstm_ms_per_token=round(ms["naive"], 4),
-                          lmtool_over_bare_median_of_rounds=round(ratio, 2),
+                          lmtool_over_bare_median_of_rounds=round(ratios["whole"], 2),
                           speedup_over_naive=round(ms["naive"] / lmtool_ms, 2),
+                          lmtool_steady_ms_per_token=round(ms["lmtool-steady"], 4),
+                          lmtool_steady_over_bare_median_of_rounds=round(ratios["steady"], 2),
+                          steady_speedup_over_naive=round(ms["naive"] / ms["lmtool-steady"], 2),
                           naive_over_bare=round(ms["naive"] / ms["bare"], 2),
                           bare_weight_mb_per_token=round(weight_mb, 1),
                           bare_gb_per_s=round(weight_mb / ms["bare"], 1),
@@ -223,6 +237,8 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
             record.update(example_generator_words_per_s=round(peer_words_per_s),
                           over_example_generator=round(1000 / lmtool_ms / peer_words_per_s, 2),
                           over_reference_185=round(1000 / lmtool_ms / 185, 2))
+            if model.config.softmax == "full":
+                record["steady_over_reference_185"] = round(1000 / ms["lmtool-steady"] / 185, 2)
         print(json.dumps(record), flush=True)
 
 
