@@ -4,11 +4,12 @@ Generating one to a few streams multiplies a few rows by each weight matrix. Whe
 it did such a product on one thread however many PyTorch had. Cut into blocks of columns, (parts, K, N / parts),
 and multiplied in one batched call (`torch.bmm`, which runs the blocks on separate threads), the same products
 ran about twice as fast, in fp32 with results equal to float rounding (the BLAS sums each output in its own
-order, which can differ with the number of blocks, so with the thread count): on a 2-core AMD EPYC the bare products of one
-generation step took 0.43-0.44 ms in two blocks against 0.92-0.93 ms as whole transposed matrices for a word
-model with 33,278 words, and 0.19-0.23 against 0.30-0.31 ms for the char 2x512 model (`python bench/sampling.py`,
-which times them both ways). Matrices of fewer than MIN_BLOCK_ELEMENTS per block stay whole: for a small matrix,
-such as the char model's (512, 66) output layer, the batched call's own cost outweighs the second thread.
+order, which can differ with the number of blocks, so with the thread count): on a 2-core AMD EPYC the bare
+products of one generation step took 0.43-0.57 ms in two blocks against 0.85-1.01 ms as whole transposed
+matrices for a word model with 33,278 words, and 0.18-0.23 against 0.29-0.37 ms for the char 2x512 model in five
+runs (`python bench/sampling.py`, which times them both ways). Matrices of fewer than MIN_BLOCK_ELEMENTS per block
+stay whole: for a small matrix, such as the char model's (512, 66) output layer, the batched call's own cost
+outweighs the second thread.
 """
 
 from __future__ import annotations

@@ -52,9 +52,9 @@ LAYER_FUNCTIONS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru"
 
 # An LSTM generating in fp32 on a CPU can step with its input and hidden weights transposed and stacked into one
 # (inputs + hidden, 4 x hidden) matrix and its three sigmoid gates side by side (the gate-major layout,
-# `lstm_step_gate_major`; (hidden, 4 x hidden) for a first layer whose input product is looked up), and a full softmax
-# can score with its output weights as an (H, V) matrix. Which layout runs faster depends on the CPU's BLAS and
-# on how many streams are generated: below GATE_MAJOR_MIN_STREAMS or from it (see MKL_ON_AMD).
+# `lstm_step_gate_major`; (hidden, 4 x hidden) for a first layer whose input product is looked up), and a full
+# softmax can score with its output weights as an (H, V) matrix. Which layout runs faster depends on the CPU's
+# BLAS and on how many streams are generated: below GATE_MAJOR_MIN_STREAMS or from it (see MKL_ON_AMD).
 # `python bench/sampling.py` times both layouts at every stream count. In bf16 the gate-major layout was
 # mostly slower; CUDA keeps torch.lstm_cell, whose pointwise part is one fused kernel there.
 GATE_MAJOR_MIN_STREAMS = 4
@@ -78,9 +78,10 @@ def _mkl_on_amd() -> bool:
 # AMD EPYC, MKL multiplied one or two rows by PyTorch's (outputs, inputs) weights far below the memory's speed:
 # the bare step products of a word model with 33k words took 3.4-4.1 ms per token that way and 0.9-1.2 ms
 # transposed, the char model's 0.37-0.89 against 0.28-0.38 ms; from 4 to 64 streams the gate-major step without
-# the lookup measured 0.69-1.09x the cell's. On an Intel Xeon the cell's layout was the faster one for one to three streams
-# (the gate-major step 0.77-0.87x) and the gate-major one from four (1.06-1.80x); CPUs not measured are treated
-# like it. `python bench/sampling.py` times both layouts (README, Generation speed).
+# the lookup measured 0.69-1.09x the cell's (before lmtool.column_blocks). On an Intel Xeon the cell's layout was
+# the faster one for one to three streams (the gate-major step 0.77-0.87x) and the gate-major one from four
+# (1.06-1.80x); CPUs not measured are treated like it. `python bench/sampling.py` times both layouts (README,
+# Generation speed).
 MKL_ON_AMD = _mkl_on_amd()
 
 # Where MKL_ON_AMD, a full softmax over at least this many tokens scores with its output weights transposed at
@@ -100,12 +101,13 @@ class StepWeights:
     layer's (w_ih, w_hh, b_ih, b_hh); or, with `gate_major`, an LSTM layer's ([w_ih.T; w_hh.T], b_ih + b_hh):
     its input and hidden weights transposed and stacked, (inputs + H, 4H), with the gates reordered to input,
     forget, output, cell (see `lstm_step_gate_major`). `output_major` is a full softmax's (weight.T, bias) where
-    that layout scores faster (MKL_ON_AMD: few streams, or a large vocabulary); else None, and the model's own output layer scores (in
-    its dtype). `input_table`, gate-major only: the first layer's input product of every token, biases included
-    ((V, 4H): embedding @ w_ih.T + b_ih + b_hh), where it is no larger than the w_ih it replaces (a character
-    vocabulary): a step looks its token's row up instead of embedding it and multiplying, and that layer's entry
-    is (w_hh.T, bias). Where MKL_ON_AMD, the transposed matrices of either layout come in column blocks, one per
-    thread, where they are large enough (lmtool.column_blocks); elsewhere they are contiguous tensors."""
+    that layout scores faster (MKL_ON_AMD: few streams, or a large vocabulary); else None, and the model's own
+    output layer scores (in its dtype). `input_table`, gate-major only: the first layer's input product of every
+    token, biases included ((V, 4H): embedding @ w_ih.T + b_ih + b_hh), where it is no larger than the w_ih it
+    replaces (a character vocabulary): a step looks its token's row up instead of embedding it and multiplying,
+    and that layer's entry is (w_hh.T, bias). Where MKL_ON_AMD, the transposed matrices of either layout come in
+    column blocks, one per thread, where they are large enough (lmtool.column_blocks); elsewhere they are
+    contiguous tensors."""
 
     embedding: torch.Tensor
     layers: list[tuple]
@@ -321,8 +323,6 @@ class LanguageModel(nn.Module):
         amd = on_cpu and MKL_ON_AMD
         transposed = (few or looks_up) if amd else (on_cpu and not few)
         gate_major = transposed and self.config.cell == "lstm" and layers[0][0].dtype == torch.float32
-        # MKL multiplies a few rows by a transposed matrix on one thread there: blocks of columns use them all
-        transpose = in_column_blocks if amd else torch.Tensor.contiguous
         input_table = None
         if gate_major:
             stacked = []
@@ -336,11 +336,12 @@ class LanguageModel(nn.Module):
                 _gate_major(w_ih, out=weight_t[: w_ih.size(1)])
                 _gate_major(w_hh, out=weight_t[w_ih.size(1):])
                 stacked.append((weight_t, bias))
-            layers = [(transpose(weight_t), bias) for weight_t, bias in stacked]
+            # where MKL_ON_AMD, MKL multiplies a few rows by a whole matrix on one thread: blocks use every thread
+            layers = [(in_column_blocks(weight_t) if amd else weight_t, bias) for weight_t, bias in stacked]
         output_major = None
         if amd and (few or large) and self.config.softmax == "full" and self.decoder.weight.dtype == torch.float32:
             bias = self.decoder.bias
-            output_major = (transpose(self.decoder.weight.detach().t()), None if bias is None else bias.detach())
+            output_major = (in_column_blocks(self.decoder.weight.detach().t()), None if bias is None else bias.detach())
         return StepWeights(embedding=ready(self.embedding.weight), layers=layers, gate_major=gate_major,
                            output_major=output_major, input_table=input_table)
 
