@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info, require_at_least  # noqa: E402
+from machine import alternating, machine_info, require_at_least  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -37,11 +37,10 @@ P, BATCH, BPTT, VOCAB = 0.2, 32, 128, 66
 def in_turn(fns: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds per call of each function, called in turn round after round, the order alternating."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(rounds):
-        for name, fn in (list(fns.items()) if r % 2 == 0 else list(reversed(fns.items()))):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    for name, fn in alternating(fns, rounds):
+        start = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - start)
     return times
 
 

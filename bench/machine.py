@@ -71,6 +71,13 @@ def matmul_peak_gflops(dtype: torch.dtype = torch.float32, device: str = "cpu", 
     return best
 
 
+def alternating(items: dict, rounds: int) -> Iterator[tuple]:
+    """Each (name, value) of `items`, round after round, the order reversed every other round: timed in this order,
+    all see the same moments of a drifting machine, and none always runs first."""
+    for r in range(rounds):
+        yield from (list(items.items()) if r % 2 == 0 else list(reversed(items.items())))
+
+
 def log_every(steps: int, most: int) -> int:
     """A training-log interval for a bench run of `steps` steps: `most`, or less so that a short run still logs
     a few times."""

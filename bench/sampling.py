@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info, matmul_peak_gflops, require_cuda  # noqa: E402
+from machine import alternating, machine_info, matmul_peak_gflops, require_cuda  # noqa: E402
 from peer_example import PeerModel, generate_words_per_s  # noqa: E402
 
 import torch  # noqa: E402
@@ -57,12 +57,11 @@ def interleaved_ms(fns: dict, tokens: int, rounds: int = 9) -> tuple[dict[str, f
     over the difference of their tokens, the per-token latency once generation runs."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     quarter = tokens // 4
-    for r in range(rounds):
-        for name, fn in (list(fns.items()) if r % 2 == 0 else list(reversed(fns.items()))):
-            count = quarter if name == "lmtool-quarter" else tokens
-            start = time.perf_counter()
-            fn(count)
-            times[name].append((time.perf_counter() - start) / count * 1000)
+    for name, fn in alternating(fns, rounds):
+        count = quarter if name == "lmtool-quarter" else tokens
+        start = time.perf_counter()
+        fn(count)
+        times[name].append((time.perf_counter() - start) / count * 1000)
     if "lmtool-quarter" in times:
         times["lmtool-steady"] = [(full * tokens - part * quarter) / (tokens - quarter)
                                   for full, part in zip(times["lmtool"], times["lmtool-quarter"])]
@@ -96,7 +95,7 @@ def bare_weights(model: LanguageModel, layout: str = "rows") -> tuple[list, Matr
 
 
 @torch.inference_mode()
-def bare(model: LanguageModel, tokens: int, weights: tuple[list, torch.Tensor]) -> None:
+def bare(model: LanguageModel, tokens: int, weights: tuple[list, Matrix]) -> None:
     """The products of one step, `tokens` times: each layer's input and hidden weights, then the output layer,
     in the layout of `weights` (bare_weights). Which layout is faster depends on the CPU's BLAS."""
     layers, decoder = weights
@@ -248,13 +247,8 @@ def set_up(models: dict, info: dict, prompt_lengths: tuple[int, ...] = (1, 4, 8,
     weights (`step_weights`, copies in the CPU's layout) and taking in a prompt of 1 to 16 tokens either way:
     read by the sequence kernel (`LanguageModel.read`) or stepped like generated tokens (`step_layers`;
     lmtool.sample.STEPPED_PROMPT_TOKENS picks). Medians of 9 calls after one uncounted."""
-    def median_ms(fn, calls: int = 9) -> float:
-        times_ms = []
-        for _ in range(calls + 1):
-            start = time.perf_counter()
-            fn()
-            times_ms.append((time.perf_counter() - start) * 1000)
-        return statistics.median(times_ms[1:])
+    def median_ms(fn) -> float:
+        return per_token_ms(lambda _: fn(), 1, repeats=10)
 
     for name, model in models.items():
         if model.config.softmax != "full":
@@ -285,10 +279,9 @@ def word_output_layouts(model: LanguageModel, tokens: int, stream_counts: list[i
         # (OUTPUT_MAJOR_MIN_VOCAB, MIN_BLOCK_ELEMENTS) forced
         layouts = {"transposed": (0, blocks), "transposed-whole": (0, NO_BLOCKS), "pytorch": (None, blocks)}
         times: dict[str, list[float]] = {name: [] for name in layouts}
-        for r in range(5):
-            for name, (min_vocab, min_block) in (list(layouts.items()) if r % 2 == 0 else list(reversed(layouts.items()))):
-                with layout_rule(OUTPUT_MAJOR_MIN_VOCAB=min_vocab, MIN_BLOCK_ELEMENTS=min_block):
-                    times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 4, repeats=2))
+        for name, (min_vocab, min_block) in alternating(layouts, 5):
+            with layout_rule(OUTPUT_MAJOR_MIN_VOCAB=min_vocab, MIN_BLOCK_ELEMENTS=min_block):
+                times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 4, repeats=2))
         transposed = model.step_weights(streams=streams).output_major is not None  # what lmtool runs
         print(json.dumps({
             **info, "model": "word 2x200 LSTM, V=33278", "device": "cpu", "streams": streams, "precision": "fp32",
@@ -330,11 +323,9 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
                 if MKL_ON_AMD:
                     layouts["gate-major-whole"] = (*amd_gate_major[:2], NO_BLOCKS)
             times: dict[str, list[float]] = {name: [] for name in layouts}
-            for r in range(5):
-                for name, (threshold, amd, min_block) in (list(layouts.items()) if r % 2 == 0
-                                                          else list(reversed(layouts.items()))):
-                    with layout_rule(GATE_MAJOR_MIN_STREAMS=threshold, MKL_ON_AMD=amd, MIN_BLOCK_ELEMENTS=min_block):
-                        times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 2, repeats=2))
+            for name, (threshold, amd, min_block) in alternating(layouts, 5):
+                with layout_rule(GATE_MAJOR_MIN_STREAMS=threshold, MKL_ON_AMD=amd, MIN_BLOCK_ELEMENTS=min_block):
+                    times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 2, repeats=2))
             # what lmtool runs
             chosen = "gate-major" if both and model.step_weights(streams=streams).gate_major else "cell"
             throughput = streams * 1000 / statistics.median(times[chosen])
