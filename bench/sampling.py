@@ -41,6 +41,7 @@ from peer_example import PeerModel, generate_words_per_s  # noqa: E402
 import torch  # noqa: E402
 
 import lmtool.column_blocks  # noqa: E402
+import lmtool.step_products  # noqa: E402
 from lmtool.column_blocks import in_column_blocks  # noqa: E402
 from lmtool.config import ModelConfig  # noqa: E402
 import lmtool.model  # noqa: E402
@@ -99,7 +100,7 @@ def bare(model: LanguageModel, tokens: int, weights: tuple[list, Matrix]) -> Non
     """The products of one step, `tokens` times: each layer's input and hidden weights, then the output layer,
     in the layout of `weights` (bare_weights). Which layout is faster depends on the CPU's BLAS."""
     layers, decoder = weights
-    product = lmtool.column_blocks.times
+    product = lmtool.step_products.times
     hidden = model.config.hidden_size
     x = torch.randn(1, model.config.embedding_size)
     h = torch.randn(1, hidden)

@@ -27,7 +27,7 @@ COPY_COLUMNS = 512
 @dataclass(frozen=True)
 class ColumnBlocks:
     """A (K, N) matrix as `blocks`, (parts, K, width): its columns cut into `parts` blocks of `width`, the last
-    one zero-padded to that width. `times` multiplies rows by it, one block per thread."""
+    one zero-padded to that width. `blocks_times` multiplies rows by it, one block per thread."""
 
     blocks: torch.Tensor
     columns: int
@@ -66,13 +66,9 @@ def in_column_blocks(matrix: torch.Tensor) -> torch.Tensor | ColumnBlocks:
     return ColumnBlocks(blocks=blocks, columns=columns)
 
 
-def times(rows: torch.Tensor, matrix: torch.Tensor | ColumnBlocks, add: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, K) rows times a (K, N) matrix, whole or in ColumnBlocks, plus `add` ((N,) or (B, N)) if given: (B, N).
+def blocks_times(rows: torch.Tensor, matrix: ColumnBlocks, add: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, K) rows times a (K, N) matrix in ColumnBlocks, plus `add` ((N,) or (B, N)) if given: (B, N).
     A (B, N) `add` may be overwritten with the result."""
-    if isinstance(matrix, torch.Tensor):
-        if add is None:
-            return torch.mm(rows, matrix)
-        return add.addmm_(rows, matrix) if add.dim() == 2 else torch.addmm(add, rows, matrix)
     blocks = matrix.blocks
     count = rows.size(0)
     product = torch.bmm(rows.expand(blocks.size(0), -1, -1), blocks)  # (parts, B, width), a block per thread

@@ -3,7 +3,8 @@ import torch
 
 import lmtool.column_blocks
 import lmtool.model
-from lmtool.column_blocks import ColumnBlocks, block_count, in_column_blocks, times
+from lmtool.column_blocks import ColumnBlocks, block_count, in_column_blocks
+from lmtool.step_products import times
 from lmtool.config import ModelConfig
 from lmtool.model import LanguageModel
 from lmtool.sample import SamplingOptions, generate

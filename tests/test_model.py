@@ -98,7 +98,8 @@ def test_many_streams_step_in_the_gate_major_layout_like_the_sequence_kernel(mon
         torch.testing.assert_close(state[0], h_full)
         torch.testing.assert_close(state[1], c_full)
     assert not model.step_weights(streams=GATE_MAJOR_MIN_STREAMS - 1).gate_major
-    # only fp32 on a CPU uses it: in bf16 the cell's layout was faster
+    # in bf16 only packed (lmtool.packed_weights): the cell's layout was faster than whole bf16 matrices
+    monkeypatch.setattr(lmtool.model, "packing_works", lambda dtype: False)
     assert not model.step_weights(dtype=torch.bfloat16, streams=64).gate_major
     assert not model.to(torch.bfloat16).step_weights(streams=64).gate_major
     # the other cells have no such layout
@@ -144,10 +145,13 @@ def test_few_streams_step_with_transposed_weights_where_the_cpu_wants_them(monke
     steps, state = stepped(model, x, weights)
     torch.testing.assert_close(steps, full)
     torch.testing.assert_close(state, final)
-    # from GATE_MAJOR_MIN_STREAMS streams both keep PyTorch's layout there; bf16's fp32 output layer does not
+    # from GATE_MAJOR_MIN_STREAMS streams both keep PyTorch's layout there; bf16's output layer does not: packed
+    # in bf16 where oneDNN packs (lmtool.packed_weights), else transposed in fp32
     many = model.step_weights(streams=GATE_MAJOR_MIN_STREAMS)
     assert many.output_major is None and not many.gate_major
-    bf16 = model.step_weights(dtype=torch.bfloat16)
+    with monkeypatch.context() as unpacked:
+        unpacked.setattr(lmtool.model, "packing_works", lambda dtype: False)
+        bf16 = model.step_weights(dtype=torch.bfloat16)
     assert not bf16.gate_major and bf16.output_major[0].dtype == torch.float32
     # the transposed copies are taken from the weights of the moment, not cached
     streams, first = GATE_MAJOR_MIN_STREAMS - 1, x[:, 0]

@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+import lmtool.model
+import lmtool.packed_weights
+from lmtool.config import ModelConfig
+from lmtool.model import GATE_MAJOR_MIN_STREAMS, LanguageModel
+from lmtool.packed_weights import PackedWeights, pack, packed_times, packing_works
+from lmtool.sample import SamplingOptions, generate
+from lmtool.step_products import times
+
+needs_packing = pytest.mark.skipif(not (packing_works(torch.float32) and packing_works(torch.bfloat16)),
+                                   reason="this PyTorch build has no oneDNN packing")
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [1, 5])
+def test_rows_times_a_packed_matrix_equal_rows_times_the_matrix(rows):
+    matrix = torch.randn(7, 12)
+    packed = pack(matrix.t().contiguous().t(), streams=rows)  # from a transposed view, as the output layer's
+    assert isinstance(packed, PackedWeights) and packed.shape == (7, 12) and packed.dtype == torch.float32
+    x, bias, add = torch.randn(rows, 7), torch.randn(12), torch.randn(rows, 12)
+    torch.testing.assert_close(times(x, packed), x @ matrix)
+    torch.testing.assert_close(times(x, packed, bias), x @ matrix + bias)
+    torch.testing.assert_close(times(x, packed, add.clone()), x @ matrix + add)
+    # bf16: rounded, but the same product
+    low = pack(matrix.bfloat16())
+    product = packed_times(x.bfloat16(), low, bias.bfloat16())
+    assert product.dtype == torch.bfloat16
+    torch.testing.assert_close(product.float(), x @ matrix + bias, atol=0.1, rtol=0.02)
+    # the packing is a copy: a later change of the matrix does not reach it
+    matrix.zero_()
+    assert times(x, packed).abs().sum() > 0
+
+
+def test_packing_is_not_trusted_where_the_ops_are_missing_or_fail(monkeypatch):
+    packing_works.cache_clear()
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    try:
+        assert not packing_works(torch.float32)
+        packing_works.cache_clear()
+        monkeypatch.undo()
+
+        def broken(*args):
+            raise RuntimeError("could not create a primitive descriptor")
+
+        monkeypatch.setattr(lmtool.packed_weights, "pack", broken)
+        assert not packing_works(torch.bfloat16)
+        packing_works.cache_clear()
+        # a product that comes out wrong is not trusted either
+        monkeypatch.setattr(lmtool.packed_weights, "pack", lambda matrix, streams=1: PackedWeights(
+            torch.ops.mkldnn._reorder_linear_weight(matrix.t().contiguous() * 2, streams), *matrix.shape))
+        assert not packing_works(torch.float32)
+    finally:
+        packing_works.cache_clear()
+
+
+@needs_packing
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("embedding_size", [6, 16])  # the first layer multiplied, and looked up (V <= E)
+@pytest.mark.parametrize("streams", [1, GATE_MAJOR_MIN_STREAMS + 1])
+def test_bf16_generation_steps_with_packed_bf16_weights_close_to_fp32(monkeypatch, cell, embedding_size, streams):
+    """--precision bf16 on a CPU packs every gate-major LSTM matrix and the output layer in bf16: each step's
+    distribution within a few hundredths of fp32's, on any CPU vendor; scores come out in fp32 for the draw."""
+    for amd in (True, False):
+        monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", amd)
+        model = LanguageModel(ModelConfig(cell=cell, embedding_size=embedding_size, hidden_size=10, num_layers=2),
+                              13).eval()
+        x = torch.randint(0, 13, (streams, 6))
+        full, _ = model(x)
+        weights = model.step_weights(dtype=torch.bfloat16, streams=streams)
+        assert weights.gate_major == (cell == "lstm")
+        assert isinstance(weights.output_major[0], PackedWeights) and weights.output_major[0].dtype == torch.bfloat16
+        if cell == "lstm":
+            assert all(isinstance(w, PackedWeights) and w.dtype == torch.bfloat16 for w, _ in weights.layers)
+            assert (weights.input_table is not None) == (embedding_size >= 13)
+        state = tuple(s.bfloat16() for s in model.init_state(streams)) if cell == "lstm" else \
+            model.init_state(streams).bfloat16()
+        for t in range(x.size(1)):
+            scores, state = model.step(x[:, t], state, weights)
+            assert scores.dtype == torch.float32
+            difference = (torch.softmax(scores, -1) - torch.softmax(full[:, t], -1)).abs().max().item()
+            assert 0 < difference < 0.03  # bf16 rounding is there, and small
+        options = SamplingOptions(length=8, num_samples=streams, seed=4, precision="bf16")
+        samples = generate(model, [2], options)
+        assert samples == generate(model, [2], options)  # same seed, same samples
+        assert all(0 <= token < 13 for row in samples for token in row)
+
+
+@needs_packing
+@pytest.mark.parametrize("streams", [1, GATE_MAJOR_MIN_STREAMS])
+def test_large_matrices_step_packed_in_fp32_where_mkl_runs_on_amd(monkeypatch, streams):
+    """Where MKL_ON_AMD, gate-major matrices of PACKED_FP32_MIN_ELEMENTS and more come packed in fp32, and so does
+    a large vocabulary's output layer from GATE_MAJOR_MIN_STREAMS streams: the sequence kernel's scores and
+    states. Elsewhere nothing is packed in fp32."""
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
+    monkeypatch.setattr(lmtool.model, "OUTPUT_MAJOR_MIN_VOCAB", 13)
+    model = LanguageModel(ModelConfig(embedding_size=6, hidden_size=10, num_layers=2), 13).eval()
+    first, second = (6 + 10) * 40, (10 + 10) * 40  # the stacked (inputs + H, 4H) matrices' elements
+    monkeypatch.setattr(lmtool.model, "PACKED_FP32_MIN_ELEMENTS", second)
+    weights = model.step_weights(streams=streams)
+    few = streams < GATE_MAJOR_MIN_STREAMS  # without a lookup the LSTM is gate-major for few streams only
+    assert weights.gate_major == few
+    first_layer = [first >= second, False] if few else [False] * 4
+    assert [isinstance(w, PackedWeights) for w in weights.layers[0]] == first_layer
+    if few:
+        assert isinstance(weights.layers[1][0], PackedWeights)
+    assert isinstance(weights.output_major[0], PackedWeights) == (streams >= GATE_MAJOR_MIN_STREAMS)
+    x = torch.randint(0, 13, (streams, 6))
+    full, (h_full, c_full) = model(x)
+    state, steps = model.init_state(streams), []
+    for t in range(x.size(1)):
+        scores, state = model.step(x[:, t], state, weights)
+        steps.append(scores)
+    torch.testing.assert_close(torch.stack(steps, 1), full)
+    torch.testing.assert_close(state, (h_full, c_full))
+    options = SamplingOptions(length=10, num_samples=streams, seed=6)
+    packed = generate(model, [1], options)
+    monkeypatch.setattr(lmtool.model, "PACKED_FP32_MIN_ELEMENTS", None)  # never packed: the same draws
+    unpacked = model.step_weights(streams=streams)
+    assert not any(isinstance(w, PackedWeights) for w in (*unpacked.layers[-1], unpacked.output_major[0]))
+    assert generate(model, [1], options) == packed
+    monkeypatch.setattr(lmtool.model, "PACKED_FP32_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", False)
+    weights = model.step_weights(streams=GATE_MAJOR_MIN_STREAMS)
+    assert not any(isinstance(w, PackedWeights) for w in weights.layers[-1]) and weights.output_major is None
