@@ -2,30 +2,33 @@
 
 Usage: python bench/sampling.py [--tokens 400] [--device cuda --streams 1,8,64,256]
 Builds untrained models of the reference sizes (char 2x512 LSTM, 66 symbols; word 2x200 LSTM with the
-WikiText-2 vocabulary of 33,278, with full and adaptive softmax) and times, in one process: the bare products of one step (each layer's
-input and hidden weights, then the output layer), with the weights as PyTorch stores them, transposed, and
-transposed in column blocks, one per thread (lmtool.column_blocks; the fastest of the three, round by round,
-is the bare cost), a naive loop that calls nn.LSTM on length-1 inputs, and
-`lmtool.sample.generate` (sampling included; whole calls of --tokens, and the steady per-token time: what a
-call of --tokens takes beyond one of a quarter as many, per extra token), and generate again with the weights in PyTorch's layout
-(`lmtool_pytorch_layout_ms_per_token`: the cell's LSTM step and F.linear, where lmtool.model.MKL_ON_AMD
-transposes them for one stream), all in turn round after round, so the lmtool / bare ratio is a median of per-round ratios
-on a drifting machine; for the word models also the PyTorch example's generator
-(bench/peer_example.py) of the same size; for the plain output layers also the megabytes of weights the bare products
-read per token and at what rate, and the same products with bf16 weights (in the same rounds). Then batched generation for 1..64 streams, fp32 and --precision bf16,
-with the model FLOP/s against the matrix-multiply peak of that precision measured in the same run. One JSON
-line each; in fp32 on a CPU both of the LSTM's step layouts (the cell's, and the gate-major one, which lmtool
-uses from 4 streams, and where MKL_ON_AMD below 4 and, for the char model, at every count) at every count, timed
-in alternating rounds, and where MKL_ON_AMD the gate-major one with whole matrices as well as in column blocks;
-where MKL_ON_AMD, also the full-softmax word model's generation from 4 streams with its output layer in PyTorch's
-layout, transposed whole and transposed in column blocks (lmtool.model.OUTPUT_MAJOR_MIN_VOCAB); and a generation call's fixed costs on the CPU (preparing the step's weights,
-taking in a prompt of 1-16 tokens by reading it and by stepping it). `--device cuda` runs only the batched
-generation, on the GPU (`--streams` picks the stream counts).
+WikiText-2 vocabulary of 33,278, with full and adaptive softmax) and times, in one process: the bare products of
+one step (each layer's input and hidden weights, then the output layer), with the weights as PyTorch stores
+them, transposed, transposed in column blocks, one per thread (lmtool.column_blocks), and packed by oneDNN
+(lmtool.packed_weights; the fastest of these, round by round, is the bare cost), the same products packed in
+bf16 (the bare cost of --precision bf16), a naive loop that calls nn.LSTM on length-1 inputs, and
+`lmtool.sample.generate` in fp32 and in bf16 (sampling included; whole calls of --tokens, and the steady
+per-token time: what a call of --tokens takes beyond one of a quarter as many, per extra token), and generate
+again with the weights in PyTorch's layout (`lmtool_pytorch_layout_ms_per_token`: the cell's LSTM step and
+F.linear) and, where lmtool.model.MKL_ON_AMD, with nothing packed in fp32, all in turn round after round, so the
+lmtool / bare ratio is a median of per-round ratios on a drifting machine; for the word models also the PyTorch
+example's generator (bench/peer_example.py) of the same size; for the plain output layers also the megabytes of
+weights the bare products read per token and at what rate. Then batched generation for 1..64 streams, fp32 and
+--precision bf16, with the model FLOP/s against the matrix-multiply peak of that precision measured in the same
+run. One JSON line each; in fp32 on a CPU both of the LSTM's step layouts (the cell's, and the gate-major one,
+which lmtool uses from 4 streams, and where MKL_ON_AMD below 4 and, for the char model, at every count) at every
+count, timed in alternating rounds, and where MKL_ON_AMD the gate-major one with nothing packed and with whole
+matrices as well; where MKL_ON_AMD, also the full-softmax word model's generation from 4 streams with its output
+layer in PyTorch's layout, transposed whole, in column blocks and packed (lmtool.model.OUTPUT_MAJOR_MIN_VOCAB,
+PACKED_FP32_MIN_ELEMENTS), and in bf16; and a generation call's fixed costs on the CPU (preparing the step's
+weights, taking in a prompt of 1-16 tokens by reading it and by stepping it). `--device cuda` runs only the
+batched generation, on the GPU (`--streams` picks the stream counts).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -42,34 +45,41 @@ import torch  # noqa: E402
 
 import lmtool.column_blocks  # noqa: E402
 import lmtool.step_products  # noqa: E402
+from lmtool.step_products import Matrix  # noqa: E402
 from lmtool.column_blocks import in_column_blocks  # noqa: E402
 from lmtool.config import ModelConfig  # noqa: E402
 import lmtool.model  # noqa: E402
-from lmtool.model import GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, LanguageModel, Matrix  # noqa: E402
+from lmtool.model import GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, LanguageModel  # noqa: E402
+from lmtool.packed_weights import pack, packing_works  # noqa: E402
 import lmtool.sample  # noqa: E402
 from lmtool.sample import SamplingOptions, generate  # noqa: E402
 
 
 def interleaved_ms(fns: dict, tokens: int, rounds: int = 9) -> tuple[dict[str, float], dict[str, float]]:
     """Per-token milliseconds of each function, timed in turn round after round (the order alternating), so that
-    all see the same moments of a drifting machine; and the medians over rounds of lmtool's time / bare's:
-    "whole" for whole generation calls (their fixed set-up included), and "steady" for the time each further
-    token adds, where `fns` has "lmtool-quarter" (a call of a quarter as many tokens): the two calls' difference
-    over the difference of their tokens, the per-token latency once generation runs."""
+    all see the same moments of a drifting machine; and the medians over rounds of lmtool's time / bare's, for
+    fp32 ("whole", "steady") and bf16 ("bf16-whole", "bf16-steady", against the bare products in bf16): "whole"
+    for whole generation calls (their fixed set-up included), and "steady" for the time each further token adds,
+    where `fns` has NAME-quarter beside NAME (a call of a quarter as many tokens): the two calls' difference over
+    the difference of their tokens, the per-token latency once generation runs."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     quarter = tokens // 4
     for name, fn in alternating(fns, rounds):
-        count = quarter if name == "lmtool-quarter" else tokens
+        count = quarter if name.endswith("-quarter") else tokens
         start = time.perf_counter()
         fn(count)
         times[name].append((time.perf_counter() - start) / count * 1000)
-    if "lmtool-quarter" in times:
-        times["lmtool-steady"] = [(full * tokens - part * quarter) / (tokens - quarter)
-                                  for full, part in zip(times["lmtool"], times["lmtool-quarter"])]
+    for name in [name[: -len("-quarter")] for name in times if name.endswith("-quarter")]:
+        times[f"{name}-steady"] = [(full * tokens - part * quarter) / (tokens - quarter)
+                                   for full, part in zip(times[name], times[f"{name}-quarter"])]
     # the bare products in whichever weight layout was faster in that round; the first round warms up
     bare_times = [min(layouts) for layouts in zip(*(times[name][1:] for name in times if name.startswith("bare-")))]
     ratios = {kind: statistics.median(ours / bare for ours, bare in zip(times[name][1:], bare_times))
               for kind, name in (("whole", "lmtool"), ("steady", "lmtool-steady")) if name in times}
+    if "bf16-bare" in times:
+        ratios.update({kind: statistics.median(ours / bare for ours, bare in zip(times[name][1:], times["bf16-bare"][1:]))
+                       for kind, name in (("bf16-whole", "lmtool-bf16"), ("bf16-steady", "lmtool-bf16-steady"))
+                       if name in times})
     return {name: statistics.median(t[1:]) for name, t in times.items()}, ratios
 
 
@@ -85,12 +95,14 @@ def per_token_ms(fn, tokens: int, repeats: int = 5) -> float:
 def bare_weights(model: LanguageModel, layout: str = "rows") -> tuple[list, Matrix]:
     """Each layer's (input, hidden) weights and the output layer's, each to be multiplied as `v @ w`: as PyTorch
     stores them ("rows": (outputs, inputs), a row times the transpose), copied into (inputs, outputs) matrices
-    ("transposed"), or those cut into column blocks, one per thread where large enough ("blocks", as lmtool
-    steps where MKL_ON_AMD; lmtool.column_blocks). Made once, outside the timed calls."""
+    ("transposed"), those cut into column blocks, one per thread where large enough ("blocks", as lmtool
+    steps where MKL_ON_AMD; lmtool.column_blocks), or packed by oneDNN ("packed", and "bf16-packed" in bf16, as
+    lmtool steps with --precision bf16; lmtool.packed_weights). Made once, outside the timed calls."""
     weights = [getattr(model.rnn, f"weight_{kind}_l{i}").detach() for i in range(model.config.num_layers)
                for kind in ("ih", "hh")] + [model.decoder.weight.detach()]
     relayout = {"rows": torch.Tensor.t, "transposed": lambda w: w.t().contiguous(),
-                "blocks": lambda w: in_column_blocks(w.t())}[layout]
+                "blocks": lambda w: in_column_blocks(w.t()), "packed": lambda w: pack(w.t()),
+                "bf16-packed": lambda w: pack(w.t().bfloat16())}[layout]
     weights = [relayout(w) for w in weights]
     return list(zip(weights[:-1:2], weights[1:-1:2])), weights[-1]
 
@@ -102,8 +114,9 @@ def bare(model: LanguageModel, tokens: int, weights: tuple[list, Matrix]) -> Non
     layers, decoder = weights
     product = lmtool.step_products.times
     hidden = model.config.hidden_size
-    x = torch.randn(1, model.config.embedding_size)
-    h = torch.randn(1, hidden)
+    dtype = decoder.dtype
+    x = torch.randn(1, model.config.embedding_size, dtype=dtype)
+    h = torch.randn(1, hidden, dtype=dtype)
     for _ in range(tokens):
         v = x
         for w_ih, w_hh in layers:
@@ -114,23 +127,6 @@ def bare(model: LanguageModel, tokens: int, weights: tuple[list, Matrix]) -> Non
 def bare_weight_bytes(model: LanguageModel) -> int:
     """Bytes of fp32 weights the bare products read per token: every layer's matrices and the output layer's."""
     return 4 * (sum(w.numel() for w in model.rnn.parameters() if w.dim() == 2) + model.decoder.weight.numel())
-
-
-@torch.inference_mode()
-def bare_bf16_matvecs(model: LanguageModel, tokens: int) -> None:
-    """The same products with the weights in bf16 (half the bytes), as `torch.mv`, which this CPU runs faster
-    in bf16 than a one-row `mm`: whether bf16 weights would make a step's reading of them faster."""
-    hidden = model.config.hidden_size
-    layers = [tuple(getattr(model.rnn, f"weight_{kind}_l{i}").detach().bfloat16() for kind in ("ih", "hh"))
-              for i in range(model.config.num_layers)]
-    decoder = model.decoder.weight.detach().bfloat16()
-    x = torch.randn(model.config.embedding_size).bfloat16()
-    h = torch.randn(hidden).bfloat16()
-    for _ in range(tokens):
-        v = x
-        for w_ih, w_hh in layers:
-            v = (torch.mv(w_ih, v) + torch.mv(w_hh, h))[:hidden]
-        torch.mv(decoder, v)
 
 
 # Column blocks never used: every matrix has fewer elements than this per block.
@@ -151,6 +147,12 @@ def layout_rule(**settings) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(modules[name], name, value)
+
+
+def unpacked(generate_tokens, tokens: int) -> None:
+    """lmtool's fp32 generation with no matrix packed by oneDNN (column blocks instead, where MKL_ON_AMD)."""
+    with layout_rule(PACKED_FP32_MIN_ELEMENTS=None):
+        generate_tokens(tokens)
 
 
 def pytorch_layout(generate_tokens, tokens: int) -> None:
@@ -195,26 +197,39 @@ def main() -> None:
 
 
 def single_stream(models: dict, tokens: int, info: dict) -> None:
-    """One stream of each model on the CPU: lmtool against the bare products, the naive loop and the example."""
+    """One stream of each model on the CPU: lmtool against the bare products, the naive loop and the example,
+    in fp32 and with --precision bf16 (against the bare products packed in bf16), and where MKL_ON_AMD lmtool
+    with nothing packed in fp32 (`lmtool_unpacked_ms_per_token`: lmtool.model.PACKED_FP32_MIN_ELEMENTS)."""
     peer_words_per_s = generate_words_per_s(PeerModel(33278), tokens)  # the example's generator, now
+    packs = packing_works(torch.float32) and packing_works(torch.bfloat16)
     for name, model in models.items():
-        options = SamplingOptions(length=tokens, seed=1)
-        ours = lambda n: generate(model, [], SamplingOptions(length=n, seed=1))  # noqa: E731
+        def ours(n: int, precision: str = "fp32") -> None:
+            generate(model, [], SamplingOptions(length=n, seed=1, precision=precision))
+
+        def bf16(n: int) -> None:
+            ours(n, "bf16")
+
         if model.config.softmax == "full":  # the bare products are defined for the plain output layer
-            rows, transposed, blocks = (bare_weights(model, layout) for layout in ("rows", "transposed", "blocks"))
-            ms, ratios = interleaved_ms({"lmtool": ours, "lmtool-quarter": ours,
-                                         "lmtool-pytorch-layout": lambda n: pytorch_layout(ours, n),
-                                        "bare-rows": lambda n: bare(model, n, rows),
-                                        "bare-transposed": lambda n: bare(model, n, transposed),
-                                        "bare-blocks": lambda n: bare(model, n, blocks),
-                                        "bf16": lambda n: bare_bf16_matvecs(model, n),
-                                        "naive": lambda n: naive(model, n)}, tokens)
+            layouts = ("rows", "transposed", "blocks", "packed", "bf16-packed") if packs else (
+                "rows", "transposed", "blocks")
+            weights = {layout: bare_weights(model, layout) for layout in layouts}
+            fns = {"lmtool": ours, "lmtool-quarter": ours, "lmtool-bf16": bf16, "lmtool-bf16-quarter": bf16,
+                   "lmtool-pytorch-layout": lambda n: pytorch_layout(ours, n), "naive": lambda n: naive(model, n)}
+            if MKL_ON_AMD:
+                fns["lmtool-unpacked"] = lambda n: unpacked(ours, n)
+            for layout, layout_weights in weights.items():  # bf16-packed -> "bf16-bare", the others "bare-*"
+                fns["bf16-bare" if layout.startswith("bf16") else f"bare-{layout}"] = (
+                    lambda n, w=layout_weights: bare(model, n, w))
+            ms, ratios = interleaved_ms(fns, tokens)
             lmtool_ms = ms["lmtool"]
-            ms["bare"] = min(ms["bare-rows"], ms["bare-transposed"], ms["bare-blocks"])
+            ms["bare"] = min(ms[f"bare-{layout}"] for layout in layouts if not layout.startswith("bf16"))
         else:
-            lmtool_ms = per_token_ms(lambda n: generate(model, [], options), tokens)
+            lmtool_ms = per_token_ms(ours, tokens)
+            ms = {"lmtool-bf16": per_token_ms(bf16, tokens)}
         record = {**info, "model": name, "streams": 1, "lmtool_ms_per_token": round(lmtool_ms, 4),
-                  "lmtool_tokens_per_s": round(1000 / lmtool_ms)}
+                  "lmtool_tokens_per_s": round(1000 / lmtool_ms),
+                  "lmtool_bf16_ms_per_token": round(ms["lmtool-bf16"], 4),
+                  "lmtool_bf16_tokens_per_s": round(1000 / ms["lmtool-bf16"])}
         if model.config.softmax == "full":
             weight_mb = bare_weight_bytes(model) / 1e6
             record.update(bare_matvec_ms_per_token=round(ms["bare"], 4), naive_nn_lstm_ms_per_token=round(ms["naive"], 4),
@@ -228,17 +243,25 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
                           bare_gb_per_s=round(weight_mb / ms["bare"], 1),
                           lmtool_pytorch_layout_ms_per_token=round(ms["lmtool-pytorch-layout"], 4),
                           mkl_on_amd=MKL_ON_AMD,
-                          bare_rows_ms_per_token=round(ms["bare-rows"], 4),
-                          bare_transposed_ms_per_token=round(ms["bare-transposed"], 4),
-                          bare_blocks_ms_per_token=round(ms["bare-blocks"], 4),
-                          bare_bf16_weights_ms_per_token=round(ms["bf16"], 4),
-                          bare_bf16_over_fp32=round(ms["bf16"] / ms["bare"], 2))
+                          **{f"bare_{layout}_ms_per_token": round(ms[f"bare-{layout}"], 4)
+                             for layout in layouts if not layout.startswith("bf16")},
+                          lmtool_bf16_steady_ms_per_token=round(ms["lmtool-bf16-steady"], 4),
+                          bf16_speedup_over_naive=round(ms["naive"] / ms["lmtool-bf16"], 2))
+            if "bf16-bare" in ms:
+                record.update(bare_bf16_packed_ms_per_token=round(ms["bf16-bare"], 4),
+                              bare_bf16_over_fp32=round(ms["bf16-bare"] / ms["bare"], 2),
+                              lmtool_bf16_over_bf16_bare_median_of_rounds=round(ratios["bf16-whole"], 2),
+                              lmtool_bf16_steady_over_bf16_bare_median_of_rounds=round(ratios["bf16-steady"], 2))
+            if "lmtool-unpacked" in ms:
+                record["lmtool_unpacked_ms_per_token"] = round(ms["lmtool-unpacked"], 4)
         if name.startswith("word"):
             record.update(example_generator_words_per_s=round(peer_words_per_s),
                           over_example_generator=round(1000 / lmtool_ms / peer_words_per_s, 2),
-                          over_reference_185=round(1000 / lmtool_ms / 185, 2))
+                          over_reference_185=round(1000 / lmtool_ms / 185, 2),
+                          bf16_over_reference_185=round(1000 / ms["lmtool-bf16"] / 185, 2))
             if model.config.softmax == "full":
                 record["steady_over_reference_185"] = round(1000 / ms["lmtool-steady"] / 185, 2)
+                record["bf16_steady_over_reference_185"] = round(1000 / ms["lmtool-bf16-steady"] / 185, 2)
         print(json.dumps(record), flush=True)
 
 
@@ -272,26 +295,37 @@ def set_up(models: dict, info: dict, prompt_lengths: tuple[int, ...] = (1, 4, 8,
 
 def word_output_layouts(model: LanguageModel, tokens: int, stream_counts: list[int], info: dict) -> None:
     """Where MKL_ON_AMD: the full-softmax word model generating for GATE_MAJOR_MIN_STREAMS streams and more in
-    fp32, its output layer in PyTorch's layout and transposed (lmtool.model.OUTPUT_MAJOR_MIN_VOCAB), in column
-    blocks as lmtool runs it and whole, timed in alternating rounds. One JSON line per stream count."""
+    fp32, its output layer in PyTorch's layout and transposed (lmtool.model.OUTPUT_MAJOR_MIN_VOCAB): packed by
+    oneDNN as lmtool runs it (lmtool.model.PACKED_FP32_MIN_ELEMENTS), in column blocks and whole; and with
+    --precision bf16; timed in alternating rounds. One JSON line per stream count."""
     blocks = lmtool.column_blocks.MIN_BLOCK_ELEMENTS
     for streams in sorted(n for n in stream_counts if n >= GATE_MAJOR_MIN_STREAMS):
         options = SamplingOptions(length=tokens // 4, num_samples=streams, seed=1)
-        # (OUTPUT_MAJOR_MIN_VOCAB, MIN_BLOCK_ELEMENTS) forced
-        layouts = {"transposed": (0, blocks), "transposed-whole": (0, NO_BLOCKS), "pytorch": (None, blocks)}
+        bf16 = dataclasses.replace(options, precision="bf16")
+        packed = lmtool.model.PACKED_FP32_MIN_ELEMENTS
+        # (OUTPUT_MAJOR_MIN_VOCAB, MIN_BLOCK_ELEMENTS, PACKED_FP32_MIN_ELEMENTS, options) forced
+        layouts = {"transposed": (0, blocks, packed, options), "transposed-blocks": (0, blocks, None, options),
+                   "transposed-whole": (0, NO_BLOCKS, None, options), "pytorch": (None, blocks, packed, options),
+                   "bf16": (0, blocks, packed, bf16)}
         times: dict[str, list[float]] = {name: [] for name in layouts}
-        for name, (min_vocab, min_block) in alternating(layouts, 5):
-            with layout_rule(OUTPUT_MAJOR_MIN_VOCAB=min_vocab, MIN_BLOCK_ELEMENTS=min_block):
-                times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 4, repeats=2))
-        transposed = model.step_weights(streams=streams).output_major is not None  # what lmtool runs
+        for name, (min_vocab, min_block, min_packed, how) in alternating(layouts, 5):
+            with layout_rule(OUTPUT_MAJOR_MIN_VOCAB=min_vocab, MIN_BLOCK_ELEMENTS=min_block,
+                             PACKED_FP32_MIN_ELEMENTS=min_packed):
+                times[name].append(per_token_ms(lambda n: generate(model, [], how), tokens // 4, repeats=2))
+        output = model.step_weights(streams=streams).output_major  # what lmtool runs
+        form = "pytorch" if output is None else type(output[0]).__name__
         print(json.dumps({
             **info, "model": "word 2x200 LSTM, V=33278", "device": "cpu", "streams": streams, "precision": "fp32",
-            "output_layout": "transposed" if transposed else "pytorch",
+            "output_layout": form,
             **{f"{name}_output_words_per_s": round(streams * 1000 / statistics.median(t)) for name, t in times.items()},
             "transposed_over_pytorch_median_of_rounds": round(statistics.median(
                 p / t for p, t in zip(times["pytorch"], times["transposed"])), 2),
+            "packed_over_blocks_median_of_rounds": round(statistics.median(
+                b / t for b, t in zip(times["transposed-blocks"], times["transposed"])), 2),
             "blocks_over_whole_median_of_rounds": round(statistics.median(
-                w / t for w, t in zip(times["transposed-whole"], times["transposed"])), 2),
+                w / b for w, b in zip(times["transposed-whole"], times["transposed-blocks"])), 2),
+            "bf16_over_fp32_median_of_rounds": round(statistics.median(
+                t / b for t, b in zip(times["transposed"], times["bf16"])), 2),
         }), flush=True)
 
 
@@ -313,22 +347,30 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
             # the other CPUs' rule for few streams. Gate-major: theirs for many, or where MKL_ON_AMD the way lmtool
             # runs it there (below 4 streams with the output layer transposed; from 4, the char model's own rule:
             # its input table, the output layer untransposed). bf16 runs as lmtool does.
-            # Where MKL_ON_AMD the gate-major layout is also timed with its matrices whole, not in column blocks.
-            blocks = lmtool.column_blocks.MIN_BLOCK_ELEMENTS
+            # Where MKL_ON_AMD the gate-major layout is also timed with nothing packed in fp32 (column blocks), and
+            # with its matrices whole.
+            blocks, packed = lmtool.column_blocks.MIN_BLOCK_ELEMENTS, lmtool.model.PACKED_FP32_MIN_ELEMENTS
             if not both:
-                layouts = {"cell": (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, blocks)}
+                layouts = {"cell": (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, blocks, packed)}
             else:
-                amd_gate_major = (min(streams + 1, GATE_MAJOR_MIN_STREAMS), True, blocks)
-                layouts = {"gate-major": amd_gate_major if MKL_ON_AMD else (1, False, blocks),
-                           "cell": (streams + 1, False, blocks)}
+                amd_gate_major = (min(streams + 1, GATE_MAJOR_MIN_STREAMS), True, blocks, packed)
+                layouts = {"gate-major": amd_gate_major if MKL_ON_AMD else (1, False, blocks, packed),
+                           "cell": (streams + 1, False, blocks, packed)}
                 if MKL_ON_AMD:
-                    layouts["gate-major-whole"] = (*amd_gate_major[:2], NO_BLOCKS)
+                    layouts["gate-major-blocks"] = (*amd_gate_major[:3], None)
+                    layouts["gate-major-whole"] = (*amd_gate_major[:2], NO_BLOCKS, None)
+            if not both:  # named after what lmtool runs (bf16 on a CPU: gate-major, packed)
+                dtype = torch.bfloat16 if precision == "bf16" else None
+                layouts = {("gate-major" if model.step_weights(dtype=dtype, streams=streams).gate_major else "cell"):
+                           layouts["cell"]}
             times: dict[str, list[float]] = {name: [] for name in layouts}
-            for name, (threshold, amd, min_block) in alternating(layouts, 5):
-                with layout_rule(GATE_MAJOR_MIN_STREAMS=threshold, MKL_ON_AMD=amd, MIN_BLOCK_ELEMENTS=min_block):
+            for name, (threshold, amd, min_block, min_packed) in alternating(layouts, 5):
+                with layout_rule(GATE_MAJOR_MIN_STREAMS=threshold, MKL_ON_AMD=amd, MIN_BLOCK_ELEMENTS=min_block,
+                                 PACKED_FP32_MIN_ELEMENTS=min_packed):
                     times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 2, repeats=2))
             # what lmtool runs
-            chosen = "gate-major" if both and model.step_weights(streams=streams).gate_major else "cell"
+            dtype = torch.bfloat16 if precision == "bf16" else None
+            chosen = "gate-major" if model.step_weights(dtype=dtype, streams=streams).gate_major else "cell"
             throughput = streams * 1000 / statistics.median(times[chosen])
             one_stream = one_stream or throughput
             gflops = throughput * 2 * macs / 1e9
@@ -344,8 +386,10 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
                 record["gate_major_over_cell_median_of_rounds"] = round(statistics.median(
                     c / g for c, g in zip(times["cell"], times["gate-major"])), 2)
                 if "gate-major-whole" in times:
+                    record["packed_over_blocks_median_of_rounds"] = round(statistics.median(
+                        b / g for b, g in zip(times["gate-major-blocks"], times["gate-major"])), 2)
                     record["blocks_over_whole_median_of_rounds"] = round(statistics.median(
-                        w / g for w, g in zip(times["gate-major-whole"], times["gate-major"])), 2)
+                        w / b for w, b in zip(times["gate-major-whole"], times["gate-major-blocks"])), 2)
             print(json.dumps(record), flush=True)
 
 

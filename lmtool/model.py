@@ -93,11 +93,12 @@ MKL_ON_AMD = _mkl_on_amd()
 OUTPUT_MAJOR_MIN_VOCAB: int | None = 30000
 
 
-# Where MKL_ON_AMD, a gate-major LSTM matrix of at least this many elements steps packed by oneDNN in fp32
-# (lmtool.packed_weights), and so does a large vocabulary's output layer (OUTPUT_MAJOR_MIN_VOCAB) from
-# GATE_MAJOR_MIN_STREAMS streams; smaller matrices and fewer streams keep column blocks. On the AMD EPYC the char
-# model's (1024, 2048) and (512, 2048) matrices multiplied 1.1-1.3x faster packed at 1-64 rows, the word model's
-# (400, 800) ones 0.7-1.0x; its 33,278-word output layer 0.5x at one row and 1.2-1.9x at 4-64 (None: never).
+# Where MKL_ON_AMD, from GATE_MAJOR_MIN_STREAMS streams, a transposed matrix of at least this many elements
+# steps packed by oneDNN in fp32 (lmtool.packed_weights): the char model's gate-major LSTM matrices and a large
+# vocabulary's output layer; fewer streams and smaller matrices keep column blocks (None: never packed in fp32).
+# On the AMD EPYC the char model generated 1.33-1.53x as fast with its LSTM matrices packed at 4-64 streams but
+# 0.88x at one, and the word model 1.81-2.0x with its 33,278-word output layer packed at 4-64 streams
+# (`python bench/sampling.py`, 17:07).
 PACKED_FP32_MIN_ELEMENTS: int | None = 2**19
 
 
@@ -314,8 +315,8 @@ class LanguageModel(nn.Module):
         packed (lmtool.packed_weights) and the output layer packed too; in fp32, gate-major where that is the
         CPU's faster layout for that many streams (MKL_ON_AMD), and where MKL_ON_AMD a full softmax's output weights
         come transposed for fewer than GATE_MAJOR_MIN_STREAMS, or for any count from OUTPUT_MAJOR_MIN_VOCAB tokens;
-        there the transposed matrices come packed from PACKED_FP32_MIN_ELEMENTS elements (the output layer from
-        GATE_MAJOR_MIN_STREAMS streams), else in column blocks where large enough (lmtool.column_blocks).
+        there the transposed matrices come packed from GATE_MAJOR_MIN_STREAMS streams and PACKED_FP32_MIN_ELEMENTS
+        elements, else in column blocks where large enough (lmtool.column_blocks).
         relayout=False keeps PyTorch's layout (no copies)."""
         rnn = self.stack(direction)
 
@@ -334,11 +335,11 @@ class LanguageModel(nn.Module):
                        and packing_works(torch.bfloat16))
         packed_fp32 = amd and fp32 and PACKED_FP32_MIN_ELEMENTS is not None and packing_works(torch.float32)
 
-        def relaid(matrix: torch.Tensor, packs: bool) -> Matrix:
+        def relaid(matrix: torch.Tensor) -> Matrix:
             """A transposed fp32 matrix in the form it multiplies fastest in: packed, in blocks, or whole."""
             if packed_bf16:
                 return pack(matrix.to(torch.bfloat16), streams)
-            if packed_fp32 and packs:
+            if packed_fp32 and not few and matrix.numel() >= PACKED_FP32_MIN_ELEMENTS:
                 return pack(matrix, streams)
             return in_column_blocks(matrix) if amd else matrix
 
@@ -362,13 +363,12 @@ class LanguageModel(nn.Module):
                 _gate_major(w_hh, out=weight_t[w_ih.size(1):])
                 stacked.append((weight_t, bias))
             # where MKL_ON_AMD, MKL multiplies a few rows by a whole matrix on one thread: blocks use every thread
-            layers = [(relaid(weight_t, weight_t.numel() >= (PACKED_FP32_MIN_ELEMENTS or 0)), ready(bias))
-                      for weight_t, bias in stacked]
+            layers = [(relaid(weight_t), ready(bias)) for weight_t, bias in stacked]
         output_major = None
         if self.config.softmax == "full" and (packed_bf16 or (amd and (few or large)
                                                               and self.decoder.weight.dtype == torch.float32)):
             bias = self.decoder.bias
-            output_major = (relaid(self.decoder.weight.detach().t(), not few),
+            output_major = (relaid(self.decoder.weight.detach().t()),
                             None if bias is None else ready(bias))
         return StepWeights(embedding=ready(self.embedding.weight), layers=layers, gate_major=gate_major,
                            output_major=output_major, input_table=input_table)

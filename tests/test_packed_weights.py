@@ -89,23 +89,27 @@ def test_bf16_generation_steps_with_packed_bf16_weights_close_to_fp32(monkeypatc
 
 @needs_packing
 @pytest.mark.parametrize("streams", [1, GATE_MAJOR_MIN_STREAMS])
-def test_large_matrices_step_packed_in_fp32_where_mkl_runs_on_amd(monkeypatch, streams):
-    """Where MKL_ON_AMD, gate-major matrices of PACKED_FP32_MIN_ELEMENTS and more come packed in fp32, and so does
-    a large vocabulary's output layer from GATE_MAJOR_MIN_STREAMS streams: the sequence kernel's scores and
-    states. Elsewhere nothing is packed in fp32."""
+def test_large_matrices_step_packed_in_fp32_for_many_streams_where_mkl_runs_on_amd(monkeypatch, streams):
+    """Where MKL_ON_AMD, from GATE_MAJOR_MIN_STREAMS streams, transposed matrices of PACKED_FP32_MIN_ELEMENTS and
+    more come packed in fp32 (the char model's LSTM matrices, a large vocabulary's output layer): the sequence
+    kernel's scores and states, and the same samples as unpacked. Fewer streams, and other CPUs, pack nothing."""
     monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
     monkeypatch.setattr(lmtool.model, "OUTPUT_MAJOR_MIN_VOCAB", 13)
-    model = LanguageModel(ModelConfig(embedding_size=6, hidden_size=10, num_layers=2), 13).eval()
-    first, second = (6 + 10) * 40, (10 + 10) * 40  # the stacked (inputs + H, 4H) matrices' elements
-    monkeypatch.setattr(lmtool.model, "PACKED_FP32_MIN_ELEMENTS", second)
+    # an embedding larger than the vocabulary: gate-major at any count, the first layer's input looked up
+    model = LanguageModel(ModelConfig(embedding_size=16, hidden_size=10, num_layers=2), 13).eval()
+    # elements: the first layer's (H, 4H) 400, the second's stacked (2H, 4H) 800, the output layer's (H, V) 130
+    monkeypatch.setattr(lmtool.model, "PACKED_FP32_MIN_ELEMENTS", 400)
     weights = model.step_weights(streams=streams)
-    few = streams < GATE_MAJOR_MIN_STREAMS  # without a lookup the LSTM is gate-major for few streams only
-    assert weights.gate_major == few
-    first_layer = [first >= second, False] if few else [False] * 4
-    assert [isinstance(w, PackedWeights) for w in weights.layers[0]] == first_layer
-    if few:
-        assert isinstance(weights.layers[1][0], PackedWeights)
-    assert isinstance(weights.output_major[0], PackedWeights) == (streams >= GATE_MAJOR_MIN_STREAMS)
+    many = streams >= GATE_MAJOR_MIN_STREAMS
+    assert weights.gate_major and weights.input_table is not None
+    assert [isinstance(w, PackedWeights) for w, _ in weights.layers] == [many, many]
+    assert not isinstance(weights.output_major[0], PackedWeights)
+    monkeypatch.setattr(lmtool.model, "PACKED_FP32_MIN_ELEMENTS", 130)
+    assert isinstance(model.step_weights(streams=streams).output_major[0], PackedWeights) == many
+    monkeypatch.setattr(lmtool.model, "PACKED_FP32_MIN_ELEMENTS", 401)
+    assert [isinstance(w, PackedWeights) for w, _ in model.step_weights(streams=streams).layers] == [False, many]
+    monkeypatch.setattr(lmtool.model, "PACKED_FP32_MIN_ELEMENTS", 130)
+    weights = model.step_weights(streams=streams)
     x = torch.randint(0, 13, (streams, 6))
     full, (h_full, c_full) = model(x)
     state, steps = model.init_state(streams), []
