@@ -258,6 +258,7 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
             record.update(example_generator_words_per_s=round(peer_words_per_s),
                           over_example_generator=round(1000 / lmtool_ms / peer_words_per_s, 2),
                           over_reference_185=round(1000 / lmtool_ms / 185, 2),
+                          bf16_over_example_generator=round(1000 / ms["lmtool-bf16"] / peer_words_per_s, 2),
                           bf16_over_reference_185=round(1000 / ms["lmtool-bf16"] / 185, 2))
             if model.config.softmax == "full":
                 record["steady_over_reference_185"] = round(1000 / ms["lmtool-steady"] / 185, 2)
