@@ -10,7 +10,7 @@ bf16 (the bare cost of --precision bf16), a naive loop that calls nn.LSTM on len
 `lmtool.sample.generate` in fp32 and in bf16 (sampling included; whole calls of --tokens, and the steady
 per-token time: what a call of --tokens takes beyond one of a quarter as many, per extra token), and generate
 again with the weights in PyTorch's layout (`lmtool_pytorch_layout_ms_per_token`: the cell's LSTM step and
-F.linear) and, where lmtool.model.MKL_ON_AMD, with nothing packed in fp32, all in turn round after round, so the
+F.linear), all in turn round after round, so the
 lmtool / bare ratio is a median of per-round ratios on a drifting machine; for the word models also the PyTorch
 example's generator (bench/peer_example.py) of the same size; for the plain output layers also the megabytes of
 weights the bare products read per token and at what rate. Then batched generation for 1..64 streams, fp32 and
@@ -149,12 +149,6 @@ def layout_rule(**settings) -> Iterator[None]:
             setattr(modules[name], name, value)
 
 
-def unpacked(generate_tokens, tokens: int) -> None:
-    """lmtool's fp32 generation with no matrix packed by oneDNN (column blocks instead, where MKL_ON_AMD)."""
-    with layout_rule(PACKED_FP32_MIN_ELEMENTS=None):
-        generate_tokens(tokens)
-
-
 def pytorch_layout(generate_tokens, tokens: int) -> None:
     """lmtool's generation of one to three streams with the weights as PyTorch stores them, on any CPU (as it
     runs where MKL is not on an AMD processor)."""
@@ -198,8 +192,7 @@ def main() -> None:
 
 def single_stream(models: dict, tokens: int, info: dict) -> None:
     """One stream of each model on the CPU: lmtool against the bare products, the naive loop and the example,
-    in fp32 and with --precision bf16 (against the bare products packed in bf16), and where MKL_ON_AMD lmtool
-    with nothing packed in fp32 (`lmtool_unpacked_ms_per_token`: lmtool.model.PACKED_FP32_MIN_ELEMENTS)."""
+    in fp32 and with --precision bf16 (against the bare products packed in bf16)."""
     peer_words_per_s = generate_words_per_s(PeerModel(33278), tokens)  # the example's generator, now
     packs = packing_works(torch.float32) and packing_works(torch.bfloat16)
     for name, model in models.items():
@@ -215,8 +208,6 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
             weights = {layout: bare_weights(model, layout) for layout in layouts}
             fns = {"lmtool": ours, "lmtool-quarter": ours, "lmtool-bf16": bf16, "lmtool-bf16-quarter": bf16,
                    "lmtool-pytorch-layout": lambda n: pytorch_layout(ours, n), "naive": lambda n: naive(model, n)}
-            if MKL_ON_AMD:
-                fns["lmtool-unpacked"] = lambda n: unpacked(ours, n)
             for layout, layout_weights in weights.items():  # bf16-packed -> "bf16-bare", the others "bare-*"
                 fns["bf16-bare" if layout.startswith("bf16") else f"bare-{layout}"] = (
                     lambda n, w=layout_weights: bare(model, n, w))
@@ -252,8 +243,6 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
                               bare_bf16_over_fp32=round(ms["bf16-bare"] / ms["bare"], 2),
                               lmtool_bf16_over_bf16_bare_median_of_rounds=round(ratios["bf16-whole"], 2),
                               lmtool_bf16_steady_over_bf16_bare_median_of_rounds=round(ratios["bf16-steady"], 2))
-            if "lmtool-unpacked" in ms:
-                record["lmtool_unpacked_ms_per_token"] = round(ms["lmtool-unpacked"], 4)
         if name.startswith("word"):
             record.update(example_generator_words_per_s=round(peer_words_per_s),
                           over_example_generator=round(1000 / lmtool_ms / peer_words_per_s, 2),

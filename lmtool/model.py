@@ -57,8 +57,9 @@ LAYER_FUNCTIONS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru"
 # `lstm_step_gate_major`; (hidden, 4 x hidden) for a first layer whose input product is looked up), and a full
 # softmax can score with its output weights as an (H, V) matrix. Which layout runs faster depends on the CPU's
 # BLAS and on how many streams are generated: below GATE_MAJOR_MIN_STREAMS or from it (see MKL_ON_AMD).
-# `python bench/sampling.py` times both layouts at every stream count. In bf16 the gate-major layout was
-# mostly slower; CUDA keeps torch.lstm_cell, whose pointwise part is one fused kernel there.
+# `python bench/sampling.py` times both layouts at every stream count. In bf16 the gate-major layout with whole
+# matrices was mostly slower, so bf16 on a CPU steps gate-major only with its matrices packed by oneDNN
+# (lmtool.packed_weights), at every count; CUDA keeps torch.lstm_cell, whose pointwise part is one fused kernel.
 GATE_MAJOR_MIN_STREAMS = 4
 
 
@@ -96,9 +97,10 @@ OUTPUT_MAJOR_MIN_VOCAB: int | None = 30000
 # Where MKL_ON_AMD, from GATE_MAJOR_MIN_STREAMS streams, a transposed matrix of at least this many elements
 # steps packed by oneDNN in fp32 (lmtool.packed_weights): the char model's gate-major LSTM matrices and a large
 # vocabulary's output layer; fewer streams and smaller matrices keep column blocks (None: never packed in fp32).
-# On the AMD EPYC the char model generated 1.33-1.53x as fast with its LSTM matrices packed at 4-64 streams but
-# 0.88x at one, and the word model 1.81-2.0x with its 33,278-word output layer packed at 4-64 streams
-# (`python bench/sampling.py`, 17:07).
+# On a 2-core AMD EPYC the char model generated 1.26-1.58x as fast with its LSTM matrices packed at 4-64 streams
+# and the word model 1.53-1.82x with its 33,278-word output layer packed (two runs of `python bench/sampling.py`);
+# packed at every count, one char stream ran 0.88x (a third run), and one row's bare products took 1.15-1.26x
+# (char) and 2.1-2.3x (word) as long packed as in column blocks.
 PACKED_FP32_MIN_ELEMENTS: int | None = 2**19
 
 

@@ -1,13 +1,13 @@
 """Weight matrices packed once into oneDNN's own layout, for the products of a generation step on a CPU.
 
 PyTorch's CPU linear layer in bf16 runs on oneDNN, which rearranges the weights into its blocked layout on every
-call; for a generation step's few rows that rearranging costs more than the product. Packed once per generation
-call (the op PyTorch's own compiler uses for frozen CPU models, `torch.ops.mkldnn._reorder_linear_weight`), the
-products ran 1.3-4.9x faster in bf16 on a 2-core AMD EPYC (a word model's 33,278 x 200 output layer: 0.15 against
-0.45-0.55 ms for one row), and in fp32 1.1-1.3x faster than column blocks for the char model's large LSTM
-matrices and from 4 rows for a word model's output layer (`python bench/sampling.py` times the bare products
-packed and unpacked). The ops are private to PyTorch, so `packing_works` checks them once on a tiny product
-before anything is packed; where they are missing or wrong, lmtool keeps its other layouts.
+call; for a generation step's few rows that costs more than the product. Packed once per generation call (with
+`torch.ops.mkldnn._reorder_linear_weight`, the op PyTorch's own compiler uses for frozen CPU models), the bare
+products of one step of a word model with 33,278 words took 0.28-0.30 ms in bf16 against 0.63-0.74 ms in the
+fastest fp32 layout on a 2-core AMD EPYC, and fp32 matrices packed generated 4-64 streams 1.26-1.82x as fast
+as in column blocks (two runs of `python bench/sampling.py`; README, Generation speed). The ops are private to
+PyTorch, so `packing_works` checks them once on a small product before anything is packed; where they are
+missing or wrong, lmtool keeps its other layouts.
 """
 
 from __future__ import annotations
