@@ -115,8 +115,9 @@ class StepWeights:
     token, biases included ((V, 4H): embedding @ w_ih.T + b_ih + b_hh), where it is no larger than the w_ih it
     replaces (a character vocabulary): a step looks its token's row up instead of embedding it and multiplying,
     and that layer's entry is (w_hh.T, bias). Where MKL_ON_AMD, the transposed matrices of either layout come in
-    column blocks, one per thread, where they are large enough (lmtool.column_blocks); elsewhere they are
-    contiguous tensors."""
+    column blocks, one per thread, where they are large enough (lmtool.column_blocks), or packed by oneDNN from
+    GATE_MAJOR_MIN_STREAMS streams where larger still (PACKED_FP32_MIN_ELEMENTS; lmtool.packed_weights); elsewhere
+    they are contiguous tensors. bf16 generation on a CPU has them all packed in bf16, with their biases."""
 
     embedding: torch.Tensor
     layers: list[tuple]
@@ -370,8 +371,9 @@ class LanguageModel(nn.Module):
         if self.config.softmax == "full" and (packed_bf16 or (amd and (few or large)
                                                               and self.decoder.weight.dtype == torch.float32)):
             bias = self.decoder.bias
+            bias = None if bias is None else bias.detach()
             output_major = (relaid(self.decoder.weight.detach().t()),
-                            None if bias is None else ready(bias))
+                            bias.to(torch.bfloat16) if packed_bf16 and bias is not None else bias)
         return StepWeights(embedding=ready(self.embedding.weight), layers=layers, gate_major=gate_major,
                            output_major=output_major, input_table=input_table)
 
