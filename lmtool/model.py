@@ -14,6 +14,7 @@ from torch import nn
 from lmtool.chunked_nll import linear_nll, saves_traffic
 from lmtool.column_blocks import in_column_blocks
 from lmtool.config import ModelConfig
+from lmtool.devices import bf16_is_native
 from lmtool.dropout import dropout, fast_dropout_applies
 from lmtool.errors import LmtoolError
 from lmtool.packed_weights import pack, packing_works
@@ -52,7 +53,7 @@ CELL_STEPS = {
 LAYER_FUNCTIONS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru": torch.gru, "lstm": torch.lstm}
 
 
-# An LSTM generating in fp32 on a CPU can step with its input and hidden weights transposed and stacked into one
+# An LSTM generating on a CPU can step with its input and hidden weights transposed and stacked into one
 # (inputs + hidden, 4 x hidden) matrix and its three sigmoid gates side by side (the gate-major layout,
 # `lstm_step_gate_major`; (hidden, 4 x hidden) for a first layer whose input product is looked up), and a full
 # softmax can score with its output weights as an (H, V) matrix. Which layout runs faster depends on the CPU's
@@ -110,14 +111,15 @@ class StepWeights:
     layer's (w_ih, w_hh, b_ih, b_hh); or, with `gate_major`, an LSTM layer's ([w_ih.T; w_hh.T], b_ih + b_hh):
     its input and hidden weights transposed and stacked, (inputs + H, 4H), with the gates reordered to input,
     forget, output, cell (see `lstm_step_gate_major`). `output_major` is a full softmax's (weight.T, bias) where
-    that layout scores faster (MKL_ON_AMD: few streams, or a large vocabulary); else None, and the model's own
-    output layer scores (in its dtype). `input_table`, gate-major only: the first layer's input product of every
+    that layout scores faster (MKL_ON_AMD: few streams, or a large vocabulary; bf16 on a CPU: packed); else None,
+    and the model's own output layer scores (in its dtype). `input_table`, gate-major only: the first layer's input product of every
     token, biases included ((V, 4H): embedding @ w_ih.T + b_ih + b_hh), where it is no larger than the w_ih it
     replaces (a character vocabulary): a step looks its token's row up instead of embedding it and multiplying,
     and that layer's entry is (w_hh.T, bias). Where MKL_ON_AMD, the transposed matrices of either layout come in
     column blocks, one per thread, where they are large enough (lmtool.column_blocks), or packed by oneDNN from
     GATE_MAJOR_MIN_STREAMS streams where larger still (PACKED_FP32_MIN_ELEMENTS; lmtool.packed_weights); elsewhere
-    they are contiguous tensors. bf16 generation on a CPU has them all packed in bf16, with their biases."""
+    they are contiguous tensors. bf16 generation on a CPU with native bf16 has an LSTM's stacked matrices and a
+    full softmax's output layer packed in bf16 (their biases plain bf16 tensors), where packing works."""
 
     embedding: torch.Tensor
     layers: list[tuple]
@@ -258,8 +260,9 @@ class LanguageModel(nn.Module):
         return self.step_scores(hidden, weights), state
 
     def step_scores(self, hidden: torch.Tensor, weights: StepWeights) -> torch.Tensor:
-        """`scores` for a generation step's (B, H) outputs, in `weights`' output layout; outputs of bf16 layers are
-        read in the output layer's own dtype (fp32 for a trained model)."""
+        """`scores` for a generation step's (B, H) outputs, in `weights`' output layout: outputs of bf16 layers are
+        read in the output layer's own dtype (fp32 for a trained model), or in bf16 by a packed bf16 output layer,
+        whose scores come back in fp32."""
         if weights.output_major is None:
             full = self.config.softmax == "full"  # the adaptive softmax reads fp32 itself
             return self.scores(hidden.to(self.decoder.weight.dtype) if full else hidden)
@@ -314,8 +317,8 @@ class LanguageModel(nn.Module):
                      streams: int = 1, relayout: bool = True) -> StepWeights:
         """The embedding and each layer's (w_ih, w_hh, b_ih, b_hh), detached, for `step` in that direction;
         cast to `dtype` if given (bf16 generation). On a CPU an fp32 model's LSTM and full softmax step in faster
-        layouts (copies, see StepWeights): in bf16, where oneDNN packs bf16 matrices, gate-major with every matrix
-        packed (lmtool.packed_weights) and the output layer packed too; in fp32, gate-major where that is the
+        layouts (copies, see StepWeights): in bf16, where the CPU has native bf16 and oneDNN packs bf16 matrices,
+        gate-major with every matrix packed (lmtool.packed_weights) and the output layer packed too; in fp32, gate-major where that is the
         CPU's faster layout for that many streams (MKL_ON_AMD), and where MKL_ON_AMD a full softmax's output weights
         come transposed for fewer than GATE_MAJOR_MIN_STREAMS, or for any count from OUTPUT_MAJOR_MIN_VOCAB tokens;
         there the transposed matrices come packed from GATE_MAJOR_MIN_STREAMS streams and PACKED_FP32_MIN_ELEMENTS
@@ -335,7 +338,7 @@ class LanguageModel(nn.Module):
         amd = on_cpu and MKL_ON_AMD
         fp32 = layers[0][0].dtype == torch.float32
         packed_bf16 = (on_cpu and dtype == torch.bfloat16 and self.embedding.weight.dtype == torch.float32
-                       and packing_works(torch.bfloat16))
+                       and bf16_is_native(self.device) and packing_works(torch.bfloat16))
         packed_fp32 = amd and fp32 and PACKED_FP32_MIN_ELEMENTS is not None and packing_works(torch.float32)
 
         def relaid(matrix: torch.Tensor) -> Matrix:
@@ -365,7 +368,8 @@ class LanguageModel(nn.Module):
                 _gate_major(w_ih, out=weight_t[: w_ih.size(1)])
                 _gate_major(w_hh, out=weight_t[w_ih.size(1):])
                 stacked.append((weight_t, bias))
-            # where MKL_ON_AMD, MKL multiplies a few rows by a whole matrix on one thread: blocks use every thread
+            # where MKL_ON_AMD, MKL multiplies a few rows by a whole matrix on one thread: blocks (or oneDNN's
+            # packed products) use every thread
             layers = [(relaid(weight_t), ready(bias)) for weight_t, bias in stacked]
         output_major = None
         if self.config.softmax == "full" and (packed_bf16 or (amd and (few or large)

@@ -54,7 +54,8 @@ def packed_times(rows: torch.Tensor, matrix: PackedWeights, add: torch.Tensor | 
 @functools.cache
 def packing_works(dtype: torch.dtype) -> bool:
     """Whether this PyTorch packs and multiplies `dtype` matrices right: the ops exist (a CPU build with oneDNN)
-    and a small product with a bias equals the plain one."""
+    and a small product with a fused bias matches the plain one (to float tolerance in fp32, to bf16's rounding
+    of the inputs in bf16)."""
     if not torch.backends.mkldnn.is_available():
         return False
     generator = torch.Generator().manual_seed(0)

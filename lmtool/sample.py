@@ -190,8 +190,8 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(options.seed)
     batch = options.num_samples
     context = torch.tensor([EOS_ID] + list(prime_ids), device=device).expand(batch, -1)  # (B, P + 1)
-    # bf16 generation: the prompt is read in fp32, then the recurrent layers step in bf16; scores and sampling
-    # stay fp32, so only the hidden state carries bf16 rounding.
+    # bf16 generation: the prompt is read in fp32, then the recurrent layers step in bf16 and, on a CPU, the
+    # output layer's products round to bf16 too (lmtool.packed_weights); the softmax and the draw stay fp32.
     weights = model.step_weights(direction, dtype, streams=batch)
     few = batch < GATE_MAJOR_MIN_STREAMS  # the cut-off was timed for one stream; many share the read's set-up
     if device.type == "cpu" and dtype is None and few and context.size(1) <= STEPPED_PROMPT_TOKENS:
