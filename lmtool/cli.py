@@ -186,7 +186,7 @@ def sample(
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
     precision: str = typer.Option(
         "fp32", help="fp32 (exact) | bf16: the recurrent layers, and on a CPU the output layer, in bfloat16; on "
-        "CPUs with native bf16 1.5-1.7x fp32 for one word-model sample, 1.2-2.2x for many (bench/sampling.py)"
+        "CPUs with native bf16 1.5-1.7x fp32 for one word-model sample, 1.0-2.3x for 4-64 (bench/sampling.py)"
     ),
 ) -> None:
     """Generate text from a trained model, one token at a time (the RNN state is carried, never re-read)."""

@@ -98,9 +98,9 @@ OUTPUT_MAJOR_MIN_VOCAB: int | None = 30000
 # Where MKL_ON_AMD, from GATE_MAJOR_MIN_STREAMS streams, a transposed matrix of at least this many elements
 # steps packed by oneDNN in fp32 (lmtool.packed_weights): the char model's gate-major LSTM matrices and a large
 # vocabulary's output layer; fewer streams and smaller matrices keep column blocks (None: never packed in fp32).
-# On a 2-core AMD EPYC the char model generated 1.26-1.58x as fast with its LSTM matrices packed at 4-64 streams
-# and the word model 1.53-1.82x with its 33,278-word output layer packed (two runs of `python bench/sampling.py`);
-# packed at every count, one char stream ran 0.88x (a third run), and one row's bare products took 1.15-1.26x
+# On a 2-core AMD EPYC the char model generated 1.26-1.91x as fast with its LSTM matrices packed at 4-64 streams
+# and the word model 1.51-1.91x with its 33,278-word output layer packed (three runs of `python bench/sampling.py`);
+# packed at every count, one char stream ran 0.88x (another run), and one row's bare products took 1.15-1.26x
 # (char) and 2.1-2.3x (word) as long packed as in column blocks.
 PACKED_FP32_MIN_ELEMENTS: int | None = 2**19
 
