@@ -55,6 +55,11 @@ import lmtool.sample  # noqa: E402
 from lmtool.sample import SamplingOptions, generate  # noqa: E402
 
 
+def faster_by(slow: list[float], fast: list[float]) -> float:
+    """The median over rounds of slow / fast times: how many times faster `fast` ran, round by round."""
+    return statistics.median(s / f for s, f in zip(slow, fast))
+
+
 def interleaved_ms(fns: dict, tokens: int, rounds: int = 9) -> tuple[dict[str, float], dict[str, float]]:
     """Per-token milliseconds of each function, timed in turn round after round (the order alternating), so that
     all see the same moments of a drifting machine; and the medians over rounds of lmtool's time / bare's, for
@@ -74,10 +79,10 @@ def interleaved_ms(fns: dict, tokens: int, rounds: int = 9) -> tuple[dict[str, f
                                    for full, part in zip(times[name], times[f"{name}-quarter"])]
     # the bare products in whichever weight layout was faster in that round; the first round warms up
     bare_times = [min(layouts) for layouts in zip(*(times[name][1:] for name in times if name.startswith("bare-")))]
-    ratios = {kind: statistics.median(ours / bare for ours, bare in zip(times[name][1:], bare_times))
+    ratios = {kind: faster_by(times[name][1:], bare_times)
               for kind, name in (("whole", "lmtool"), ("steady", "lmtool-steady")) if name in times}
     if "bf16-bare" in times:
-        ratios.update({kind: statistics.median(ours / bare for ours, bare in zip(times[name][1:], times["bf16-bare"][1:]))
+        ratios.update({kind: faster_by(times[name][1:], times["bf16-bare"][1:])
                        for kind, name in (("bf16-whole", "lmtool-bf16"), ("bf16-steady", "lmtool-bf16-steady"))
                        if name in times})
     return {name: statistics.median(t[1:]) for name, t in times.items()}, ratios
@@ -308,14 +313,11 @@ def word_output_layouts(model: LanguageModel, tokens: int, stream_counts: list[i
             **info, "model": "word 2x200 LSTM, V=33278", "device": "cpu", "streams": streams, "precision": "fp32",
             "output_layout": form,
             **{f"{name}_output_words_per_s": round(streams * 1000 / statistics.median(t)) for name, t in times.items()},
-            "transposed_over_pytorch_median_of_rounds": round(statistics.median(
-                p / t for p, t in zip(times["pytorch"], times["transposed"])), 2),
-            "packed_over_blocks_median_of_rounds": round(statistics.median(
-                b / t for b, t in zip(times["transposed-blocks"], times["transposed"])), 2),
-            "blocks_over_whole_median_of_rounds": round(statistics.median(
-                w / b for w, b in zip(times["transposed-whole"], times["transposed-blocks"])), 2),
-            "bf16_over_fp32_median_of_rounds": round(statistics.median(
-                t / b for t, b in zip(times["transposed"], times["bf16"])), 2),
+            "transposed_over_pytorch_median_of_rounds": round(faster_by(times["pytorch"], times["transposed"]), 2),
+            "packed_over_blocks_median_of_rounds": round(faster_by(times["transposed-blocks"], times["transposed"]), 2),
+            "blocks_over_whole_median_of_rounds": round(
+                faster_by(times["transposed-whole"], times["transposed-blocks"]), 2),
+            "bf16_over_fp32_median_of_rounds": round(faster_by(times["transposed"], times["bf16"]), 2),
         }), flush=True)
 
 
@@ -373,13 +375,13 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
             if both:
                 record.update({f"{name}_tokens_per_s": round(streams * 1000 / statistics.median(t))
                                for name, t in times.items()})
-                record["gate_major_over_cell_median_of_rounds"] = round(statistics.median(
-                    c / g for c, g in zip(times["cell"], times["gate-major"])), 2)
+                record["gate_major_over_cell_median_of_rounds"] = round(
+                    faster_by(times["cell"], times["gate-major"]), 2)
                 if "gate-major-whole" in times:
-                    record["packed_over_blocks_median_of_rounds"] = round(statistics.median(
-                        b / g for b, g in zip(times["gate-major-blocks"], times["gate-major"])), 2)
-                    record["blocks_over_whole_median_of_rounds"] = round(statistics.median(
-                        w / b for w, b in zip(times["gate-major-whole"], times["gate-major-blocks"])), 2)
+                    record["packed_over_blocks_median_of_rounds"] = round(
+                        faster_by(times["gate-major-blocks"], times["gate-major"]), 2)
+                    record["blocks_over_whole_median_of_rounds"] = round(
+                        faster_by(times["gate-major-whole"], times["gate-major-blocks"]), 2)
             print(json.dumps(record), flush=True)
 
 

@@ -112,14 +112,15 @@ class StepWeights:
     its input and hidden weights transposed and stacked, (inputs + H, 4H), with the gates reordered to input,
     forget, output, cell (see `lstm_step_gate_major`). `output_major` is a full softmax's (weight.T, bias) where
     that layout scores faster (MKL_ON_AMD: few streams, or a large vocabulary; bf16 on a CPU: packed); else None,
-    and the model's own output layer scores (in its dtype). `input_table`, gate-major only: the first layer's input product of every
-    token, biases included ((V, 4H): embedding @ w_ih.T + b_ih + b_hh), where it is no larger than the w_ih it
-    replaces (a character vocabulary): a step looks its token's row up instead of embedding it and multiplying,
-    and that layer's entry is (w_hh.T, bias). Where MKL_ON_AMD, the transposed matrices of either layout come in
-    column blocks, one per thread, where they are large enough (lmtool.column_blocks), or packed by oneDNN from
-    GATE_MAJOR_MIN_STREAMS streams where larger still (PACKED_FP32_MIN_ELEMENTS; lmtool.packed_weights); elsewhere
-    they are contiguous tensors. bf16 generation on a CPU with native bf16 has an LSTM's stacked matrices and a
-    full softmax's output layer packed in bf16 (their biases plain bf16 tensors), where packing works."""
+    and the model's own output layer scores (in its dtype). `input_table`, gate-major only: the first layer's
+    input product of every token, biases included ((V, 4H): embedding @ w_ih.T + b_ih + b_hh), where it is no
+    larger than the w_ih it replaces (a character vocabulary): a step looks its token's row up instead of
+    embedding it and multiplying, and that layer's entry is (w_hh.T, bias). Where MKL_ON_AMD, the transposed
+    matrices of either layout come in column blocks, one per thread, where they are large enough
+    (lmtool.column_blocks), or packed by oneDNN from GATE_MAJOR_MIN_STREAMS streams where larger still
+    (PACKED_FP32_MIN_ELEMENTS; lmtool.packed_weights); elsewhere they are contiguous tensors. bf16 generation
+    on a CPU with native bf16 has an LSTM's stacked matrices and a full softmax's output layer packed in bf16
+    (their biases plain bf16 tensors), where packing works."""
 
     embedding: torch.Tensor
     layers: list[tuple]
@@ -318,18 +319,19 @@ class LanguageModel(nn.Module):
         """The embedding and each layer's (w_ih, w_hh, b_ih, b_hh), detached, for `step` in that direction;
         cast to `dtype` if given (bf16 generation). On a CPU an fp32 model's LSTM and full softmax step in faster
         layouts (copies, see StepWeights): in bf16, where the CPU has native bf16 and oneDNN packs bf16 matrices,
-        gate-major with every matrix packed (lmtool.packed_weights) and the output layer packed too; in fp32, gate-major where that is the
-        CPU's faster layout for that many streams (MKL_ON_AMD), and where MKL_ON_AMD a full softmax's output weights
-        come transposed for fewer than GATE_MAJOR_MIN_STREAMS, or for any count from OUTPUT_MAJOR_MIN_VOCAB tokens;
-        there the transposed matrices come packed from GATE_MAJOR_MIN_STREAMS streams and PACKED_FP32_MIN_ELEMENTS
-        elements, else in column blocks where large enough (lmtool.column_blocks).
-        relayout=False keeps PyTorch's layout (no copies)."""
+        gate-major with every matrix packed (lmtool.packed_weights) and the output layer packed too; in fp32,
+        gate-major where that is the CPU's faster layout for that many streams (MKL_ON_AMD), and where MKL_ON_AMD
+        a full softmax's output weights come transposed for fewer than GATE_MAJOR_MIN_STREAMS, or for any count
+        from OUTPUT_MAJOR_MIN_VOCAB tokens; there the transposed matrices come packed from GATE_MAJOR_MIN_STREAMS
+        streams and PACKED_FP32_MIN_ELEMENTS elements, else in column blocks where large enough
+        (lmtool.column_blocks). relayout=False keeps PyTorch's layout (no copies)."""
         rnn = self.stack(direction)
 
         def ready(t: torch.Tensor) -> torch.Tensor:
             return t.detach() if dtype is None else t.detach().to(dtype)
 
-        layers = [tuple(ready(w) for w in _layer_weights(rnn, layer)) for layer in range(self.config.num_layers)]
+        plain = [tuple(w.detach() for w in _layer_weights(rnn, layer)) for layer in range(self.config.num_layers)]
+        layers = [tuple(ready(w) for w in weights) for weights in plain]
         # The faster layouts on this CPU for that many streams; other devices keep PyTorch's.
         on_cpu = relayout and self.device.type == "cpu"
         few = streams < GATE_MAJOR_MIN_STREAMS
@@ -354,8 +356,7 @@ class LanguageModel(nn.Module):
         input_table = None
         if gate_major:
             # bf16 packs from the fp32 weights: the bias sums and the input table are rounded once, at the end
-            source = [tuple(w.detach() for w in _layer_weights(rnn, layer)) for layer in range(len(layers))
-                      ] if packed_bf16 else layers
+            source = plain if packed_bf16 else layers
             embedding = self.embedding.weight.detach() if packed_bf16 else ready(self.embedding.weight)
             stacked = []
             for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(source):
@@ -374,10 +375,10 @@ class LanguageModel(nn.Module):
         output_major = None
         if self.config.softmax == "full" and (packed_bf16 or (amd and (few or large)
                                                               and self.decoder.weight.dtype == torch.float32)):
-            bias = self.decoder.bias
-            bias = None if bias is None else bias.detach()
-            output_major = (relaid(self.decoder.weight.detach().t()),
-                            bias.to(torch.bfloat16) if packed_bf16 and bias is not None else bias)
+            bias = self.decoder.bias  # in bf16 only beside bf16 packed weights
+            if bias is not None:
+                bias = bias.detach().to(torch.bfloat16) if packed_bf16 else bias.detach()
+            output_major = (relaid(self.decoder.weight.detach().t()), bias)
         return StepWeights(embedding=ready(self.embedding.weight), layers=layers, gate_major=gate_major,
                            output_major=output_major, input_table=input_table)
 
