@@ -11,8 +11,9 @@ peak measured around it. Then the same evaluations and scores with `--precision 
 perplexities and log-probabilities moved. Training and the --batch-size evaluations (fp32 and bf16) run in
 turn --rounds times, the order alternating, so that the evaluate/train ratios are medians of per-round ratios
 on a machine whose speed drifts; their tokens/s are medians too. Scoring and the --batch-size evaluation then
-run in turn --rounds times in each precision, so score/evaluate is a median of per-round ratios too. Prints one
-JSON line with the tokens/s of each and the ratios.
+run in turn --rounds times in each precision, so score/evaluate is a median of per-round ratios too; and the
+batch-1 and --batch-size evaluations with the output layer packed once (the default where lmtool packs it) and
+without, in turn. Prints one JSON line with the tokens/s of each and the ratios.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from train_throughput import multiply_adds_per_token  # noqa: E402
 import torch  # noqa: E402
 
 import lmtool  # noqa: E402
+import lmtool.model as model_module  # noqa: E402
+from lmtool.api import Model  # noqa: E402
 from lmtool.config import load_config  # noqa: E402
 from lmtool.train import train  # noqa: E402
 
@@ -108,6 +111,8 @@ def main() -> None:
                         times[part] = tokens / (time.perf_counter() - start)
                 score_runs[precision].append(times["score"])
                 score_ratios[precision].append(times["score"] / times["evaluate"])
+        packing = {f"batch{size}": packed_over_unpacked(lm, text, size, args.rounds)
+                   for size, text in ((1, stream), (args.batch_size, sample))}
         score_tps, score_bf16_tps = statistics.median(score_runs["fp32"]), statistics.median(score_runs["bf16"])
         score_bf16_gap = max(abs(a.logprob - b.logprob) / abs(a.logprob) for a, b in zip(scored["fp32"], scored["bf16"]))
 
@@ -133,6 +138,7 @@ def main() -> None:
         "evaluate_utilisation": round(eval_tps * forward_flops / 1e9 / peak, 3),
         "score_over_evaluate": round(statistics.median(score_ratios["fp32"]), 2),
         "score_over_evaluate_rounds": [round(x, 2) for x in score_ratios["fp32"]],
+        "packed_output_layer": packing,
         "perplexity_batch1": round(eval_1.score.perplexity, 6),
         f"perplexity_batch{args.batch_size}": round(eval_b.score.perplexity, 6),
         "bf16": {
@@ -153,6 +159,33 @@ def main() -> None:
             "score_largest_logprob_change_pct": round(100 * score_bf16_gap, 5),
         },
     }))
+
+
+def packed_over_unpacked(lm: Model, sample: Path, batch_size: int, rounds: int) -> dict:
+    """An evaluation of `sample` with the output layer packed once (lmtool.model.PACKED_SCORING, the default)
+    against without, in turn --rounds times per precision, the order alternating: tokens/s, the median of the
+    per-round ratios, and how far the packed perplexity moved. Where the model does not pack (its
+    packed_output_layer is None: another CPU, a small vocabulary), both sides run the same code."""
+    result = {}
+    for precision in ("fp32", "bf16"):
+        runs: dict[bool, list] = {True: [], False: []}
+        for r in range(rounds):
+            for packed in ((True, False) if r % 2 == 0 else (False, True)):
+                model_module.PACKED_SCORING = packed
+                try:
+                    runs[packed].append(lm.perplexity(sample, batch_size=batch_size, precision=precision))
+                finally:
+                    model_module.PACKED_SCORING = True
+        ratios = [a.tokens_per_s / b.tokens_per_s for a, b in zip(runs[True], runs[False])]
+        ppl = {packed: runs[packed][0].score.perplexity for packed in runs}
+        result[precision] = {
+            "packed_tokens_per_s": round(statistics.median(e.tokens_per_s for e in runs[True])),
+            "unpacked_tokens_per_s": round(statistics.median(e.tokens_per_s for e in runs[False])),
+            "packed_over_unpacked": round(statistics.median(ratios), 3),
+            "packed_over_unpacked_rounds": [round(x, 3) for x in ratios],
+            "perplexity_change_pct": round(100 * (ppl[True] - ppl[False]) / ppl[False], 6),
+        }
+    return result
 
 
 if __name__ == "__main__":

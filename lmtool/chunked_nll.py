@@ -13,11 +13,19 @@ read by the products (and once more under bf16); in training it is held from the
 backward, N x V floats, as PyTorch's path holds its log-softmax. Without a gradient (evaluation) nothing of
 size (N, V) is kept. Small score matrices (WHOLE_BYTES) are one slice. Each row's NLL and every gradient match
 PyTorch's to float rounding.
+
+Evaluation can hand in the output layer already cut into slices and packed by oneDNN (`pack_slices`), once for
+all its batches: PyTorch's bf16 linear layer re-arranges a slice's weights on every call, and in fp32 on an AMD
+EPYC oneDNN's packed product ran faster than MKL's (README, Evaluation and scoring speed).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from lmtool.packed_weights import PackedWeights, pack, packed_times
 
 # Bytes of float32 scores per vocabulary slice: large enough for efficient products, small enough to stay in
 # cache between the product that writes them and the exp/sum that reads them.
@@ -54,26 +62,52 @@ def folds_row_factors(compute_dtype: torch.dtype) -> bool:
     return compute_dtype == torch.float32
 
 
+@dataclass(frozen=True)
+class PackedSlices:
+    """An output layer's (V, H) weights and (V,) bias in `dtype`, cut into vocabulary slices `columns` wide (the
+    last one may be narrower), each slice's (H, C) transpose packed by oneDNN, with its bias."""
+
+    slices: tuple[tuple[PackedWeights, torch.Tensor], ...]
+    columns: int
+    dtype: torch.dtype
+
+
+def pack_slices(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, rows: int) -> PackedSlices:
+    """The output layer packed for `linear_nll` without gradients, for products with about `rows` rows at a time
+    (the slices' width and oneDNN's hint). A copy: it does not follow later changes to the weights."""
+    columns = slice_size(rows, weight.size(0))
+    w, b = weight.detach().to(dtype), bias.detach().to(dtype)
+    slices = tuple((pack(w[start:start + columns].t(), rows), b[start:start + columns].contiguous())
+                   for start in range(0, w.size(0), columns))
+    return PackedSlices(slices=slices, columns=columns, dtype=dtype)
+
+
 def linear_nll(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
     compute_dtype: torch.dtype = torch.float32, slice_columns: int | None = None,
+    packed: PackedSlices | None = None,
 ) -> torch.Tensor:
     """(N, H), (V, H), (V,), (N,) int64 -> (N,) float32 NLL of each target. The products run in `compute_dtype`
     (bf16 under autocast, as `nn.Linear` would) and everything else in float32. Differentiable in hidden,
-    weight and bias; its backward pass runs once (it reuses the kept exponentials in place)."""
-    columns = slice_columns or slice_size(hidden.size(0), weight.size(0))
+    weight and bias; its backward pass runs once (it reuses the kept exponentials in place). `packed`, the same
+    weight and bias packed in `compute_dtype` (`pack_slices`), is used where no gradient is wanted, and then
+    sets the slices."""
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weight, bias))
-    return _LinearNLL.apply(hidden, weight, bias, targets.long(), compute_dtype, columns, keep)
+    if packed is not None and (keep or packed.dtype != compute_dtype):
+        packed = None
+    columns = packed.columns if packed is not None else slice_columns or slice_size(hidden.size(0), weight.size(0))
+    return _LinearNLL.apply(hidden, weight, bias, targets.long(), compute_dtype, columns, keep, packed)
 
 
 class _LinearNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, compute_dtype, columns, keep):
+    def forward(ctx, hidden, weight, bias, targets, compute_dtype, columns, keep, packed):
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen here, explicitly
             h = hidden.to(compute_dtype)  # (N, H)
-            w = weight.to(compute_dtype)  # (V, H)
-            b = bias.to(compute_dtype)  # (V,)
-            slices = range(0, w.size(0), columns)
+            if packed is None:
+                w = weight.to(compute_dtype)  # (V, H)
+                b = bias.to(compute_dtype)  # (V,)
+            slices = range(0, weight.size(0), columns)
             slice_max = h.new_empty((len(slices), h.size(0)), dtype=torch.float32)  # (slices, N)
             slice_log_sum = torch.empty_like(slice_max)  # log of each slice's sum of exp(score - its max)
             # The target's own score comes from the same product as the others, so a confident prediction's NLL
@@ -85,7 +119,10 @@ class _LinearNLL(torch.autograd.Function):
             at_target_column = h.new_empty((len(slices), h.size(0), 1), dtype=torch.float32)  # (slices, N, 1)
             kept = []
             for i, start in enumerate(slices):
-                exps = _scores(h, w[start:start + columns], b[start:start + columns])  # (N, C)
+                if packed is None:
+                    exps = _scores(h, w[start:start + columns], b[start:start + columns])  # (N, C)
+                else:
+                    exps = packed_times(h, *packed.slices[i]).float()  # (N, C): a copy only in bf16
                 torch.gather(exps, 1, _within(target_column, exps.size(1), columns), out=at_target_column[i])
                 torch.amax(exps, dim=1, out=slice_max[i])
                 exps.sub_(slice_max[i][:, None]).exp_()  # in place, while the slice is in cache
@@ -133,7 +170,7 @@ class _LinearNLL(torch.autograd.Function):
                 grad_w.index_add_(0, targets, h * -g[:, None])
                 grad_b.index_add_(0, targets, -g)
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        return grad_h.to(hidden_dtype), grad_w.to(weight_dtype), grad_b.to(bias_dtype), None, None, None, None
+        return grad_h.to(hidden_dtype), grad_w.to(weight_dtype), grad_b.to(bias_dtype), None, None, None, None, None
 
 
 def _add_scaled_softmax(exps, row_scale, h, w_slice, grad_h, grad_w_slice, grad_b_slice) -> None:

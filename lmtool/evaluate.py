@@ -83,9 +83,10 @@ def stream_nll(
     total = torch.zeros((), dtype=torch.float64, device=device)
     total_unknown = torch.zeros((), dtype=torch.float64, device=device)
     unknown = torch.zeros((), dtype=torch.int64, device=device)
+    packed = model.packed_output_layer(rows=streams.size(0) * min(bptt, streams.size(1) - 1))
     for x, y in windows(streams, bptt):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        nll, state = model(x, state, targets=y, direction=direction)  # (B, T), the same loss as training
+        nll, state = model(x, state, targets=y, direction=direction, packed_output=packed)  # (B, T), as training
         is_unknown = y == UNK_ID
         total += nll.sum(dtype=torch.float64)
         total_unknown += (nll * is_unknown).sum(dtype=torch.float64)
@@ -217,6 +218,9 @@ def score_sentences(
     # Longest first, so each padded batch wastes little; results go back in the caller's order.
     order = sorted(range(len(sentences)), key=lambda i: -len(encoded[i]))
     logprobs: list[list[float]] = [[] for _ in sentences]
+    # The output layer is packed once, for a batch of sentences of the median length (batches run longest first).
+    median_width = len(encoded[order[len(order) // 2]]) if order else 0
+    packed = model.packed_output_layer(rows=min(batch_size, len(order)) * median_width) if order else None
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = len(encoded[chunk[0]])
@@ -225,7 +229,8 @@ def score_sentences(
             targets[row, : len(encoded[i])] = torch.tensor(encoded[i])
         inputs = torch.cat([torch.full((len(chunk), 1), EOS_ID), targets[:, :-1]], dim=1)  # (B, L)
         # Padding sits after each sentence, so it changes nothing before it.
-        nll, _ = model(inputs.to(device), targets=targets.to(device), direction=direction)  # (B, L)
+        nll, _ = model(inputs.to(device), targets=targets.to(device), direction=direction,
+                       packed_output=packed)  # (B, L)
         lp = (-nll).double().cpu()  # (B, L)
         for row, i in enumerate(chunk):
             logprobs[i] = lp[row, : len(encoded[i])].tolist()

@@ -257,8 +257,8 @@ def corrupt_loss(monkeypatch, factor_for_call):
     real = LanguageModel.forward
     calls = {"n": 0}
 
-    def corrupted(self, tokens, state=None, targets=None, direction=None):
-        out, state = real(self, tokens, state, targets, direction)
+    def corrupted(self, tokens, state=None, targets=None, direction=None, packed_output=None):
+        out, state = real(self, tokens, state, targets, direction, packed_output)
         if not self.training or targets is None:  # validation is left alone
             return out, state
         calls["n"] += 1

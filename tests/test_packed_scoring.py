@@ -1,0 +1,152 @@
+"""Evaluation and scoring with the output layer packed once (chunked_nll.pack_slices, model.packed_output_layer)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmtool.model
+from lmtool.chunked_nll import linear_nll, pack_slices
+from lmtool.config import ModelConfig
+from lmtool.evaluate import score_sentences, stream_nll
+from lmtool.model import LanguageModel
+from lmtool.packed_weights import packing_works
+from lmtool.tokenizer import Tokenizer
+
+HAS_OPS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+needs_packing = pytest.mark.skipif(not HAS_OPS, reason="this PyTorch build has no oneDNN packing")
+VOCAB = 5003  # above chunked_nll.MIN_VOCAB, and not a multiple of any slice width
+
+
+def _layer(vocab=VOCAB, hidden=16, rows=70, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, hidden, generator=gen)
+    w = torch.randn(vocab, hidden, generator=gen) * 0.5
+    b = torch.randn(vocab, generator=gen) * 0.5
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    targets[:3] = torch.tensor([0, vocab - 1, vocab - 2])  # the first and the last, narrower, slice
+    return h, w, b, targets
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [70, 5000])  # one slice; many slices, the last one narrower
+def test_packed_slices_give_the_nll_of_the_plain_layer_in_fp32(rows):
+    h, w, b, targets = _layer()
+    packed = pack_slices(w, b, torch.float32, rows)
+    assert sum(slice_bias.numel() for _, slice_bias in packed.slices) == VOCAB
+    assert (len(packed.slices) > 1) == (rows == 5000)
+    with torch.no_grad():
+        nll = linear_nll(h, w, b, targets, packed=packed)
+    expected = F.cross_entropy(F.linear(h.double(), w.double(), b.double()), targets, reduction="none")
+    torch.testing.assert_close(nll.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_packing
+def test_packed_slices_in_bf16_give_the_nll_of_the_plain_bf16_layer():
+    if not packing_works(torch.bfloat16):
+        pytest.skip("oneDNN does not pack bf16 here")
+    h, w, b, targets = _layer()
+    packed = pack_slices(w, b, torch.bfloat16, rows=5000)
+    with torch.no_grad():
+        nll = linear_nll(h, w, b, targets, compute_dtype=torch.bfloat16, slice_columns=packed.columns,
+                         packed=packed)
+        plain = linear_nll(h, w, b, targets, compute_dtype=torch.bfloat16, slice_columns=packed.columns)
+        exact = linear_nll(h, w, b, targets)
+    # the same bf16 products (oneDNN's, rounded once), so equal up to the order of the sums; both near fp32's
+    torch.testing.assert_close(nll, plain, rtol=1e-4, atol=1e-4)
+    assert (nll - exact).abs().max() < 0.1 and (nll - exact).abs().max() > 0  # rounded, but not far
+
+
+@needs_packing
+def test_packed_slices_are_a_copy_used_only_without_gradients_and_in_their_own_dtype():
+    h, w, b, targets = _layer()
+    packed = pack_slices(w, b, torch.float32, rows=5000)
+    w_changed = w * 2  # a model whose weights moved on since the packing
+    with torch.no_grad():
+        stale = linear_nll(h, w_changed, b, targets, packed=packed)
+        fresh = linear_nll(h, w_changed, b, targets)
+    torch.testing.assert_close(stale, linear_nll(h, w, b, targets))  # the packing is what scored
+    assert not torch.allclose(stale, fresh)
+    # training: the weights move every step, so the packing is ignored and gradients flow as without it
+    w_trained = w_changed.clone().requires_grad_()
+    nll = linear_nll(h, w_trained, b, targets, packed=packed)
+    torch.testing.assert_close(nll.detach(), fresh)
+    nll.sum().backward()
+    assert w_trained.grad is not None and w_trained.grad.abs().sum() > 0
+    # a packing in another dtype than the products asked for is ignored too
+    with torch.no_grad():
+        torch.testing.assert_close(linear_nll(h, w_changed, b, targets, compute_dtype=torch.bfloat16, packed=packed),
+                                   linear_nll(h, w_changed, b, targets, compute_dtype=torch.bfloat16))
+
+
+def _model(softmax="full", vocab=VOCAB):
+    torch.manual_seed(0)
+    return LanguageModel(ModelConfig(embedding_size=16, hidden_size=16, softmax=softmax), vocab).eval()
+
+
+@needs_packing
+def test_the_model_packs_its_output_layer_only_where_it_was_measured_faster(monkeypatch):
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
+    model = _model()
+    packed = model.packed_output_layer(rows=64 * 35)
+    assert packed is not None and packed.dtype == torch.float32
+    assert model.packed_output_layer(rows=lmtool.model.GATE_MAJOR_MIN_STREAMS - 1) is None  # too few rows in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model.packed_output_layer(rows=2)
+    native = lmtool.model.bf16_is_native(model.device) and packing_works(torch.bfloat16)
+    assert (bf16 is not None and bf16.dtype == torch.bfloat16) == native
+    monkeypatch.setattr(lmtool.model, "bf16_is_native", lambda device: False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.packed_output_layer(rows=2240) is None  # bf16 emulated: not measured
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", False)
+    assert model.packed_output_layer(rows=2240) is None  # fp32 on other CPUs keeps MKL's products
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
+    monkeypatch.setattr(lmtool.model, "PACKED_SCORING", False)
+    assert model.packed_output_layer(rows=2240) is None
+    monkeypatch.setattr(lmtool.model, "PACKED_SCORING", True)
+    assert _model(vocab=300).packed_output_layer(rows=2240) is None  # a small vocabulary keeps PyTorch's path
+    assert _model(softmax="adaptive").packed_output_layer(rows=2240) is None
+
+
+def _tokenizer(vocab: int) -> Tokenizer:
+    tokenizer = Tokenizer.build([" ".join(f"w{i}" for i in range(vocab))], level="word")
+    return Tokenizer(level="word", tokens=tokenizer.tokens[:vocab])  # the specials and the first words
+
+
+@needs_packing
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_evaluation_and_scoring_give_the_same_numbers_packed_or_not(monkeypatch, precision):
+    if precision == "bf16" and not packing_works(torch.bfloat16):
+        pytest.skip("oneDNN does not pack bf16 here")
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
+    monkeypatch.setattr(lmtool.model, "bf16_is_native", lambda device: True)
+    model = _model()
+    stream = torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(1))
+    calls, used = [], []
+    original_pack, original_nll = lmtool.model.pack_slices, lmtool.model.linear_nll
+    monkeypatch.setattr(lmtool.model, "pack_slices", lambda *args: calls.append(args[2]) or original_pack(*args))
+
+    def spied_nll(*args, packed=None, **kwargs):
+        used.append(packed is not None)
+        return original_nll(*args, packed=packed, **kwargs)
+
+    monkeypatch.setattr(lmtool.model, "linear_nll", spied_nll)
+
+    def scores():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            whole = stream_nll(model, stream, batch_size=8, bptt=20)
+            lines = score_sentences(model, tokenizer, ["w1 w2 w3", "w4000 w9 w5000 w17 w3"], batch_size=2)
+        return whole, [line.logprob for line in lines]
+
+    tokenizer = _tokenizer(VOCAB)
+    assert len(tokenizer) == VOCAB
+    packed_whole, packed_lines = scores()
+    assert calls == [torch.float32 if precision == "fp32" else torch.bfloat16] * 2  # once per call, not per batch
+    assert len(used) > 2 and all(used)  # and every batch scored with it
+    monkeypatch.setattr(lmtool.model, "PACKED_SCORING", False)
+    used.clear()
+    whole, lines = scores()
+    assert len(calls) == 2 and not any(used)
+    assert packed_whole.tokens == whole.tokens
+    tolerance = 1e-6 if precision == "fp32" else 1e-4
+    assert packed_whole.nll == pytest.approx(whole.nll, rel=tolerance)
+    assert packed_lines == pytest.approx(lines, rel=tolerance)
