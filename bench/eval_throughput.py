@@ -13,7 +13,7 @@ turn --rounds times, the order alternating, so that the evaluate/train ratios ar
 on a machine whose speed drifts; their tokens/s are medians too. Scoring and the --batch-size evaluation then
 run in turn --rounds times in each precision, so score/evaluate is a median of per-round ratios too; and the
 batch-1 and --batch-size evaluations with the output layer packed once (the default where lmtool packs it) and
-without, in turn. Prints one JSON line with the tokens/s of each and the ratios.
+without, in turn, and a one-sentence `score` call both ways. Prints one JSON line with the tokens/s of each and the ratios.
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ def main() -> None:
                 score_ratios[precision].append(times["score"] / times["evaluate"])
         packing = {f"batch{size}": packed_over_unpacked(lm, text, size, args.rounds)
                    for size, text in ((1, stream), (args.batch_size, sample))}
+        sentence = next((l for l in lines if len(l.split()) >= 8), lines[0])  # a line of eight words or more
+        packing["score_one_sentence_ms"] = one_sentence_packed_and_not(lm, sentence, args.rounds)
         score_tps, score_bf16_tps = statistics.median(score_runs["fp32"]), statistics.median(score_runs["bf16"])
         score_bf16_gap = max(abs(a.logprob - b.logprob) / abs(a.logprob) for a, b in zip(scored["fp32"], scored["bf16"]))
 
@@ -185,6 +187,28 @@ def packed_over_unpacked(lm: Model, sample: Path, batch_size: int, rounds: int) 
             "packed_over_unpacked_rounds": [round(x, 3) for x in ratios],
             "perplexity_change_pct": round(100 * (ppl[True] - ppl[False]) / ppl[False], 6),
         }
+    return result
+
+
+def one_sentence_packed_and_not(lm: Model, line: str, rounds: int, calls: int = 10) -> dict:
+    """Milliseconds per `score` call of one sentence, with PACKED_SCORING on (where lmtool packs one batch: in
+    fp32 where MKL runs on an AMD processor, not in bf16) and off, in turn: the median of `rounds` x 2 rounds of
+    `calls` calls each."""
+    result = {}
+    for precision in ("fp32", "bf16"):
+        runs: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(2 * rounds):
+            for packed in ((True, False) if r % 2 == 0 else (False, True)):
+                model_module.PACKED_SCORING = packed
+                try:
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        lm.score(line, precision=precision)
+                    runs[packed].append(1000 * (time.perf_counter() - start) / calls)
+                finally:
+                    model_module.PACKED_SCORING = True
+        result[precision] = {"on": round(statistics.median(runs[True]), 2),
+                             "off": round(statistics.median(runs[False]), 2)}
     return result
 
 

@@ -83,7 +83,8 @@ def stream_nll(
     total = torch.zeros((), dtype=torch.float64, device=device)
     total_unknown = torch.zeros((), dtype=torch.float64, device=device)
     unknown = torch.zeros((), dtype=torch.int64, device=device)
-    packed = model.packed_output_layer(rows=streams.size(0) * min(bptt, streams.size(1) - 1))
+    packed = model.packed_output_layer(rows=streams.size(0) * min(bptt, streams.size(1) - 1),
+                                       batches=-(-(streams.size(1) - 1) // bptt))
     for x, y in windows(streams, bptt):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         nll, state = model(x, state, targets=y, direction=direction, packed_output=packed)  # (B, T), as training
@@ -220,7 +221,8 @@ def score_sentences(
     logprobs: list[list[float]] = [[] for _ in sentences]
     # The output layer is packed once, for a batch of sentences of the median length (batches run longest first).
     median_width = len(encoded[order[len(order) // 2]]) if order else 0
-    packed = model.packed_output_layer(rows=min(batch_size, len(order)) * median_width) if order else None
+    packed = (model.packed_output_layer(rows=min(batch_size, len(order)) * median_width,
+                                        batches=-(-len(order) // batch_size)) if order else None)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = len(encoded[chunk[0]])

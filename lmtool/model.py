@@ -107,9 +107,9 @@ PACKED_FP32_MIN_ELEMENTS: int | None = 2**19
 # Whether evaluation and scoring pack a large full softmax's output layer once per call
 # (`LanguageModel.packed_output_layer`): in bf16 where the CPU has native bf16 (PyTorch's bf16 linear layer
 # re-arranges the weights on every batch), in fp32 where MKL_ON_AMD. On a 2-core AMD EPYC the word defaults'
-# batch-64 evaluation ran 1.09x and 1.14x as fast packed in fp32 and 1.09x and 1.02x in bf16 (two runs of
-# `python bench/eval_throughput.py --level word`, which times both ways in turn), the same perplexities to
-# float rounding.
+# evaluation ran 1.08-1.17x as fast packed in fp32 and 1.02-1.12x in bf16 at batch 64, 1.77-2.06x and 1.48-1.51x
+# at batch 1 (four and two runs of `python bench/eval_throughput.py --level word`, which times both ways in turn),
+# the same perplexities to float rounding.
 PACKED_SCORING = True
 
 
@@ -495,13 +495,15 @@ class LanguageModel(nn.Module):
 
 
     @torch.no_grad()
-    def packed_output_layer(self, rows: int) -> PackedSlices | None:
-        """The full-softmax output layer cut into slices and packed once by oneDNN, for scoring batches of about
-        `rows` positions without gradients in the precision of the autocast around this call (`nll` then skips
-        re-arranging the weights on every batch); None where that was not measured faster or does not apply: an
-        adaptive softmax, a device other than the CPU, a vocabulary that keeps PyTorch's path, bf16 without
-        native support, fp32 where not MKL_ON_AMD or for fewer than GATE_MAJOR_MIN_STREAMS rows, or
-        PACKED_SCORING off. The weights must not change while it is used."""
+    def packed_output_layer(self, rows: int, batches: int) -> PackedSlices | None:
+        """The full-softmax output layer cut into slices and packed once by oneDNN, for scoring `batches` batches
+        of about `rows` positions without gradients in the precision of the autocast around this call (`nll`
+        then skips re-arranging the weights on every batch); None where that was not measured faster or does not
+        apply: an adaptive softmax, a device other than the CPU, a vocabulary that keeps PyTorch's path, bf16
+        without native support or for a single batch (its one product re-arranges the weights once anyway, so
+        packing first would only add a copy), fp32 where not MKL_ON_AMD or for
+        fewer than GATE_MAJOR_MIN_STREAMS rows, or PACKED_SCORING off. The weights must not change while it is
+        used."""
         if not PACKED_SCORING or self.config.softmax != "full" or self.device.type != "cpu":
             return None
         if not saves_traffic(rows, self.vocab_size):
@@ -509,7 +511,7 @@ class LanguageModel(nn.Module):
         autocast = torch.is_autocast_enabled("cpu")
         dtype = torch.get_autocast_dtype("cpu") if autocast else self.decoder.weight.dtype
         if dtype == torch.bfloat16:
-            usable = bf16_is_native(self.device) and packing_works(dtype)
+            usable = batches > 1 and bf16_is_native(self.device) and packing_works(dtype)
         else:
             usable = (dtype == torch.float32 and MKL_ON_AMD and rows >= GATE_MAJOR_MIN_STREAMS
                       and packing_works(dtype))

@@ -87,24 +87,26 @@ def _model(softmax="full", vocab=VOCAB):
 def test_the_model_packs_its_output_layer_only_where_it_was_measured_faster(monkeypatch):
     monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
     model = _model()
-    packed = model.packed_output_layer(rows=64 * 35)
+    packed = model.packed_output_layer(rows=64 * 35, batches=1)  # in fp32 even one batch gains
     assert packed is not None and packed.dtype == torch.float32
-    assert model.packed_output_layer(rows=lmtool.model.GATE_MAJOR_MIN_STREAMS - 1) is None  # too few rows in fp32
+    few_rows = lmtool.model.GATE_MAJOR_MIN_STREAMS - 1
+    assert model.packed_output_layer(rows=few_rows, batches=9) is None  # too few rows in fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = model.packed_output_layer(rows=2)
+        bf16 = model.packed_output_layer(rows=2, batches=2)
+        assert model.packed_output_layer(rows=2240, batches=1) is None  # one bf16 batch re-arranges it faster
     native = lmtool.model.bf16_is_native(model.device) and packing_works(torch.bfloat16)
     assert (bf16 is not None and bf16.dtype == torch.bfloat16) == native
     monkeypatch.setattr(lmtool.model, "bf16_is_native", lambda device: False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model.packed_output_layer(rows=2240) is None  # bf16 emulated: not measured
+        assert model.packed_output_layer(rows=2240, batches=9) is None  # bf16 emulated: not measured
     monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", False)
-    assert model.packed_output_layer(rows=2240) is None  # fp32 on other CPUs keeps MKL's products
+    assert model.packed_output_layer(rows=2240, batches=9) is None  # fp32 on other CPUs keeps MKL's products
     monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
     monkeypatch.setattr(lmtool.model, "PACKED_SCORING", False)
-    assert model.packed_output_layer(rows=2240) is None
+    assert model.packed_output_layer(rows=2240, batches=9) is None
     monkeypatch.setattr(lmtool.model, "PACKED_SCORING", True)
-    assert _model(vocab=300).packed_output_layer(rows=2240) is None  # a small vocabulary keeps PyTorch's path
-    assert _model(softmax="adaptive").packed_output_layer(rows=2240) is None
+    assert _model(vocab=300).packed_output_layer(rows=2240, batches=9) is None  # small: PyTorch's path
+    assert _model(softmax="adaptive").packed_output_layer(rows=2240, batches=9) is None
 
 
 def _tokenizer(vocab: int) -> Tokenizer:
@@ -134,7 +136,7 @@ def test_evaluation_and_scoring_give_the_same_numbers_packed_or_not(monkeypatch,
     def scores():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             whole = stream_nll(model, stream, batch_size=8, bptt=20)
-            lines = score_sentences(model, tokenizer, ["w1 w2 w3", "w4000 w9 w5000 w17 w3"], batch_size=2)
+            lines = score_sentences(model, tokenizer, ["w1 w2 w3", "w4000 w9 w5000 w17 w3"], batch_size=1)
         return whole, [line.logprob for line in lines]
 
     tokenizer = _tokenizer(VOCAB)
