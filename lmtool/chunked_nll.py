@@ -65,11 +65,12 @@ def folds_row_factors(compute_dtype: torch.dtype) -> bool:
 @dataclass(frozen=True)
 class PackedSlices:
     """An output layer's (V, H) weights and (V,) bias in `dtype`, cut into vocabulary slices `columns` wide (the
-    last one may be narrower), each slice's (H, C) transpose packed by oneDNN, with its bias."""
+    last one may be narrower), each slice's (H, C) transpose packed by oneDNN, with a copy of its bias."""
 
     slices: tuple[tuple[PackedWeights, torch.Tensor], ...]
     columns: int
     dtype: torch.dtype
+    vocab_size: int
 
 
 def pack_slices(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, rows: int) -> PackedSlices:
@@ -77,9 +78,9 @@ def pack_slices(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, ro
     (the slices' width and oneDNN's hint). A copy: it does not follow later changes to the weights."""
     columns = slice_size(rows, weight.size(0))
     w, b = weight.detach().to(dtype), bias.detach().to(dtype)
-    slices = tuple((pack(w[start:start + columns].t(), rows), b[start:start + columns].contiguous())
+    slices = tuple((pack(w[start:start + columns].t(), rows), b[start:start + columns].clone())
                    for start in range(0, w.size(0), columns))
-    return PackedSlices(slices=slices, columns=columns, dtype=dtype)
+    return PackedSlices(slices=slices, columns=columns, dtype=dtype, vocab_size=w.size(0))
 
 
 def linear_nll(
@@ -93,6 +94,8 @@ def linear_nll(
     weight and bias packed in `compute_dtype` (`pack_slices`), is used where no gradient is wanted, and then
     sets the slices."""
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weight, bias))
+    if packed is not None and packed.vocab_size != weight.size(0):
+        raise ValueError(f"the packed output layer has {packed.vocab_size} rows, the weight {weight.size(0)}")
     if packed is not None and (keep or packed.dtype != compute_dtype):
         packed = None
     columns = packed.columns if packed is not None else slice_columns or slice_size(hidden.size(0), weight.size(0))

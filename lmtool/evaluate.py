@@ -219,9 +219,9 @@ def score_sentences(
     # Longest first, so each padded batch wastes little; results go back in the caller's order.
     order = sorted(range(len(sentences)), key=lambda i: -len(encoded[i]))
     logprobs: list[list[float]] = [[] for _ in sentences]
-    # The output layer is packed once, for a batch of sentences of the median length (batches run longest first).
-    median_width = len(encoded[order[len(order) // 2]]) if order else 0
-    packed = (model.packed_output_layer(rows=min(batch_size, len(order)) * median_width,
+    # The output layer is packed once, its slices sized for the first, widest batch: narrow enough for its scores
+    # to stay cache-sized (a long line's batch would otherwise make one (rows, V) slice), and so for all the others.
+    packed = (model.packed_output_layer(rows=min(batch_size, len(order)) * len(encoded[order[0]]),
                                         batches=-(-len(order) // batch_size)) if order else None)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]

@@ -105,8 +105,9 @@ OUTPUT_MAJOR_MIN_VOCAB: int | None = 30000
 PACKED_FP32_MIN_ELEMENTS: int | None = 2**19
 
 # Whether evaluation and scoring pack a large full softmax's output layer once per call
-# (`LanguageModel.packed_output_layer`): in bf16 where the CPU has native bf16 (PyTorch's bf16 linear layer
-# re-arranges the weights on every batch), in fp32 where MKL_ON_AMD. On a 2-core AMD EPYC the word defaults'
+# (`LanguageModel.packed_output_layer`): in bf16 where the CPU has native bf16 and the call scores more than one
+# batch (PyTorch's bf16 linear layer re-arranges the weights on every batch), in fp32 where MKL_ON_AMD and a
+# batch has at least GATE_MAJOR_MIN_STREAMS rows. On a 2-core AMD EPYC the word defaults'
 # evaluation ran 1.08-1.17x as fast packed in fp32 and 1.02-1.12x in bf16 at batch 64, 1.77-2.06x and 1.48-1.51x
 # at batch 1 (four and two runs of `python bench/eval_throughput.py --level word`, which times both ways in turn),
 # the same perplexities to float rounding.

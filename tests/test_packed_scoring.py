@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import lmtool.model
-from lmtool.chunked_nll import linear_nll, pack_slices
+from lmtool.chunked_nll import linear_nll, pack_slices, slice_size
 from lmtool.config import ModelConfig
 from lmtool.evaluate import score_sentences, stream_nll
 from lmtool.model import LanguageModel
@@ -60,12 +60,16 @@ def test_packed_slices_in_bf16_give_the_nll_of_the_plain_bf16_layer():
 def test_packed_slices_are_a_copy_used_only_without_gradients_and_in_their_own_dtype():
     h, w, b, targets = _layer()
     packed = pack_slices(w, b, torch.float32, rows=5000)
+    original = linear_nll(h, w, b, targets)
     w_changed = w * 2  # a model whose weights moved on since the packing
+    b.add_(0.3)  # and whose bias moved in place
     with torch.no_grad():
         stale = linear_nll(h, w_changed, b, targets, packed=packed)
         fresh = linear_nll(h, w_changed, b, targets)
-    torch.testing.assert_close(stale, linear_nll(h, w, b, targets))  # the packing is what scored
+    torch.testing.assert_close(stale, original)  # the packing, weights and bias, is what scored
     assert not torch.allclose(stale, fresh)
+    with pytest.raises(ValueError, match="4003 rows"):  # a packing of another layer is refused, not half-used
+        linear_nll(h, w_changed, b, targets, packed=pack_slices(w[:4003], b[:4003], torch.float32, rows=5000))
     # training: the weights move every step, so the packing is ignored and gradients flow as without it
     w_trained = w_changed.clone().requires_grad_()
     nll = linear_nll(h, w_trained, b, targets, packed=packed)
@@ -152,3 +156,98 @@ def test_evaluation_and_scoring_give_the_same_numbers_packed_or_not(monkeypatch,
     tolerance = 1e-6 if precision == "fp32" else 1e-4
     assert packed_whole.nll == pytest.approx(whole.nll, rel=tolerance)
     assert packed_lines == pytest.approx(lines, rel=tolerance)
+
+
+@pytest.fixture
+def packing_spy(monkeypatch):
+    """Packing allowed as on an AMD EPYC with native bf16; records, per NLL call, its rows and packed slice width."""
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
+    monkeypatch.setattr(lmtool.model, "bf16_is_native", lambda device: True)
+    calls = []
+    original = lmtool.model.linear_nll
+
+    def spied(hidden, *args, packed=None, **kwargs):
+        calls.append((hidden.size(0), packed.columns if packed is not None else None))
+        return original(hidden, *args, packed=packed, **kwargs)
+
+    monkeypatch.setattr(lmtool.model, "linear_nll", spied)
+    return calls
+
+
+@needs_packing
+@pytest.mark.parametrize("windows", [1, 2])
+def test_bf16_evaluation_packs_only_for_more_than_one_window(packing_spy, windows):
+    if not packing_works(torch.bfloat16):
+        pytest.skip("oneDNN does not pack bf16 here")
+    bptt, batch = 20, 4
+    stream = torch.randint(0, VOCAB, (batch * (bptt * (windows - 1) + 2),), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stream_nll(_model(), stream, batch_size=batch, bptt=bptt)
+    assert len(packing_spy) == windows
+    assert all(columns is not None for _, columns in packing_spy) == (windows > 1)
+
+
+@needs_packing
+@pytest.mark.parametrize("sentences", [2, 3])
+def test_bf16_scoring_packs_only_for_more_than_one_batch(packing_spy, sentences):
+    if not packing_works(torch.bfloat16):
+        pytest.skip("oneDNN does not pack bf16 here")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        score_sentences(_model(), _tokenizer(VOCAB), ["w1 w2 w3 w4 w5"] * sentences, batch_size=2)
+    assert all(columns is not None for _, columns in packing_spy) == (sentences > 2)
+
+
+@needs_packing
+def test_each_call_packs_the_weights_it_finds(packing_spy, monkeypatch):
+    model, tokenizer = _model(), _tokenizer(VOCAB)
+    stream = torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(1))
+    lines = ["w1 w2 w3 w4", "w9 w8 w7 w6"]
+
+    def both():
+        return stream_nll(model, stream, 8, 20), score_sentences(model, tokenizer, lines, batch_size=1)
+
+    before = both()
+    with torch.no_grad():  # as an optimizer step does, in place
+        model.decoder.weight.mul_(1.5)
+        model.decoder.bias.add_(0.3)
+    packed = both()
+    assert all(columns is not None for _, columns in packing_spy)
+    assert packed[0].nll != pytest.approx(before[0].nll, rel=1e-6)  # the weights did move it
+    monkeypatch.setattr(lmtool.model, "PACKED_SCORING", False)
+    plain = both()
+    assert packed[0].nll == pytest.approx(plain[0].nll, rel=1e-6)
+    assert [s.logprob for s in packed[1]] == pytest.approx([s.logprob for s in plain[1]], rel=1e-6)
+
+
+@needs_packing
+def test_both_directions_in_one_forward_use_the_packing(packing_spy):
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(embedding_size=16, hidden_size=16, direction="bidirectional"), VOCAB).eval()
+    gen = torch.Generator().manual_seed(3)
+    x, y = (torch.randint(0, VOCAB, (2, 4, 10), generator=gen) for _ in range(2))
+    with torch.no_grad():
+        packed = model.packed_output_layer(rows=40, batches=3)
+        nll, _ = model(x, targets=y, direction="both", packed_output=packed)
+        assert [columns is not None for _, columns in packing_spy] == [True, True]
+        plain, _ = model(x, targets=y, direction="both")
+    torch.testing.assert_close(nll, plain)
+
+
+def test_no_packing_in_other_dtypes_or_off_the_cpu(monkeypatch):
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
+    assert _model().double().packed_output_layer(rows=2240, batches=9) is None
+    model = _model()
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert model.packed_output_layer(rows=2240, batches=9) is None
+    monkeypatch.setattr(LanguageModel, "device", property(lambda self: torch.device("cuda")))
+    assert model.packed_output_layer(rows=2240, batches=9) is None
+
+
+@needs_packing
+def test_scoring_a_long_line_keeps_its_slices_cache_sized(packing_spy):
+    # The longest batch runs first: its packed slices must be no wider than the unpacked path's would be, or a
+    # long line would build one (rows, V) score matrix of hundreds of megabytes.
+    vocab = 20000
+    score_sentences(_model(vocab=vocab), _tokenizer(vocab), ["w1 w2 w3"] * 9 + [" ".join(["w5"] * 800)], batch_size=1)
+    assert len(packing_spy) == 10 and all(columns is not None for _, columns in packing_spy)
+    assert all(columns <= slice_size(rows, vocab) for rows, columns in packing_spy), packing_spy[:2]
