@@ -13,7 +13,8 @@ turn --rounds times, the order alternating, so that the evaluate/train ratios ar
 on a machine whose speed drifts; their tokens/s are medians too. Scoring and the --batch-size evaluation then
 run in turn --rounds times in each precision, so score/evaluate is a median of per-round ratios too; and the
 batch-1 and --batch-size evaluations with the output layer packed once (the default where lmtool packs it) and
-without, in turn, and a one-sentence `score` call both ways. Prints one JSON line with the tokens/s of each and the ratios.
+without, in turn, and a one-sentence `score` call both ways; and the batch-1 evaluation in the default window
+(512 tokens on a CPU) against the model's own window, in turn. Prints one JSON line with the tokens/s of each and the ratios.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch  # noqa: E402
 import lmtool  # noqa: E402
 import lmtool.model as model_module  # noqa: E402
 from lmtool.api import Model  # noqa: E402
+from lmtool.evaluate import evaluation_window  # noqa: E402
 from lmtool.config import load_config  # noqa: E402
 from lmtool.train import train  # noqa: E402
 
@@ -115,6 +117,7 @@ def main() -> None:
                    for size, text in ((1, stream), (args.batch_size, sample))}
         sentence = next((l for l in lines if len(l.split()) >= 8), lines[0])  # a line of eight words or more
         packing["score_one_sentence_ms"] = one_sentence_packed_and_not(lm, sentence, args.rounds)
+        window = default_window_over_model_window(lm, stream, args.rounds)
         score_tps, score_bf16_tps = statistics.median(score_runs["fp32"]), statistics.median(score_runs["bf16"])
         score_bf16_gap = max(abs(a.logprob - b.logprob) / abs(a.logprob) for a, b in zip(scored["fp32"], scored["bf16"]))
 
@@ -141,6 +144,8 @@ def main() -> None:
         "score_over_evaluate": round(statistics.median(score_ratios["fp32"]), 2),
         "score_over_evaluate_rounds": [round(x, 2) for x in score_ratios["fp32"]],
         "packed_output_layer": packing,
+        "batch1_window": window,
+        "batch64_over_batch1": round(eval_tps / eval_1.tokens_per_s, 2),
         "perplexity_batch1": round(eval_1.score.perplexity, 6),
         f"perplexity_batch{args.batch_size}": round(eval_b.score.perplexity, 6),
         "bf16": {
@@ -185,6 +190,30 @@ def packed_over_unpacked(lm: Model, sample: Path, batch_size: int, rounds: int) 
             "unpacked_tokens_per_s": round(statistics.median(e.tokens_per_s for e in runs[False])),
             "packed_over_unpacked": round(statistics.median(ratios), 3),
             "packed_over_unpacked_rounds": [round(x, 3) for x in ratios],
+            "perplexity_change_pct": round(100 * (ppl[True] - ppl[False]) / ppl[False], 6),
+        }
+    return result
+
+
+def default_window_over_model_window(lm: Model, stream: Path, rounds: int) -> dict:
+    """The batch-1 evaluation in the default window (lmtool.evaluate.evaluation_window: 512 tokens on a CPU) against
+    the model's own training window (`bptt`), in turn `rounds` times per precision: tokens/s, the median of the
+    per-round ratios, and how far the perplexity moved."""
+    result = {"default_window": evaluation_window(lm.config.data.bptt, 1, lm.device),
+              "model_window": lm.config.data.bptt}
+    for precision in ("fp32", "bf16"):
+        runs: dict[bool, list] = {True: [], False: []}
+        for r in range(rounds):
+            for default in ((True, False) if r % 2 == 0 else (False, True)):
+                bptt = None if default else lm.config.data.bptt
+                runs[default].append(lm.perplexity(stream, batch_size=1, bptt=bptt, precision=precision))
+        ratios = [a.tokens_per_s / b.tokens_per_s for a, b in zip(runs[True], runs[False])]
+        ppl = {default: runs[default][0].score.perplexity for default in runs}
+        result[precision] = {
+            "default_tokens_per_s": round(statistics.median(e.tokens_per_s for e in runs[True])),
+            "model_window_tokens_per_s": round(statistics.median(e.tokens_per_s for e in runs[False])),
+            "default_over_model_window": round(statistics.median(ratios), 3),
+            "default_over_model_window_rounds": [round(x, 3) for x in ratios],
             "perplexity_change_pct": round(100 * (ppl[True] - ppl[False]) / ppl[False], 6),
         }
     return result

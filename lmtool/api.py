@@ -25,6 +25,7 @@ from lmtool.evaluate import (
     SentenceScore,
     StreamScore,
     combined,
+    evaluation_window,
     log_mean_exp,
     score_sentences,
     stream_nll,
@@ -154,13 +155,16 @@ class Model:
         """Stream files through the model as validation does (state carried across lines); memory stays bounded.
         A bidirectional model is evaluated in both directions and as a per-line mixture unless `direction`
         picks one. precision="bf16" computes the products in bfloat16 (autocast, as bf16 training does): faster
-        on hardware with native bf16, and no longer exact."""
+        on hardware with native bf16, and no longer exact. `bptt`: tokens per window (default: the model's
+        data.bptt, lengthened on a CPU for small batches, see `evaluation_window`; it changes the speed, not the
+        numbers)."""
         paths = _list_of(paths, (str, os.PathLike), "paths must be a file path (str or Path) or a list of them")
         if not paths:
             raise LmtoolError("no files to evaluate; give at least one")
         paths = [path_argument(path, "a file to evaluate") for path in paths]
         batch_size = _count("batch_size", batch_size)
-        bptt = self.config.data.bptt if bptt is None else _count("bptt", bptt)
+        bptt = None if bptt is None else _count("bptt", bptt)
+        window = bptt or evaluation_window(self.config.data.bptt, batch_size, self.device)
         directions = self._directions(direction)  # a clear error before any work for a direction the model lacks
         autocast = inference_autocast(precision, self.device)
         totals = {d: StreamScore(nll=0.0, tokens=0) for d in directions}
@@ -173,7 +177,7 @@ class Model:
                     raise LmtoolError(f"{path} holds {ids.numel() - 1} tokens, too few for --batch-size {batch_size}; "
                                       f"use --batch-size {ids.numel() // 2} or less")
                 for d in directions:
-                    totals[d] = combined([totals[d], stream_nll(self.network, ids, batch_size, bptt, d)])
+                    totals[d] = combined([totals[d], stream_nll(self.network, ids, batch_size, window, d)])
                 del ids
             mixture = self._line_mixture(paths, bptt, precision) if len(directions) == 2 else None
         if not all(math.isfinite(t.nll) for t in totals.values()):
@@ -182,11 +186,12 @@ class Model:
                               seconds=time.perf_counter() - start, by_direction=totals, mixture=mixture,
                               precision=precision)
 
-    def _line_mixture(self, paths: Sequence[Path], bptt: int, precision: str,
+    def _line_mixture(self, paths: Sequence[Path], bptt: int | None, precision: str,
                       lines_per_batch: int = 1024) -> StreamScore:
         """Sum over lines of -log(1/2 P_forward + 1/2 P_backward), reading the files a batch of lines at a time.
-        Short lines are scored together in padded batches; a long line alone, `bptt` tokens at a time, so memory
-        stays bounded however long a line is."""
+        Short lines are scored together in padded batches; a long line alone, `bptt` tokens at a time (default:
+        `evaluation_window` for one stream), so memory stays bounded however long a line is."""
+        bptt = bptt or evaluation_window(self.config.data.bptt, 1, self.device)
         nll, tokens = [], 0
         for path in paths:
             lines = iter_lines(path, "evaluation")

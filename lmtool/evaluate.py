@@ -15,6 +15,20 @@ from lmtool.tokenizer import EOS, EOS_ID, UNK_ID, Tokenizer
 
 LOG10_E = 1 / math.log(10)
 
+# On a CPU, evaluation's default window holds at least this many positions (batch x tokens): each window's output
+# products read the whole output layer once, and the state is carried across windows, so a longer window changes
+# the speed and not the numbers (beyond float rounding). At batch 1 the training window (35 words, 128 characters)
+# left the products bound by memory. GPUs keep the model's window (not measured there).
+EVALUATION_POSITIONS = 512
+
+
+def evaluation_window(bptt: int, batch_size: int, device: torch.device) -> int:
+    """The tokens per window that evaluating `batch_size` streams reads by default: the model's training window
+    `bptt`, lengthened on a CPU until a window holds EVALUATION_POSITIONS positions."""
+    if device.type != "cpu":
+        return bptt
+    return max(bptt, -(-EVALUATION_POSITIONS // batch_size))
+
 
 def safe_exp(x: float) -> float:
     """exp that saturates instead of overflowing (a diverged loss still prints a perplexity)."""

@@ -177,6 +177,20 @@ def _lmtool(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "lmtool", *map(str, args)], capture_output=True, env=env, **kwargs)
 
 
+def test_a_large_file_at_batch_1_gets_one_hint_line_and_its_numbers(run_cli, tiny_run, tmp_path, monkeypatch):
+    import lmtool.cli
+
+    held = tmp_path / "held.txt"
+    held.write_text(SHAKESPEARE.read_text(encoding="utf-8")[4000:7000], encoding="utf-8")
+    monkeypatch.setattr(lmtool.cli, "EXACT_STREAM_HINT_BYTES", 2000)  # the real line is 2 MB
+    hinted = run_cli("evaluate-perplexity", held, "--model", tiny_run, "--json")
+    assert hinted.code == 0 and json.loads(hinted.out)["tokens"] > 0
+    assert hinted.err.count("\n") == 1 and hinted.err.startswith("lmtool: hint: 0 MB scored as one exact stream")
+    assert "--batch-size 64" in hinted.err
+    quiet = run_cli("evaluate-perplexity", held, "--model", tiny_run, "--json", "--batch-size", "2")
+    assert quiet.code == 0 and quiet.err == ""  # batched: no hint
+
+
 def test_score_reads_stdin_with_the_checks_a_file_gets(tiny_run):
     ok = _lmtool("score", "--file", "-", "--json", "--model", tiny_run, input="\ufeffthe cat\nto be\n".encode())
     assert ok.returncode == 0, ok.stderr

@@ -470,6 +470,34 @@ def test_token_by_token_evaluation_equals_one_full_pass(char_run):
     assert one_at_a_time.nll == pytest.approx(whole.nll, rel=1e-5)
 
 
+def test_evaluation_windows_on_a_cpu_hold_at_least_512_positions_by_default():
+    from lmtool.evaluate import evaluation_window
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert evaluation_window(35, 1, cpu) == 512
+    assert evaluation_window(35, 8, cpu) == 64  # 8 x 64 = 512
+    assert evaluation_window(35, 16, cpu) == 35  # 16 x 35 = 560: the model's window already holds enough
+    assert evaluation_window(600, 1, cpu) == 600  # never shorter than the model's
+    assert evaluation_window(128, 1, cuda) == 128  # GPUs keep the model's window
+
+
+def test_default_evaluation_window_changes_the_speed_not_the_numbers(char_run, tmp_path, monkeypatch):
+    import lmtool.api
+
+    lm = lmtool.load_model(char_run)
+    held = tmp_path / "held.txt"
+    held.write_text(SHAKESPEARE.read_text(encoding="utf-8")[6000:9000], encoding="utf-8")
+    windows = []
+    original = lmtool.api.stream_nll
+    monkeypatch.setattr(lmtool.api, "stream_nll", lambda *args: windows.append(args[3]) or original(*args))
+    default = lm.perplexity(held)
+    model_window = lm.perplexity(held, bptt=lm.config.data.bptt)
+    lm.perplexity(held, batch_size=64)
+    assert windows == [512, lm.config.data.bptt, max(lm.config.data.bptt, 8)]
+    assert default.score.tokens == model_window.score.tokens
+    assert default.score.nll == pytest.approx(model_window.score.nll, rel=1e-6)
+
+
 def test_top_k_and_top_p_never_emit_a_token_outside_the_allowed_set():
     from lmtool.sample import pick_next
 
