@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from lmtool.chunked_nll import PackedSlices, slice_size
 from lmtool.data import batchify, oriented, windows
 from lmtool.errors import LmtoolError
 from lmtool.model import LanguageModel, State, detach_state
@@ -210,6 +211,16 @@ def log_mean_exp(a: float, b: float) -> float:
     return top + math.log1p(math.exp(min(a, b) - top)) - math.log(2)
 
 
+def repacked_for(model: LanguageModel, rows: int, batches: int, packed: PackedSlices | None) -> PackedSlices | None:
+    """The packed output layer for the next of `batches` batches (longest first) of `rows` positions: `packed`
+    while its slices are at least half as wide as this batch's own, else packed anew. Slices sized for a long first
+    batch keep a long line's scores cache-sized but slow the short batches after it down; as the batches only
+    narrow, this packs a few times per call at most."""
+    if packed is not None and slice_size(rows, model.vocab_size) < 2 * packed.columns:
+        return packed
+    return model.packed_output_layer(rows=rows, batches=batches)
+
+
 @torch.no_grad()
 def score_sentences(
     model: LanguageModel,
@@ -233,13 +244,11 @@ def score_sentences(
     # Longest first, so each padded batch wastes little; results go back in the caller's order.
     order = sorted(range(len(sentences)), key=lambda i: -len(encoded[i]))
     logprobs: list[list[float]] = [[] for _ in sentences]
-    # The output layer is packed once, its slices sized for the first, widest batch: narrow enough for its scores
-    # to stay cache-sized (a long line's batch would otherwise make one (rows, V) slice), and so for all the others.
-    packed = (model.packed_output_layer(rows=min(batch_size, len(order)) * len(encoded[order[0]]),
-                                        batches=-(-len(order) // batch_size)) if order else None)
+    packed: PackedSlices | None = None
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = len(encoded[chunk[0]])
+        packed = repacked_for(model, len(chunk) * width, -(-(len(order) - start) // batch_size), packed)
         targets = torch.full((len(chunk), width), EOS_ID, dtype=torch.long)
         for row, i in enumerate(chunk):
             targets[row, : len(encoded[i])] = torch.tensor(encoded[i])

@@ -133,6 +133,7 @@ def test_evaluation_and_scoring_give_the_same_numbers_packed_or_not(monkeypatch,
 
     def spied_nll(*args, packed=None, **kwargs):
         used.append(packed is not None)
+        assert not torch.is_grad_enabled()  # evaluation and scoring build no graph (and so keep no (N, V) exps)
         return original_nll(*args, packed=packed, **kwargs)
 
     monkeypatch.setattr(lmtool.model, "linear_nll", spied_nll)
@@ -244,10 +245,16 @@ def test_no_packing_in_other_dtypes_or_off_the_cpu(monkeypatch):
 
 
 @needs_packing
-def test_scoring_a_long_line_keeps_its_slices_cache_sized(packing_spy):
+def test_scoring_a_long_line_keeps_its_slices_cache_sized(packing_spy, monkeypatch):
     # The longest batch runs first: its packed slices must be no wider than the unpacked path's would be, or a
-    # long line would build one (rows, V) score matrix of hundreds of megabytes.
+    # long line would build one (rows, V) score matrix of hundreds of megabytes; and the short batches after it
+    # get slices sized for them again (at least half as wide as theirs), packed once, not once per batch.
     vocab = 20000
+    packings = []
+    original = lmtool.model.pack_slices
+    monkeypatch.setattr(lmtool.model, "pack_slices", lambda *args: packings.append(args[3]) or original(*args))
     score_sentences(_model(vocab=vocab), _tokenizer(vocab), ["w1 w2 w3"] * 9 + [" ".join(["w5"] * 800)], batch_size=1)
     assert len(packing_spy) == 10 and all(columns is not None for _, columns in packing_spy)
     assert all(columns <= slice_size(rows, vocab) for rows, columns in packing_spy), packing_spy[:2]
+    assert all(2 * columns > slice_size(rows, vocab) for rows, columns in packing_spy), packing_spy[:2]
+    assert packings == [801, 4]  # the long line's batch, then the first short one
