@@ -15,7 +15,7 @@ size (N, V) is kept. Small score matrices (WHOLE_BYTES) are one slice. Each row'
 PyTorch's to float rounding.
 
 Evaluation can hand in the output layer already cut into slices and packed by oneDNN (`pack_slices`), once for
-all its batches: PyTorch's bf16 linear layer re-arranges a slice's weights on every call, and in fp32 on an AMD
+many batches: PyTorch's bf16 linear layer re-arranges a slice's weights on every call, and in fp32 on an AMD
 EPYC oneDNN's packed product ran faster than MKL's (README, Evaluation and scoring speed).
 """
 

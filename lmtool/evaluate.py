@@ -211,14 +211,11 @@ def log_mean_exp(a: float, b: float) -> float:
     return top + math.log1p(math.exp(min(a, b) - top)) - math.log(2)
 
 
-def repacked_for(model: LanguageModel, rows: int, batches: int, packed: PackedSlices | None) -> PackedSlices | None:
-    """The packed output layer for the next of `batches` batches (longest first) of `rows` positions: `packed`
-    while its slices are at least half as wide as this batch's own, else packed anew. Slices sized for a long first
-    batch keep a long line's scores cache-sized but slow the short batches after it down; as the batches only
-    narrow, this packs a few times per call at most."""
-    if packed is not None and slice_size(rows, model.vocab_size) < 2 * packed.columns:
-        return packed
-    return model.packed_output_layer(rows=rows, batches=batches)
+def packing_fits(packed: PackedSlices, rows: int, vocab_size: int) -> bool:
+    """Whether a packing's slices suit a batch of `rows` positions: at least half as wide as its own slice width.
+    Slices sized for a long first batch keep a long line's scores cache-sized but slow the short batches after it
+    down; scoring, whose batches only narrow (longest first), packs again when this fails: a few times at most."""
+    return slice_size(rows, vocab_size) < 2 * packed.columns
 
 
 @torch.no_grad()
@@ -248,7 +245,10 @@ def score_sentences(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = len(encoded[chunk[0]])
-        packed = repacked_for(model, len(chunk) * width, -(-(len(order) - start) // batch_size), packed)
+        rows = len(chunk) * width
+        if packed is None or not packing_fits(packed, rows, model.vocab_size):
+            packed = None  # the old packing goes before the new one is made
+            packed = model.packed_output_layer(rows=rows, batches=-(-(len(order) - start) // batch_size))
         targets = torch.full((len(chunk), width), EOS_ID, dtype=torch.long)
         for row, i in enumerate(chunk):
             targets[row, : len(encoded[i])] = torch.tensor(encoded[i])

@@ -104,8 +104,8 @@ OUTPUT_MAJOR_MIN_VOCAB: int | None = 30000
 # (char) and 2.1-2.3x (word) as long packed as in column blocks.
 PACKED_FP32_MIN_ELEMENTS: int | None = 2**19
 
-# Whether evaluation and scoring pack a large full softmax's output layer once per call
-# (`LanguageModel.packed_output_layer`): in bf16 where the CPU has native bf16 and the call scores more than one
+# Whether evaluation and scoring pack a large full softmax's output layer once per call (scoring: a few times, see
+# evaluate.packing_fits) (`LanguageModel.packed_output_layer`): in bf16 where the CPU has native bf16 and the call scores more than one
 # batch (PyTorch's bf16 linear layer re-arranges the weights on every batch), in fp32 where MKL_ON_AMD and a
 # batch has at least GATE_MAJOR_MIN_STREAMS rows. On a 2-core AMD EPYC the word defaults'
 # evaluation ran 1.06-1.17x as fast packed in fp32 and 1.00-1.12x in bf16 at batch 64 (nine runs of `python

@@ -86,7 +86,7 @@ def test_the_mixture_lies_between_the_directions_without_underflow(bidirectional
     assert log_mean_exp(-5000.0, -5001.0) == pytest.approx(-5000 + math.log1p(math.exp(-1)) - math.log(2))
 
 
-def test_evaluate_perplexity_reports_each_direction_and_the_mixture(bidirectional_run, tmp_path, run_cli):
+def test_evaluate_perplexity_reports_each_direction_and_the_mixture(bidirectional_run, tmp_path, run_cli, monkeypatch):
     held_out = tmp_path / "held.txt"
     held_out.write_text("the cat sat on the log\na dog saw the cat\n")
     result = run_cli("evaluate-perplexity", held_out, "--model", bidirectional_run, "--json")
@@ -106,14 +106,21 @@ def test_evaluate_perplexity_reports_each_direction_and_the_mixture(bidirectiona
     held_out.write_text(long_line + "\nthe cat\n")
     original = api.LONG_LINE
     try:
-        api.LONG_LINE = 100  # the long line is windowed (tiny.yaml's bptt is 16), the short one batched
-        windowed = lm.perplexity(held_out).mixture
+        api.LONG_LINE = 100  # the long line is read 16 tokens at a time (23 windows), the short one batched
+        windowed = lm.perplexity(held_out, bptt=16).mixture
         api.LONG_LINE = 10**9  # both batched
         batched = lm.perplexity(held_out).mixture
     finally:
         api.LONG_LINE = original
     assert windowed.tokens == batched.tokens == 361 + 3
     assert windowed.nll == pytest.approx(batched.nll, rel=1e-5)
+    # by default a long line is one stream in the CPU's evaluation window, whatever the batch size
+    seen = []
+    monkeypatch.setattr(api, "LONG_LINE", 100)
+    monkeypatch.setattr(api, "stream_nll", lambda *args, real=api.stream_nll: seen.append(args[2:4]) or real(*args))
+    default = lm.perplexity(held_out, batch_size=4).mixture
+    assert seen[-2:] == [(1, 512), (1, 512)]  # both directions of the long line
+    assert default.nll == pytest.approx(windowed.nll, rel=1e-5)
     held_out.write_text("the cat sat on the log\na dog saw the cat\n")
     table = run_cli("evaluate-perplexity", held_out, "--model", bidirectional_run)
     assert "perplexity, backward" in table.out and "mixture" in table.out

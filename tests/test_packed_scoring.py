@@ -1,4 +1,5 @@
-"""Evaluation and scoring with the output layer packed once (chunked_nll.pack_slices, model.packed_output_layer)."""
+"""Evaluation and scoring with the output layer packed for many batches (chunked_nll.pack_slices,
+model.packed_output_layer, evaluate.packing_fits)."""
 
 import pytest
 import torch
@@ -258,3 +259,38 @@ def test_scoring_a_long_line_keeps_its_slices_cache_sized(packing_spy, monkeypat
     assert all(columns <= slice_size(rows, vocab) for rows, columns in packing_spy), packing_spy[:2]
     assert all(2 * columns > slice_size(rows, vocab) for rows, columns in packing_spy), packing_spy[:2]
     assert packings == [801, 4]  # the long line's batch, then the first short one
+
+
+def _packings(monkeypatch) -> list:
+    """The rows each packing of the output layer is made for."""
+    packings = []
+    original = lmtool.model.pack_slices
+    monkeypatch.setattr(lmtool.model, "pack_slices", lambda *args: packings.append(args[3]) or original(*args))
+    return packings
+
+
+@needs_packing
+def test_scoring_packs_again_exactly_when_slices_twice_as_wide_fit(packing_spy, monkeypatch):
+    packings, vocab = _packings(monkeypatch), 20000
+    assert slice_size(768, vocab) == 2 * slice_size(1536, vocab)
+    score_sentences(_model(vocab=vocab), _tokenizer(vocab), [" ".join(["w5"] * 1535), " ".join(["w5"] * 767)],
+                    batch_size=1)
+    assert packings == [1536, 768]
+
+
+@needs_packing
+def test_scoring_sizes_slices_for_a_batch_of_rows_and_the_partial_last_batch(packing_spy, monkeypatch):
+    packings, vocab = _packings(monkeypatch), 20000
+    score_sentences(_model(vocab=vocab), _tokenizer(vocab), [" ".join(["w5"] * 119)] * 5, batch_size=4)
+    assert packings == [480, 120]  # 4 sentences of 120 positions, then the last one alone
+    assert all(columns <= slice_size(rows, vocab) < 2 * columns for rows, columns in packing_spy)
+
+
+@needs_packing
+def test_bf16_scoring_does_not_pack_again_for_a_last_single_batch(packing_spy):
+    if not packing_works(torch.bfloat16):
+        pytest.skip("oneDNN does not pack bf16 here")
+    vocab = 20000
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        score_sentences(_model(vocab=vocab), _tokenizer(vocab), ["w1 w2 w3", " ".join(["w5"] * 800)], batch_size=1)
+    assert packing_spy == [(801, slice_size(801, vocab)), (4, None)]  # the short one runs unpacked

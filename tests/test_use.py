@@ -476,9 +476,11 @@ def test_evaluation_windows_on_a_cpu_hold_at_least_512_positions_by_default():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert evaluation_window(35, 1, cpu) == 512
     assert evaluation_window(35, 8, cpu) == 64  # 8 x 64 = 512
+    assert evaluation_window(35, 7, cpu) == 74  # rounded up: 7 x 73 = 511 would fall short
     assert evaluation_window(35, 16, cpu) == 35  # 16 x 35 = 560: the model's window already holds enough
     assert evaluation_window(600, 1, cpu) == 600  # never shorter than the model's
     assert evaluation_window(128, 1, cuda) == 128  # GPUs keep the model's window
+    assert evaluation_window(128, 1, torch.device("mps")) == 128  # and so does any other device
 
 
 def test_default_evaluation_window_changes_the_speed_not_the_numbers(char_run, tmp_path, monkeypatch):
