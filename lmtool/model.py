@@ -108,9 +108,9 @@ PACKED_FP32_MIN_ELEMENTS: int | None = 2**19
 # evaluate.packing_fits) (`LanguageModel.packed_output_layer`): in bf16 where the CPU has native bf16 and the call scores more than one
 # batch (PyTorch's bf16 linear layer re-arranges the weights on every batch), in fp32 where MKL_ON_AMD and a
 # batch has at least GATE_MAJOR_MIN_STREAMS rows. On a 2-core AMD EPYC the word defaults'
-# evaluation ran 1.06-1.17x as fast packed in fp32 and 1.00-1.12x in bf16 at batch 64 (nine runs of `python
+# evaluation ran 1.06-1.17x as fast packed in fp32 and 1.00-1.12x in bf16 at batch 64 (ten runs of `python
 # bench/eval_throughput.py --level word`, which times both ways in turn), and at batch 1 1.56-2.06x and 1.48-1.72x
-# in 35-token windows, 1.12-1.19x and 1.06-1.12x in the 512-token default (evaluate.evaluation_window), with the
+# in 35-token windows, 1.12-1.19x and 1.00-1.12x in the 512-token default (evaluate.evaluation_window), with the
 # same perplexities to float rounding.
 PACKED_SCORING = True
 
