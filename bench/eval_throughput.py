@@ -14,7 +14,8 @@ on a machine whose speed drifts; their tokens/s are medians too. Scoring and the
 run in turn --rounds times in each precision, so score/evaluate is a median of per-round ratios too; and the
 batch-1 and --batch-size evaluations with the output layer packed once (the default where lmtool packs it) and
 without, in turn, and a one-sentence `score` call both ways; and the batch-1 evaluation in the default window
-(512 tokens on a CPU) against the model's own window, in turn. Prints one JSON line with the tokens/s of each and the ratios.
+(512 tokens on a CPU) against the model's own window, in turn. Prints one JSON line with the tokens/s of each and
+the ratios.
 """
 
 from __future__ import annotations
@@ -25,16 +26,20 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import log_every, machine_info, matmul_peak_gflops, median_tokens_per_s, scratch_dir  # noqa: E402
+from machine import (  # noqa: E402
+    alternating, log_every, machine_info, matmul_peak_gflops, median_tokens_per_s, scratch_dir,
+)
 from train_throughput import multiply_adds_per_token  # noqa: E402
 
 import torch  # noqa: E402
 
 import lmtool  # noqa: E402
 import lmtool.model as model_module  # noqa: E402
-from lmtool.api import Model  # noqa: E402
+from lmtool.api import FileEvaluation, Model  # noqa: E402
 from lmtool.evaluate import evaluation_window  # noqa: E402
 from lmtool.config import load_config  # noqa: E402
 from lmtool.train import train  # noqa: E402
@@ -168,55 +173,46 @@ def main() -> None:
     }))
 
 
-def packed_over_unpacked(lm: Model, sample: Path, batch_size: int, rounds: int) -> dict:
-    """An evaluation of `sample` with the output layer packed once (lmtool.model.PACKED_SCORING, the default)
-    against without, in turn --rounds times per precision, the order alternating: tokens/s, the median of the
-    per-round ratios, and how far the packed perplexity moved. Where the model does not pack (its
-    packed_output_layer is None: another CPU, a small vocabulary), both sides run the same code."""
+def both_ways(run: Callable[[bool, str], FileEvaluation], rounds: int, on: str, off: str, ratio: str) -> dict:
+    """run(True, precision) against run(False, precision), in turn `rounds` times per precision, the order
+    alternating: the medians of their tokens/s (`{on}_tokens_per_s`, `{off}_tokens_per_s`), the median of the
+    per-round ratios (`ratio`, and its rounds), and how far the perplexity moved from off to on."""
     result = {}
     for precision in ("fp32", "bf16"):
-        runs: dict[bool, list] = {True: [], False: []}
-        for r in range(rounds):
-            for packed in ((True, False) if r % 2 == 0 else (False, True)):
-                model_module.PACKED_SCORING = packed
-                try:
-                    runs[packed].append(lm.perplexity(sample, batch_size=batch_size, precision=precision))
-                finally:
-                    model_module.PACKED_SCORING = True
+        runs: dict[bool, list[FileEvaluation]] = {True: [], False: []}
+        for setting, _ in alternating({True: None, False: None}, rounds):
+            runs[setting].append(run(setting, precision))
         ratios = [a.tokens_per_s / b.tokens_per_s for a, b in zip(runs[True], runs[False])]
-        ppl = {packed: runs[packed][0].score.perplexity for packed in runs}
+        ppl = {setting: runs[setting][0].score.perplexity for setting in runs}
         result[precision] = {
-            "packed_tokens_per_s": round(statistics.median(e.tokens_per_s for e in runs[True])),
-            "unpacked_tokens_per_s": round(statistics.median(e.tokens_per_s for e in runs[False])),
-            "packed_over_unpacked": round(statistics.median(ratios), 3),
-            "packed_over_unpacked_rounds": [round(x, 3) for x in ratios],
+            f"{on}_tokens_per_s": round(statistics.median(e.tokens_per_s for e in runs[True])),
+            f"{off}_tokens_per_s": round(statistics.median(e.tokens_per_s for e in runs[False])),
+            ratio: round(statistics.median(ratios), 3),
+            f"{ratio}_rounds": [round(x, 3) for x in ratios],
             "perplexity_change_pct": round(100 * (ppl[True] - ppl[False]) / ppl[False], 6),
         }
     return result
+
+
+def packed_over_unpacked(lm: Model, sample: Path, batch_size: int, rounds: int) -> dict:
+    """An evaluation of `sample` with the output layer packed once (lmtool.model.PACKED_SCORING, the default)
+    against without (`both_ways`). Where the model does not pack (its packed_output_layer is None: another CPU,
+    a small vocabulary), both sides run the same code."""
+    def evaluate(packed: bool, precision: str) -> FileEvaluation:
+        with mock.patch.object(model_module, "PACKED_SCORING", packed):
+            return lm.perplexity(sample, batch_size=batch_size, precision=precision)
+
+    return both_ways(evaluate, rounds, "packed", "unpacked", "packed_over_unpacked")
 
 
 def default_window_over_model_window(lm: Model, stream: Path, rounds: int) -> dict:
     """The batch-1 evaluation in the default window (lmtool.evaluate.evaluation_window: 512 tokens on a CPU) against
-    the model's own training window (`bptt`), in turn `rounds` times per precision: tokens/s, the median of the
-    per-round ratios, and how far the perplexity moved."""
-    result = {"default_window": evaluation_window(lm.config.data.bptt, 1, lm.device),
-              "model_window": lm.config.data.bptt}
-    for precision in ("fp32", "bf16"):
-        runs: dict[bool, list] = {True: [], False: []}
-        for r in range(rounds):
-            for default in ((True, False) if r % 2 == 0 else (False, True)):
-                bptt = None if default else lm.config.data.bptt
-                runs[default].append(lm.perplexity(stream, batch_size=1, bptt=bptt, precision=precision))
-        ratios = [a.tokens_per_s / b.tokens_per_s for a, b in zip(runs[True], runs[False])]
-        ppl = {default: runs[default][0].score.perplexity for default in runs}
-        result[precision] = {
-            "default_tokens_per_s": round(statistics.median(e.tokens_per_s for e in runs[True])),
-            "model_window_tokens_per_s": round(statistics.median(e.tokens_per_s for e in runs[False])),
-            "default_over_model_window": round(statistics.median(ratios), 3),
-            "default_over_model_window_rounds": [round(x, 3) for x in ratios],
-            "perplexity_change_pct": round(100 * (ppl[True] - ppl[False]) / ppl[False], 6),
-        }
-    return result
+    the model's own training window (`bptt`), by `both_ways`."""
+    bptt = lm.config.data.bptt
+    return {"default_window": evaluation_window(bptt, 1, lm.device), "model_window": bptt,
+            **both_ways(lambda default, precision: lm.perplexity(stream, batch_size=1, bptt=None if default else bptt,
+                                                                 precision=precision),
+                        rounds, "default", "model_window", "default_over_model_window")}
 
 
 def one_sentence_packed_and_not(lm: Model, line: str, rounds: int, calls: int = 10) -> dict:
@@ -226,16 +222,12 @@ def one_sentence_packed_and_not(lm: Model, line: str, rounds: int, calls: int = 
     result = {}
     for precision in ("fp32", "bf16"):
         runs: dict[bool, list[float]] = {True: [], False: []}
-        for r in range(2 * rounds):
-            for packed in ((True, False) if r % 2 == 0 else (False, True)):
-                model_module.PACKED_SCORING = packed
-                try:
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        lm.score(line, precision=precision)
-                    runs[packed].append(1000 * (time.perf_counter() - start) / calls)
-                finally:
-                    model_module.PACKED_SCORING = True
+        for packed, _ in alternating({True: None, False: None}, 2 * rounds):
+            with mock.patch.object(model_module, "PACKED_SCORING", packed):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    lm.score(line, precision=precision)
+                runs[packed].append(1000 * (time.perf_counter() - start) / calls)
         result[precision] = {"on": round(statistics.median(runs[True]), 2),
                              "off": round(statistics.median(runs[False]), 2)}
     return result

@@ -104,10 +104,10 @@ OUTPUT_MAJOR_MIN_VOCAB: int | None = 30000
 # (char) and 2.1-2.3x (word) as long packed as in column blocks.
 PACKED_FP32_MIN_ELEMENTS: int | None = 2**19
 
-# Whether evaluation and scoring pack a large full softmax's output layer once per call (scoring: a few times, see
-# evaluate.packing_fits) (`LanguageModel.packed_output_layer`): in bf16 where the CPU has native bf16 and the call scores more than one
-# batch (PyTorch's bf16 linear layer re-arranges the weights on every batch), in fp32 where MKL_ON_AMD and a
-# batch has at least GATE_MAJOR_MIN_STREAMS rows. On a 2-core AMD EPYC the word defaults'
+# Whether evaluation and scoring pack a large full softmax's output layer once per call (scoring: a few times,
+# see evaluate.packing_fits; `LanguageModel.packed_output_layer`): in bf16 where the CPU has native bf16 and the
+# call scores more than one batch (PyTorch's bf16 linear layer re-arranges the weights on every batch), in fp32
+# where MKL_ON_AMD and a batch has at least GATE_MAJOR_MIN_STREAMS rows. On a 2-core AMD EPYC the word defaults'
 # evaluation ran 1.06-1.17x as fast packed in fp32 and 1.00-1.12x in bf16 at batch 64 (ten runs of `python
 # bench/eval_throughput.py --level word`, which times both ways in turn), and at batch 1 1.56-2.06x and 1.48-1.72x
 # in 35-token windows, 1.12-1.19x and 1.00-1.12x in the 512-token default (evaluate.evaluation_window), with the
@@ -487,14 +487,15 @@ class LanguageModel(nn.Module):
         if output.device.type == "cpu" and saves_traffic(flat_targets.numel(), self.vocab_size):
             # A CPU spends as long moving large (B*T, V) scores through memory as computing them: score the
             # vocabulary a cache-sized slice at a time instead. GPUs keep PyTorch's path (measured on CPUs only).
-            autocast = torch.is_autocast_enabled("cpu")
-            dtype = torch.get_autocast_dtype("cpu") if autocast else self.decoder.weight.dtype
             nll = linear_nll(output.reshape(-1, output.size(-1)), self.decoder.weight, self.decoder.bias,
-                             flat_targets, compute_dtype=dtype, packed=packed_output)
+                             flat_targets, compute_dtype=self._output_dtype(), packed=packed_output)
             return nll.view(targets.shape)
         logits = self.decoder(output)  # (B, T, V)
         return F.cross_entropy(logits.float().flatten(0, 1), flat_targets, reduction="none").view(targets.shape)
 
+    def _output_dtype(self) -> torch.dtype:
+        """The dtype of a full softmax's products on the CPU: the autocast's around the call, else the weights'."""
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else self.decoder.weight.dtype
 
     @torch.no_grad()
     def packed_output_layer(self, rows: int, batches: int) -> PackedSlices | None:
@@ -510,8 +511,7 @@ class LanguageModel(nn.Module):
             return None
         if not saves_traffic(rows, self.vocab_size):
             return None
-        autocast = torch.is_autocast_enabled("cpu")
-        dtype = torch.get_autocast_dtype("cpu") if autocast else self.decoder.weight.dtype
+        dtype = self._output_dtype()
         if dtype == torch.bfloat16:
             usable = batches > 1 and bf16_is_native(self.device) and packing_works(dtype)
         else:
