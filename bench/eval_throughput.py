@@ -14,8 +14,9 @@ on a machine whose speed drifts; their tokens/s are medians too. Scoring and the
 run in turn --rounds times in each precision, so score/evaluate is a median of per-round ratios too; and the
 batch-1 and --batch-size evaluations with the output layer packed once (the default where lmtool packs it) and
 without, in turn, and a one-sentence `score` call both ways; and the batch-1 evaluation in the default window
-(512 tokens on a CPU) against the model's own window, in turn. Prints one JSON line with the tokens/s of each and
-the ratios.
+(512 tokens on a CPU) against the model's own window, in turn; and the --batch-size evaluation with the sliced
+output layer's exponentials as powers of two (lmtool.chunked_nll.exp_) and with PyTorch's exp, in turn. Prints
+one JSON line with the tokens/s of each and the ratios.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from train_throughput import multiply_adds_per_token  # noqa: E402
 import torch  # noqa: E402
 
 import lmtool  # noqa: E402
+import lmtool.chunked_nll  # noqa: E402
 import lmtool.model as model_module  # noqa: E402
 from lmtool.api import FileEvaluation, Model  # noqa: E402
 from lmtool.evaluate import evaluation_window  # noqa: E402
@@ -122,6 +124,7 @@ def main() -> None:
                    for size, text in ((1, stream), (args.batch_size, sample))}
         sentence = next((l for l in lines if len(l.split()) >= 8), lines[0])  # a line of eight words or more
         packing["score_one_sentence_ms"] = one_sentence_packed_and_not(lm, sentence, args.rounds)
+        exponentials = exp2_over_exp(lm, sample, args.batch_size, args.rounds)
         window = default_window_over_model_window(lm, stream, args.rounds)
         score_tps, score_bf16_tps = statistics.median(score_runs["fp32"]), statistics.median(score_runs["bf16"])
         score_bf16_gap = max(abs(a.logprob - b.logprob) / abs(a.logprob) for a, b in zip(scored["fp32"], scored["bf16"]))
@@ -150,6 +153,7 @@ def main() -> None:
         "score_over_evaluate_rounds": [round(x, 2) for x in score_ratios["fp32"]],
         "packed_output_layer": packing,
         "batch1_window": window,
+        "sliced_exponentials": exponentials,
         "batch64_over_batch1": round(eval_tps / eval_1.tokens_per_s, 2),
         "perplexity_batch1": round(eval_1.score.perplexity, 6),
         f"perplexity_batch{args.batch_size}": round(eval_b.score.perplexity, 6),
@@ -203,6 +207,18 @@ def packed_over_unpacked(lm: Model, sample: Path, batch_size: int, rounds: int) 
             return lm.perplexity(sample, batch_size=batch_size, precision=precision)
 
     return both_ways(evaluate, rounds, "packed", "unpacked", "packed_over_unpacked")
+
+
+def exp2_over_exp(lm: Model, sample: Path, batch_size: int, rounds: int) -> dict:
+    """The evaluation at `batch_size` with the sliced output layer's exponentials computed as powers of two
+    (lmtool.chunked_nll.exp_, the default) against PyTorch's exp, by `both_ways`. A model that is not sliced
+    (a character vocabulary) runs the same code both ways."""
+    def evaluate(exp2: bool, precision: str) -> FileEvaluation:
+        exp = lmtool.chunked_nll.exp_ if exp2 else torch.Tensor.exp_
+        with mock.patch.object(lmtool.chunked_nll, "exp_", exp):
+            return lm.perplexity(sample, batch_size=batch_size, precision=precision)
+
+    return both_ways(evaluate, rounds, "exp2", "exp", "exp2_over_exp")
 
 
 def default_window_over_model_window(lm: Model, stream: Path, rounds: int) -> dict:

@@ -1,7 +1,7 @@
 """lmtool's training step against the same step without one of its parts, interleaved: what each part costs.
 
-Usage: python bench/step_variants.py [--variant unsliced|unguarded|small-slices|rescaled-exps|foreach-norm|
-                                     frozen-embedding]
+Usage: python bench/step_variants.py [--variant unsliced|unguarded|small-slices|rescaled-exps|natural-exp|
+                                     foreach-norm|frozen-embedding]
                                      [--workload ptb|wt2|word|char] [--precision fp32|bf16] [--rounds 22]
                                      [--keep-freed-memory]
 Variants:
@@ -15,6 +15,8 @@ Variants:
 - rescaled-exps: the sliced output layer's backward pass rescaling each slice of kept exponentials in memory
   into g * (softmax - one-hot), as it does under bf16, instead of applying each row's factor to the small
   operands (lmtool/chunked_nll.py `folds_row_factors`; fp32 only, bf16 steps are the same either way).
+- natural-exp: PyTorch's exp for the sliced output layer's exponentials instead of 2^(x log2 e)
+  (lmtool/chunked_nll.py `exp_`).
 - foreach-norm: PyTorch's multi-tensor norm (`torch.nn.utils.get_total_norm`) for the clipping norm instead of
   lmtool's dot products on the CPU (lmtool/step_guard.py `gradient_norm`).
 - frozen-embedding: the embedding not trained (no gradient): the most a sparse embedding gradient could save,
@@ -75,6 +77,7 @@ VARIANTS = {
     "unguarded": lambda step: patched(step, step_ab, "guarded_update", plain_update),
     "small-slices": lambda step: patched(step, lmtool.chunked_nll, "WHOLE_BYTES", 0),
     "rescaled-exps": lambda step: patched(step, lmtool.chunked_nll, "folds_row_factors", lambda dtype: False),
+    "natural-exp": lambda step: patched(step, lmtool.chunked_nll, "exp_", torch.Tensor.exp_),
     "foreach-norm": lambda step: patched(step, lmtool.step_guard, "gradient_norm", torch.nn.utils.get_total_norm),
     "frozen-embedding": lambda step: step,  # the change is to the model (MODEL_CHANGES)
 }

@@ -84,6 +84,21 @@ def test_fp32_nll_and_gradients_of_confident_predictions_are_as_accurate_as_pyto
         assert error <= 2 * pytorch_error
 
 
+def test_exponentials_match_exp_to_float_rounding_in_place():
+    x = torch.linspace(-30, 0, 30001)
+    result = x.clone()
+    assert chunked_nll.exp_(result) is result
+    truth = x.double().exp()
+    relative = (result.double() - truth).abs() / truth
+    # x log2 e rounds once (and log2 e itself): about |x| x 1e-7 relative at most, plus exp2's own rounding
+    assert (relative <= x.abs().double() * 1e-7 + 2.5e-7).all()
+    near_top = x >= -1  # the exponentials that make up most of a sum: as close as torch.exp's own
+    torch_exp_error = (x[near_top].exp().double() - truth[near_top]).abs() / truth[near_top]
+    assert relative[near_top].max() <= 2 * torch_exp_error.max()
+    edges = chunked_nll.exp_(torch.tensor([float("-inf"), -200.0, 0.0, float("nan")]))
+    assert edges[:3].tolist() == [0.0, 0.0, 1.0] and edges[3].isnan()
+
+
 def test_slices_are_cache_sized_and_used_only_where_they_pay():
     assert slice_size(700, 33278) == 2048  # 700 rows x 2048 float32 scores ~ 5.5 MB
     assert slice_size(100_000, 33278) == 256
