@@ -198,27 +198,29 @@ def both_ways(run: Callable[[bool, str], FileEvaluation], rounds: int, on: str, 
     return result
 
 
-def packed_over_unpacked(lm: Model, sample: Path, batch_size: int, rounds: int) -> dict:
-    """An evaluation of `sample` with the output layer packed once (lmtool.model.PACKED_SCORING, the default)
-    against without (`both_ways`). Where the model does not pack (its packed_output_layer is None: another CPU,
-    a small vocabulary), both sides run the same code."""
-    def evaluate(packed: bool, precision: str) -> FileEvaluation:
-        with mock.patch.object(model_module, "PACKED_SCORING", packed):
+def with_setting_and_without(lm: Model, sample: Path, batch_size: int, rounds: int, module, name: str,
+                             on_value, off_value, on: str, off: str) -> dict:
+    """An evaluation of `sample` with `module.name` set to `on_value` (lmtool's default) against `off_value`, by
+    `both_ways`; the ratio is named `{on}_over_{off}`. Where the setting does not apply (a model that does not
+    pack, a character vocabulary that is not sliced), both sides run the same code."""
+    def evaluate(setting: bool, precision: str) -> FileEvaluation:
+        with mock.patch.object(module, name, on_value if setting else off_value):
             return lm.perplexity(sample, batch_size=batch_size, precision=precision)
 
-    return both_ways(evaluate, rounds, "packed", "unpacked", "packed_over_unpacked")
+    return both_ways(evaluate, rounds, on, off, f"{on}_over_{off}")
+
+
+def packed_over_unpacked(lm: Model, sample: Path, batch_size: int, rounds: int) -> dict:
+    """The output layer packed once (lmtool.model.PACKED_SCORING, the default) against not packed."""
+    return with_setting_and_without(lm, sample, batch_size, rounds, model_module, "PACKED_SCORING", True, False,
+                                    "packed", "unpacked")
 
 
 def exp2_over_exp(lm: Model, sample: Path, batch_size: int, rounds: int) -> dict:
-    """The evaluation at `batch_size` with the sliced output layer's exponentials computed as powers of two
-    (lmtool.chunked_nll.exp_, the default) against PyTorch's exp, by `both_ways`. A model that is not sliced
-    (a character vocabulary) runs the same code both ways."""
-    def evaluate(exp2: bool, precision: str) -> FileEvaluation:
-        exp = lmtool.chunked_nll.exp_ if exp2 else torch.Tensor.exp_
-        with mock.patch.object(lmtool.chunked_nll, "exp_", exp):
-            return lm.perplexity(sample, batch_size=batch_size, precision=precision)
-
-    return both_ways(evaluate, rounds, "exp2", "exp", "exp2_over_exp")
+    """The sliced output layer's exponentials computed as powers of two (lmtool.chunked_nll.exp_, the default)
+    against PyTorch's exp."""
+    return with_setting_and_without(lm, sample, batch_size, rounds, lmtool.chunked_nll, "exp_",
+                                    lmtool.chunked_nll.exp_, torch.Tensor.exp_, "exp2", "exp")
 
 
 def default_window_over_model_window(lm: Model, stream: Path, rounds: int) -> dict:

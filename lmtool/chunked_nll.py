@@ -49,10 +49,9 @@ def exp_(x: torch.Tensor) -> torch.Tensor:
     AMD EPYC the word defaults' evaluation ran 1.01-1.11x (fp32) and 1.09-1.22x (bf16) as fast with it at batch
     64 in seven runs (`python bench/eval_throughput.py --level word`, which times both ways in turn), and the
     training steps of the word defaults, WikiText-2 and PTB 1.00-1.02x and 1.03-1.06x (`python
-    bench/step_variants.py --variant natural-exp`). The
-    product x log2 e rounds once, which moves exp(x) by about |x| x 1e-7 relative at most: under 1e-7 for the
-    scores within 1 of the slice's maximum, which make up most of a sum of exponentials (torch.exp's own error
-    there is 6e-8), and 2e-6 for an exp(-20) term."""
+    bench/step_variants.py --variant natural-exp`). The product x log2 e rounds once, which moves exp(x) by about
+    |x| x 1e-7 relative at most: under 1e-7 for the scores within 1 of the slice's maximum, which make up most of
+    a sum of exponentials (torch.exp's own error there is 6e-8), and 2e-6 for an exp(-20) term."""
     return x.mul_(LOG2_E).exp2_()
 
 

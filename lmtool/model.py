@@ -504,9 +504,8 @@ class LanguageModel(nn.Module):
         then skips re-arranging the weights on every batch); None where that was not measured faster or does not
         apply: an adaptive softmax, a device other than the CPU, a vocabulary that keeps PyTorch's path, bf16
         without native support or for a single batch (its one product re-arranges the weights once anyway, so
-        packing first would only add a copy), fp32 where not MKL_ON_AMD or for
-        fewer than GATE_MAJOR_MIN_STREAMS rows, or PACKED_SCORING off. The weights must not change while it is
-        used."""
+        packing first would only add a copy), fp32 where not MKL_ON_AMD or for fewer than GATE_MAJOR_MIN_STREAMS
+        rows, or PACKED_SCORING off. The weights must not change while it is used."""
         if not PACKED_SCORING or self.config.softmax != "full" or self.device.type != "cpu":
             return None
         if not saves_traffic(rows, self.vocab_size):
