@@ -177,7 +177,8 @@ class Model:
                     raise LmtoolError(f"{path} holds {ids.numel() - 1} tokens, too few for --batch-size {batch_size}; "
                                       f"use --batch-size {ids.numel() // 2} or less")
                 for d in directions:
-                    totals[d] = combined([totals[d], stream_nll(self.network, ids, batch_size, window, d)])
+                    totals[d] = combined([totals[d], stream_nll(self.network, ids, batch_size, window, d,
+                                                                    cuda_graph=self.config.train.cuda_graph)])
                 del ids
             mixture = self._line_mixture(paths, bptt, precision) if len(directions) == 2 else None
         if not all(math.isfinite(t.nll) for t in totals.values()):
@@ -202,7 +203,8 @@ class Model:
                     tokens += mix.num_tokens
                 for line in (line for line in batch if len(line) > LONG_LINE):
                     ids = torch.tensor([EOS_ID] + self.tokenizer.encode_line(line))  # from the sentence start
-                    parts = [stream_nll(self.network, ids, 1, bptt, d) for d in self.directions]
+                    parts = [stream_nll(self.network, ids, 1, bptt, d, cuda_graph=self.config.train.cuda_graph)
+                             for d in self.directions]
                     nll.append(-log_mean_exp(-parts[0].nll, -parts[1].nll))
                     tokens += parts[0].tokens
         return StreamScore(nll=math.fsum(nll), tokens=tokens)

@@ -422,9 +422,10 @@ def evaluate_perplexity(
     lm = load_model(model_path, device)
     size = sum(f.stat().st_size for f in files if f.is_file())
     if batch_size == 1 and size > EXACT_STREAM_HINT_BYTES:
-        # bench/eval_throughput.py: batch 64 over batch 1, 2.4x (char) and 1.1x (word) on a 2-core AMD EPYC
+        # bench/eval_throughput.py: batch 64 over batch 1, 2.4x (char) and 1.1x (word) on a 2-core AMD EPYC; the
+        # char model on an H200 through the CLI (bench/gpu.sh section 1), 17x with evaluation's CUDA graph
         print(f"lmtool: hint: {size / 1e6:.0f} MB scored as one exact stream, one token at a time; --batch-size 64 is "
-              "up to 2.4x faster on a CPU (36x on a GPU) and changes the perplexity in about the fourth digit",
+              "up to 2.4x faster on a CPU (17x on a GPU) and changes the perplexity in about the fourth digit",
               file=sys.stderr)
     evaluation = lm.perplexity(files, batch_size=batch_size, bptt=bptt, direction=direction, precision=precision)
     if json_out:

@@ -120,7 +120,8 @@ class TrainConfig:
     )
     cuda_graph: bool = _opt(
         True, "on one CUDA GPU, replay each training step as one captured CUDA graph (full softmax; every "
-        "schedule but cosine); false: launch its kernels one by one"
+        "schedule but cosine), and each window of validation and evaluation (full softmax); false: launch their "
+        "kernels one by one"
     )
 
 

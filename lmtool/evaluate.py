@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -11,6 +12,7 @@ import torch
 from lmtool.chunked_nll import PackedSlices, slice_size
 from lmtool.data import batchify, oriented, windows
 from lmtool.errors import LmtoolError
+from lmtool.graphed_step import Capture, GraphedStep, capture_cuda_graph
 from lmtool.model import LanguageModel, State, detach_state
 from lmtool.tokenizer import EOS, EOS_ID, UNK_ID, Tokenizer
 
@@ -29,6 +31,31 @@ def evaluation_window(bptt: int, batch_size: int, device: torch.device) -> int:
     if device.type != "cpu":
         return bptt
     return max(bptt, -(-EVALUATION_POSITIONS // batch_size))
+
+
+# On a GPU, a stream of at least this many windows is scored by replaying one window as a CUDA graph. A window
+# of these small models is hundreds of short kernels (cuDNN runs a few per time step and layer) that the host
+# launches one by one. A capture costs three eager warm-up windows, a device synchronisation and a garbage
+# collection (not timed on their own), so short streams (a long line of a bidirectional model's mixture, say)
+# stay eager. The replays run the same kernels: the same numbers (bench/gpu_eval.py).
+GRAPH_MIN_WINDOWS = 16
+
+
+def window_capture(model: LanguageModel, windows_count: int, cuda_graph: bool) -> Capture | None:
+    """How `stream_nll` captures its windows: as a CUDA graph where asked for, on a GPU, with a full softmax (the
+    adaptive one picks rows by their targets, so its shapes change) and for GRAPH_MIN_WINDOWS windows or more;
+    None: every window eagerly."""
+    if not cuda_graph or model.device.type != "cuda" or model.config.softmax != "full":
+        return None
+    return capture_cuda_graph if windows_count >= GRAPH_MIN_WINDOWS else None
+
+
+def _capturable_autocast(device: torch.device) -> torch.autocast:
+    """The autocast now in force, without its cache of cast weights: a capture must cast the weights itself,
+    since cached casts made outside it would not be part of the graph's replays."""
+    kind = device.type
+    return torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), enabled=torch.is_autocast_enabled(kind),
+                          cache_enabled=False)
 
 
 def safe_exp(x: float) -> float:
@@ -78,11 +105,13 @@ def stream_nll(
     bptt: int,
     direction: str | None = None,
     rows: slice | None = None,
+    cuda_graph: bool = True,
 ) -> StreamScore:
     """Score a (N,) id stream as `batch_size` contiguous streams, carrying the state across windows; a
     backward direction reads the stream reversed.
 
-    `rows` scores only those streams (one rank's share in distributed training; the sums add up)."""
+    `rows` scores only those streams (one rank's share in distributed training; the sums add up). `cuda_graph`:
+    on a GPU, replay the windows as a CUDA graph where `window_capture` allows."""
     direction = model.direction_of(direction)
     streams = batchify(oriented(stream, direction), batch_size)  # (B, N // B), still on the host
     if streams.size(1) < 2:
@@ -98,16 +127,26 @@ def stream_nll(
     total = torch.zeros((), dtype=torch.float64, device=device)
     total_unknown = torch.zeros((), dtype=torch.float64, device=device)
     unknown = torch.zeros((), dtype=torch.int64, device=device)
-    packed = model.packed_output_layer(rows=streams.size(0) * min(bptt, streams.size(1) - 1),
-                                       batches=-(-(streams.size(1) - 1) // bptt))
+    windows_count = -(-(streams.size(1) - 1) // bptt)
+    packed = model.packed_output_layer(rows=streams.size(0) * min(bptt, streams.size(1) - 1), batches=windows_count)
+    capture = window_capture(model, windows_count, cuda_graph)
+
+    def score_window(x: torch.Tensor, y: torch.Tensor, state: State, step: object = None) -> State:
+        """Adds window (x, y)'s sums to the totals in place (so that it can be replayed as a graph); returns
+        the state to carry on."""
+        with _capturable_autocast(device) if capture is not None else nullcontext():
+            nll, state = model(x, state, targets=y, direction=direction, packed_output=packed)  # (B, T), as training
+        is_unknown = y == UNK_ID
+        total.add_(nll.sum(dtype=torch.float64))
+        total_unknown.add_((nll * is_unknown).sum(dtype=torch.float64))
+        unknown.add_(is_unknown.sum())
+        return detach_state(state)
+
+    graphed = GraphedStep(score_window, bptt, capture) if capture is not None else None
     for x, y in windows(streams, bptt):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        nll, state = model(x, state, targets=y, direction=direction, packed_output=packed)  # (B, T), as training
-        is_unknown = y == UNK_ID
-        total += nll.sum(dtype=torch.float64)
-        total_unknown += (nll * is_unknown).sum(dtype=torch.float64)
-        unknown += is_unknown.sum()
-        state = detach_state(state)
+        # the graph is captured once: evaluation has no learning rate to change
+        state = graphed(x, y, state, 0, lr=0.0) if graphed is not None else score_window(x, y, state)
     model.train(was_training)
     scored = streams.size(0) * (streams.size(1) - 1)
     return StreamScore(nll=float(total), tokens=scored, unknown=int(unknown), nll_unknown=float(total_unknown))

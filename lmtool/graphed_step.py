@@ -1,4 +1,4 @@
-"""The training step replayed as one CUDA graph.
+"""The training step replayed as one CUDA graph (and evaluation's windows: lmtool.evaluate.stream_nll).
 
 A small recurrent model's step launches hundreds of short kernels (cuDNN runs a few per time step and layer),
 and on a fast GPU the host launching them, not the GPU, sets the pace. Captured once as a CUDA graph, the

@@ -736,7 +736,8 @@ class _Trainer:
 
     def _score(self, model, stream: torch.Tensor, batch_size: int) -> dict[str, StreamScore]:
         """The stream's score in each direction of the model, by this process alone."""
-        return {d: stream_nll(model, stream, batch_size, self.config.data.bptt, d) for d in self.directions}
+        bptt, graphs = self.config.data.bptt, self.config.train.cuda_graph
+        return {d: stream_nll(model, stream, batch_size, bptt, d, cuda_graph=graphs) for d in self.directions}
 
     def _per_direction(self, scores: dict[str, StreamScore]) -> dict[str, Any]:
         """For a bidirectional model, each direction's loss and perplexity beside the combined ones."""
@@ -750,7 +751,8 @@ class _Trainer:
 
     def _score_shared(self, stream: torch.Tensor, batch_size: int, direction: str) -> StreamScore:
         """Each rank scores its share of the streams; summed in rank order, every rank gets the same score."""
-        part = stream_nll(self.model, stream, batch_size, self.config.data.bptt, direction, self.ctx.rows(batch_size))
+        part = stream_nll(self.model, stream, batch_size, self.config.data.bptt, direction, self.ctx.rows(batch_size),
+                          cuda_graph=self.config.train.cuda_graph)
         nll, tokens, unknown, nll_unknown = self.ctx.sum_in_rank_order(
             [part.nll, part.tokens, part.unknown, part.nll_unknown]
         )

@@ -117,7 +117,8 @@ def test_evaluate_perplexity_reports_each_direction_and_the_mixture(bidirectiona
     # by default a long line is one stream in the CPU's evaluation window, whatever the batch size
     seen = []
     monkeypatch.setattr(api, "LONG_LINE", 100)
-    monkeypatch.setattr(api, "stream_nll", lambda *args, real=api.stream_nll: seen.append(args[2:4]) or real(*args))
+    monkeypatch.setattr(api, "stream_nll",
+                        lambda *args, real=api.stream_nll, **kw: seen.append(args[2:4]) or real(*args, **kw))
     default = lm.perplexity(held_out, batch_size=4).mixture
     assert seen[-2:] == [(1, 512), (1, 512)]  # both directions of the long line
     assert default.nll == pytest.approx(windowed.nll, rel=1e-5)

@@ -491,7 +491,7 @@ def test_default_evaluation_window_changes_the_speed_not_the_numbers(char_run, t
     held.write_text(SHAKESPEARE.read_text(encoding="utf-8")[6000:9000], encoding="utf-8")
     windows = []
     original = lmtool.api.stream_nll
-    monkeypatch.setattr(lmtool.api, "stream_nll", lambda *args: windows.append(args[3]) or original(*args))
+    monkeypatch.setattr(lmtool.api, "stream_nll", lambda *args, **kw: windows.append(args[3]) or original(*args, **kw))
     default = lm.perplexity(held)
     model_window = lm.perplexity(held, bptt=lm.config.data.bptt)
     lm.perplexity(held, batch_size=64)

@@ -1,0 +1,111 @@
+"""Evaluation on a GPU with its windows replayed as a CUDA graph, against the same windows launched one kernel
+at a time (stream_nll's cuda_graph=False): speed, and whether the scores agree.
+
+Usage: python bench/gpu_eval.py [--rounds 3] [--only char,ptb-medium] [--device cuda]
+Models, with random weights (the speed does not depend on them): the char model of the training benchmarks (2x512
+LSTM, 66 symbols, windows of 128) and PTB-medium (2x650 LSTM, 10,000 words, windows of 35), scoring random ids
+as evaluate-perplexity does (ids on the host, one window at a time to the GPU). For each model, batch 1 and 64,
+fp32 and bf16 (autocast), both ways in turn for --rounds rounds (the order reversed every other round); one JSON
+line each: the median tokens/s of each way (a call's warm-up and capture included), the median of the rounds'
+ratios, the largest relative difference between the two ways' NLL sums, and the captures made and failed.
+`--device cpu` runs the same with a stand-in for the capture that runs each window again: a check of the script
+itself, not a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import alternating, machine_info, require_at_least, require_cuda  # noqa: E402
+
+import torch  # noqa: E402
+
+import lmtool.evaluate  # noqa: E402
+from lmtool.config import ModelConfig  # noqa: E402
+from lmtool.devices import inference_autocast  # noqa: E402
+from lmtool.evaluate import stream_nll  # noqa: E402
+from lmtool.graphed_step import capture_cuda_graph  # noqa: E402
+from lmtool.model import LanguageModel  # noqa: E402
+
+# name -> (model, window, tokens scored at batch 1, at batch 64): about a second per eager call on an H200
+MODELS = {
+    "char": (ModelConfig(embedding_size=128, hidden_size=512, dropout=0.0), 66, 128, 40_000, 2_000_000),
+    "ptb-medium": (ModelConfig(embedding_size=650, hidden_size=650, dropout=0.0, tie_weights=False), 10_000, 35,
+                   20_000, 1_000_000),
+}
+
+
+def timed(model: LanguageModel, stream: torch.Tensor, batch_size: int, bptt: int, graph: bool) -> tuple[float, float]:
+    """(seconds, NLL sum) of one stream_nll call, the device caught up at both ends."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    score = stream_nll(model, stream, batch_size, bptt, cuda_graph=graph)  # its float() waits for the device
+    return time.perf_counter() - start, score.nll
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default=",".join(MODELS))
+    parser.add_argument("--device", default="cuda", help="cpu: check the script with a stand-in capture")
+    args = parser.parse_args()
+    require_at_least(parser, args.rounds, 1, "--rounds", "each way is timed once per round")
+    require_cuda(args.device)
+    info = machine_info()
+    scale = 1.0
+    capture = capture_cuda_graph
+    if args.device == "cpu":  # a stand-in "graph" whose replays run the window again; few tokens
+        capture, scale = (lambda run: run), 0.01
+    outcomes = {"captures": 0, "capture_failures": []}
+
+    def counted(run):  # a failed capture would score eagerly, unseen: say so
+        try:
+            replay = capture(run)
+        except Exception as error:
+            outcomes["capture_failures"].append(f"{type(error).__name__}: {error}"[:300])
+            raise
+        outcomes["captures"] += 1
+        return replay
+
+    decides = lmtool.evaluate.window_capture
+    lmtool.evaluate.window_capture = lambda model, count, cuda_graph: (
+        counted if (args.device == "cpu" and cuda_graph) or decides(model, count, cuda_graph) else None)
+    for name in args.only.split(","):
+        config, vocab, bptt, *tokens = MODELS[name]
+        torch.manual_seed(0)
+        model = LanguageModel(config, vocab).to(args.device).eval()
+        for batch_size, count in zip((1, 64), tokens):
+            stream = torch.randint(0, vocab, (int(count * scale),))
+            for precision in ("fp32", "bf16"):
+                seconds: dict[str, list[float]] = {"graph": [], "eager": []}
+                nll: dict[str, list[float]] = {"graph": [], "eager": []}
+                with inference_autocast(precision, model.device):
+                    timed(model, stream[: batch_size * bptt * 20], batch_size, bptt, True)  # cuDNN and cuBLAS set up
+                    for way, graph in alternating({"graph": True, "eager": False}, args.rounds):
+                        took, total = timed(model, stream, batch_size, bptt, graph)
+                        seconds[way].append(took)
+                        nll[way].append(total)
+                scored = batch_size * (stream.numel() // batch_size - 1)
+                print(json.dumps({
+                    **info, "model": name, "batch_size": batch_size, "window": bptt, "precision": precision,
+                    "tokens": scored, "rounds": args.rounds,
+                    "graph_tokens_per_s": round(scored / statistics.median(seconds["graph"])),
+                    "eager_tokens_per_s": round(scored / statistics.median(seconds["eager"])),
+                    "graph_over_eager": round(statistics.median(
+                        e / g for g, e in zip(seconds["graph"], seconds["eager"])), 2),
+                    "largest_relative_nll_difference": max(
+                        abs(g - e) / abs(e) for g in nll["graph"] for e in nll["eager"]),
+                    **outcomes,
+                }), flush=True)
+                outcomes.update(captures=0, capture_failures=[])
+
+
+if __name__ == "__main__":
+    main()
