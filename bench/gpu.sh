@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One short GPU check for a session that is lent a GPU. On an H200 one call of all ten sections took 369 s
-# (2026-11-27, run 7; earlier 373 s in three runs: 8 7 3 6a: 117 s; 6a 6b 9 2 1: 148 s; 4 5: 108 s); on an H100,
-# sections 1-6 took 6 minutes. In order:
+# One short GPU check for a session that is lent a GPU. On an H200 one call of sections 1-9 took 369 s and
+# sections 10 and 1 took 102 s (2026-11-27, runs 7 and 8; earlier 373 s in three runs: 8 7 3 6a: 117 s; 6a 6b 9 2
+# 1: 148 s; 4 5: 108 s); on an H100, sections 1-6 took 6 minutes. In order:
 #   1. the CLI end to end on CUDA: train the char model for 300 steps, then sample, score and evaluate with it
 #      (one exact stream, then 64 streams in fp32 and in bf16);
 #   2. host syncs per training step, counted by PyTorch's sync detector (bench/gpu_syncs.py; target 0);

@@ -7,7 +7,8 @@ LSTM, 66 symbols, windows of 128) and PTB-medium (2x650 LSTM, 10,000 words, wind
 as evaluate-perplexity does (ids on the host, one window at a time to the GPU). For each model, batch 1 and 64,
 fp32 and bf16 (autocast), both ways in turn for --rounds rounds (the order reversed every other round); one JSON
 line each: the median tokens/s of each way (a call's warm-up and capture included), the median of the rounds'
-ratios, the largest relative difference between the two ways' NLL sums, and the captures made and failed.
+ratios, the largest relative difference between the two ways' NLL sums, and the captures made and failed (one
+per call that captured: the warm-up call's and each round's).
 `--device cpu` runs the same with a stand-in for the capture that runs each window again: a check of the script
 itself, not a timing.
 """
@@ -33,7 +34,7 @@ from lmtool.evaluate import stream_nll  # noqa: E402
 from lmtool.graphed_step import capture_cuda_graph  # noqa: E402
 from lmtool.model import LanguageModel  # noqa: E402
 
-# name -> (model, window, tokens scored at batch 1, at batch 64): about a second per eager call on an H200
+# name -> (model, vocabulary, window, tokens scored at batch 1, at batch 64): about a second per eager call on an H200
 MODELS = {
     "char": (ModelConfig(embedding_size=128, hidden_size=512, dropout=0.0), 66, 128, 40_000, 2_000_000),
     "ptb-medium": (ModelConfig(embedding_size=650, hidden_size=650, dropout=0.0, tie_weights=False), 10_000, 35,
@@ -57,6 +58,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu: check the script with a stand-in capture")
     args = parser.parse_args()
     require_at_least(parser, args.rounds, 1, "--rounds", "each way is timed once per round")
+    unknown = set(args.only.split(",")) - set(MODELS)
+    if unknown:
+        parser.error(f"--only takes {', '.join(MODELS)}; not {', '.join(sorted(unknown))}")
     require_cuda(args.device)
     info = machine_info()
     scale = 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
@@ -51,8 +52,9 @@ def window_capture(model: LanguageModel, windows_count: int, cuda_graph: bool) -
 
 
 def _capturable_autocast(device: torch.device) -> torch.autocast:
-    """The autocast now in force, without its cache of cast weights: a capture must cast the weights itself,
-    since cached casts made outside it would not be part of the graph's replays."""
+    """The autocast now in force, without its cache of cast weights, as PyTorch asks of captures: a cast cached
+    during a capture would live in the graph's private memory and outlast the graph in the cache. Each replay
+    casts the weights itself."""
     kind = device.type
     return torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), enabled=torch.is_autocast_enabled(kind),
                           cache_enabled=False)
@@ -133,7 +135,7 @@ def stream_nll(
 
     def score_window(x: torch.Tensor, y: torch.Tensor, state: State, step: object = None) -> State:
         """Adds window (x, y)'s sums to the totals in place (so that it can be replayed as a graph); returns
-        the state to carry on."""
+        the state to carry on. `step`, which GraphedStep passes, is not needed."""
         with _capturable_autocast(device) if capture is not None else nullcontext():
             nll, state = model(x, state, targets=y, direction=direction, packed_output=packed)  # (B, T), as training
         is_unknown = y == UNK_ID
@@ -145,8 +147,11 @@ def stream_nll(
     graphed = GraphedStep(score_window, bptt, capture) if capture is not None else None
     for x, y in windows(streams, bptt):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        # the graph is captured once: evaluation has no learning rate to change
+        # the graph is captured once: evaluation has no learning rate to change, nor a step number to read
         state = graphed(x, y, state, 0, lr=0.0) if graphed is not None else score_window(x, y, state)
+    if graphed is not None and graphed.failure is not None:
+        warnings.warn(f"evaluation's windows could not be captured as a CUDA graph ({graphed.failure}); they were "
+                      "scored one kernel at a time instead: the same numbers, more slowly")
     model.train(was_training)
     scored = streams.size(0) * (streams.size(1) - 1)
     return StreamScore(nll=float(total), tokens=scored, unknown=int(unknown), nll_unknown=float(total_unknown))

@@ -603,6 +603,12 @@ class _Trainer:
         """Whether optimiser steps run inside CUDA graphs (Adam must be built for that)."""
         return self.graphed is not None and self.device.type == "cuda" and self.graphed.failure is None
 
+    @property
+    def evaluation_graphs(self) -> bool:
+        """Whether validation and test scoring may replay their windows as CUDA graphs: as the training step,
+        only on one GPU (not checked with several processes)."""
+        return self.config.train.cuda_graph and not self.ctx.enabled
+
     def _report_graph_failure(self) -> None:
         """Once, if the step could not be captured as a CUDA graph (training goes on without one)."""
         if self.graphed.failure is not None and not self.graph_failure_reported:
@@ -736,7 +742,7 @@ class _Trainer:
 
     def _score(self, model, stream: torch.Tensor, batch_size: int) -> dict[str, StreamScore]:
         """The stream's score in each direction of the model, by this process alone."""
-        bptt, graphs = self.config.data.bptt, self.config.train.cuda_graph
+        bptt, graphs = self.config.data.bptt, self.evaluation_graphs
         return {d: stream_nll(model, stream, batch_size, bptt, d, cuda_graph=graphs) for d in self.directions}
 
     def _per_direction(self, scores: dict[str, StreamScore]) -> dict[str, Any]:
@@ -752,7 +758,7 @@ class _Trainer:
     def _score_shared(self, stream: torch.Tensor, batch_size: int, direction: str) -> StreamScore:
         """Each rank scores its share of the streams; summed in rank order, every rank gets the same score."""
         part = stream_nll(self.model, stream, batch_size, self.config.data.bptt, direction, self.ctx.rows(batch_size),
-                          cuda_graph=self.config.train.cuda_graph)
+                          cuda_graph=self.evaluation_graphs)
         nll, tokens, unknown, nll_unknown = self.ctx.sum_in_rank_order(
             [part.nll, part.tokens, part.unknown, part.nll_unknown]
         )
