@@ -9,6 +9,8 @@ fp32 and bf16 (autocast), both ways in turn for --rounds rounds (the order rever
 line each: the median tokens/s of each way (a call's warm-up and capture included), the median of the rounds'
 ratios, the largest relative difference between the two ways' NLL sums, and the captures made and failed (one
 per call that captured: the warm-up call's and each round's).
+`--windows 4,16` instead times one stream (batch 1) with the graph in windows of 4 and 16 times the model's, against
+its own window, in turn: whether a longer default window would pay on a GPU, as it does on a CPU.
 `--device cpu` runs the same with a stand-in for the capture that runs each window again: a check of the script
 itself, not a timing.
 """
@@ -56,6 +58,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default=",".join(MODELS))
     parser.add_argument("--device", default="cuda", help="cpu: check the script with a stand-in capture")
+    parser.add_argument("--windows", type=lambda text: [int(n) for n in text.split(",")], default=None,
+                        help="instead: time one stream with the graph in windows of these multiples of the model's")
     args = parser.parse_args()
     require_at_least(parser, args.rounds, 1, "--rounds", "each way is timed once per round")
     unknown = set(args.only.split(",")) - set(MODELS)
@@ -85,6 +89,9 @@ def main() -> None:
         config, vocab, bptt, *tokens = MODELS[name]
         torch.manual_seed(0)
         model = LanguageModel(config, vocab).to(args.device).eval()
+        if args.windows:
+            window_lengths(model, name, bptt, int(tokens[0] * scale), args.windows, args.rounds, info)
+            continue
         for batch_size, count in zip((1, 64), tokens):
             stream = torch.randint(0, vocab, (int(count * scale),))
             for precision in ("fp32", "bf16"):
@@ -109,6 +116,30 @@ def main() -> None:
                     **outcomes,
                 }), flush=True)
                 outcomes.update(captures=0, capture_failures=[])
+
+
+def window_lengths(model: LanguageModel, name: str, bptt: int, tokens: int, multiples: list[int], rounds: int,
+                   info: dict) -> None:
+    """One stream (batch 1) with the graph, in windows of `multiples` of the model's `bptt`, timed in turn; one
+    JSON line: tokens/s per window, each over the model's window (median of the rounds' ratios), and the NLL's
+    largest relative change from the model's window (float rounding: the state is carried across windows)."""
+    stream = torch.randint(0, model.vocab_size, (tokens,))
+    windows = {bptt * m: bptt * m for m in sorted({1, *multiples})}
+    timed(model, stream[: bptt * 20], 1, bptt, True)  # cuDNN and cuBLAS set up
+    seconds: dict[int, list[float]] = {w: [] for w in windows}
+    nll: dict[int, float] = {}
+    for window, _ in alternating(windows, rounds):
+        took, nll[window] = timed(model, stream, 1, window, True)
+        seconds[window].append(took)
+    scored = tokens - 1
+    print(json.dumps({
+        **info, "model": name, "batch_size": 1, "precision": "fp32", "tokens": scored, "rounds": rounds,
+        "model_window": bptt,
+        "tokens_per_s": {w: round(scored / statistics.median(times)) for w, times in seconds.items()},
+        "over_model_window": {w: round(statistics.median(b / t for b, t in zip(seconds[bptt], times)), 2)
+                              for w, times in seconds.items()},
+        "largest_relative_nll_change": max(abs(v - nll[bptt]) / abs(nll[bptt]) for v in nll.values()),
+    }), flush=True)
 
 
 if __name__ == "__main__":
