@@ -14,7 +14,8 @@
 #   7. lmtool's training with and without its step captured as a CUDA graph: speed and losses (bench/cuda_graph.py);
 #   8. whether replays stay exact with other GPU work between them (bench/gpu_replay_check.py);
 #   9. batched generation of the char model, 1 to 1,024 streams, fp32 and bf16 (bench/sampling.py --device cuda);
-#  10. evaluation with its windows replayed as a CUDA graph against eager windows (bench/gpu_eval.py).
+#  10. evaluation with its windows replayed as a CUDA graph against eager windows (bench/gpu_eval.py);
+#  11. generation with its token step replayed as a CUDA graph against eager steps (bench/gpu_sampling.py).
 # A section that fails says so and the next one still runs, so one run of this script reports everything it can.
 # Usage: bash bench/gpu.sh [DATA_DIR [SECTION ...]]   (DATA_DIR defaults to ../shared/data; SECTIONs, e.g. 8 7 3 6a,
 # run only those, in the order given; set PYTHON to pick the interpreter)
@@ -64,9 +65,10 @@ run_section() {  # run_section NUMBER: one section of the list above
         8) section "8. replays with other GPU work between them" $py bench/gpu_replay_check.py ;;
         9) section "9. batched generation" $py bench/sampling.py --device cuda --streams 1,8,64,256,1024 ;;
         10) section "10. evaluation with and without a CUDA graph" $py bench/gpu_eval.py ;;
-        *) echo "!! no section $1 (sections: 1 2 3 4 5 6a 6b 7 8 9 10)" ;;
+        11) section "11. generation with and without a CUDA graph" $py bench/gpu_sampling.py ;;
+        *) echo "!! no section $1 (sections: 1 2 3 4 5 6a 6b 7 8 9 10 11)" ;;
     esac
 }
 
-if [ ${#chosen[@]} -eq 0 ]; then chosen=(1 2 3 4 5 6a 6b 7 8 9 10); fi
+if [ ${#chosen[@]} -eq 0 ]; then chosen=(1 2 3 4 5 6a 6b 7 8 9 10 11); fi
 for number in "${chosen[@]}"; do run_section "$number"; done

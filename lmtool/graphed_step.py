@@ -10,7 +10,7 @@ warm-up, re-capture and fallback run on a CPU in tests, with a stand-in for the 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -28,9 +28,12 @@ StepBody = Callable[[torch.Tensor, torch.Tensor, State, "int | torch.Tensor"], S
 Capture = Callable[[Callable[[], None]], Callable[[], None]]
 
 
-def capture_cuda_graph(run: Callable[[], None]) -> Callable[[], None]:
-    """`run` captured as a CUDA graph on the current device; returns its replay."""
+def capture_cuda_graph(run: Callable[[], None], generators: Sequence[torch.Generator] = ()) -> Callable[[], None]:
+    """`run` captured as a CUDA graph on the current device; returns its replay. `generators`: the CUDA random
+    generators other than the default that `run` draws from (each replay then draws new numbers from them)."""
     graph = torch.cuda.CUDAGraph()
+    for generator in generators:
+        graph.register_generator_state(generator)
     stream = torch.cuda.current_stream()
     try:
         with torch.cuda.graph(graph):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,6 +15,7 @@ from torch import nn
 from lmtool.config import check_new_seed
 from lmtool.devices import inference_dtype
 from lmtool.errors import LmtoolError, non_finite_scores
+from lmtool.graphed_step import Capture, GraphedStep, capture_cuda_graph
 from lmtool.model import GATE_MAJOR_MIN_STREAMS, LanguageModel, map_state
 from lmtool.tokenizer import EOS_ID, UNK_ID, Tokenizer
 
@@ -24,6 +27,12 @@ from lmtool.tokenizer import EOS_ID, UNK_ID, Tokenizer
 # (1.2 against 1.7 ms) and the char model about even (`python bench/sampling.py`, which times both; README,
 # Generation speed).
 STEPPED_PROMPT_TOKENS = 8
+
+# On a GPU, generate(cuda_graph=True) draws samples of at least this many tokens by replaying one token's step
+# (the draw and the recurrent step) as a CUDA graph: a step is dozens of short kernels that the host launches one
+# by one. A capture costs three eager warm-up tokens, a device synchronisation and a garbage collection. Prepared
+# and tested on a CPU with a stand-in graph only: no GPU was lent to check it (bench/gpu_sampling.py does).
+GRAPH_MIN_TOKENS = 16
 
 # Samples generated together, at most: one batch, so far more would only run out of memory (and beyond 2^63 torch's
 # shapes overflow).
@@ -110,11 +119,15 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-def pick_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
-    """The next token of every stream: (B, V) scores -> (B,) ids."""
+def pick_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None,
+              non_finite: torch.Tensor | None = None) -> torch.Tensor:
+    """The next token of every stream: (B, V) scores -> (B,) ids. Non-finite scores raise at once, or, with a
+    `non_finite` flag (a bool tensor), set it on the device without a host synchronisation."""
     # A temperature below the smallest float32 would round to 0 in the division: it is greedy anyway.
     if options.temperature < torch.finfo(torch.float32).tiny:
-        if bool(torch.isnan(logits).any()):
+        if non_finite is not None:
+            non_finite.logical_or_(torch.isnan(logits).any())
+        elif bool(torch.isnan(logits).any()):
             raise non_finite_scores()
         return logits.argmax(dim=-1)
     if options.temperature != 1:
@@ -128,7 +141,7 @@ def pick_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.G
     # about 1 ms over a 33k-word vocabulary on a CPU, this about 0.06 ms. Zero-probability tokens have no
     # width in the CDF, so they can never be picked.
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (B, V)
-    picked = _draw(probs, generator)  # (B, 1)
+    picked = _draw(probs, generator, non_finite)  # (B, 1)
     # A parallel (GPU) cumsum can give a filtered token, or one whose probability underflowed to 0 at a low
     # temperature, a sliver of width: never return one.
     if filtered or options.temperature != 1:
@@ -137,11 +150,15 @@ def pick_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.G
     return picked.squeeze(-1)
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One index per row of (B, V) probabilities, by inverse CDF: (B, 1)."""
+def _draw(probs: torch.Tensor, generator: torch.Generator | None, non_finite: torch.Tensor | None = None
+          ) -> torch.Tensor:
+    """One index per row of (B, V) probabilities, by inverse CDF: (B, 1). Non-finite ones raise, or set
+    `non_finite` (see pick_next)."""
     cdf = probs.cumsum(dim=-1)
     totals = cdf[:, -1:]  # (B, 1): a NaN anywhere in a row reaches its total, so one cheap check covers it
-    if not (math.isfinite(totals.item()) if totals.numel() == 1 else bool(torch.isfinite(totals).all())):
+    if non_finite is not None:
+        non_finite.logical_or_(~torch.isfinite(totals).all())
+    elif not (math.isfinite(totals.item()) if totals.numel() == 1 else bool(torch.isfinite(totals).all())):
         raise non_finite_scores()
     u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device) * totals
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)  # (B, 1)
@@ -171,6 +188,18 @@ def draw_adaptive(head: nn.AdaptiveLogSoftmaxWithLoss, hidden: torch.Tensor, gen
     return token
 
 
+def token_capture(model: LanguageModel, options: SamplingOptions, two_level: bool, cuda_graph: bool,
+                  generator: torch.Generator | None) -> Capture | None:
+    """How `generate` captures its token step: as a CUDA graph where asked for, on a GPU, for GRAPH_MIN_TOKENS
+    tokens or more and unless an adaptive softmax draws in two levels (which cluster it reads depends on the
+    draw); None: every token eagerly."""
+    if not cuda_graph or model.device.type != "cuda" or two_level or options.length < GRAPH_MIN_TOKENS:
+        return None
+    if generator is None:  # the default generator: a capture draws from it by itself
+        return capture_cuda_graph
+    return functools.partial(capture_cuda_graph, generators=(generator,))
+
+
 @torch.no_grad()
 def generate(
     model: LanguageModel,
@@ -178,9 +207,12 @@ def generate(
     options: SamplingOptions,
     on_token: Callable[[torch.Tensor], None] | None = None,
     direction: str | None = None,
+    cuda_graph: bool = False,
 ) -> list[list[int]]:
     """Generate `options.length` tokens per sample after <EOS> + prime; `on_token` sees each (B,) step.
-    In the backward direction the prime is an ending, reversed, and so are the tokens returned."""
+    In the backward direction the prime is an ending, reversed, and so are the tokens returned. `cuda_graph`: on
+    a GPU, replay each token's step as a CUDA graph where `token_capture` allows. Off by default, and not used by
+    `Model.sample`, until a GPU run of bench/gpu_sampling.py shows the replays draw the tokens eager steps do."""
     direction = model.direction_of(direction)
     model.eval()
     device = model.device
@@ -208,6 +240,10 @@ def generate(
     two_level = (model.config.softmax == "adaptive" and options.temperature == 1
                  and options.top_k is None and options.top_p is None)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    capture = token_capture(model, options, two_level, cuda_graph, generator)
+    if capture is not None:
+        out = _graphed_tokens(model, weights, options, generator, (last, done, tuple(layers)), capture, on_token)
+        return _trimmed(out, batch, options)
     out: list[torch.Tensor] = []
     for _ in range(options.length):
         if two_level:
@@ -224,10 +260,61 @@ def generate(
             if bool(done.all()):
                 break
         last, layers = model.step_layers(token, layers, weights)  # (B, H): constant work per token
+    return _trimmed(out, batch, options)
+
+
+def _trimmed(out: list[torch.Tensor], batch: int, options: SamplingOptions) -> list[list[int]]:
+    """The generated (B,) steps as one list of ids per sample, each cut after its first <EOS> if asked."""
     ids = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(batch)]
     if options.stop_at_eos:  # cut each sample after its first <EOS>
         ids = [row[: row.index(EOS_ID) + 1] if EOS_ID in row else row for row in ids]
     return ids
+
+
+# How often a graphed generation without on_token looks whether every sample has ended (a host synchronisation);
+# the steps after the last <EOS> produce only <EOS>, which _trimmed cuts off.
+ENDED_CHECK_TOKENS = 16
+
+
+def _graphed_tokens(model: LanguageModel, weights, options: SamplingOptions, generator: torch.Generator | None,
+                    state: tuple, capture: Capture, on_token: Callable[[torch.Tensor], None] | None
+                    ) -> list[torch.Tensor]:
+    """`generate`'s loop with each token's step (draw, <EOS> bookkeeping, recurrent step) run on fixed buffers
+    by GraphedStep, which replays it as one captured graph after three eager warm-up tokens. `state` is (the top
+    layer's output, the ended samples, the layers' states). The draw records non-finite scores on the device;
+    they raise at the end, or when on_token or an end check synchronises anyway."""
+    token_out = torch.empty(options.num_samples, dtype=torch.long, device=model.device)
+    non_finite = torch.zeros((), dtype=torch.bool, device=model.device)
+
+    def token_step(x: torch.Tensor, y: torch.Tensor, state: tuple, step: object) -> tuple:
+        last, done, layers = state
+        token = pick_next(model.step_scores(last, weights), options, generator, non_finite)  # (B,)
+        if options.stop_at_eos:
+            token = token.masked_fill(done, EOS_ID)
+            done = done | (token == EOS_ID)
+        token_out.copy_(token)
+        last, layers = model.step_layers(token, list(layers), weights)
+        return last, done, tuple(layers)
+
+    graphed = GraphedStep(token_step, 1, capture)
+    no_window = torch.zeros((1, 1), device=model.device)  # GraphedStep's input buffers: this step reads none
+    out: list[torch.Tensor] = []
+    for n in range(1, options.length + 1):
+        state = graphed(no_window, no_window, state, 0, lr=0.0)  # one capture: no learning rate changes
+        token = token_out.clone()
+        out.append(token)
+        if on_token is not None:
+            if bool(non_finite):
+                raise non_finite_scores()
+            on_token(token)
+        if options.stop_at_eos and (on_token is not None or n % ENDED_CHECK_TOKENS == 0) and bool(state[1].all()):
+            break
+    if graphed.failure is not None:
+        warnings.warn(f"generation's token step could not be captured as a CUDA graph ({graphed.failure}); the "
+                      "tokens were drawn one kernel at a time instead, as they would have been")
+    if bool(non_finite):
+        raise non_finite_scores()
+    return out
 
 
 def encode_prime(tokenizer: Tokenizer, prime: str) -> tuple[list[int], int]:
