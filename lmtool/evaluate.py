@@ -13,7 +13,7 @@ import torch
 from lmtool.chunked_nll import PackedSlices, slice_size
 from lmtool.data import batchify, oriented, windows
 from lmtool.errors import LmtoolError
-from lmtool.graphed_step import Capture, GraphedStep, capture_cuda_graph
+from lmtool.graphed_step import Capture, GraphedStep, capture_cuda_graph, on_current_gpu
 from lmtool.model import LanguageModel, State, detach_state
 from lmtool.tokenizer import EOS, EOS_ID, UNK_ID, Tokenizer
 
@@ -44,10 +44,10 @@ GRAPH_MIN_WINDOWS = 16
 
 
 def window_capture(model: LanguageModel, windows_count: int, cuda_graph: bool) -> Capture | None:
-    """How `stream_nll` captures its windows: as a CUDA graph where asked for, on a GPU, with a full softmax (the
-    adaptive one picks rows by their targets, so its shapes change) and for GRAPH_MIN_WINDOWS windows or more;
-    None: every window eagerly."""
-    if not cuda_graph or model.device.type != "cuda" or model.config.softmax != "full":
+    """How `stream_nll` captures its windows: as a CUDA graph where asked for, on the current GPU, with a full
+    softmax (the adaptive one picks rows by their targets, so its shapes change) and for GRAPH_MIN_WINDOWS windows
+    or more; None: every window eagerly."""
+    if not cuda_graph or not on_current_gpu(model.device) or model.config.softmax != "full":
         return None
     return capture_cuda_graph if windows_count >= GRAPH_MIN_WINDOWS else None
 

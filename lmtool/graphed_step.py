@@ -28,6 +28,12 @@ StepBody = Callable[[torch.Tensor, torch.Tensor, State, "int | torch.Tensor"], S
 Capture = Callable[[Callable[[], None]], Callable[[], None]]
 
 
+def on_current_gpu(device: torch.device) -> bool:
+    """Whether `device` is the CUDA GPU that captures record on (the current one): a graph captured there would
+    not record the kernels of a model on another GPU, which would run once, at the capture, and never again."""
+    return device.type == "cuda" and (device.index is None or device.index == torch.cuda.current_device())
+
+
 def capture_cuda_graph(run: Callable[[], None], generators: Sequence[torch.Generator] = ()) -> Callable[[], None]:
     """`run` captured as a CUDA graph on the current device; returns its replay. `generators`: the CUDA random
     generators other than the default that `run` draws from (each replay then draws new numbers from them)."""

@@ -15,7 +15,7 @@ from torch import nn
 from lmtool.config import check_new_seed
 from lmtool.devices import inference_dtype
 from lmtool.errors import LmtoolError, non_finite_scores
-from lmtool.graphed_step import Capture, GraphedStep, capture_cuda_graph
+from lmtool.graphed_step import Capture, GraphedStep, capture_cuda_graph, on_current_gpu
 from lmtool.model import GATE_MAJOR_MIN_STREAMS, LanguageModel, map_state
 from lmtool.tokenizer import EOS_ID, UNK_ID, Tokenizer
 
@@ -190,10 +190,10 @@ def draw_adaptive(head: nn.AdaptiveLogSoftmaxWithLoss, hidden: torch.Tensor, gen
 
 def token_capture(model: LanguageModel, options: SamplingOptions, two_level: bool, cuda_graph: bool,
                   generator: torch.Generator | None) -> Capture | None:
-    """How `generate` captures its token step: as a CUDA graph where asked for, on a GPU, for GRAPH_MIN_TOKENS
-    tokens or more and unless an adaptive softmax draws in two levels (which cluster it reads depends on the
-    draw); None: every token eagerly."""
-    if not cuda_graph or model.device.type != "cuda" or two_level or options.length < GRAPH_MIN_TOKENS:
+    """How `generate` captures its token step: as a CUDA graph where asked for, on the current GPU, for
+    GRAPH_MIN_TOKENS tokens or more and unless an adaptive softmax draws in two levels (which cluster it reads
+    depends on the draw); None: every token eagerly."""
+    if not cuda_graph or not on_current_gpu(model.device) or two_level or options.length < GRAPH_MIN_TOKENS:
         return None
     if generator is None:  # the default generator: a capture draws from it by itself
         return capture_cuda_graph
@@ -282,7 +282,7 @@ def _graphed_tokens(model: LanguageModel, weights, options: SamplingOptions, gen
     """`generate`'s loop with each token's step (draw, <EOS> bookkeeping, recurrent step) run on fixed buffers
     by GraphedStep, which replays it as one captured graph after three eager warm-up tokens. `state` is (the top
     layer's output, the ended samples, the layers' states). The draw records non-finite scores on the device;
-    they raise at the end, or when on_token or an end check synchronises anyway."""
+    they raise before on_token sees their step, or at the end."""
     token_out = torch.empty(options.num_samples, dtype=torch.long, device=model.device)
     non_finite = torch.zeros((), dtype=torch.bool, device=model.device)
 
@@ -310,8 +310,8 @@ def _graphed_tokens(model: LanguageModel, weights, options: SamplingOptions, gen
         if options.stop_at_eos and (on_token is not None or n % ENDED_CHECK_TOKENS == 0) and bool(state[1].all()):
             break
     if graphed.failure is not None:
-        warnings.warn(f"generation's token step could not be captured as a CUDA graph ({graphed.failure}); the "
-                      "tokens were drawn one kernel at a time instead, as they would have been")
+        warnings.warn(f"generation's token step could not be captured as a CUDA graph ({graphed.failure}); "
+                      "generation went on with eager steps, which draw the same tokens", stacklevel=3)
     if bool(non_finite):
         raise non_finite_scores()
     return out

@@ -20,7 +20,7 @@ from lmtool.tokenizer import UNK_ID
 from lmtool.train import train
 
 from conftest import CONFIGS
-from test_graphed_step import StandInGraph
+from test_graphed_step import StandInGraph, SyncCheckingGraph
 
 VOCAB, BPTT = 17, 5
 
@@ -73,6 +73,15 @@ def test_windows_replayed_as_a_graph_score_exactly_like_eager_ones(monkeypatch, 
     assert replayed == eager  # the sums, the token and <UNK> counts, bitwise
 
 
+@pytest.mark.parametrize("cell, direction, read, precision", [
+    ("lstm", "forward", "forward", "fp32"), ("gru", "bidirectional", "backward", "bf16")])
+def test_the_captured_window_never_waits_for_the_device(monkeypatch, cell, direction, read, precision):
+    _capture_with(monkeypatch, SyncCheckingGraph())  # each replay fails on a host synchronisation
+    model = _model(cell, direction)
+    with inference_autocast(precision, model.device):
+        assert stream_nll(model, _stream(2, GRAPH_MIN_WINDOWS), 2, BPTT, read).tokens > 0
+
+
 def test_a_failed_capture_scores_every_window_eagerly_with_the_same_result_and_says_so(monkeypatch):
     model, stream = _model("lstm", "forward"), _stream(2, GRAPH_MIN_WINDOWS)
     eager = stream_nll(model, stream, 2, BPTT)
@@ -88,7 +97,9 @@ def test_a_failed_capture_scores_every_window_eagerly_with_the_same_result_and_s
         "slowly"]
 
 
-def test_which_streams_are_scored_through_a_graph():
+def test_which_streams_are_scored_through_a_graph(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
     def model(device: str, softmax: str = "full"):  # window_capture reads only these two
         return SimpleNamespace(device=torch.device(device), config=SimpleNamespace(softmax=softmax))
 
@@ -97,6 +108,8 @@ def test_which_streams_are_scored_through_a_graph():
     assert window_capture(model("cuda"), 1000, cuda_graph=False) is None
     assert window_capture(model("cuda", "adaptive"), 1000, cuda_graph=True) is None
     assert window_capture(model("cpu"), 1000, cuda_graph=True) is None
+    assert window_capture(model("cuda:0"), 1000, cuda_graph=True) is capture_cuda_graph
+    assert window_capture(model("cuda:1"), 1000, cuda_graph=True) is None  # captures record on the current GPU
 
 
 @pytest.mark.parametrize("setting, expected", [([], True), (["train.cuda_graph=false"], False)])

@@ -21,7 +21,7 @@ from lmtool.sample import GRAPH_MIN_TOKENS, SamplingOptions, generate, token_cap
 from lmtool.train import train
 
 from conftest import CONFIGS
-from test_graphed_step import StandInGraph
+from test_graphed_step import StandInGraph, SyncCheckingGraph
 
 PRIME = [3, 4]
 
@@ -62,6 +62,16 @@ def test_tokens_drawn_through_a_graph_equal_eager_ones(monkeypatch, cell, settin
     assert len(graphed_steps) == 40 and all(torch.equal(a, b) for a, b in zip(graphed_steps, eager_steps))
 
 
+@pytest.mark.parametrize("cell, settings", [
+    ("lstm", dict(seed=3, num_samples=2, temperature=0.8, top_k=4, top_p=0.9, stop_at_eos=True)),
+    ("gru", dict(temperature=0, stop_at_eos=True)),
+    ("rnn_tanh", dict(num_samples=3, precision="bf16")),
+])
+def test_the_captured_token_step_never_waits_for_the_device(monkeypatch, cell, settings):
+    _capture_with(monkeypatch, SyncCheckingGraph())  # each replay fails on a host synchronisation
+    assert len(generate(_model(cell), PRIME, SamplingOptions(length=30, **settings), cuda_graph=True)) >= 1
+
+
 def test_samples_that_end_are_cut_at_their_end_as_eagerly(monkeypatch):
     # Without on_token the graphed loop looks for the end only every few tokens: the extra steps draw nothing
     # but <EOS>, which is cut off.
@@ -73,6 +83,12 @@ def test_samples_that_end_are_cut_at_their_end_as_eagerly(monkeypatch):
     assert graphed == eager
     assert max(map(len, eager)) < 200  # every sample ended early, so the loop did stop
     assert graph.replays + WARMUP_STEPS < 200
+    # with on_token the end is looked for after every step: the callback sees exactly the eager steps
+    eager_steps, graphed_steps = [], []
+    generate(model, PRIME, options, eager_steps.append)
+    generate(model, PRIME, options, graphed_steps.append, cuda_graph=True)
+    assert len(graphed_steps) == len(eager_steps) < 200
+    assert all(torch.equal(a, b) for a, b in zip(graphed_steps, eager_steps))
 
 
 def test_non_finite_scores_raise_as_eagerly_and_reach_no_callback(monkeypatch):
@@ -99,12 +115,13 @@ def test_a_failed_capture_draws_the_same_tokens_eagerly_and_says_so(monkeypatch)
     assert graph.captures == 0 and graph.replays == 0
     assert [str(w.message) for w in warned] == [
         "generation's token step could not be captured as a CUDA graph (RuntimeError: operation not permitted when "
-        "stream is capturing [stand-in]); the tokens were drawn one kernel at a time instead, as they would have "
-        "been"]
+        "stream is capturing [stand-in]); generation went on with eager steps, which draw the same tokens"]
 
 
-def test_which_generations_are_drawn_through_a_graph():
+def test_which_generations_are_drawn_through_a_graph(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     cuda, cpu = (SimpleNamespace(device=torch.device(kind)) for kind in ("cuda", "cpu"))  # all token_capture reads
+    first, second = (SimpleNamespace(device=torch.device("cuda", n)) for n in (0, 1))
     long, short = SamplingOptions(length=GRAPH_MIN_TOKENS), SamplingOptions(length=GRAPH_MIN_TOKENS - 1)
     assert token_capture(cuda, long, False, True, None) is capture_cuda_graph  # the default generator
     seeded = torch.Generator()
@@ -115,6 +132,8 @@ def test_which_generations_are_drawn_through_a_graph():
     assert token_capture(cuda, long, True, True, None) is None  # two-level adaptive draws
     assert token_capture(cuda, long, False, False, None) is None
     assert token_capture(cpu, long, False, True, None) is None
+    assert token_capture(first, long, False, True, None) is capture_cuda_graph
+    assert token_capture(second, long, False, True, None) is None  # captures record on the current GPU only
 
 
 def test_sampling_through_the_library_stays_eager_until_the_graph_is_checked_on_a_gpu(small_corpus, tmp_path,

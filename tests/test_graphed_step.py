@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lmtool.train
 from lmtool.run_paths import LAST_MODEL
@@ -42,6 +43,37 @@ class StandInGraph:
             run()
 
         return replay
+
+
+class NoHostSyncs(TorchDispatchMode):
+    """Fails any operation that copies a tensor's value to the host (item(), bool(), tolist(), nonzero): inside a
+    real capture such a synchronisation breaks the capture."""
+
+    SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            raise AssertionError(f"a host synchronisation in the captured step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+class SyncCheckingGraph(StandInGraph):
+    """The stand-in graph whose replays run under NoHostSyncs: what a capture would record must not synchronise."""
+
+    def __call__(self, run):
+        replay = super().__call__(run)
+
+        def checked():
+            with NoHostSyncs():
+                replay()
+
+        return checked
+
+
+def test_the_host_sync_check_catches_a_sync():  # the check the sync-free tests rely on can fail
+    with pytest.raises(AssertionError, match="host synchronisation"):
+        SyncCheckingGraph()(lambda: torch.ones(2).sum().item())()
+    SyncCheckingGraph()(lambda: torch.ones(2).sum().add_(1))()
 
 
 @pytest.fixture(params=["stand-in graph", "uncaptured"])
