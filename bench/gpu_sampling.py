@@ -9,7 +9,7 @@ seeded alike; one JSON line each: the median tokens/s of each way (a call's warm
 median of the rounds' ratios, whether the two ways drew the same tokens in every round, and the captures made and
 failed (one per graphed call: the warm-up call's and each round's). Then, once each way at 8 streams, whether
 the tokens agree under other settings (greedy, top-k and top-p at a temperature, stop at <EOS>, unseeded from the
-same torch.manual_seed, an adaptive softmax at a temperature), and whether a capture that fails (it
+same torch.manual_seed, bf16, an adaptive softmax at a temperature), and whether a capture that fails (it
 synchronises) falls back to eager steps that draw the same tokens, with the warning.
 `--device cpu` runs the same with a stand-in for the capture that runs each step again: a check of the script
 itself, not a timing. Written on 2026-11-27 when no GPU could be lent any more: not yet run on one. Model.sample

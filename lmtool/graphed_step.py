@@ -29,8 +29,8 @@ Capture = Callable[[Callable[[], None]], Callable[[], None]]
 
 
 def on_current_gpu(device: torch.device) -> bool:
-    """Whether `device` is the CUDA GPU that captures record on (the current one): a graph captured there would
-    not record the kernels of a model on another GPU, which would run once, at the capture, and never again."""
+    """Whether `device` is the CUDA GPU that captures record on (the current one): a capture there would not
+    record the kernels of a model on another GPU (reasoned from how captures work; not observed on a GPU)."""
     return device.type == "cuda" and (device.index is None or device.index == torch.cuda.current_device())
 
 
