@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import alternating, machine_info, require_at_least, require_cuda  # noqa: E402
+from machine import (  # noqa: E402
+    CaptureCounter, alternating, graph_and_eager, machine_info, require_at_least, require_cuda)
 
 import torch  # noqa: E402
 
@@ -71,17 +72,8 @@ def main() -> None:
     capture = capture_cuda_graph
     if args.device == "cpu":  # a stand-in "graph" whose replays run the window again; few tokens
         capture, scale = (lambda run: run), 0.01
-    outcomes = {"captures": 0, "capture_failures": []}
-
-    def counted(run):  # a failed capture would score eagerly, unseen: say so
-        try:
-            replay = capture(run)
-        except Exception as error:
-            outcomes["capture_failures"].append(f"{type(error).__name__}: {error}"[:300])
-            raise
-        outcomes["captures"] += 1
-        return replay
-
+    counter = CaptureCounter()
+    counted = counter.counting(capture)
     decides = lmtool.evaluate.window_capture
     lmtool.evaluate.window_capture = lambda model, count, cuda_graph: (
         counted if (args.device == "cpu" and cuda_graph) or decides(model, count, cuda_graph) else None)
@@ -106,16 +98,11 @@ def main() -> None:
                 scored = batch_size * (stream.numel() // batch_size - 1)
                 print(json.dumps({
                     **info, "model": name, "batch_size": batch_size, "window": bptt, "precision": precision,
-                    "tokens": scored, "rounds": args.rounds,
-                    "graph_tokens_per_s": round(scored / statistics.median(seconds["graph"])),
-                    "eager_tokens_per_s": round(scored / statistics.median(seconds["eager"])),
-                    "graph_over_eager": round(statistics.median(
-                        e / g for g, e in zip(seconds["graph"], seconds["eager"])), 2),
+                    "tokens": scored, "rounds": args.rounds, **graph_and_eager(scored, seconds),
                     "largest_relative_nll_difference": max(
                         abs(g - e) / abs(e) for g in nll["graph"] for e in nll["eager"]),
-                    **outcomes,
+                    **counter.taken(),
                 }), flush=True)
-                outcomes.update(captures=0, capture_failures=[])
 
 
 def window_lengths(model: LanguageModel, name: str, bptt: int, tokens: int, multiples: list[int], rounds: int,

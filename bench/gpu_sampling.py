@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import alternating, machine_info, require_at_least, require_cuda  # noqa: E402
+from machine import (  # noqa: E402
+    CaptureCounter, alternating, graph_and_eager, machine_info, require_at_least, require_cuda)
 
 import torch  # noqa: E402
 
@@ -119,27 +119,14 @@ def main() -> None:
         parser.error(f"--only takes {', '.join(MODELS)}; not {', '.join(sorted(unknown))}")
     require_cuda(args.device)
     info = machine_info()
-    outcomes = {"captures": 0, "capture_failures": []}
+    counter = CaptureCounter()
     decides = lmtool.sample.token_capture
 
-    def counting(model, options, two_level, cuda_graph, generator):  # a failed capture would run eagerly, unseen
+    def counting(model, options, two_level, cuda_graph, generator):
         capture = decides(model, options, two_level, cuda_graph, generator)
         if args.device == "cpu" and cuda_graph and not two_level and options.length >= GRAPH_MIN_TOKENS:
             capture = lambda run: run  # noqa: E731 - the stand-in: each "replay" runs the step again
-        if capture is None:
-            return None
-
-        def counted(run):
-            try:
-                replay = capture(run)
-            except Exception as error:
-                cause = error.__context__ or error  # a failed capture_end hides the error that invalidated it
-                outcomes["capture_failures"].append(f"{type(cause).__name__}: {cause}"[:300])
-                raise
-            outcomes["captures"] += 1
-            return replay
-
-        return counted
+        return None if capture is None else counter.counting(capture)
 
     lmtool.sample.token_capture = counting
     models = {}
@@ -161,17 +148,12 @@ def main() -> None:
                 tokens = streams * args.tokens
                 print(json.dumps({
                     **info, "model": name, "vocab": vocab, "streams": streams, "precision": precision,
-                    "tokens": tokens, "rounds": args.rounds,
-                    "graph_tokens_per_s": round(tokens / statistics.median(seconds["graph"])),
-                    "eager_tokens_per_s": round(tokens / statistics.median(seconds["eager"])),
-                    "graph_over_eager": round(statistics.median(
-                        e / g for g, e in zip(seconds["graph"], seconds["eager"])), 2),
+                    "tokens": tokens, "rounds": args.rounds, **graph_and_eager(tokens, seconds),
                     "same_tokens": all(ids == drawn["eager"][0] for ids in drawn["graph"] + drawn["eager"]),
                     "streams_with_other_tokens": max(sum(a != b for a, b in zip(ids, drawn["eager"][0]))
                                                      for ids in drawn["graph"]),
-                    **outcomes,
+                    **counter.taken(),
                 }), flush=True)
-                outcomes.update(captures=0, capture_failures=[])
     agreement(models, info)
     failed_capture(models["char"], (lambda run: run) if args.device == "cpu" else capture_cuda_graph, info)
 

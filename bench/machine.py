@@ -121,3 +121,39 @@ def require_at_least(parser, value: int, least: int, option: str, why: str) -> N
     """argparse's error for an option below what the benchmark's statistics need."""
     if value < least:
         parser.error(f"{option} must be at least {least} ({why})")
+
+
+class CaptureCounter:
+    """Counts the CUDA-graph captures a benchmark's runs make and the ones that fail: lmtool falls back to eager
+    steps after a failed capture, which would otherwise go unseen in a timing."""
+
+    def __init__(self) -> None:
+        self.captures, self.failures = 0, []
+
+    def counting(self, capture):
+        """`capture`, counted."""
+        def counted(run):
+            try:
+                replay = capture(run)
+            except Exception as error:
+                cause = error.__context__ or error  # a failed capture_end hides the error that invalidated it
+                self.failures.append(f"{type(cause).__name__}: {cause}"[:300])
+                raise
+            self.captures += 1
+            return replay
+
+        return counted
+
+    def taken(self) -> dict:
+        """The counts since the last call, as JSON fields."""
+        record = {"captures": self.captures, "capture_failures": self.failures}
+        self.captures, self.failures = 0, []
+        return record
+
+
+def graph_and_eager(units: int, seconds: dict[str, list[float]]) -> dict:
+    """JSON fields for `units` tokens timed with ("graph") and without ("eager") a CUDA graph over rounds: each
+    way's median tokens/s and the median of the rounds' ratios."""
+    return {"graph_tokens_per_s": round(units / statistics.median(seconds["graph"])),
+            "eager_tokens_per_s": round(units / statistics.median(seconds["eager"])),
+            "graph_over_eager": round(statistics.median(e / g for g, e in zip(seconds["graph"], seconds["eager"])), 2)}
