@@ -240,26 +240,33 @@ def generate(
     two_level = (model.config.softmax == "adaptive" and options.temperature == 1
                  and options.top_k is None and options.top_p is None)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    capture = token_capture(model, options, two_level, cuda_graph, generator)
-    if capture is not None:
-        out = _graphed_tokens(model, weights, options, generator, (last, done, tuple(layers)), capture, on_token)
-        return _trimmed(out, batch, options)
-    out: list[torch.Tensor] = []
-    for _ in range(options.length):
+
+    def advance(last: torch.Tensor, done: torch.Tensor, layers: list, non_finite: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """One token for every stream (the draw; with stop_at_eos, <EOS> after an end and `done` updated in
+        place), then the recurrent step on it: (token (B,), the top layer's output (B, H), the layers' states).
+        Constant work per token."""
         if two_level:
             token = draw_adaptive(model.adaptive, last.float(), generator)  # (B,)
         else:
-            token = pick_next(model.step_scores(last, weights), options, generator)  # (B,)
+            token = pick_next(model.step_scores(last, weights), options, generator, non_finite)  # (B,)
         if options.stop_at_eos:
             token = token.masked_fill(done, EOS_ID)
+            done |= token == EOS_ID
+        return (token, *model.step_layers(token, layers, weights))
+
+    capture = token_capture(model, options, two_level, cuda_graph, generator)
+    if capture is not None:
+        return _trimmed(_graphed_tokens(advance, options, device, (last, done, tuple(layers)), capture, on_token),
+                        batch, options)
+    out: list[torch.Tensor] = []
+    for _ in range(options.length):
+        token, last, layers = advance(last, done, layers)
         out.append(token)
         if on_token is not None:
             on_token(token)
-        if options.stop_at_eos:
-            done |= token == EOS_ID
-            if bool(done.all()):
-                break
-        last, layers = model.step_layers(token, layers, weights)  # (B, H): constant work per token
+        if options.stop_at_eos and bool(done.all()):
+            break
     return _trimmed(out, batch, options)
 
 
@@ -276,28 +283,23 @@ def _trimmed(out: list[torch.Tensor], batch: int, options: SamplingOptions) -> l
 ENDED_CHECK_TOKENS = 16
 
 
-def _graphed_tokens(model: LanguageModel, weights, options: SamplingOptions, generator: torch.Generator | None,
-                    state: tuple, capture: Capture, on_token: Callable[[torch.Tensor], None] | None
-                    ) -> list[torch.Tensor]:
-    """`generate`'s loop with each token's step (draw, <EOS> bookkeeping, recurrent step) run on fixed buffers
-    by GraphedStep, which replays it as one captured graph after three eager warm-up tokens. `state` is (the top
-    layer's output, the ended samples, the layers' states). The draw records non-finite scores on the device;
-    they raise before on_token sees their step, or at the end."""
-    token_out = torch.empty(options.num_samples, dtype=torch.long, device=model.device)
-    non_finite = torch.zeros((), dtype=torch.bool, device=model.device)
+def _graphed_tokens(advance: Callable, options: SamplingOptions, device: torch.device, state: tuple,
+                    capture: Capture, on_token: Callable[[torch.Tensor], None] | None) -> list[torch.Tensor]:
+    """`generate`'s loop with each token's `advance` run on fixed buffers by GraphedStep, which replays it as one
+    captured graph after three eager warm-up tokens. `state` is (the top layer's output, the ended samples, the
+    layers' states). The draw records non-finite scores on the device; they raise before on_token sees their
+    step, or at the end."""
+    token_out = torch.empty(options.num_samples, dtype=torch.long, device=device)
+    non_finite = torch.zeros((), dtype=torch.bool, device=device)
 
     def token_step(x: torch.Tensor, y: torch.Tensor, state: tuple, step: object) -> tuple:
         last, done, layers = state
-        token = pick_next(model.step_scores(last, weights), options, generator, non_finite)  # (B,)
-        if options.stop_at_eos:
-            token = token.masked_fill(done, EOS_ID)
-            done = done | (token == EOS_ID)
+        token, last, layers = advance(last, done, list(layers), non_finite)
         token_out.copy_(token)
-        last, layers = model.step_layers(token, list(layers), weights)
         return last, done, tuple(layers)
 
     graphed = GraphedStep(token_step, 1, capture)
-    no_window = torch.zeros((1, 1), device=model.device)  # GraphedStep's input buffers: this step reads none
+    no_window = torch.zeros((1, 1), device=device)  # GraphedStep's input buffers: this step reads none
     out: list[torch.Tensor] = []
     for n in range(1, options.length + 1):
         state = graphed(no_window, no_window, state, 0, lr=0.0)  # one capture: no learning rate changes

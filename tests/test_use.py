@@ -596,8 +596,8 @@ def test_sampling_an_adaptive_model_at_other_temperatures_uses_the_full_distribu
             return function(*args)
         return wrapper
 
-    def within_top_3(scores, options, generator):
-        token = pick_next(scores, options, generator)  # (B,)
+    def within_top_3(scores, options, generator, non_finite=None):
+        token = pick_next(scores, options, generator, non_finite)  # (B,)
         if options.top_k == 3:
             assert bool((scores.gather(1, token[:, None]) >= scores.topk(3).values[:, -1:]).all())
         return token
