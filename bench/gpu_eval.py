@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import (  # noqa: E402
-    CaptureCounter, alternating, graph_and_eager, machine_info, require_at_least, require_cuda)
+    CaptureCounter, alternating, counts, graph_and_eager, known_names, machine_info, require_at_least, require_cuda)
 
 import torch  # noqa: E402
 
@@ -59,13 +59,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default=",".join(MODELS))
     parser.add_argument("--device", default="cuda", help="cpu: check the script with a stand-in capture")
-    parser.add_argument("--windows", type=lambda text: [int(n) for n in text.split(",")], default=None,
+    parser.add_argument("--windows", type=counts, default=None,
                         help="instead: time one stream with the graph in windows of these multiples of the model's")
     args = parser.parse_args()
     require_at_least(parser, args.rounds, 1, "--rounds", "each way is timed once per round")
-    unknown = set(args.only.split(",")) - set(MODELS)
-    if unknown:
-        parser.error(f"--only takes {', '.join(MODELS)}; not {', '.join(sorted(unknown))}")
+    only = known_names(parser, args.only, MODELS, "--only")
     require_cuda(args.device)
     info = machine_info()
     scale = 1.0
@@ -77,7 +75,7 @@ def main() -> None:
     decides = lmtool.evaluate.window_capture
     lmtool.evaluate.window_capture = lambda model, count, cuda_graph: (
         counted if (args.device == "cpu" and cuda_graph) or decides(model, count, cuda_graph) else None)
-    for name in args.only.split(","):
+    for name in only:
         config, vocab, bptt, *tokens = MODELS[name]
         torch.manual_seed(0)
         model = LanguageModel(config, vocab).to(args.device).eval()

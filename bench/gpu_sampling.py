@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import (  # noqa: E402
-    CaptureCounter, alternating, graph_and_eager, machine_info, require_at_least, require_cuda)
+    CaptureCounter, alternating, counts, graph_and_eager, known_names, machine_info, require_at_least, require_cuda)
 
 import torch  # noqa: E402
 
@@ -108,15 +108,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=400)
-    parser.add_argument("--streams", default="1,64,1024")
+    parser.add_argument("--streams", type=counts, default=[1, 64, 1024])
     parser.add_argument("--only", default=",".join(MODELS))
     parser.add_argument("--device", default="cuda", help="cpu: check the script with a stand-in capture")
     args = parser.parse_args()
     require_at_least(parser, args.rounds, 1, "--rounds", "each way is timed once per round")
     require_at_least(parser, args.tokens, GRAPH_MIN_TOKENS, "--tokens", "shorter samples stay eager")
-    unknown = set(args.only.split(",")) - set(MODELS)
-    if unknown:
-        parser.error(f"--only takes {', '.join(MODELS)}; not {', '.join(sorted(unknown))}")
+    only = known_names(parser, args.only, MODELS, "--only")
     require_cuda(args.device)
     info = machine_info()
     counter = CaptureCounter()
@@ -133,9 +131,9 @@ def main() -> None:
     for name, (config, vocab) in {**MODELS, "word-adaptive": ADAPTIVE}.items():
         torch.manual_seed(0)
         models[name] = LanguageModel(config, vocab).to(args.device).eval()
-    for name in args.only.split(","):
+    for name in only:
         model, vocab = models[name], MODELS[name][1]
-        for streams in [int(n) for n in args.streams.split(",")]:
+        for streams in args.streams:
             for precision in ("fp32", "bf16"):
                 options = SamplingOptions(length=args.tokens, num_samples=streams, seed=1, precision=precision)
                 timed(model, options, True)  # cuDNN, cuBLAS and the allocator set up

@@ -3,6 +3,7 @@ scratch place where benchmarks train."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -115,6 +116,26 @@ def require_cuda(device: str = "cuda") -> None:
     """Stop a benchmark that needs a CUDA GPU with one clear line, before any torch.cuda call fails deep inside."""
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"{Path(sys.argv[0]).name}: this benchmark needs a CUDA GPU, and PyTorch sees none here")
+
+
+def counts(text: str) -> list[int]:
+    """argparse type for a comma-separated list of counts (streams, window multiples): each a whole number >= 1."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of whole numbers of at least 1, such as 1,64,1024")
+    return values
+
+
+def known_names(parser, text: str, known, option: str) -> list[str]:
+    """The comma-separated names of `text`, each one of `known`; argparse's error naming the others."""
+    names = text.split(",")
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        parser.error(f"{option} takes {', '.join(known)}; not {', '.join(unknown)}")
+    return names
 
 
 def require_at_least(parser, value: int, least: int, option: str, why: str) -> None:

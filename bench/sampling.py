@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import alternating, machine_info, matmul_peak_gflops, require_cuda  # noqa: E402
+from machine import alternating, counts, machine_info, matmul_peak_gflops, require_cuda  # noqa: E402
 from peer_example import PeerModel, generate_words_per_s  # noqa: E402
 
 import torch  # noqa: E402
@@ -173,7 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--device", default="cpu", help="cuda: only the batched generation, on the GPU")
-    parser.add_argument("--streams", default="1,8,64", help="stream counts of the batched generation (1 is always run)")
+    parser.add_argument("--streams", type=counts, default=[1, 8, 64],
+                        help="stream counts of the batched generation (1 is always run)")
     args = parser.parse_args()
     require_cuda(args.device)
     info = machine_info()
@@ -189,9 +190,9 @@ def main() -> None:
         single_stream(models, args.tokens, info)
         set_up(models, info)
     if args.device == "cpu" and MKL_ON_AMD:
-        word_output_layouts(models["word 2x200 LSTM, V=33278"], args.tokens, [int(n) for n in args.streams.split(",")],
+        word_output_layouts(models["word 2x200 LSTM, V=33278"], args.tokens, args.streams,
                             info)
-    batched(models["char 2x512 LSTM, V=66"].to(args.device), args.tokens, [int(n) for n in args.streams.split(",")],
+    batched(models["char 2x512 LSTM, V=66"].to(args.device), args.tokens, args.streams,
             args.device, info)
 
 
