@@ -10,7 +10,9 @@ bf16 (the bare cost of --precision bf16), a naive loop that calls nn.LSTM on len
 `lmtool.sample.generate` in fp32 and in bf16 (sampling included; whole calls of --tokens, and the steady
 per-token time: what a call of --tokens takes beyond one of a quarter as many, per extra token), and generate
 again with the weights in PyTorch's layout (`lmtool_pytorch_layout_ms_per_token`: the cell's LSTM step and
-F.linear), all in turn round after round, so the
+F.linear) and with its LSTM stepped by LanguageModel.step_layers instead of lmtool.lstm_stepper's fixed buffers
+(`lmtool_step_layers_ms_per_token`, fp32 and bf16; `stepper_speedup_median_of_rounds`), all in turn round after
+round, so the
 lmtool / bare ratio is a median of per-round ratios on a drifting machine; for the word models also the PyTorch
 example's generator (bench/peer_example.py) of the same size; for the plain output layers also the megabytes of
 weights the bare products read per token and at what rate. Then batched generation for 1..64 streams, fp32 and
@@ -81,6 +83,10 @@ def interleaved_ms(fns: dict, tokens: int, rounds: int = 9) -> tuple[dict[str, f
     bare_times = [min(layouts) for layouts in zip(*(times[name][1:] for name in times if name.startswith("bare-")))]
     ratios = {kind: faster_by(times[name][1:], bare_times)
               for kind, name in (("whole", "lmtool"), ("steady", "lmtool-steady")) if name in times}
+    # how much faster lmtool's fixed-buffer LSTM step made whole calls than step_layers, round by round
+    ratios.update({kind: faster_by(times[f"{name}-step-layers"][1:], times[name][1:])
+                   for kind, name in (("stepper", "lmtool"), ("bf16-stepper", "lmtool-bf16"))
+                   if f"{name}-step-layers" in times})
     if "bf16-bare" in times:
         ratios.update({kind: faster_by(times[name][1:], times["bf16-bare"][1:])
                        for kind, name in (("bf16-whole", "lmtool-bf16"), ("bf16-steady", "lmtool-bf16-steady"))
@@ -140,10 +146,12 @@ NO_BLOCKS = 2**62
 
 @contextmanager
 def layout_rule(**settings) -> Iterator[None]:
-    """lmtool's layout settings (lmtool.model's GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, OUTPUT_MAJOR_MIN_VOCAB and
-    lmtool.column_blocks' MIN_BLOCK_ELEMENTS) forced to these values for the block, then restored: how the bench
-    times a layout lmtool would not pick here."""
-    modules = {name: lmtool.column_blocks if name == "MIN_BLOCK_ELEMENTS" else lmtool.model for name in settings}
+    """lmtool's layout settings (lmtool.model's GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, OUTPUT_MAJOR_MIN_VOCAB,
+    PACKED_FP32_MIN_ELEMENTS, lmtool.column_blocks' MIN_BLOCK_ELEMENTS and lmtool.sample's BUFFERED_LSTM_STEPS)
+    forced to these values for the block, then restored: how the bench times a layout lmtool would not pick
+    here."""
+    homes = {"MIN_BLOCK_ELEMENTS": lmtool.column_blocks, "BUFFERED_LSTM_STEPS": lmtool.sample}
+    modules = {name: homes.get(name, lmtool.model) for name in settings}
     saved = {name: getattr(modules[name], name) for name in settings}
     for name, value in settings.items():
         setattr(modules[name], name, value)
@@ -152,6 +160,13 @@ def layout_rule(**settings) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(modules[name], name, value)
+
+
+def step_layers(generate_tokens, tokens: int) -> None:
+    """lmtool's generation with a gate-major LSTM stepped by LanguageModel.step_layers, which makes new tensors at
+    every step, instead of lmtool.lstm_stepper's fixed buffers (the same tokens)."""
+    with layout_rule(BUFFERED_LSTM_STEPS=False):
+        generate_tokens(tokens)
 
 
 def pytorch_layout(generate_tokens, tokens: int) -> None:
@@ -213,7 +228,9 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
                 "rows", "transposed", "blocks")
             weights = {layout: bare_weights(model, layout) for layout in layouts}
             fns = {"lmtool": ours, "lmtool-quarter": ours, "lmtool-bf16": bf16, "lmtool-bf16-quarter": bf16,
-                   "lmtool-pytorch-layout": lambda n: pytorch_layout(ours, n), "naive": lambda n: naive(model, n)}
+                   "lmtool-pytorch-layout": lambda n: pytorch_layout(ours, n), "naive": lambda n: naive(model, n),
+                   "lmtool-step-layers": lambda n: step_layers(ours, n),
+                   "lmtool-bf16-step-layers": lambda n: step_layers(bf16, n)}
             for layout, layout_weights in weights.items():  # bf16-packed -> "bf16-bare", the others "bare-*"
                 fns["bf16-bare" if layout.startswith("bf16") else f"bare-{layout}"] = (
                     lambda n, w=layout_weights: bare(model, n, w))
@@ -239,6 +256,10 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
                           bare_weight_mb_per_token=round(weight_mb, 1),
                           bare_gb_per_s=round(weight_mb / ms["bare"], 1),
                           lmtool_pytorch_layout_ms_per_token=round(ms["lmtool-pytorch-layout"], 4),
+                          lmtool_step_layers_ms_per_token=round(ms["lmtool-step-layers"], 4),
+                          stepper_speedup_median_of_rounds=round(ratios["stepper"], 3),
+                          lmtool_bf16_step_layers_ms_per_token=round(ms["lmtool-bf16-step-layers"], 4),
+                          bf16_stepper_speedup_median_of_rounds=round(ratios["bf16-stepper"], 3),
                           mkl_on_amd=MKL_ON_AMD,
                           **{f"bare_{layout}_ms_per_token": round(ms[f"bare-{layout}"], 4)
                              for layout in layouts if not layout.startswith("bf16")},
@@ -326,7 +347,8 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
     """The char model generating for many streams at once, fp32 and --precision bf16, against one fp32 stream.
     In fp32 on a CPU, where lmtool picks the LSTM's step layout by the number of streams
     (lmtool.model.GATE_MAJOR_MIN_STREAMS and MKL_ON_AMD), both layouts are timed at every count, in alternating
-    rounds."""
+    rounds; the gate-major layout also stepped by LanguageModel.step_layers instead of lmtool.lstm_stepper's
+    buffers (`stepper_speedup_median_of_rounds`)."""
     # Many streams turn the matrix-vector products into matrix products: the ceiling is then the matmul peak.
     peak = matmul_peak_gflops(torch.float32, device)
     macs = sum(w.numel() for w in model.rnn.parameters() if w.dim() == 2) + model.decoder.weight.numel()
@@ -343,27 +365,29 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
             # Where MKL_ON_AMD the gate-major layout is also timed with nothing packed in fp32 (column blocks), and
             # with its matrices whole.
             blocks, packed = lmtool.column_blocks.MIN_BLOCK_ELEMENTS, lmtool.model.PACKED_FP32_MIN_ELEMENTS
-            if not both:
-                layouts = {"cell": (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, blocks, packed)}
-            else:
-                amd_gate_major = (min(streams + 1, GATE_MAJOR_MIN_STREAMS), True, blocks, packed)
-                layouts = {"gate-major": amd_gate_major if MKL_ON_AMD else (1, False, blocks, packed),
-                           "cell": (streams + 1, False, blocks, packed)}
-                if MKL_ON_AMD:
-                    layouts["gate-major-blocks"] = (*amd_gate_major[:3], None)
-                    layouts["gate-major-whole"] = (*amd_gate_major[:2], NO_BLOCKS, None)
-            if not both:  # named after what lmtool runs (bf16 on a CPU: gate-major, packed)
-                dtype = torch.bfloat16 if precision == "bf16" else None
-                layouts = {("gate-major" if model.step_weights(dtype=dtype, streams=streams).gate_major else "cell"):
-                           layouts["cell"]}
-            times: dict[str, list[float]] = {name: [] for name in layouts}
-            for name, (threshold, amd, min_block, min_packed) in alternating(layouts, 5):
-                with layout_rule(GATE_MAJOR_MIN_STREAMS=threshold, MKL_ON_AMD=amd, MIN_BLOCK_ELEMENTS=min_block,
-                                 PACKED_FP32_MIN_ELEMENTS=min_packed):
-                    times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 2, repeats=2))
-            # what lmtool runs
             dtype = torch.bfloat16 if precision == "bf16" else None
+            # what lmtool runs
             chosen = "gate-major" if model.step_weights(dtype=dtype, streams=streams).gate_major else "cell"
+            rule = dict(GATE_MAJOR_MIN_STREAMS=GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD=MKL_ON_AMD,
+                        MIN_BLOCK_ELEMENTS=blocks, PACKED_FP32_MIN_ELEMENTS=packed)
+            if not both:  # named after what lmtool runs (bf16 on a CPU: gate-major, packed)
+                layouts = {chosen: rule}
+            else:
+                amd_gate_major = dict(rule, GATE_MAJOR_MIN_STREAMS=min(streams + 1, GATE_MAJOR_MIN_STREAMS),
+                                      MKL_ON_AMD=True)
+                layouts = {"gate-major": amd_gate_major if MKL_ON_AMD else dict(rule, GATE_MAJOR_MIN_STREAMS=1,
+                                                                                MKL_ON_AMD=False),
+                           "cell": dict(rule, GATE_MAJOR_MIN_STREAMS=streams + 1, MKL_ON_AMD=False)}
+                if MKL_ON_AMD:
+                    layouts["gate-major-blocks"] = dict(amd_gate_major, PACKED_FP32_MIN_ELEMENTS=None)
+                    layouts["gate-major-whole"] = dict(amd_gate_major, MIN_BLOCK_ELEMENTS=NO_BLOCKS,
+                                                       PACKED_FP32_MIN_ELEMENTS=None)
+            if "gate-major" in layouts:  # also stepped by step_layers instead of lmtool.lstm_stepper's buffers
+                layouts["gate-major-step-layers"] = dict(layouts["gate-major"], BUFFERED_LSTM_STEPS=False)
+            times: dict[str, list[float]] = {name: [] for name in layouts}
+            for name, settings in alternating(layouts, 5):
+                with layout_rule(**settings):
+                    times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 2, repeats=2))
             throughput = streams * 1000 / statistics.median(times[chosen])
             one_stream = one_stream or throughput
             gflops = throughput * 2 * macs / 1e9
@@ -373,6 +397,9 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
                       "scaling_vs_one_fp32_stream": round(throughput / one_stream, 1),
                       "model_gflop_per_s": round(gflops, 1), "peak_gflop_per_s": round(peak_now, 1),
                       "fraction_of_peak": round(gflops / peak_now, 4)}
+            if "gate-major-step-layers" in times:
+                record["stepper_speedup_median_of_rounds"] = round(
+                    faster_by(times["gate-major-step-layers"], times["gate-major"]), 3)
             if both:
                 record.update({f"{name}_tokens_per_s": round(streams * 1000 / statistics.median(t))
                                for name, t in times.items()})

@@ -16,6 +16,7 @@ from lmtool.config import check_new_seed
 from lmtool.devices import inference_dtype
 from lmtool.errors import LmtoolError, non_finite_scores
 from lmtool.graphed_step import Capture, GraphedStep, capture_cuda_graph, on_current_gpu
+from lmtool.lstm_stepper import LstmStepper
 from lmtool.model import GATE_MAJOR_MIN_STREAMS, LanguageModel, map_state
 from lmtool.tokenizer import EOS_ID, UNK_ID, Tokenizer
 
@@ -33,6 +34,10 @@ STEPPED_PROMPT_TOKENS = 8
 # by one. A capture costs three eager warm-up tokens, a device synchronisation and a garbage collection. Prepared
 # and tested on a CPU with a stand-in graph only: no GPU was lent to check it (bench/gpu_sampling.py does).
 GRAPH_MIN_TOKENS = 16
+
+# Generation steps an LSTM in StepWeights' gate-major layout (a CPU's) with lmtool.lstm_stepper.LstmStepper, on
+# buffers made once per call (False: LanguageModel.step_layers, the same states; bench/sampling.py times both).
+BUFFERED_LSTM_STEPS = True
 
 # Samples generated together, at most: one batch, so far more would only run out of memory (and beyond 2^63 torch's
 # shapes overflow).
@@ -240,6 +245,8 @@ def generate(
     two_level = (model.config.softmax == "adaptive" and options.temperature == 1
                  and options.top_k is None and options.top_p is None)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    # a gate-major LSTM (CPU layouts) steps on buffers made once: the same states, fewer small operations
+    stepper = LstmStepper(weights, layers) if weights.gate_major and BUFFERED_LSTM_STEPS else None
 
     def advance(last: torch.Tensor, done: torch.Tensor, layers: list, non_finite: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -253,6 +260,8 @@ def generate(
         if options.stop_at_eos:
             token = token.masked_fill(done, EOS_ID)
             done |= token == EOS_ID
+        if stepper is not None:
+            return token, stepper(token), layers  # the output is a view the next step overwrites, after the draw
         return (token, *model.step_layers(token, layers, weights))
 
     capture = token_capture(model, options, two_level, cuda_graph, generator)

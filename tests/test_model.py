@@ -109,18 +109,24 @@ def test_many_streams_step_in_the_gate_major_layout_like_the_sequence_kernel(mon
 
 def test_generation_for_many_streams_steps_in_the_gate_major_layout(monkeypatch):
     import lmtool.model
+    import lmtool.sample
     from lmtool.sample import SamplingOptions, generate
 
     monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", False)  # as on an Intel CPU
     model = LanguageModel(ModelConfig(embedding_size=6, hidden_size=10), 13).eval()
     calls = []
-    real_step = lmtool.model.lstm_step_gate_major
-    monkeypatch.setattr(lmtool.model, "lstm_step_gate_major", lambda *args: calls.append(1) or real_step(*args))
+
+    class CountingStepper(lmtool.sample.LstmStepper):  # the gate-major layout's generation step
+        def __call__(self, token):
+            calls.append(1)
+            return super().__call__(token)
+
+    monkeypatch.setattr(lmtool.sample, "LstmStepper", CountingStepper)
     generate(model, [], SamplingOptions(length=5, num_samples=GATE_MAJOR_MIN_STREAMS - 1, seed=0, stop_at_eos=False))
     assert calls == []
     samples = generate(model, [], SamplingOptions(length=5, num_samples=GATE_MAJOR_MIN_STREAMS, seed=0,
                                                   stop_at_eos=False))
-    assert len(calls) == 5 * 2  # a step after each of the 5 draws, in each of the 2 layers (the prompt is read)
+    assert len(calls) == 5  # a step after each of the 5 draws (the prompt is read)
     assert len(samples) == GATE_MAJOR_MIN_STREAMS and all(len(ids) == 5 for ids in samples)
     # same seed, same samples
     assert samples == generate(model, [], SamplingOptions(length=5, num_samples=GATE_MAJOR_MIN_STREAMS, seed=0,

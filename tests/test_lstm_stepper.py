@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+import lmtool.column_blocks
+import lmtool.model
+import lmtool.sample
+from lmtool.column_blocks import ColumnBlocks
+from lmtool.config import ModelConfig
+from lmtool.lstm_stepper import LstmStepper
+from lmtool.model import GATE_MAJOR_MIN_STREAMS, LanguageModel
+from lmtool.packed_weights import PackedWeights, packing_works
+from lmtool.sample import SamplingOptions, generate
+
+HAS_PACKING = packing_works(torch.float32)
+
+# How StepWeights holds the gate-major matrices, and the settings (and stream counts) that give that form.
+FORMS = {
+    "whole": dict(amd=False, streams=(GATE_MAJOR_MIN_STREAMS, GATE_MAJOR_MIN_STREAMS + 3)),
+    "blocks": dict(amd=True, streams=(1, 2)),
+    "packed fp32": dict(amd=True, streams=(GATE_MAJOR_MIN_STREAMS,), packed_fp32=True),
+    "packed bf16": dict(amd=True, streams=(1, GATE_MAJOR_MIN_STREAMS + 1), dtype=torch.bfloat16),
+}
+MATRIX_TYPE = {"whole": torch.Tensor, "blocks": ColumnBlocks, "packed fp32": PackedWeights,
+               "packed bf16": PackedWeights}
+
+
+def step_weights(monkeypatch, model, form, streams):
+    settings = FORMS[form]
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", settings["amd"])
+    monkeypatch.setattr(lmtool.column_blocks, "MIN_BLOCK_ELEMENTS", 1)  # blocks for these small matrices
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # three blocks, the last one padded
+    monkeypatch.setattr(lmtool.model, "PACKED_FP32_MIN_ELEMENTS", 1 if settings.get("packed_fp32") else None)
+    monkeypatch.setattr(lmtool.model, "bf16_is_native", lambda device: True)  # the ops run without it, slower
+    return model.step_weights(dtype=settings.get("dtype"), streams=streams)
+
+
+# embedding_size 6: the first layer multiplied; 16: looked up (V <= E). Where MKL_ON_AMD, many streams step
+# gate-major only with the lookup, and packed fp32 matrices are for many streams.
+@pytest.mark.parametrize("form, embedding_size", [(form, size) for form in FORMS for size in (6, 16)
+                                                  if (form, size) != ("packed fp32", 6)])
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_the_stepper_gives_step_layers_outputs_and_states_to_the_bit(monkeypatch, form, embedding_size,
+                                                                      num_layers):
+    """In every form of the gate-major matrices, for one and several streams, the stepper's outputs and states
+    equal `step_layers`' exactly: the same arithmetic in the same order, on buffers made once."""
+    if form.startswith("packed") and not HAS_PACKING:
+        pytest.skip("this PyTorch build has no oneDNN packing")
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(embedding_size=embedding_size, hidden_size=10, num_layers=num_layers), 13)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(4)  # so that a swapped gate, block or a lost bias shows
+    for streams in FORMS[form]["streams"]:
+        weights = step_weights(monkeypatch, model.eval(), form, streams)
+        assert weights.gate_major and all(isinstance(matrix, MATRIX_TYPE[form]) for matrix, _ in weights.layers)
+        assert (weights.input_table is not None) == (embedding_size == 16)
+        dtype = FORMS[form].get("dtype", torch.float32)
+        layers = [(torch.randn(streams, 10).to(dtype), torch.randn(streams, 10).to(dtype))
+                  for _ in range(num_layers)]
+        stepper = LstmStepper(weights, layers)
+        assert [torch.equal(a, b) for (a, _), (b, _) in zip(stepper.states(), layers)] == [True] * num_layers
+        for _ in range(5):
+            token = torch.randint(0, 13, (streams,))
+            expected, layers = model.step_layers(token, layers, weights)
+            output = stepper(token)
+            assert output.dtype == dtype and torch.equal(output, expected)
+            for (h, c), (h_expected, c_expected) in zip(stepper.states(), layers):
+                assert torch.equal(h, h_expected) and torch.equal(c, c_expected)
+
+
+def test_the_stepper_leaves_the_states_it_starts_from_alone(monkeypatch):
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", False)  # gate-major from GATE_MAJOR_MIN_STREAMS streams
+    model = LanguageModel(ModelConfig(embedding_size=6, hidden_size=10), 13).eval()
+    layers = model.layer_states((torch.randn(2, 1, 10), torch.randn(2, 1, 10)))
+    before = [(h.clone(), c.clone()) for h, c in layers]
+    stepper = LstmStepper(model.step_weights(streams=GATE_MAJOR_MIN_STREAMS), layers)
+    stepper(torch.tensor([3]))
+    assert all(torch.equal(h, h0) and torch.equal(c, c0) for (h, c), (h0, c0) in zip(layers, before))
+    assert not torch.equal(stepper.states()[0][1], before[0][1])
+
+
+def test_the_stepper_refuses_weights_in_pytorchs_layout():
+    model = LanguageModel(ModelConfig(embedding_size=6, hidden_size=10), 13).eval()
+    with pytest.raises(ValueError, match="gate-major"):
+        LstmStepper(model.step_weights(relayout=False), model.layer_states(model.init_state(1)))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_generation_steps_a_gate_major_lstm_with_the_stepper(monkeypatch, cell):
+    """generate steps through LstmStepper exactly where the weights are gate-major (a CPU's LSTM layouts), once
+    per generated token, and draws the same samples as step_layers does."""
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)  # gate-major for one stream
+    model = LanguageModel(ModelConfig(cell=cell, embedding_size=6, hidden_size=10), 13).eval()
+    calls = []
+
+    class CountingStepper(LstmStepper):
+        def __call__(self, token):
+            calls.append(token.shape)
+            return super().__call__(token)
+
+    monkeypatch.setattr(lmtool.sample, "LstmStepper", CountingStepper)
+    options = SamplingOptions(length=7, num_samples=2, seed=5)
+    samples = generate(model, [4, 2], options)
+    assert calls == ([torch.Size([2])] * 7 if cell == "lstm" else [])
+    monkeypatch.setattr(model, "step_weights", lambda *args, **kwargs: LanguageModel.step_weights(
+        model, *args, **{**kwargs, "relayout": False}))  # PyTorch's layout: step_layers, no stepper
+    assert generate(model, [4, 2], options) == samples and len(calls) == (7 if cell == "lstm" else 0)
