@@ -16,7 +16,7 @@ PyTorch's to float rounding.
 
 Evaluation can hand in the output layer already cut into slices and packed by oneDNN (`pack_slices`), once for
 many batches: PyTorch's bf16 linear layer re-arranges a slice's weights on every call, and in fp32 on an AMD
-EPYC oneDNN's packed product ran faster than MKL's (README, Evaluation and scoring speed).
+EPYC oneDNN's packed product ran faster than MKL's (bench/RESULTS.md, Evaluation and scoring speed).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ them, the new states. At one stream those small operations cost about as much as
 buffers and views made once, and writes each layer's output where the next layer and its own next step read it.
 Timed in turn with step_layers on a 2-core AMD EPYC, one stream of the char 2x512 model generated 1.72x and 1.38x
 as fast in two runs, the 33k-word model 1.10x and 1.21x (1.32x and 1.14x in bf16); 4 and 64 streams 0.97-1.20x
-(`python bench/sampling.py --streams 1,4,64`; README, Generation speed).
+(`python bench/sampling.py --streams 1,4,64`; bench/RESULTS.md, Generation speed).
 """
 
 from __future__ import annotations

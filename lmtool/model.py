@@ -84,7 +84,7 @@ def _mkl_on_amd() -> bool:
 # transposed, the char model's 0.37-0.89 against 0.28-0.38 ms; from 4 to 64 streams the gate-major step without
 # the lookup measured 0.69-1.09x the cell's (before lmtool.column_blocks). On an Intel Xeon the cell's layout was
 # the faster one for one to three streams (the gate-major step 0.77-0.87x) and the gate-major one from four
-# (1.06-1.80x); CPUs not measured are treated like it. `python bench/sampling.py` times both layouts (README,
+# (1.06-1.80x); CPUs not measured are treated like it. `python bench/sampling.py` times both layouts (bench/RESULTS.md,
 # Generation speed).
 MKL_ON_AMD = _mkl_on_amd()
 

@@ -5,9 +5,9 @@ call; for a generation step's few rows that costs more than the product. Packed 
 `torch.ops.mkldnn._reorder_linear_weight`, the op PyTorch's own compiler uses for frozen CPU models), the bare
 products of one step of a word model with 33,278 words took 0.28-0.30 ms in bf16 against 0.63-0.74 ms in the
 fastest fp32 layout on a 2-core AMD EPYC, and fp32 matrices packed generated 4-64 streams 1.26-1.91x as fast
-as in column blocks (three runs of `python bench/sampling.py`; README, Generation speed). The ops are private to
-PyTorch, so `packing_works` checks them once on a small product before anything is packed; where they are
-missing or wrong, lmtool keeps its other layouts.
+as in column blocks (three runs of `python bench/sampling.py`; bench/RESULTS.md, Generation speed). The ops
+are private to PyTorch, so `packing_works` checks them once on a small product before anything is packed; where
+they are missing or wrong, lmtool keeps its other layouts.
 """
 
 from __future__ import annotations

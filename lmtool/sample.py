@@ -25,7 +25,7 @@ from lmtool.tokenizer import EOS_ID, UNK_ID, Tokenizer
 # CPU in fp32 for fewer than GATE_MAJOR_MIN_STREAMS streams, not read by the sequence kernel, whose set-up costs
 # more for a few tokens: for one token 0.28 against 2.6 ms (char 2x512 LSTM) and 0.14 against 0.86 ms (word 2x200)
 # on a 2-core AMD EPYC, for 8 tokens 2.0 against 3.3 and 0.85 against 1.03 ms; at 16 the word model read faster
-# (1.2 against 1.7 ms) and the char model about even (`python bench/sampling.py`, which times both; README,
+# (1.2 against 1.7 ms) and the char model about even (`python bench/sampling.py`, which times both; bench/RESULTS.md,
 # Generation speed).
 STEPPED_PROMPT_TOKENS = 8
 
