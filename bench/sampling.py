@@ -22,8 +22,9 @@ which lmtool uses from 4 streams, and where MKL_ON_AMD below 4 and, for the char
 count, timed in alternating rounds, and where MKL_ON_AMD the gate-major one with nothing packed and with whole
 matrices as well; where MKL_ON_AMD, also the full-softmax word model's generation from 4 streams with its output
 layer in PyTorch's layout, transposed whole, in column blocks and packed (lmtool.model.OUTPUT_MAJOR_MIN_VOCAB,
-PACKED_FP32_MIN_ELEMENTS), and in bf16; and a generation call's fixed costs on the CPU (preparing the step's
-weights, taking in a prompt of 1-16 tokens by reading it and by stepping it). `--device cuda` runs only the
+PACKED_FP32_MIN_ELEMENTS), and in bf16; a generation call's fixed costs on the CPU (preparing the step's
+weights, taking in a prompt of 1-16 tokens by reading it and by stepping it); and the GRU and plain RNN with
+their weights transposed against PyTorch's cells (lmtool.model.OTHER_CELLS_TRANSPOSED). `--device cuda` runs only the
 batched generation, on the GPU (`--streams` picks the stream counts).
 """
 
@@ -147,7 +148,8 @@ NO_BLOCKS = 2**62
 @contextmanager
 def layout_rule(**settings) -> Iterator[None]:
     """lmtool's layout settings (lmtool.model's GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, OUTPUT_MAJOR_MIN_VOCAB,
-    PACKED_FP32_MIN_ELEMENTS, lmtool.column_blocks' MIN_BLOCK_ELEMENTS and lmtool.sample's BUFFERED_LSTM_STEPS)
+    PACKED_FP32_MIN_ELEMENTS, OTHER_CELLS_TRANSPOSED, lmtool.column_blocks' MIN_BLOCK_ELEMENTS and lmtool.sample's
+    BUFFERED_LSTM_STEPS)
     forced to these values for the block, then restored: how the bench times a layout lmtool would not pick
     here."""
     homes = {"MIN_BLOCK_ELEMENTS": lmtool.column_blocks, "BUFFERED_LSTM_STEPS": lmtool.sample}
@@ -160,6 +162,13 @@ def layout_rule(**settings) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(modules[name], name, value)
+
+
+def stepper_ratio(model: LanguageModel, dtype: torch.dtype | None, ratio: float) -> float | None:
+    """The stepper's speed-up, rounded, where lmtool steps one stream of this model on lmtool.lstm_stepper's
+    buffers (a gate-major LSTM); None where it does not, and the ratio timed only noise."""
+    uses = model.config.cell == "lstm" and model.step_weights(dtype=dtype, streams=1).gate_major
+    return round(ratio, 3) if uses else None
 
 
 def step_layers(generate_tokens, tokens: int) -> None:
@@ -204,6 +213,7 @@ def main() -> None:
     if args.device == "cpu":
         single_stream(models, args.tokens, info)
         set_up(models, info)
+        other_cells(args.tokens, info)
     if args.device == "cpu" and MKL_ON_AMD:
         word_output_layouts(models["word 2x200 LSTM, V=33278"], args.tokens, args.streams,
                             info)
@@ -257,9 +267,10 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
                           bare_gb_per_s=round(weight_mb / ms["bare"], 1),
                           lmtool_pytorch_layout_ms_per_token=round(ms["lmtool-pytorch-layout"], 4),
                           lmtool_step_layers_ms_per_token=round(ms["lmtool-step-layers"], 4),
-                          stepper_speedup_median_of_rounds=round(ratios["stepper"], 3),
+                          stepper_speedup_median_of_rounds=stepper_ratio(model, None, ratios["stepper"]),
                           lmtool_bf16_step_layers_ms_per_token=round(ms["lmtool-bf16-step-layers"], 4),
-                          bf16_stepper_speedup_median_of_rounds=round(ratios["bf16-stepper"], 3),
+                          bf16_stepper_speedup_median_of_rounds=stepper_ratio(model, torch.bfloat16,
+                                                                              ratios["bf16-stepper"]),
                           mkl_on_amd=MKL_ON_AMD,
                           **{f"bare_{layout}_ms_per_token": round(ms[f"bare-{layout}"], 4)
                              for layout in layouts if not layout.startswith("bf16")},
@@ -310,6 +321,36 @@ def set_up(models: dict, info: dict, prompt_lengths: tuple[int, ...] = (1, 4, 8,
         print(json.dumps(record), flush=True)
 
 
+def other_cells(tokens: int, info: dict) -> None:
+    """The GRU and the plain RNN on the CPU, fp32 and --precision bf16: lmtool generating with their weights
+    transposed (lmtool.transposed_steps, where lmtool.model.OTHER_CELLS_TRANSPOSED applies) against PyTorch's
+    single-step cells, everything else alike, timed in alternating rounds; one stream of the char 2x512 and the
+    33k-word 2x200 sizes, and 64 streams of the char size. One JSON line per case."""
+    torch.manual_seed(0)
+    models = {f"char 2x512 {cell}, V=66": LanguageModel(ModelConfig(cell=cell, embedding_size=128, hidden_size=512),
+                                                        66).eval() for cell in ("gru", "rnn_tanh")}
+    models["word 2x200 gru, V=33278"] = LanguageModel(
+        ModelConfig(cell="gru", embedding_size=200, hidden_size=200, tie_weights=True), 33278).eval()
+    for name, model in models.items():
+        for streams in (1, 64) if name.startswith("char") else (1,):
+            for precision in ("fp32", "bf16"):
+                options = SamplingOptions(length=tokens // 2 if streams == 1 else tokens // 8, num_samples=streams,
+                                          seed=1, precision=precision)
+                dtype = torch.bfloat16 if precision == "bf16" else None
+                transposed = model.step_weights(dtype=dtype, streams=streams).gate_major
+                times: dict[str, list[float]] = {"transposed": [], "cells": []}
+                for way, _ in alternating({way: None for way in times}, 7):
+                    with layout_rule(OTHER_CELLS_TRANSPOSED=way == "transposed"):
+                        times[way].append(per_token_ms(lambda n: generate(model, [], options), options.length,
+                                                       repeats=2))
+                print(json.dumps({
+                    **info, "model": name, "streams": streams, "precision": precision,
+                    "lmtool_steps_transposed": transposed,
+                    **{f"{way}_tokens_per_s": round(streams * 1000 / statistics.median(t)) for way, t in times.items()},
+                    "transposed_over_cells_median_of_rounds": round(faster_by(times["cells"], times["transposed"]), 3),
+                }), flush=True)
+
+
 def word_output_layouts(model: LanguageModel, tokens: int, stream_counts: list[int], info: dict) -> None:
     """Where MKL_ON_AMD: the full-softmax word model generating for GATE_MAJOR_MIN_STREAMS streams and more in
     fp32, its output layer in PyTorch's layout and transposed (lmtool.model.OUTPUT_MAJOR_MIN_VOCAB): packed by
@@ -358,7 +399,8 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
         for precision in ("fp32", "bf16"):  # --precision bf16: the recurrent layers step in bfloat16
             options = SamplingOptions(length=tokens // 2, num_samples=streams, seed=1, precision=precision)
             both = precision == "fp32" and device == "cpu"  # elsewhere lmtool always steps in the cell layout
-            # Each layout forced through the rule's two settings, (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD). The cell:
+            # Each layout forced through the rule's settings (GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD; the forms of the
+            # matrices, MIN_BLOCK_ELEMENTS and PACKED_FP32_MIN_ELEMENTS, as lmtool picks them unless named). The cell:
             # the other CPUs' rule for few streams. Gate-major: theirs for many, or where MKL_ON_AMD the way lmtool
             # runs it there (below 4 streams with the output layer transposed; from 4, the char model's own rule:
             # its input table, the output layer untransposed). bf16 runs as lmtool does.
@@ -397,7 +439,7 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
                       "scaling_vs_one_fp32_stream": round(throughput / one_stream, 1),
                       "model_gflop_per_s": round(gflops, 1), "peak_gflop_per_s": round(peak_now, 1),
                       "fraction_of_peak": round(gflops / peak_now, 4)}
-            if "gate-major-step-layers" in times:
+            if chosen == "gate-major":  # lmtool steps it on lmtool.lstm_stepper's buffers
                 record["stepper_speedup_median_of_rounds"] = round(
                     faster_by(times["gate-major-step-layers"], times["gate-major"]), 3)
             if both:

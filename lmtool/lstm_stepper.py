@@ -2,14 +2,17 @@
 
 `LanguageModel.step_layers` makes new tensors at every step: the concatenated input, the gates and each slice of
 them, the new states. At one stream those small operations cost about as much as the products themselves.
-`LstmStepper` does the same arithmetic in the same order, so its states are the same to the bit. It works in
-buffers and views made once, and writes each layer's output where the next layer and its own next step read it.
+`LstmStepper` does the same arithmetic in the same order on buffers and views made once, so its states and the
+scores read from its output are the same to the bit. Every product reads a buffer laid out as step_layers' own
+(a fresh contiguous [input | h] per layer), because a BLAS may round differently for other strides or alignments.
 Timed in turn with step_layers on a 2-core AMD EPYC, one stream of the char 2x512 model generated 1.72x and 1.38x
 as fast in two runs, the 33k-word model 1.10x and 1.21x (1.32x and 1.14x in bf16); 4 and 64 streams 0.97-1.20x
 (`python bench/sampling.py --streams 1,4,64`; bench/RESULTS.md, Generation speed).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -28,15 +31,19 @@ class _LayerGates:
                  table: torch.Tensor | None) -> None:
         batch, columns = inputs.size(0), matrix.shape[1]
         self.inputs, self.matrix, self.bias, self.table = inputs, matrix, bias, table
-        self.row = None
+        # column blocks only: the rows once per block, the blocks' products, those interleaved into column order
+        # for several rows, and the table's row (added after the product, as blocks_times adds)
+        self.expanded: torch.Tensor | None = None
+        self.blocks_out: torch.Tensor | None = None
+        self.gathered: torch.Tensor | None = None
+        self.row: torch.Tensor | None = None
         if isinstance(matrix, ColumnBlocks):
             parts, _, width = matrix.blocks.shape
             self.expanded = inputs.expand(parts, -1, -1)
             self.blocks_out = inputs.new_empty(parts, batch, width)  # a block per thread
             if batch == 1:  # one row is already in column order
-                self.gathered = None
                 self.gates = self.blocks_out.view(1, -1)[:, :columns]
-            else:  # more rows are interleaved into column order
+            else:
                 self.gathered = inputs.new_empty(batch, parts, width)
                 self.gates = self.gathered.view(batch, -1)[:, :columns]
             if table is not None:
@@ -63,49 +70,67 @@ class _LayerGates:
         return torch.index_select(self.table, 0, token, out=gates).addmm_(self.inputs, matrix)
 
 
+class _Layer(NamedTuple):
+    """One layer's buffers and views, made once."""
+
+    gates: _LayerGates
+    sigmoid_gates: torch.Tensor  # input, forget, output (GATE_MAJOR_ORDER), side by side
+    cell_input: torch.Tensor
+    input_gate: torch.Tensor
+    forget_gate: torch.Tensor
+    output_gate: torch.Tensor
+    cell: torch.Tensor  # c, updated in place
+    output: torch.Tensor  # h, in place in this layer's inputs
+    next_input: torch.Tensor  # where the next layer reads h (the top layer: the stepper's output)
+
+
 class LstmStepper:
     """`LanguageModel.step_layers` for an LSTM in StepWeights' gate-major layout, on fixed buffers: call it with
-    each step's (B,) tokens. The rows hold [input | h_1 | ... | h_L]; layer l multiplies its slice [h_(l-1) | h_l]
-    (the first layer [embedded token | h_1], or h_1 alone where it looks its input product up) and writes its
-    new h_l in place. The cell states are copies, updated in place."""
+    each step's (B,) tokens. Layer l multiplies its own [h_(l-1) | h_l] buffer (the first layer [embedded token |
+    h_1], or h_1 alone where it looks its input product up), writes its new h_l into that buffer's h_l part and
+    copies it into the next layer's h_(l-1) part (the top layer into the output buffer). The cell states are
+    copies, updated in place."""
 
     def __init__(self, weights: StepWeights, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        if not weights.gate_major:
+        if not weights.gate_major or not all(isinstance(layer, tuple) and len(layer) == 2 for layer in layers):
             raise ValueError("LstmStepper steps an LSTM's gate-major weights only")
         batch, hidden = layers[0][0].shape
-        self.embedding = None if weights.input_table is not None else weights.embedding
-        width = 0 if self.embedding is None else self.embedding.size(1)
-        self.rows = layers[0][0].new_empty(batch, width + len(layers) * hidden)
-        self.embedded = self.rows[:, :width]
-        self.outputs = [self.rows[:, width + i * hidden: width + (i + 1) * hidden] for i in range(len(layers))]
-        for output, (h, _) in zip(self.outputs, layers):
-            output.copy_(h)
-        self.cells = [c.clone() for _, c in layers]
+        looks_up = weights.input_table is not None
+        self.embedding = None if looks_up else weights.embedding
+        widths = [0 if looks_up else weights.embedding.size(1)] + [hidden] * (len(layers) - 1)
+        inputs = [h.new_empty(batch, width + hidden) for width, (h, _) in zip(widths, layers)]
+        self.embedded = inputs[0][:, : widths[0]]
+        self.output = layers[0][0].new_empty(batch, hidden)
         self.squashed_cell = layers[0][1].new_empty(batch, hidden)  # tanh(c), before the output gate
-        self.layers = []
-        for i, (matrix, bias) in enumerate(weights.layers):
-            start = width + (i - 1) * hidden if i else 0
-            looks_up = i == 0 and weights.input_table is not None
-            inputs = self.outputs[0] if looks_up else self.rows[:, start: width + (i + 1) * hidden]
-            layer_gates = _LayerGates(inputs, matrix, None if looks_up else bias,
-                                      weights.input_table if looks_up else None)
-            gates = layer_gates.gates  # input, forget, output | cell (GATE_MAJOR_ORDER)
-            views = (gates[:, : 3 * hidden], gates[:, 3 * hidden:],
-                     *(gates[:, k * hidden: (k + 1) * hidden] for k in range(3)))
-            self.layers.append((layer_gates, views, self.cells[i], self.outputs[i]))
+        self.layers: list[_Layer] = []
+        for i, ((matrix, bias), (h, c)) in enumerate(zip(weights.layers, layers)):
+            first_lookup = i == 0 and looks_up
+            layer_inputs, width = inputs[i], widths[i]
+            layer_inputs[:, width:].copy_(h)
+            if i:
+                layer_inputs[:, :width].copy_(layers[i - 1][0])
+            gates = _LayerGates(layer_inputs, matrix, None if first_lookup else bias,
+                                weights.input_table if first_lookup else None)
+            g = gates.gates
+            self.layers.append(_Layer(
+                gates, g[:, : 3 * hidden], g[:, 3 * hidden:], *(g[:, k * hidden: (k + 1) * hidden] for k in range(3)),
+                cell=c.clone(), output=layer_inputs[:, width:],
+                next_input=inputs[i + 1][:, :hidden] if i + 1 < len(layers) else self.output))
+        self.output.copy_(layers[-1][0])
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
-        """One step on (B,) tokens: the top layer's new output, (B, H), a view that the next call overwrites."""
+        """One step on (B,) tokens: the top layer's new output, (B, H), a buffer that the next call overwrites."""
         if self.embedding is not None:
             torch.index_select(self.embedding, 0, token, out=self.embedded)
-        for layer_gates, (sigmoid_gates, cell_input, input_gate, forget_gate, output_gate), c, h in self.layers:
-            layer_gates.fill(token)  # into the buffer the views read
-            sigmoid_gates.sigmoid_()
-            cell_input.tanh_()
-            c.mul_(forget_gate).addcmul_(input_gate, cell_input)
-            torch.mul(output_gate, torch.tanh(c, out=self.squashed_cell), out=h)
-        return self.outputs[-1]
+        for layer in self.layers:
+            layer.gates.fill(token)  # into the buffer the views read
+            layer.sigmoid_gates.sigmoid_()
+            layer.cell_input.tanh_()
+            layer.cell.mul_(layer.forget_gate).addcmul_(layer.input_gate, layer.cell_input)
+            torch.mul(layer.output_gate, torch.tanh(layer.cell, out=self.squashed_cell), out=layer.output)
+            layer.next_input.copy_(layer.output)
+        return self.output
 
     def states(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies of each layer's (h, c) now, as `step_layers` returns them."""
-        return [(h.clone(), c.clone()) for h, c in zip(self.outputs, self.cells)]
+        return [(layer.output.clone(), layer.cell.clone()) for layer in self.layers]

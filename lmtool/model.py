@@ -19,6 +19,7 @@ from lmtool.dropout import dropout, fast_dropout_applies
 from lmtool.errors import LmtoolError
 from lmtool.packed_weights import pack, packing_works
 from lmtool.step_products import Matrix, times
+from lmtool.transposed_steps import TRANSPOSED_STEPS, transposed_layer
 
 # An LSTM carries (h, c); the other cells carry h alone. Each tensor is (num_layers, B, H).
 State = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -55,8 +56,9 @@ LAYER_FUNCTIONS = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru"
 
 # An LSTM generating on a CPU can step with its input and hidden weights transposed and stacked into one
 # (inputs + hidden, 4 x hidden) matrix and its three sigmoid gates side by side (the gate-major layout,
-# `lstm_step_gate_major`; (hidden, 4 x hidden) for a first layer whose input product is looked up), and a full
-# softmax can score with its output weights as an (H, V) matrix. Which layout runs faster depends on the CPU's
+# `lstm_step_gate_major`; (hidden, 4 x hidden) for a first layer whose input product is looked up), the other
+# cells with their weights transposed too (lmtool.transposed_steps), and a full softmax can score with its output
+# weights as an (H, V) matrix. Which layout runs faster depends on the CPU's
 # BLAS and on how many streams are generated: below GATE_MAJOR_MIN_STREAMS or from it (see MKL_ON_AMD).
 # `python bench/sampling.py` times both layouts at every stream count. In bf16 the gate-major layout with whole
 # matrices was mostly slower, so bf16 on a CPU steps gate-major only with its matrices packed by oneDNN
@@ -104,6 +106,14 @@ OUTPUT_MAJOR_MIN_VOCAB: int | None = 30000
 # (char) and 2.1-2.3x (word) as long packed as in column blocks.
 PACKED_FP32_MIN_ELEMENTS: int | None = 2**19
 
+# Whether the GRU and the plain RNN step with their weights transposed (lmtool.transposed_steps) where MKL_ON_AMD
+# and in bf16 with packed weights, as the LSTM does (False: PyTorch's single-step cells there). On a 2-core AMD
+# EPYC one stream of a char 2x512 GRU generated 2.41x as fast that way (1.35x in bf16), a plain tanh RNN 1.07x
+# (1.49x), a 33k-word 2x200 GRU 1.14x (0.97x), and 64 streams of the char GRU 1.52x (1.41x), of the RNN 1.07x
+# (1.16x), timed in turn with PyTorch's cells (`python bench/sampling.py`; bench/RESULTS.md, Generation speed).
+# Other CPUs were not measured: in fp32 there they keep PyTorch's cells.
+OTHER_CELLS_TRANSPOSED = True
+
 # Whether evaluation and scoring pack a large full softmax's output layer once per call (scoring: a few times,
 # see evaluate.packing_fits; `LanguageModel.packed_output_layer`): in bf16 where the CPU has native bf16 and the
 # call scores more than one batch (PyTorch's bf16 linear layer re-arranges the weights on every batch), in fp32
@@ -118,68 +128,26 @@ PACKED_SCORING = True
 @dataclass(frozen=True)
 class StepWeights:
     """What one generation step reads, detached (and cast, for bf16 generation): the embedding table and each
-    layer's (w_ih, w_hh, b_ih, b_hh); or, with `gate_major`, an LSTM layer's ([w_ih.T; w_hh.T], b_ih + b_hh):
-    its input and hidden weights transposed and stacked, (inputs + H, 4H), with the gates reordered to input,
-    forget, output, cell (see `lstm_step_gate_major`). `output_major` is a full softmax's (weight.T, bias) where
-    that layout scores faster (MKL_ON_AMD: few streams, or a large vocabulary; bf16 on a CPU: packed); else None,
-    and the model's own output layer scores (in its dtype). `input_table`, gate-major only: the first layer's
-    input product of every token, biases included ((V, 4H): embedding @ w_ih.T + b_ih + b_hh), where it is no
-    larger than the w_ih it replaces (a character vocabulary): a step looks its token's row up instead of
-    embedding it and multiplying, and that layer's entry is (w_hh.T, bias). Where MKL_ON_AMD, the transposed
-    matrices of either layout come in column blocks, one per thread, where they are large enough
-    (lmtool.column_blocks), or packed by oneDNN from GATE_MAJOR_MIN_STREAMS streams where larger still
-    (PACKED_FP32_MIN_ELEMENTS; lmtool.packed_weights); elsewhere they are contiguous tensors. bf16 generation
-    on a CPU with native bf16 has an LSTM's stacked matrices and a full softmax's output layer packed in bf16
-    (their biases plain bf16 tensors), where packing works."""
+    layer's (w_ih, w_hh, b_ih, b_hh); or, with `gate_major`, each layer's weights transposed for its step in
+    lmtool.transposed_steps (`transposed_layer`): an LSTM's input and hidden weights stacked, (inputs + H, 4H),
+    with the gates reordered to input, forget, output, cell, and b_ih + b_hh; a GRU's two matrices, (inputs, 3H)
+    and (H, 3H), and two biases; a plain RNN's stacked (inputs + H, H) and b_ih + b_hh. `output_major` is a full
+    softmax's (weight.T, bias) where that layout scores faster (MKL_ON_AMD: few streams, or a large vocabulary;
+    bf16 on a CPU: packed); else None, and the model's own output layer scores (in its dtype). `input_table`,
+    gate-major only: the first layer's input product of every token ((V, gates x H): embedding @ w_ih.T and the
+    biases the step adds to it), where it is no larger than the w_ih it replaces (a character vocabulary): a step
+    looks its token's row up instead of embedding it and multiplying, and that layer's entry holds its hidden
+    weights and bias. Where MKL_ON_AMD, the transposed matrices come in column blocks, one per thread, where they
+    are large enough (lmtool.column_blocks), or packed by oneDNN from GATE_MAJOR_MIN_STREAMS streams where larger
+    still (PACKED_FP32_MIN_ELEMENTS; lmtool.packed_weights); elsewhere they are contiguous tensors. bf16
+    generation on a CPU with native bf16 has the transposed matrices and a full softmax's output layer packed in
+    bf16 (their biases plain bf16 tensors), where packing works."""
 
     embedding: torch.Tensor
     layers: list[tuple]
     gate_major: bool = False
     output_major: tuple[Matrix, torch.Tensor | None] | None = None
     input_table: torch.Tensor | None = None
-
-
-def lstm_step_gate_major(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], weight_t: Matrix,
-                         bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.lstm_cell on StepWeights' gate-major layout: the input and the hidden state side by side take one
-    product with the stacked (inputs + H, 4H) weights (one call, not two), the gates land in one (B, 4H) buffer,
-    and the three sigmoid gates, stored side by side, take one call."""
-    h, c = state
-    return lstm_gates_step(times(torch.cat((x, h), dim=1), weight_t, bias), c)
-
-
-def lstm_gates_step(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An LSTM step's (h, c) from its (B, 4H) gate inputs in the gate-major order, which it overwrites."""
-    hidden = c.size(-1)
-    sigmoid_gates = gates[:, : 3 * hidden].sigmoid_()
-    cell_input = gates[:, 3 * hidden:].tanh_()
-    input_gate, forget_gate = sigmoid_gates[:, :hidden], sigmoid_gates[:, hidden: 2 * hidden]
-    c = torch.addcmul(forget_gate * c, input_gate, cell_input)
-    return sigmoid_gates[:, 2 * hidden:] * torch.tanh(c), c
-
-
-def lstm_step_from_input_gates(input_gates: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
-                               w_hh_t: Matrix) -> tuple[torch.Tensor, torch.Tensor]:
-    """`lstm_step_gate_major` from the input's (B, 4H) contribution, biases included, which it may overwrite,
-    and the (H, 4H) hidden weights."""
-    h, c = state
-    return lstm_gates_step(times(h, w_hh_t, input_gates), c)  # gates (B, 4H): input, forget, output | cell
-
-
-# PyTorch stores an LSTM's gates as input, forget, cell, output; the gate-major layout moves the cell gate last.
-GATE_MAJOR_ORDER = (0, 1, 3, 2)
-
-
-def _gate_major(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """An LSTM layer's (4H, inputs) weights as an (inputs, 4H) matrix in GATE_MAJOR_ORDER (written into `out` if
-    given): one transposing copy per gate, straight into place (half the time of reordering the rows and then
-    transposing them)."""
-    hidden = weight.size(0) // 4
-    out = weight.new_empty(weight.size(1), 4 * hidden) if out is None else out
-    gates = weight.view(4, hidden, -1)
-    for place, gate in enumerate(GATE_MAJOR_ORDER):
-        out[:, place * hidden: (place + 1) * hidden].copy_(gates[gate].t())
-    return out
 
 
 def map_state(fn, state, *others):
@@ -294,21 +262,18 @@ class LanguageModel(nn.Module):
         """`step_hidden` on the state kept as one entry per layer ((h, c) for an LSTM, else h; see
         `layer_states`): a generation loop then never splits and restacks it. At batch 1 the per-operation
         overhead is what costs, so this is plain functional calls."""
-        cell_step = lstm_step_gate_major if weights.gate_major else CELL_STEPS[self.config.cell]
+        lstm = self.config.cell == "lstm"
+        cell_step, from_input = (TRANSPOSED_STEPS[self.config.cell] if weights.gate_major
+                                 else (CELL_STEPS[self.config.cell], None))
         new_layers = []
         if weights.input_table is not None:  # the first layer's input product, looked up (a copy: overwritten)
-            x, c = lstm_step_from_input_gates(weights.input_table.index_select(0, token), layers[0],
-                                              weights.layers[0][0])
-            new_layers.append((x, c))
+            new_layers.append(from_input(weights.input_table.index_select(0, token), layers[0], *weights.layers[0]))
+            x = new_layers[0][0] if lstm else new_layers[0]
         else:
             x = F.embedding(token, weights.embedding)  # (B, E)
         for w, layer in zip(weights.layers[len(new_layers):], layers[len(new_layers):]):
-            if self.config.cell == "lstm":
-                x, c = cell_step(x, layer, *w)  # (B, H) each
-                new_layers.append((x, c))
-            else:
-                x = cell_step(x, layer, *w)  # (B, H)
-                new_layers.append(x)
+            new_layers.append(cell_step(x, layer, *w))  # (h, c) for an LSTM, else h; (B, H) each
+            x = new_layers[-1][0] if lstm else new_layers[-1]
         return x, new_layers  # dropout is off in generation
 
     def layer_states(self, state: State) -> list:
@@ -327,10 +292,11 @@ class LanguageModel(nn.Module):
     def step_weights(self, direction: str | None = None, dtype: torch.dtype | None = None,
                      streams: int = 1, relayout: bool = True) -> StepWeights:
         """The embedding and each layer's (w_ih, w_hh, b_ih, b_hh), detached, for `step` in that direction;
-        cast to `dtype` if given (bf16 generation). On a CPU an fp32 model's LSTM and full softmax step in faster
-        layouts (copies, see StepWeights): in bf16, where the CPU has native bf16 and oneDNN packs bf16 matrices,
-        gate-major with every matrix packed (lmtool.packed_weights) and the output layer packed too; in fp32,
-        gate-major where that is the CPU's faster layout for that many streams (MKL_ON_AMD), and where MKL_ON_AMD
+        cast to `dtype` if given (bf16 generation). On a CPU an fp32 model's recurrent layers and full softmax step
+        in faster layouts (copies, see StepWeights): in bf16, where the CPU has native bf16 and oneDNN packs bf16
+        matrices, transposed (an LSTM gate-major) with every matrix packed (lmtool.packed_weights) and the output
+        layer packed too; in fp32, an LSTM gate-major where that is the CPU's faster layout for that many streams
+        (MKL_ON_AMD), the other cells transposed there too but only where MKL_ON_AMD, and where MKL_ON_AMD
         a full softmax's output weights come transposed for fewer than GATE_MAJOR_MIN_STREAMS, or for any count
         from OUTPUT_MAJOR_MIN_VOCAB tokens; there the transposed matrices come packed from GATE_MAJOR_MIN_STREAMS
         streams and PACKED_FP32_MIN_ELEMENTS elements, else in column blocks where large enough
@@ -359,29 +325,25 @@ class LanguageModel(nn.Module):
                 return pack(matrix.to(torch.bfloat16), streams)
             if packed_fp32 and not few and matrix.numel() >= PACKED_FP32_MIN_ELEMENTS:
                 return pack(matrix, streams)
-            return in_column_blocks(matrix) if amd else matrix
+            return in_column_blocks(matrix) if amd else matrix.contiguous()
 
         transposed = packed_bf16 or (fp32 and ((few or looks_up) if amd else (on_cpu and not few)))
-        gate_major = transposed and self.config.cell == "lstm"
+        gate_major = transposed and (self.config.cell == "lstm" or (OTHER_CELLS_TRANSPOSED and (amd or packed_bf16)))
         input_table = None
         if gate_major:
             # bf16 packs from the fp32 weights: the bias sums and the input table are rounded once, at the end
             source = plain if packed_bf16 else layers
             embedding = self.embedding.weight.detach() if packed_bf16 else ready(self.embedding.weight)
-            stacked = []
-            for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(source):
-                bias = (b_ih + b_hh).view(4, -1)[list(GATE_MAJOR_ORDER)].flatten()
-                if layer == 0 and looks_up:  # the input product is looked up; the step multiplies h alone
-                    input_table = ready(torch.addmm(bias, embedding, _gate_major(w_ih)))  # (V, 4H)
-                    stacked.append((_gate_major(w_hh), bias))
-                    continue
-                weight_t = w_ih.new_empty(w_ih.size(1) + w_hh.size(1), w_ih.size(0))  # (inputs + H, 4H)
-                _gate_major(w_ih, out=weight_t[: w_ih.size(1)])
-                _gate_major(w_hh, out=weight_t[w_ih.size(1):])
-                stacked.append((weight_t, bias))
-            # where MKL_ON_AMD, MKL multiplies a few rows by a whole matrix on one thread: blocks (or oneDNN's
-            # packed products) use every thread
-            layers = [(relaid(weight_t), ready(bias)) for weight_t, bias in stacked]
+            relaid_layers = []
+            for layer, weights in enumerate(source):
+                table, matrices, biases = transposed_layer(self.config.cell, *weights,
+                                                           embedding if layer == 0 and looks_up else None)
+                if table is not None:  # the input product is looked up; the step multiplies h alone
+                    input_table = ready(table)
+                # where MKL_ON_AMD, MKL multiplies a few rows by a whole matrix on one thread: blocks (or oneDNN's
+                # packed products) use every thread
+                relaid_layers.append((*map(relaid, matrices), *map(ready, biases)))
+            layers = relaid_layers
         output_major = None
         if self.config.softmax == "full" and (packed_bf16 or (amd and (few or large)
                                                               and self.decoder.weight.dtype == torch.float32)):

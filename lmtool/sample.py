@@ -245,14 +245,14 @@ def generate(
     two_level = (model.config.softmax == "adaptive" and options.temperature == 1
                  and options.top_k is None and options.top_p is None)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    # a gate-major LSTM (CPU layouts) steps on buffers made once: the same states, fewer small operations
-    stepper = LstmStepper(weights, layers) if weights.gate_major and BUFFERED_LSTM_STEPS else None
+    lstm = model.config.cell == "lstm"
+    stepper = LstmStepper(weights, layers) if weights.gate_major and lstm and BUFFERED_LSTM_STEPS else None
 
     def advance(last: torch.Tensor, done: torch.Tensor, layers: list, non_finite: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, list]:
         """One token for every stream (the draw; with stop_at_eos, <EOS> after an end and `done` updated in
         place), then the recurrent step on it: (token (B,), the top layer's output (B, H), the layers' states).
-        Constant work per token."""
+        Constant work per token. With the stepper, which keeps the states itself, `layers` comes back as given."""
         if two_level:
             token = draw_adaptive(model.adaptive, last.float(), generator)  # (B,)
         else:
@@ -261,7 +261,7 @@ def generate(
             token = token.masked_fill(done, EOS_ID)
             done |= token == EOS_ID
         if stepper is not None:
-            return token, stepper(token), layers  # the output is a view the next step overwrites, after the draw
+            return token, stepper(token), layers  # its output buffer is overwritten by the next step, after the draw
         return (token, *model.step_layers(token, layers, weights))
 
     capture = token_capture(model, options, two_level, cuda_graph, generator)

@@ -87,10 +87,11 @@ def test_the_stepper_refuses_weights_in_pytorchs_layout():
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_generation_steps_a_gate_major_lstm_with_the_stepper(monkeypatch, cell):
-    """generate steps through LstmStepper exactly where the weights are gate-major (a CPU's LSTM layouts), once
-    per generated token, and draws the same samples as step_layers does."""
-    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)  # gate-major for one stream
+    """generate steps through LstmStepper exactly where an LSTM's weights are gate-major (a CPU's layouts), once
+    per generated token."""
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)  # gate-major (transposed, for the GRU) for one stream
     model = LanguageModel(ModelConfig(cell=cell, embedding_size=6, hidden_size=10), 13).eval()
+    assert model.step_weights(streams=2).gate_major
     calls = []
 
     class CountingStepper(LstmStepper):
@@ -99,9 +100,45 @@ def test_generation_steps_a_gate_major_lstm_with_the_stepper(monkeypatch, cell):
             return super().__call__(token)
 
     monkeypatch.setattr(lmtool.sample, "LstmStepper", CountingStepper)
-    options = SamplingOptions(length=7, num_samples=2, seed=5)
-    samples = generate(model, [4, 2], options)
+    generate(model, [4, 2], SamplingOptions(length=7, num_samples=2, seed=5))
     assert calls == ([torch.Size([2])] * 7 if cell == "lstm" else [])
-    monkeypatch.setattr(model, "step_weights", lambda *args, **kwargs: LanguageModel.step_weights(
-        model, *args, **{**kwargs, "relayout": False}))  # PyTorch's layout: step_layers, no stepper
-    assert generate(model, [4, 2], options) == samples and len(calls) == (7 if cell == "lstm" else 0)
+
+
+# Sizes at which a BLAS rounds a product differently for a strided or misaligned input (seen with MKL on an AMD
+# EPYC): the scores of the stepper's output must still equal step_layers'.
+REAL_SIZES = {
+    "char, looked up, full softmax, 6 streams": (ModelConfig(embedding_size=256, hidden_size=650), 66, 6, {}),
+    "adaptive softmax, 2 streams": (ModelConfig(embedding_size=37, hidden_size=129, softmax="adaptive",
+                                                adaptive_cutoffs=(200,)), 500, 2, {}),
+    "word, 1 stream, top-p, stop at <EOS>": (ModelConfig(embedding_size=37, hidden_size=129), 500, 1,
+                                             dict(top_p=0.9, temperature=0.8, stop_at_eos=True)),
+    "backward, 3 streams, bf16": (ModelConfig(embedding_size=37, hidden_size=129, direction="backward"), 500, 3,
+                                  dict(precision="bf16")),
+}
+
+
+@pytest.mark.parametrize("case", list(REAL_SIZES))
+def test_generation_draws_from_the_same_probabilities_with_the_stepper_as_without(monkeypatch, case):
+    """Every draw's probabilities, the tokens and what on_token sees are the same to the bit with the stepper as
+    with step_layers (BUFFERED_LSTM_STEPS off), at real sizes."""
+    config, vocab, streams, how = REAL_SIZES[case]
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)  # gate-major for these streams
+    monkeypatch.setattr(lmtool.model, "bf16_is_native", lambda device: True)  # the ops run without it, slower
+    torch.manual_seed(0)
+    model = LanguageModel(config, vocab).eval()
+    assert model.step_weights(dtype=torch.bfloat16 if how.get("precision") else None, streams=streams).gate_major
+    real_draw, drawn_from = lmtool.sample._draw, []
+    monkeypatch.setattr(lmtool.sample, "_draw", lambda probs, *args: drawn_from.append(probs.clone()) or
+                        real_draw(probs, *args))
+    runs = {}
+    for buffered in (True, False):
+        monkeypatch.setattr(lmtool.sample, "BUFFERED_LSTM_STEPS", buffered)
+        drawn_from.clear()
+        seen = []
+        samples = generate(model, [3, 1], SamplingOptions(length=25, num_samples=streams, seed=1, **how),
+                           on_token=lambda token: seen.append(token.tolist()))
+        runs[buffered] = samples, seen, list(drawn_from)
+    (samples, seen, probs), (expected_samples, expected_seen, expected_probs) = runs[True], runs[False]
+    assert samples == expected_samples and seen == expected_seen
+    assert len(probs) == len(expected_probs) >= 25
+    assert all(torch.equal(a, b) for a, b in zip(probs, expected_probs))

@@ -68,12 +68,12 @@ def test_packing_is_not_trusted_where_the_ops_are_missing_or_fail(monkeypatch):
 
 
 @needs_packing
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
 @pytest.mark.parametrize("embedding_size", [6, 16])  # the first layer multiplied, and looked up (V <= E)
 @pytest.mark.parametrize("streams", [1, GATE_MAJOR_MIN_STREAMS + 1])
 def test_bf16_generation_steps_with_packed_bf16_weights_close_to_fp32(monkeypatch, cell, embedding_size, streams):
-    """--precision bf16 on a CPU with native bf16 packs every gate-major LSTM matrix and the output layer in bf16:
-    each step's scores within bf16's rounding of fp32's, on any CPU vendor, and in fp32 for the draw."""
+    """--precision bf16 on a CPU with native bf16 packs every transposed matrix of the cell and the output layer
+    in bf16: each step's scores within bf16's rounding of fp32's, on any CPU vendor, and in fp32 for the draw."""
     monkeypatch.setattr(lmtool.model, "bf16_is_native", lambda device: True)  # the ops run without it, slower
     for amd in (True, False):
         monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", amd)
@@ -82,11 +82,17 @@ def test_bf16_generation_steps_with_packed_bf16_weights_close_to_fp32(monkeypatc
         x = torch.randint(0, 13, (streams, 6))
         full, _ = model(x)
         weights = model.step_weights(dtype=torch.bfloat16, streams=streams)
-        assert weights.gate_major == (cell == "lstm")
+        assert weights.gate_major
         assert isinstance(weights.output_major[0], PackedWeights) and weights.output_major[0].dtype == torch.bfloat16
-        if cell == "lstm":
-            assert all(isinstance(w, PackedWeights) and w.dtype == torch.bfloat16 for w, _ in weights.layers)
-            assert (weights.input_table is not None) == (embedding_size >= 13)
+        looks_up = embedding_size >= 13
+        assert (weights.input_table is not None) == looks_up
+        # per layer: the GRU's input and hidden matrices apart, the others' stacked; the looked-up layer's hidden one
+        matrices = [[w for w in entry if isinstance(w, PackedWeights) and w.dtype == torch.bfloat16]
+                    for entry in weights.layers]
+        per_layer = 2 if cell == "gru" else 1
+        assert [len(layer) for layer in matrices] == [1 if looks_up else per_layer, per_layer]
+        assert all(not isinstance(w, PackedWeights) and w.dtype == torch.bfloat16 for entry in weights.layers
+                   for w in entry[len(entry) // 2:])  # the biases, plain bf16
         state = tuple(s.bfloat16() for s in model.init_state(streams)) if cell == "lstm" else \
             model.init_state(streams).bfloat16()
         for t in range(x.size(1)):

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+import lmtool.column_blocks
+import lmtool.model
+from lmtool.column_blocks import ColumnBlocks
+from lmtool.config import ModelConfig
+from lmtool.model import GATE_MAJOR_MIN_STREAMS, LanguageModel
+from lmtool.packed_weights import PackedWeights, packing_works
+from lmtool.sample import SamplingOptions, generate
+
+CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+# Where MKL_ON_AMD: few streams step in column blocks (or whole matrices, when they are too small for blocks);
+# from GATE_MAJOR_MIN_STREAMS streams only a looked-up first layer keeps the transposed layout, packed in fp32.
+FORMS = {"whole": (1, 10**9, ColumnBlocks), "blocks": (2, 1, torch.Tensor),
+         "packed fp32": (GATE_MAJOR_MIN_STREAMS + 1, 1, ColumnBlocks)}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+# embedding_size 6: the first layer multiplied; 16: looked up (V <= E), which many streams need to step transposed
+@pytest.mark.parametrize("form, embedding_size", [(form, size) for form in FORMS for size in (6, 16)
+                                                  if (form, size) != ("packed fp32", 6)])
+def test_every_cell_steps_with_transposed_weights_like_the_sequence_kernel(monkeypatch, cell, form, embedding_size):
+    """Where MKL runs on an AMD CPU every cell generates with its weights transposed, in each form they take: the
+    scores and states of the sequence kernel to float rounding, in each direction of a bidirectional model."""
+    streams, min_block, not_this = FORMS[form]
+    if form == "packed fp32" and not packing_works(torch.float32):
+        pytest.skip("this PyTorch build has no oneDNN packing")
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
+    monkeypatch.setattr(lmtool.column_blocks, "MIN_BLOCK_ELEMENTS", min_block)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # three blocks, the last one padded
+    monkeypatch.setattr(lmtool.model, "PACKED_FP32_MIN_ELEMENTS", 1)
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(cell=cell, embedding_size=embedding_size, hidden_size=10, num_layers=2,
+                                      direction="bidirectional"), 13).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(4)  # so that a swapped gate, block or a lost bias shows
+    x = torch.randint(0, 13, (streams, 7))
+    for direction in ("forward", "backward"):
+        full, final = model(x, direction=direction)
+        weights = model.step_weights(direction, streams=streams)
+        assert weights.gate_major and (weights.input_table is not None) == (embedding_size == 16)
+        matrices = [w for entry in weights.layers for w in entry[: (len(entry) + 1) // 2]]
+        assert matrices and not any(isinstance(w, not_this) for w in matrices)
+        if form == "packed fp32":
+            assert all(isinstance(w, PackedWeights) for w in matrices)
+        state, steps = model.init_state(streams), []
+        for t in range(x.size(1)):
+            scores, state = model.step(x[:, t], state, weights)
+            steps.append(scores)
+        torch.testing.assert_close(torch.stack(steps, 1), full)
+        torch.testing.assert_close(state, final)
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn_tanh"])
+def test_other_cpus_keep_pytorchs_cells_for_the_other_cells(monkeypatch, cell):
+    """Off MKL on AMD, only the LSTM steps transposed (from GATE_MAJOR_MIN_STREAMS streams): the other cells keep
+    PyTorch's single-step cells, which draw the same samples."""
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
+    model = LanguageModel(ModelConfig(cell=cell, embedding_size=6, hidden_size=10), 13).eval()
+    options = SamplingOptions(length=12, num_samples=2, seed=7)
+    transposed = generate(model, [3], options)
+    monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", False)
+    for streams in (1, GATE_MAJOR_MIN_STREAMS):
+        assert not model.step_weights(streams=streams).gate_major
+    assert generate(model, [3], options) == transposed
