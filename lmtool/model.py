@@ -78,9 +78,10 @@ def _mkl_on_amd() -> bool:
 
 
 # Where MKL runs on an AMD processor, one to three streams generate with transposed weights (the LSTM
-# gate-major, the output layer (H, V)) and more streams in PyTorch's layout, except that an LSTM whose first
-# layer's input product is looked up (StepWeights.input_table: a character vocabulary) stays gate-major, which
-# measured 0.94-1.20x the cell's at 4-64 streams with the lookup (four runs); elsewhere the reverse. On a 2-core
+# gate-major, the other cells too: OTHER_CELLS_TRANSPOSED; the output layer (H, V)) and more streams in PyTorch's
+# layout, except that a model whose first layer's input product is looked up (StepWeights.input_table: a
+# character vocabulary) stays transposed, which for the LSTM measured 0.94-1.20x the cell's at 4-64 streams with
+# the lookup (four runs); elsewhere the reverse. On a 2-core
 # AMD EPYC, MKL multiplied one or two rows by PyTorch's (outputs, inputs) weights far below the memory's speed:
 # the bare step products of a word model with 33k words took 3.4-4.1 ms per token that way and 0.9-1.2 ms
 # transposed, the char model's 0.37-0.89 against 0.28-0.38 ms; from 4 to 64 streams the gate-major step without
@@ -107,11 +108,13 @@ OUTPUT_MAJOR_MIN_VOCAB: int | None = 30000
 PACKED_FP32_MIN_ELEMENTS: int | None = 2**19
 
 # Whether the GRU and the plain RNN step with their weights transposed (lmtool.transposed_steps) where MKL_ON_AMD
-# and in bf16 with packed weights, as the LSTM does (False: PyTorch's single-step cells there). On a 2-core AMD
-# EPYC one stream of a char 2x512 GRU generated 2.41x as fast that way (1.35x in bf16), a plain tanh RNN 1.07x
-# (1.49x), a 33k-word 2x200 GRU 1.14x (0.97x), and 64 streams of the char GRU 1.52x (1.41x), of the RNN 1.07x
-# (1.16x), timed in turn with PyTorch's cells (`python bench/sampling.py`; bench/RESULTS.md, Generation speed).
-# Other CPUs were not measured: in fp32 there they keep PyTorch's cells.
+# and in bf16 with packed weights on any CPU, as the LSTM does (False: PyTorch's single-step cells there). On a
+# 2-core AMD EPYC, in two runs, one stream of a char 2x512 GRU generated 2.41x and 2.17x as fast that way (1.35x
+# and 1.31x in bf16), a plain tanh RNN 1.07x and 1.15x (1.49x and 1.42x), a 33k-word 2x200 GRU 1.14x and 0.99x
+# (0.97x and 1.08x), 64 streams of the char GRU 1.52x and 1.48x (1.41x and 1.14x), of the RNN 1.07x and 1.13x
+# (1.16x and 1.08x), timed in turn with PyTorch's cells (`python bench/sampling.py`; bench/RESULTS.md, Generation
+# speed). Other CPUs were not measured in fp32, where they keep PyTorch's cells; bf16's packed weights were
+# measured on the AMD EPYC only, for every cell.
 OTHER_CELLS_TRANSPOSED = True
 
 # Whether evaluation and scoring pack a large full softmax's output layer once per call (scoring: a few times,

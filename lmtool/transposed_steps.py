@@ -12,6 +12,7 @@ in StepWeights.input_table (a copy of the table's rows, which the step may overw
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 
@@ -84,21 +85,22 @@ def gru_gates_step(input_gates: torch.Tensor, hidden_gates: torch.Tensor, h: tor
 
 
 def rnn_step_transposed(x: torch.Tensor, h: torch.Tensor, weight_t: Matrix, bias: torch.Tensor,
-                        activation=torch.tanh_) -> torch.Tensor:
+                        activation: Callable[[torch.Tensor], torch.Tensor] = torch.tanh_) -> torch.Tensor:
     """torch.rnn_tanh_cell (or, with torch.relu_, rnn_relu_cell) with the input and the hidden state side by side
     taking one product with the stacked (inputs + H, H) weights, `bias` = b_ih + b_hh."""
     return activation(times(torch.cat((x, h), dim=1), weight_t, bias))
 
 
 def rnn_step_from_input(input_part: torch.Tensor, h: torch.Tensor, w_hh_t: Matrix,
-                        bias: torch.Tensor | None = None, activation=torch.tanh_) -> torch.Tensor:
+                        bias: torch.Tensor | None = None,
+                        activation: Callable[[torch.Tensor], torch.Tensor] = torch.tanh_) -> torch.Tensor:
     """`rnn_step_transposed` from the input's (B, H) contribution, both biases included (`bias` is unused)."""
     return activation(times(h, w_hh_t, input_part))
 
 
 # Per cell: a step from the layer's input, and one from its first layer's input product looked up. Each takes
 # (input or looked-up rows, the layer's state, *the layer's entry of StepWeights.layers).
-TRANSPOSED_STEPS = {
+TRANSPOSED_STEPS: dict[str, tuple[Callable, Callable]] = {
     "lstm": (lstm_step_gate_major, lstm_step_from_input_gates),
     "gru": (gru_step_transposed, gru_step_from_input),
     "rnn_tanh": (rnn_step_transposed, rnn_step_from_input),

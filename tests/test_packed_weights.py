@@ -98,7 +98,7 @@ def test_bf16_generation_steps_with_packed_bf16_weights_close_to_fp32(monkeypatc
         for t in range(x.size(1)):
             scores, state = model.step(x[:, t], state, weights)
             assert scores.dtype == torch.float32
-            torch.testing.assert_close(scores, full[:, t], atol=5e-3, rtol=0)  # a lost or doubled bias shows
+            torch.testing.assert_close(scores, full[:, t], atol=5e-3, rtol=0)  # at scale: test_transposed_steps
             assert not torch.equal(scores, full[:, t])  # bf16 rounding is there
         options = SamplingOptions(length=8, num_samples=streams, seed=4, precision="bf16")
         samples = generate(model, [2], options)

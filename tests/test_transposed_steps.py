@@ -10,10 +10,13 @@ from lmtool.packed_weights import PackedWeights, packing_works
 from lmtool.sample import SamplingOptions, generate
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
-# Where MKL_ON_AMD: few streams step in column blocks (or whole matrices, when they are too small for blocks);
-# from GATE_MAJOR_MIN_STREAMS streams only a looked-up first layer keeps the transposed layout, packed in fp32.
-FORMS = {"whole": (1, 10**9, ColumnBlocks), "blocks": (2, 1, torch.Tensor),
-         "packed fp32": (GATE_MAJOR_MIN_STREAMS + 1, 1, ColumnBlocks)}
+# Where MKL_ON_AMD: few streams step in column blocks (or whole matrices, when they are too small for blocks), cut
+# for 3 and for 4 threads so that every cell meets a padded last block; from GATE_MAJOR_MIN_STREAMS streams only a
+# looked-up first layer keeps the transposed layout, packed in fp32; bf16 packs every matrix at any count.
+# form: (stream counts, MIN_BLOCK_ELEMENTS, thread counts, the form no matrix may take, dtype)
+FORMS = {"whole": ((1,), 10**9, (3,), ColumnBlocks, None), "blocks": ((2,), 1, (3, 4), torch.Tensor, None),
+         "packed fp32": ((GATE_MAJOR_MIN_STREAMS + 1,), 1, (3,), ColumnBlocks, None),
+         "packed bf16": ((1, GATE_MAJOR_MIN_STREAMS + 1), 1, (3,), ColumnBlocks, torch.bfloat16)}
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -22,13 +25,14 @@ FORMS = {"whole": (1, 10**9, ColumnBlocks), "blocks": (2, 1, torch.Tensor),
                                                   if (form, size) != ("packed fp32", 6)])
 def test_every_cell_steps_with_transposed_weights_like_the_sequence_kernel(monkeypatch, cell, form, embedding_size):
     """Where MKL runs on an AMD CPU every cell generates with its weights transposed, in each form they take: the
-    scores and states of the sequence kernel to float rounding, in each direction of a bidirectional model."""
-    streams, min_block, not_this = FORMS[form]
-    if form == "packed fp32" and not packing_works(torch.float32):
+    scores and states of the sequence kernel to float rounding (in bf16, to well within a lost bias or swapped
+    gate), in each direction of a bidirectional model."""
+    stream_counts, min_block, thread_counts, not_this, dtype = FORMS[form]
+    if form.startswith("packed") and not packing_works(dtype or torch.float32):
         pytest.skip("this PyTorch build has no oneDNN packing")
     monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
+    monkeypatch.setattr(lmtool.model, "bf16_is_native", lambda device: True)  # the ops run without it, slower
     monkeypatch.setattr(lmtool.column_blocks, "MIN_BLOCK_ELEMENTS", min_block)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # three blocks, the last one padded
     monkeypatch.setattr(lmtool.model, "PACKED_FP32_MIN_ELEMENTS", 1)
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(cell=cell, embedding_size=embedding_size, hidden_size=10, num_layers=2,
@@ -36,21 +40,35 @@ def test_every_cell_steps_with_transposed_weights_like_the_sequence_kernel(monke
     with torch.no_grad():
         for param in model.parameters():
             param.mul_(4)  # so that a swapped gate, block or a lost bias shows
-    x = torch.randint(0, 13, (streams, 7))
-    for direction in ("forward", "backward"):
-        full, final = model(x, direction=direction)
-        weights = model.step_weights(direction, streams=streams)
-        assert weights.gate_major and (weights.input_table is not None) == (embedding_size == 16)
-        matrices = [w for entry in weights.layers for w in entry[: (len(entry) + 1) // 2]]
-        assert matrices and not any(isinstance(w, not_this) for w in matrices)
-        if form == "packed fp32":
-            assert all(isinstance(w, PackedWeights) for w in matrices)
-        state, steps = model.init_state(streams), []
-        for t in range(x.size(1)):
-            scores, state = model.step(x[:, t], state, weights)
-            steps.append(scores)
-        torch.testing.assert_close(torch.stack(steps, 1), full)
-        torch.testing.assert_close(state, final)
+    padded = []
+    for streams in stream_counts:
+        x = torch.randint(0, 13, (streams, 7))
+        for threads in thread_counts:
+            monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # one block per thread
+            for direction in ("forward", "backward"):
+                full, final = model(x, direction=direction)
+                weights = model.step_weights(direction, dtype=dtype, streams=streams)
+                assert weights.gate_major and (weights.input_table is not None) == (embedding_size == 16)
+                matrices = [w for entry in weights.layers for w in entry[: (len(entry) + 1) // 2]]
+                assert matrices and not any(isinstance(w, not_this) for w in matrices)
+                assert all(w.dtype == (dtype or torch.float32) for w in matrices)
+                if form.startswith("packed"):
+                    assert all(isinstance(w, PackedWeights) for w in matrices)
+                padded += [w.blocks.size(0) * w.blocks.size(2) != w.columns for w in matrices
+                           if isinstance(w, ColumnBlocks)]
+                state = model.init_state(streams) if dtype is None else lmtool.model.map_state(
+                    lambda t: t.to(dtype), model.init_state(streams))
+                steps = []
+                for t in range(x.size(1)):
+                    scores, state = model.step(x[:, t], state, weights)
+                    steps.append(scores)
+                if dtype is None:
+                    torch.testing.assert_close(torch.stack(steps, 1), full)
+                    torch.testing.assert_close(state, final)
+                else:  # bf16 rounding is a few 0.1% of the largest score; a lost bias or swapped gate, over 10%
+                    scale = full.abs().max().item()
+                    torch.testing.assert_close(torch.stack(steps, 1), full, atol=0.03 * scale, rtol=0)
+    assert any(padded) == (form == "blocks")
 
 
 @pytest.mark.parametrize("cell", ["gru", "rnn_tanh"])
