@@ -296,7 +296,7 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
 @torch.inference_mode()
 def set_up(models: dict, info: dict, prompt_lengths: tuple[int, ...] = (1, 4, 8, 16)) -> None:
     """A generation call's fixed costs for one stream, per model with a plain output layer: preparing the step's
-    weights (`step_weights`, copies in the CPU's layout) and taking in a prompt of 1 to 16 tokens either way:
+    weights (`step_weights`, copies in the CPU's layout, in fp32 and for --precision bf16) and taking in a prompt of 1 to 16 tokens either way:
     read by the sequence kernel (`LanguageModel.read`) or stepped like generated tokens (`step_layers`;
     lmtool.sample.STEPPED_PROMPT_TOKENS picks). Medians of 9 calls after one uncounted."""
     def median_ms(fn) -> float:
@@ -307,6 +307,7 @@ def set_up(models: dict, info: dict, prompt_lengths: tuple[int, ...] = (1, 4, 8,
             continue
         weights = model.step_weights(streams=1)
         record = {**info, "model": name, "streams": 1, "step_weights_ms": round(median_ms(lambda: model.step_weights()), 3),
+                  "step_weights_bf16_ms": round(median_ms(lambda: model.step_weights(dtype=torch.bfloat16)), 3),
                   "stepped_prompt_tokens": lmtool.sample.STEPPED_PROMPT_TOKENS}
         for length in prompt_lengths:
             prompt = torch.randint(0, model.vocab_size, (1, length))

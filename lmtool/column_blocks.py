@@ -66,15 +66,41 @@ def in_column_blocks(matrix: torch.Tensor) -> torch.Tensor | ColumnBlocks:
     return ColumnBlocks(blocks=blocks, columns=columns)
 
 
-def blocks_times(rows: torch.Tensor, matrix: ColumnBlocks, add: torch.Tensor | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class BlocksOut:
+    """Buffers that `blocks_times` writes a product of `rows` rows into instead of new tensors (a generation step
+    made once per call): the blocks' products, (parts, rows, width), and for several rows the same interleaved
+    into column order, (rows, parts x width)."""
+
+    blocks: torch.Tensor
+    gathered: torch.Tensor | None
+
+    @staticmethod
+    def of(matrix: ColumnBlocks, rows: torch.Tensor) -> "BlocksOut":
+        parts, _, width = matrix.blocks.shape
+        count = rows.size(0)
+        return BlocksOut(rows.new_empty(parts, count, width),
+                         None if count == 1 else rows.new_empty(count, parts * width))
+
+
+def blocks_times(rows: torch.Tensor, matrix: ColumnBlocks, add: torch.Tensor | None = None,
+                 out: BlocksOut | None = None) -> torch.Tensor:
     """(B, K) rows times a (K, N) matrix in ColumnBlocks, plus `add` ((N,) or (B, N)) if given: (B, N).
-    A (B, N) `add` may be overwritten with the result."""
+    A (B, N) `add` may be overwritten with the result. With `out` the result is a view of its buffers, the same
+    view at every call."""
     blocks = matrix.blocks
     count = rows.size(0)
-    product = torch.bmm(rows.expand(blocks.size(0), -1, -1), blocks)  # (parts, B, width), a block per thread
+    expanded = rows.expand(blocks.size(0), -1, -1)
+    # (parts, B, width), a block per thread
+    product = torch.bmm(expanded, blocks) if out is None else torch.bmm(expanded, blocks, out=out.blocks)
     # (B, parts x width): one row is already in that order; more rows are interleaved by a copy (the size of the
     # result; with it, blocks measured about even with whole matrices at 64 streams of a 33k-word output layer)
-    product = product.view(1, -1) if count == 1 else product.transpose(0, 1).reshape(count, -1)
+    if count == 1:
+        product = product.view(1, -1)
+    elif out is None:
+        product = product.transpose(0, 1).reshape(count, -1)
+    else:
+        product = out.gathered.view(count, *product.shape[::2]).copy_(product.transpose(0, 1)).view(count, -1)
     if product.size(1) != matrix.columns:
         product = product[:, : matrix.columns]
     return product if add is None else product.add_(add)

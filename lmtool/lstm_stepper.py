@@ -17,58 +17,36 @@ from typing import NamedTuple
 
 import torch
 
-from lmtool.column_blocks import ColumnBlocks
+from lmtool.column_blocks import BlocksOut, ColumnBlocks
 from lmtool.model import StepWeights
-from lmtool.packed_weights import PackedWeights, packed_times
-from lmtool.step_products import Matrix
+from lmtool.step_products import Matrix, times
 
 
 class _LayerGates:
-    """One layer's (B, 4H) gate inputs, `inputs` (a fixed view of the rows) times its gate-major matrix, plus its
-    bias or, for a first layer that looks its input product up, the token's row of `table`. Each form of the
-    matrix does what lmtool.step_products.times does for it, in the same order, into buffers made here."""
+    """One layer's (B, 4H) gate inputs, `inputs` (a fixed view) times its gate-major matrix, plus its bias or, for
+    a first layer that looks its input product up, the token's row of `table`: lmtool.step_products.times, the
+    arithmetic `step_layers` does, writing into buffers made here, so that `gates` is the same view at every
+    step."""
 
     def __init__(self, inputs: torch.Tensor, matrix: Matrix, bias: torch.Tensor | None,
                  table: torch.Tensor | None) -> None:
         batch, columns = inputs.size(0), matrix.shape[1]
         self.inputs, self.matrix, self.bias, self.table = inputs, matrix, bias, table
-        # column blocks only: the rows once per block, the blocks' products, those interleaved into column order
-        # for several rows, and the table's row (added after the product, as blocks_times adds)
-        self.expanded: torch.Tensor | None = None
-        self.blocks_out: torch.Tensor | None = None
-        self.gathered: torch.Tensor | None = None
-        self.row: torch.Tensor | None = None
-        if isinstance(matrix, ColumnBlocks):
-            parts, _, width = matrix.blocks.shape
-            self.expanded = inputs.expand(parts, -1, -1)
-            self.blocks_out = inputs.new_empty(parts, batch, width)  # a block per thread
-            if batch == 1:  # one row is already in column order
-                self.gates = self.blocks_out.view(1, -1)[:, :columns]
-            else:
-                self.gathered = inputs.new_empty(batch, parts, width)
-                self.gates = self.gathered.view(batch, -1)[:, :columns]
-            if table is not None:
-                self.row = inputs.new_empty(batch, columns)
-        else:
-            self.gates = inputs.new_empty(batch, columns)
+        self.out: torch.Tensor | BlocksOut
+        self.row: torch.Tensor | None = None  # the table's row of each token
+        if isinstance(matrix, ColumnBlocks):  # the product lands in the blocks' buffers, the row is added to it
+            self.out = BlocksOut.of(matrix, inputs)
+            self.row = None if table is None else inputs.new_empty(batch, columns)
+        else:  # the row, where there is one, takes the product (times overwrites a (B, N) `add`)
+            self.out = inputs.new_empty(batch, columns)
+            self.row = None if table is None else self.out
+        # the view every fill returns, found by running the product once on the buffers as they are
+        self.gates = self.fill(torch.zeros(batch, dtype=torch.long, device=inputs.device))
 
     def fill(self, token: torch.Tensor) -> torch.Tensor:
         """The gate inputs for this step's (B,) tokens, in `gates`."""
-        matrix, gates = self.matrix, self.gates
-        if isinstance(matrix, ColumnBlocks):
-            torch.bmm(self.expanded, matrix.blocks, out=self.blocks_out)
-            if self.gathered is not None:
-                self.gathered.copy_(self.blocks_out.transpose(0, 1))
-            if self.table is None:
-                return gates.add_(self.bias)
-            return gates.add_(torch.index_select(self.table, 0, token, out=self.row))
-        if isinstance(matrix, PackedWeights):
-            if self.table is None:  # the bias fused into the product
-                return gates.copy_(packed_times(self.inputs, matrix, self.bias))
-            return torch.index_select(self.table, 0, token, out=gates).add_(packed_times(self.inputs, matrix))
-        if self.table is None:
-            return torch.addmm(self.bias, self.inputs, matrix, out=gates)
-        return torch.index_select(self.table, 0, token, out=gates).addmm_(self.inputs, matrix)
+        add = self.bias if self.table is None else torch.index_select(self.table, 0, token, out=self.row)
+        return times(self.inputs, self.matrix, add, out=self.out)
 
 
 class _Layer(NamedTuple):

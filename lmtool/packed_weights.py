@@ -43,12 +43,16 @@ def pack(matrix: torch.Tensor, streams: int = 1) -> PackedWeights:
     return PackedWeights(torch.ops.mkldnn._reorder_linear_weight(weight, streams), rows, columns)
 
 
-def packed_times(rows: torch.Tensor, matrix: PackedWeights, add: torch.Tensor | None = None) -> torch.Tensor:
+def packed_times(rows: torch.Tensor, matrix: PackedWeights, add: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """(B, K) rows times a packed (K, N) matrix, plus `add` ((N,) bias, fused into the product, or (B, N), which
-    may be overwritten with the result): (B, N) in the matrix's dtype."""
+    may be overwritten with the result): (B, N) in the matrix's dtype. With `out` ((B, N)) and no (B, N) `add`,
+    the result is copied into it (oneDNN's op writes only new tensors)."""
     bias = add if add is not None and add.dim() == 1 else None
     product = torch.ops.mkldnn._linear_pointwise(rows, matrix.packed, bias, "none", [], "")
-    return product if add is None or bias is not None else add.add_(product)
+    if add is not None and bias is None:
+        return add.add_(product)
+    return product if out is None else out.copy_(product)
 
 
 @functools.cache

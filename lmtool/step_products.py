@@ -6,20 +6,25 @@ from typing import Union
 
 import torch
 
-from lmtool.column_blocks import ColumnBlocks, blocks_times
+from lmtool.column_blocks import BlocksOut, ColumnBlocks, blocks_times
 from lmtool.packed_weights import PackedWeights, packed_times
 
 # A transposed (K, N) weight matrix of a generation step, in one of the three forms.
 Matrix = Union[torch.Tensor, ColumnBlocks, PackedWeights]
 
 
-def times(rows: torch.Tensor, matrix: Matrix, add: torch.Tensor | None = None) -> torch.Tensor:
+def times(rows: torch.Tensor, matrix: Matrix, add: torch.Tensor | None = None,
+          out: torch.Tensor | BlocksOut | None = None) -> torch.Tensor:
     """(B, K) rows times a (K, N) matrix in any of its forms, plus `add` ((N,) or (B, N)) if given: (B, N).
-    A (B, N) `add` may be overwritten with the result."""
+    A (B, N) `add` may be overwritten with the result. `out`, for a step on buffers made once: a (B, N) tensor
+    for a whole or packed matrix (unused when a (B, N) `add` takes the result), BlocksOut for column blocks; the
+    same arithmetic either way."""
     if isinstance(matrix, PackedWeights):
-        return packed_times(rows, matrix, add)
+        return packed_times(rows, matrix, add, out)
     if isinstance(matrix, ColumnBlocks):
-        return blocks_times(rows, matrix, add)
+        return blocks_times(rows, matrix, add, out)
     if add is None:
-        return torch.mm(rows, matrix)
-    return add.addmm_(rows, matrix) if add.dim() == 2 else torch.addmm(add, rows, matrix)
+        return torch.mm(rows, matrix) if out is None else torch.mm(rows, matrix, out=out)
+    if add.dim() == 2:
+        return add.addmm_(rows, matrix)
+    return torch.addmm(add, rows, matrix) if out is None else torch.addmm(add, rows, matrix, out=out)

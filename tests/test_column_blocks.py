@@ -89,3 +89,28 @@ def test_other_cpus_keep_whole_matrices(monkeypatch, threads):
     model = LanguageModel(ModelConfig(embedding_size=6, hidden_size=10), 13).eval()
     weights = model.step_weights(streams=lmtool.model.GATE_MAJOR_MIN_STREAMS)  # gate-major there
     assert weights.gate_major and all(isinstance(layer[0], torch.Tensor) for layer in weights.layers)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("add_kind", [None, "bias", "rows"])
+def test_products_into_buffers_made_once_equal_new_tensors_and_keep_their_view(monkeypatch, threads, rows, add_kind):
+    """times(..., out=) (a generation step on buffers made once) computes exactly what it computes into new
+    tensors, and returns the same view of its buffers at every call."""
+    from lmtool.column_blocks import BlocksOut
+
+    monkeypatch.setattr(lmtool.column_blocks, "MIN_BLOCK_ELEMENTS", 1)
+    threads(3)
+    matrix = torch.randn(7, 13)
+    blocks = in_column_blocks(matrix)
+    assert isinstance(blocks, ColumnBlocks)
+    for form, out_of in ((blocks, lambda x: BlocksOut.of(blocks, x)), (matrix, lambda x: x.new_empty(x.size(0), 13))):
+        x = torch.randn(rows, 7)
+        out, results = out_of(x), []
+        for _ in range(2):
+            x.copy_(torch.randn(rows, 7))
+            add = {None: None, "bias": torch.randn(13), "rows": torch.randn(rows, 13)}[add_kind]
+            expected = times(x, form, None if add is None else add.clone())
+            results.append(times(x, form, add, out=out))
+            assert torch.equal(results[-1], expected)
+        if add_kind != "rows" or isinstance(form, ColumnBlocks):  # a (B, N) add takes a whole matrix's result
+            assert results[0].data_ptr() == results[1].data_ptr() and results[0].stride() == results[1].stride()
