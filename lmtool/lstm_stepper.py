@@ -5,9 +5,9 @@ them, the new states. At one stream those small operations cost about as much as
 `LstmStepper` does the same arithmetic in the same order on buffers and views made once, so its states and the
 scores read from its output are the same to the bit. Every product reads a buffer laid out as step_layers' own
 (a fresh contiguous [input | h] per layer), because a BLAS may round differently for other strides or alignments.
-Timed in turn with step_layers on a 2-core AMD EPYC in two runs, one stream of the char 2x512 model generated
-1.10x and 1.09x as fast (1.09x and 1.14x in bf16), the 33k-word model 1.16x and 1.09x (1.38x and 1.33x in bf16),
-4 char streams 1.05x (bf16 1.05x and 1.11x), 64 streams 0.94x and 0.95x (bf16 1.00x)
+Timed in turn with step_layers on a 2-core AMD EPYC in three runs, one stream of the char 2x512 model generated
+1.09-1.10x as fast (1.09-1.20x in bf16), the 33k-word model 1.07-1.16x (1.16-1.38x in bf16), 4 char streams
+1.05-1.06x (bf16 1.05-1.12x), 64 streams 0.94-0.98x (bf16 1.00-1.08x)
 (`python bench/sampling.py --streams 1,4,64`; bench/RESULTS.md, Generation speed).
 """
 

@@ -109,12 +109,12 @@ PACKED_FP32_MIN_ELEMENTS: int | None = 2**19
 
 # Whether the GRU and the plain RNN step with their weights transposed (lmtool.transposed_steps) where MKL_ON_AMD
 # and in bf16 with packed weights on any CPU, as the LSTM does (False: PyTorch's single-step cells there). On a
-# 2-core AMD EPYC, in two runs, one stream of a char 2x512 GRU generated 2.41x and 2.17x as fast that way (1.35x
-# and 1.31x in bf16), a plain tanh RNN 1.07x and 1.15x (1.49x and 1.42x), a 33k-word 2x200 GRU 1.14x and 0.99x
-# (0.97x and 1.08x), 64 streams of the char GRU 1.52x and 1.48x (1.41x and 1.14x), of the RNN 1.07x and 1.13x
-# (1.16x and 1.08x), timed in turn with PyTorch's cells (`python bench/sampling.py`; bench/RESULTS.md, Generation
-# speed). Other CPUs were not measured in fp32, where they keep PyTorch's cells; bf16's packed weights were
-# measured on the AMD EPYC only, for every cell.
+# 2-core AMD EPYC, in three runs, one stream of a char 2x512 GRU generated 1.34-2.41x as fast that way (1.31-1.35x
+# in bf16), a plain tanh RNN 1.07-1.15x (1.42-1.52x), a 33k-word 2x200 GRU, mostly its output layer, 0.93-1.14x
+# (0.97-1.13x), 64 streams of the char GRU 1.48-1.52x (1.14-1.41x), of the RNN 1.01-1.13x (1.08-1.26x), timed in
+# turn with PyTorch's cells (`python bench/sampling.py`; bench/RESULTS.md, Generation speed). Other CPUs were not
+# measured in fp32, where they keep PyTorch's cells; bf16's packed weights were measured on the AMD EPYC only, for
+# every cell.
 OTHER_CELLS_TRANSPOSED = True
 
 # Whether evaluation and scoring pack a large full softmax's output layer once per call (scoring: a few times,
