@@ -296,9 +296,9 @@ def single_stream(models: dict, tokens: int, info: dict) -> None:
 @torch.inference_mode()
 def set_up(models: dict, info: dict, prompt_lengths: tuple[int, ...] = (1, 4, 8, 16)) -> None:
     """A generation call's fixed costs for one stream, per model with a plain output layer: preparing the step's
-    weights (`step_weights`, copies in the CPU's layout, in fp32 and for --precision bf16) and taking in a prompt of 1 to 16 tokens either way:
-    read by the sequence kernel (`LanguageModel.read`) or stepped like generated tokens (`step_layers`;
-    lmtool.sample.STEPPED_PROMPT_TOKENS picks). Medians of 9 calls after one uncounted."""
+    weights (`step_weights`, copies in the CPU's layout, in fp32 and for --precision bf16) and taking in a prompt
+    of 1 to 16 tokens either way: read by the sequence kernel (`LanguageModel.read`) or stepped like generated
+    tokens (`step_layers`; lmtool.sample.STEPPED_PROMPT_TOKENS picks). Medians of 9 calls after one uncounted."""
     def median_ms(fn) -> float:
         return per_token_ms(lambda _: fn(), 1, repeats=10)
 
