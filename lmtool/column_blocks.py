@@ -82,6 +82,12 @@ class BlocksOut:
         return BlocksOut(rows.new_empty(parts, count, width),
                          None if count == 1 else rows.new_empty(count, parts * width))
 
+    def result(self, columns: int) -> torch.Tensor:
+        """The (rows, columns) product in column order, a view of the buffers (one row is already in that order;
+        the padding of the last block is left out)."""
+        ordered = self.blocks.view(1, -1) if self.gathered is None else self.gathered
+        return ordered[:, :columns]
+
 
 def blocks_times(rows: torch.Tensor, matrix: ColumnBlocks, add: torch.Tensor | None = None,
                  out: BlocksOut | None = None) -> torch.Tensor:
@@ -91,16 +97,16 @@ def blocks_times(rows: torch.Tensor, matrix: ColumnBlocks, add: torch.Tensor | N
     blocks = matrix.blocks
     count = rows.size(0)
     expanded = rows.expand(blocks.size(0), -1, -1)
-    # (parts, B, width), a block per thread
-    product = torch.bmm(expanded, blocks) if out is None else torch.bmm(expanded, blocks, out=out.blocks)
-    # (B, parts x width): one row is already in that order; more rows are interleaved by a copy (the size of the
-    # result; with it, blocks measured about even with whole matrices at 64 streams of a 33k-word output layer)
-    if count == 1:
-        product = product.view(1, -1)
-    elif out is None:
-        product = product.transpose(0, 1).reshape(count, -1)
-    else:
-        product = out.gathered.view(count, *product.shape[::2]).copy_(product.transpose(0, 1)).view(count, -1)
-    if product.size(1) != matrix.columns:
+    # (B, parts x width) from (parts, B, width), a block per thread: one row is already in that order; more rows
+    # are interleaved by a copy (the size of the result; with it, blocks measured about even with whole matrices at
+    # 64 streams of a 33k-word output layer)
+    if out is None:
+        product = torch.bmm(expanded, blocks)
+        product = product.view(1, -1) if count == 1 else product.transpose(0, 1).reshape(count, -1)
         product = product[:, : matrix.columns]
+    else:
+        torch.bmm(expanded, blocks, out=out.blocks)
+        if out.gathered is not None:
+            out.gathered.view(count, blocks.size(0), -1).copy_(out.blocks.transpose(0, 1))
+        product = out.result(matrix.columns)
     return product if add is None else product.add_(add)

@@ -37,11 +37,10 @@ class _LayerGates:
         if isinstance(matrix, ColumnBlocks):  # the product lands in the blocks' buffers, the row is added to it
             self.out = BlocksOut.of(matrix, inputs)
             self.row = None if table is None else inputs.new_empty(batch, columns)
+            self.gates = self.out.result(columns)
         else:  # the row, where there is one, takes the product (times overwrites a (B, N) `add`)
-            self.out = inputs.new_empty(batch, columns)
+            self.out = self.gates = inputs.new_empty(batch, columns)
             self.row = None if table is None else self.out
-        # the view every fill returns, found by running the product once on the buffers as they are
-        self.gates = self.fill(torch.zeros(batch, dtype=torch.long, device=inputs.device))
 
     def fill(self, token: torch.Tensor) -> torch.Tensor:
         """The gate inputs for this step's (B,) tokens, in `gates`."""
@@ -85,9 +84,7 @@ class LstmStepper:
         for i, ((matrix, bias), (h, c)) in enumerate(zip(weights.layers, layers)):
             first_lookup = i == 0 and looks_up
             layer_inputs, width = inputs[i], widths[i]
-            layer_inputs[:, width:].copy_(h)
-            if i:
-                layer_inputs[:, :width].copy_(layers[i - 1][0])
+            layer_inputs[:, width:].copy_(h)  # its input part is written at each step before it is read
             gates = _LayerGates(layer_inputs, matrix, None if first_lookup else bias,
                                 weights.input_table if first_lookup else None)
             g = gates.gates
@@ -95,7 +92,6 @@ class LstmStepper:
                 gates, g[:, : 3 * hidden], g[:, 3 * hidden:], *(g[:, k * hidden: (k + 1) * hidden] for k in range(3)),
                 cell=c.clone(), output=layer_inputs[:, width:],
                 next_input=inputs[i + 1][:, :hidden] if i + 1 < len(layers) else self.output))
-        self.output.copy_(layers[-1][0])
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """One step on (B,) tokens: the top layer's new output, (B, H), a buffer that the next call overwrites."""
