@@ -98,7 +98,7 @@ MKL_ON_AMD = _mkl_on_amd()
 OUTPUT_MAJOR_MIN_VOCAB: int | None = 30000
 
 
-# Where MKL_ON_AMD, from GATE_MAJOR_MIN_STREAMS streams, a transposed matrix of at least this many elements
+# Where MKL_ON_AMD, from PACKED_FP32_MIN_STREAMS streams, a transposed matrix of at least this many elements
 # steps packed by oneDNN in fp32 (lmtool.packed_weights): the char model's gate-major LSTM matrices and a large
 # vocabulary's output layer; fewer streams and smaller matrices keep column blocks (None: never packed in fp32).
 # On a 2-core AMD EPYC the char model generated 1.26-1.91x as fast with its LSTM matrices packed at 4-64 streams
@@ -106,6 +106,10 @@ OUTPUT_MAJOR_MIN_VOCAB: int | None = 30000
 # packed at every count, one char stream ran 0.88x (another run), and one row's bare products took 1.15-1.26x
 # (char) and 2.1-2.3x (word) as long packed as in column blocks.
 PACKED_FP32_MIN_ELEMENTS: int | None = 2**19
+# ... and from this many streams: two and three streams, which step transposed like one, take their products in
+# about one stream's time when packed, but one stream multiplies faster in column blocks. `python bench/sampling.py
+# --streams 1,2,3,4` times lmtool's layout against column blocks at each count (`packed_over_blocks`).
+PACKED_FP32_MIN_STREAMS = 2
 
 # Whether the GRU and the plain RNN step with their weights transposed (lmtool.transposed_steps) where MKL_ON_AMD
 # and in bf16 with packed weights on any CPU, as the LSTM does (False: PyTorch's single-step cells there). On a
@@ -141,7 +145,7 @@ class StepWeights:
     biases the step adds to it), where it is no larger than the w_ih it replaces (a character vocabulary): a step
     looks its token's row up instead of embedding it and multiplying, and that layer's entry holds its hidden
     weights and bias. Where MKL_ON_AMD, the transposed matrices come in column blocks, one per thread, where they
-    are large enough (lmtool.column_blocks), or packed by oneDNN from GATE_MAJOR_MIN_STREAMS streams where larger
+    are large enough (lmtool.column_blocks), or packed by oneDNN from PACKED_FP32_MIN_STREAMS streams where larger
     still (PACKED_FP32_MIN_ELEMENTS; lmtool.packed_weights); elsewhere they are contiguous tensors. bf16
     generation on a CPU with native bf16 has the transposed matrices and a full softmax's output layer packed in
     bf16 (their biases plain bf16 tensors), where packing works."""
@@ -301,7 +305,7 @@ class LanguageModel(nn.Module):
         layer packed too; in fp32, an LSTM gate-major where that is the CPU's faster layout for that many streams
         (MKL_ON_AMD), the other cells transposed there too but only where MKL_ON_AMD, and where MKL_ON_AMD
         a full softmax's output weights come transposed for fewer than GATE_MAJOR_MIN_STREAMS, or for any count
-        from OUTPUT_MAJOR_MIN_VOCAB tokens; there the transposed matrices come packed from GATE_MAJOR_MIN_STREAMS
+        from OUTPUT_MAJOR_MIN_VOCAB tokens; there the transposed matrices come packed from PACKED_FP32_MIN_STREAMS
         streams and PACKED_FP32_MIN_ELEMENTS elements, else in column blocks where large enough
         (lmtool.column_blocks). relayout=False keeps PyTorch's layout (no copies)."""
         rnn = self.stack(direction)
@@ -326,7 +330,7 @@ class LanguageModel(nn.Module):
             """A transposed fp32 matrix in the form it multiplies fastest in: packed, in blocks, or whole."""
             if packed_bf16:
                 return pack(matrix.to(torch.bfloat16), streams)
-            if packed_fp32 and not few and matrix.numel() >= PACKED_FP32_MIN_ELEMENTS:
+            if packed_fp32 and streams >= PACKED_FP32_MIN_STREAMS and matrix.numel() >= PACKED_FP32_MIN_ELEMENTS:
                 return pack(matrix, streams)
             return in_column_blocks(matrix) if amd else matrix.contiguous()
 

@@ -23,16 +23,20 @@ from lmtool.step_products import Matrix, times
 GATE_MAJOR_ORDER = (0, 1, 3, 2)
 
 
-def lstm_gate_major(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """An LSTM layer's (4H, inputs) weights as an (inputs, 4H) matrix in GATE_MAJOR_ORDER (written into `out` if
-    given): one transposing copy per gate, straight into place (half the time of reordering the rows and then
-    transposing them)."""
-    hidden = weight.size(0) // 4
-    out = weight.new_empty(weight.size(1), 4 * hidden) if out is None else out
-    gates = weight.view(4, hidden, -1)
+def lstm_gate_major(*weights: torch.Tensor) -> torch.Tensor:
+    """An LSTM layer's (4H, inputs) weights, or several side by side ([w_ih | w_hh]), as an (inputs, 4H) matrix
+    in GATE_MAJOR_ORDER: the transpose (a view) of one contiguous matrix of their rows, copied gate by gate. Row
+    copies are fast; the one transposing copy is left to the matrix's final form (lmtool.model.StepWeights), and
+    oneDNN packs the rows as they are, with none."""
+    hidden = weights[0].size(0) // 4
+    rows = weights[0].new_empty(4 * hidden, sum(weight.size(1) for weight in weights))
     for place, gate in enumerate(GATE_MAJOR_ORDER):
-        out[:, place * hidden: (place + 1) * hidden].copy_(gates[gate].t())
-    return out
+        start = 0
+        for weight in weights:
+            rows[place * hidden: (place + 1) * hidden, start: start + weight.size(1)].copy_(
+                weight[gate * hidden: (gate + 1) * hidden])
+            start += weight.size(1)
+    return rows.t()
 
 
 def lstm_step_gate_major(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], weight_t: Matrix,
@@ -118,15 +122,14 @@ def transposed_layer(cell: str, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: to
     gates x H), biases included where the step adds them to it, is looked up instead of multiplied:
     - LSTM: ([w_ih.T; w_hh.T],), (b_ih + b_hh,) in GATE_MAJOR_ORDER; looked up: (w_hh.T,), (b_ih + b_hh,), unused;
     - GRU: (w_ih.T, w_hh.T), (b_ih, b_hh); looked up: (w_hh.T,), (b_hh,), the table holding b_ih;
-    - plain RNN: ([w_ih.T; w_hh.T],), (b_ih + b_hh,); looked up: (w_hh.T,), (b_ih + b_hh,), unused."""
+    - plain RNN: ([w_ih.T; w_hh.T],), (b_ih + b_hh,); looked up: (w_hh.T,), (b_ih + b_hh,), unused.
+    The matrices come as transposed views of contiguous rows; step_weights lays them out for its products."""
     if cell == "lstm":
         bias = (b_ih + b_hh).view(4, -1)[list(GATE_MAJOR_ORDER)].flatten()
-        if embedding is not None:
-            return torch.addmm(bias, embedding, lstm_gate_major(w_ih)), (lstm_gate_major(w_hh),), (bias,)
-        stacked = w_ih.new_empty(w_ih.size(1) + w_hh.size(1), w_ih.size(0))  # (inputs + H, 4H)
-        lstm_gate_major(w_ih, out=stacked[: w_ih.size(1)])
-        lstm_gate_major(w_hh, out=stacked[w_ih.size(1):])
-        return None, (stacked,), (bias,)
+        if embedding is not None:  # the table multiplies a contiguous matrix, as it always has (the same rounding)
+            return (torch.addmm(bias, embedding, lstm_gate_major(w_ih).contiguous()), (lstm_gate_major(w_hh),),
+                    (bias,))
+        return None, (lstm_gate_major(w_ih, w_hh),), (bias,)  # (inputs + H, 4H)
     if cell == "gru":
         if embedding is not None:
             return torch.addmm(b_ih, embedding, w_ih.t()), (w_hh.t(),), (b_hh,)
@@ -134,4 +137,4 @@ def transposed_layer(cell: str, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: to
     bias = b_ih + b_hh
     if embedding is not None:
         return torch.addmm(bias, embedding, w_ih.t()), (w_hh.t(),), (bias,)
-    return None, (torch.cat((w_ih.t(), w_hh.t())),), (bias,)
+    return None, (torch.cat((w_ih, w_hh), dim=1).t(),), (bias,)

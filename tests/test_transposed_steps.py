@@ -5,17 +5,19 @@ import lmtool.column_blocks
 import lmtool.model
 from lmtool.column_blocks import ColumnBlocks
 from lmtool.config import ModelConfig
-from lmtool.model import GATE_MAJOR_MIN_STREAMS, LanguageModel
+from lmtool.model import GATE_MAJOR_MIN_STREAMS, PACKED_FP32_MIN_STREAMS, LanguageModel
 from lmtool.packed_weights import PackedWeights, packing_works
 from lmtool.sample import SamplingOptions, generate
+from lmtool.transposed_steps import GATE_MAJOR_ORDER, lstm_gate_major
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
-# Where MKL_ON_AMD: few streams step in column blocks (or whole matrices, when they are too small for blocks), cut
-# for 3 and for 4 threads so that every cell meets a padded last block; from GATE_MAJOR_MIN_STREAMS streams only a
-# looked-up first layer keeps the transposed layout, packed in fp32; bf16 packs every matrix at any count.
+# Where MKL_ON_AMD: one stream steps in column blocks (or whole matrices, when they are too small for blocks), cut
+# for 3 and for 4 threads so that every cell meets a padded last block; fp32 matrices are packed from
+# PACKED_FP32_MIN_STREAMS streams; from GATE_MAJOR_MIN_STREAMS only a looked-up first layer keeps the transposed
+# layout; bf16 packs every matrix at any count.
 # form: (stream counts, MIN_BLOCK_ELEMENTS, thread counts, the form no matrix may take, dtype)
-FORMS = {"whole": ((1,), 10**9, (3,), ColumnBlocks, None), "blocks": ((2,), 1, (3, 4), torch.Tensor, None),
-         "packed fp32": ((GATE_MAJOR_MIN_STREAMS + 1,), 1, (3,), ColumnBlocks, None),
+FORMS = {"whole": ((1,), 10**9, (3,), ColumnBlocks, None), "blocks": ((1,), 1, (3, 4), torch.Tensor, None),
+         "packed fp32": ((PACKED_FP32_MIN_STREAMS, GATE_MAJOR_MIN_STREAMS + 1), 1, (3,), ColumnBlocks, None),
          "packed bf16": ((1, GATE_MAJOR_MIN_STREAMS + 1), 1, (3,), ColumnBlocks, torch.bfloat16)}
 
 
@@ -83,3 +85,17 @@ def test_other_cpus_keep_pytorchs_cells_for_the_other_cells(monkeypatch, cell):
     for streams in (1, GATE_MAJOR_MIN_STREAMS):
         assert not model.step_weights(streams=streams).gate_major
     assert generate(model, [3], options) == transposed
+
+
+def test_gate_major_matrix_is_a_view_of_rows_copied_gate_by_gate_which_packing_takes_without_a_copy():
+    """lstm_gate_major puts [w_ih | w_hh]'s gates in GATE_MAJOR_ORDER and transposes by a view only: its rows are
+    one contiguous matrix, which oneDNN packs as they are and the other forms copy once."""
+    hidden, inputs = 3, 5
+    w_ih, w_hh = torch.randn(4 * hidden, inputs), torch.randn(4 * hidden, hidden)
+    matrix = lstm_gate_major(w_ih, w_hh)
+    assert matrix.shape == (inputs + hidden, 4 * hidden) and matrix.t().is_contiguous()
+    for place, gate in enumerate(GATE_MAJOR_ORDER):  # gate `gate` of PyTorch's order lands in column block `place`
+        block = matrix[:, place * hidden: (place + 1) * hidden]
+        assert torch.equal(block, torch.cat((w_ih, w_hh), dim=1)[gate * hidden: (gate + 1) * hidden].t())
+    assert torch.equal(lstm_gate_major(w_hh), matrix[inputs:])
+    assert GATE_MAJOR_ORDER == (0, 1, 3, 2)  # the sigmoid gates (input, forget, output) side by side, then the cell
