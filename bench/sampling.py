@@ -386,7 +386,9 @@ def word_output_layouts(model: LanguageModel, tokens: int, stream_counts: list[i
 
 
 def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device: str, info: dict) -> None:
-    """The char model generating for many streams at once, fp32 and --precision bf16, against one fp32 stream.
+    """The char model generating for many streams at once, fp32 and --precision bf16, against one fp32 stream,
+    and the scaling the matmul peak would allow at most (`scaling_at_the_peak`: at the peak, the model's tokens/s
+    over one fp32 stream's).
     In fp32 on a CPU, where lmtool picks the LSTM's step layout by the number of streams
     (lmtool.model.GATE_MAJOR_MIN_STREAMS and MKL_ON_AMD), both layouts are timed at every count, in alternating
     rounds; the gate-major layout also stepped by LanguageModel.step_layers instead of lmtool.lstm_stepper's
@@ -438,6 +440,9 @@ def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device:
             record = {**info, "model": "char 2x512 LSTM, V=66", "device": device, "streams": streams,
                       "precision": precision, "layout": chosen, "tokens_per_s": round(throughput),
                       "scaling_vs_one_fp32_stream": round(throughput / one_stream, 1),
+                      # the most scaling the peak allows: the model's tokens/s at the matmul peak of this precision
+                      # over one fp32 stream's (near-linear scaling needs this to be at least the stream count)
+                      "scaling_at_the_peak": round(peak_now * 1e9 / (2 * macs) / one_stream, 1),
                       "model_gflop_per_s": round(gflops, 1), "peak_gflop_per_s": round(peak_now, 1),
                       "fraction_of_peak": round(gflops / peak_now, 4)}
             if chosen == "gate-major":  # lmtool steps it on lmtool.lstm_stepper's buffers
