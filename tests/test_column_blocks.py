@@ -37,6 +37,21 @@ def test_rows_times_blocks_equal_rows_times_the_whole_matrix(monkeypatch, thread
     assert times(x, blocks).abs().sum() > 0
 
 
+@pytest.mark.parametrize("rows", [7, 512])  # a transposed view with rows 56 bytes apart, and 4 KB (a block at once)
+@pytest.mark.parametrize("columns", [12, 13])
+def test_blocks_hold_the_matrix_columns_in_order_and_zeros_only_in_the_padding(monkeypatch, threads, rows, columns):
+    monkeypatch.setattr(lmtool.column_blocks, "MIN_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(lmtool.column_blocks, "COPY_COLUMNS", 5)  # pieces that cross the edges of 4-column blocks
+    threads(3)
+    matrix = torch.randn(columns, rows, dtype=torch.float64).t()  # (rows, columns), stored transposed
+    assert (matrix.stride(1) * matrix.element_size() % 4096 == 0) == (rows == 512)
+    blocks = in_column_blocks(matrix).blocks
+    width = blocks.size(2)
+    gathered = torch.cat(list(blocks), dim=1)  # (rows, parts x width)
+    assert torch.equal(gathered[:, :columns], matrix)
+    assert not gathered[:, columns:].any() and gathered[:, columns:].shape == (rows, 3 * width - columns)
+
+
 def test_block_count_gives_each_thread_a_block_of_at_least_the_minimum(threads):
     minimum = lmtool.column_blocks.MIN_BLOCK_ELEMENTS
     threads(2)
