@@ -549,11 +549,19 @@ def test_more_sample_errors(run_cli, char_run, args, message):
     assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1
 
 
-def test_non_finite_scores_stop_sampling_with_a_clear_error():
+@pytest.mark.parametrize("scores", [
+    [[0.1, float("nan"), 0.3]],  # one stream
+    [[0.1, 0.2, 0.3], [0.1, float("nan"), 0.3]],  # several, one row bad
+    [[0.1, 0.2, 0.3], [0.0, 0.0, 0.0], [float("inf"), 0.0, 0.0]],  # an infinite score: its softmax is NaN
+    [[float("-inf")] * 3, [0.1, 0.2, 0.3]],  # every token impossible
+])
+def test_non_finite_scores_stop_sampling_with_a_clear_error(scores):
     from lmtool.sample import pick_next
 
     with pytest.raises(LmtoolError, match="non-finite scores"):
-        pick_next(torch.tensor([[0.1, float("nan"), 0.3]]), SamplingOptions(), None)
+        pick_next(torch.tensor(scores), SamplingOptions(), None)
+    finite = torch.tensor([[0.1, 0.2, 0.3]] * len(scores))
+    assert pick_next(finite, SamplingOptions(), torch.Generator().manual_seed(0)).shape == (len(scores),)
 
 
 @pytest.mark.parametrize("streams", [40_000, 1])
