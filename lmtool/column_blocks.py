@@ -57,9 +57,10 @@ def in_column_blocks(matrix: torch.Tensor) -> torch.Tensor | ColumnBlocks:
     # zeros only where the last block is padded: filling megabytes costs a generation call time up front
     blocks = (matrix.new_zeros if parts * width != columns else matrix.new_empty)(parts, rows, width)
     # COPY_COLUMNS at a time: a large transposed matrix (a word model's output layer) copies faster in pieces
-    # whose source rows stay in cache than in one strided pass. But where the source's rows lie a multiple of
-    # 4 KB apart (a transposed matrix of 1,024 or 2,048 fp32 columns), a piece's reads share a few cache sets, and
-    # a block at a time goes faster: PyTorch transposes a whole contiguous destination in cache-sized tiles.
+    # whose source rows stay in cache than in one strided pass. But where a transposed view's stored rows hold a
+    # multiple of 4 KB (1,024 fp32 values, as the char model's (1,024, 2,048) second-layer matrix), a piece's reads
+    # share a few cache sets, and a block at a time goes faster: PyTorch transposes a whole contiguous destination
+    # in cache-sized tiles (a padded last block, whose destination is strided, is copied the plain way).
     aliased = matrix.stride(0) == 1 and matrix.stride(1) * matrix.element_size() % 4096 == 0
     step = width if aliased else COPY_COLUMNS
     for start in range(0, columns, step):

@@ -163,9 +163,9 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None, non_finite: to
     totals = cdf[:, -1:]  # (B, 1): a NaN anywhere in a row reaches its total, so one cheap check covers it
     if non_finite is not None:
         non_finite.logical_or_(~torch.isfinite(totals).all())
-    # one sum read on the host (a NaN or inf in any row reaches it; every total is about 1): torch.isfinite is
-    # several operations, which cost more than the rest of a small draw
     elif not math.isfinite(totals.item() if totals.numel() == 1 else totals.sum().item()):
+        # one sum read on the host (a NaN or inf in any row reaches it; every total is about 1): torch.isfinite is
+        # several operations, which cost more than the rest of a small draw
         raise non_finite_scores()
     u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device) * totals
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)  # (B, 1)

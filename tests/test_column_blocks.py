@@ -41,7 +41,7 @@ def test_rows_times_blocks_equal_rows_times_the_whole_matrix(monkeypatch, thread
 @pytest.mark.parametrize("columns", [12, 13])
 def test_blocks_hold_the_matrix_columns_in_order_and_zeros_only_in_the_padding(monkeypatch, threads, rows, columns):
     monkeypatch.setattr(lmtool.column_blocks, "MIN_BLOCK_ELEMENTS", 1)
-    monkeypatch.setattr(lmtool.column_blocks, "COPY_COLUMNS", 5)  # pieces that cross the edges of 4-column blocks
+    monkeypatch.setattr(lmtool.column_blocks, "COPY_COLUMNS", 3)  # pieces that cross the edges of the blocks
     threads(3)
     matrix = torch.randn(columns, rows, dtype=torch.float64).t()  # (rows, columns), stored transposed
     assert (matrix.stride(1) * matrix.element_size() % 4096 == 0) == (rows == 512)

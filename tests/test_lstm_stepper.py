@@ -7,7 +7,7 @@ import lmtool.sample
 from lmtool.column_blocks import ColumnBlocks
 from lmtool.config import ModelConfig
 from lmtool.lstm_stepper import LstmStepper
-from lmtool.model import GATE_MAJOR_MIN_STREAMS, LanguageModel
+from lmtool.model import GATE_MAJOR_MIN_STREAMS, PACKED_FP32_MIN_STREAMS, LanguageModel
 from lmtool.packed_weights import PackedWeights, packing_works
 from lmtool.sample import SamplingOptions, generate
 
@@ -17,7 +17,7 @@ HAS_PACKING = packing_works(torch.float32)
 FORMS = {
     "whole": dict(amd=False, streams=(GATE_MAJOR_MIN_STREAMS, GATE_MAJOR_MIN_STREAMS + 3)),
     "blocks": dict(amd=True, streams=(1, 2)),
-    "packed fp32": dict(amd=True, streams=(GATE_MAJOR_MIN_STREAMS,), packed_fp32=True),
+    "packed fp32": dict(amd=True, streams=(PACKED_FP32_MIN_STREAMS, GATE_MAJOR_MIN_STREAMS), packed_fp32=True),
     "packed bf16": dict(amd=True, streams=(1, GATE_MAJOR_MIN_STREAMS + 1), dtype=torch.bfloat16),
 }
 MATRIX_TYPE = {"whole": torch.Tensor, "blocks": ColumnBlocks, "packed fp32": PackedWeights,
@@ -34,10 +34,10 @@ def step_weights(monkeypatch, model, form, streams):
     return model.step_weights(dtype=settings.get("dtype"), streams=streams)
 
 
-# embedding_size 6: the first layer multiplied; 16: looked up (V <= E). Where MKL_ON_AMD, many streams step
-# gate-major only with the lookup, and packed fp32 matrices are for many streams.
-@pytest.mark.parametrize("form, embedding_size", [(form, size) for form in FORMS for size in (6, 16)
-                                                  if (form, size) != ("packed fp32", 6)])
+# embedding_size 6: the first layer multiplied; 16: looked up (V <= E). Where MKL_ON_AMD, from
+# GATE_MAJOR_MIN_STREAMS streams only a looked-up first layer steps gate-major; fp32 matrices are packed from
+# PACKED_FP32_MIN_STREAMS streams.
+@pytest.mark.parametrize("form, embedding_size", [(form, size) for form in FORMS for size in (6, 16)])
 @pytest.mark.parametrize("num_layers", [1, 3])
 def test_the_stepper_gives_step_layers_outputs_and_states_to_the_bit(monkeypatch, form, embedding_size,
                                                                       num_layers):
@@ -50,7 +50,10 @@ def test_the_stepper_gives_step_layers_outputs_and_states_to_the_bit(monkeypatch
     with torch.no_grad():
         for param in model.parameters():
             param.mul_(4)  # so that a swapped gate, block or a lost bias shows
-    for streams in FORMS[form]["streams"]:
+    stream_counts = FORMS[form]["streams"]
+    if (form, embedding_size) == ("packed fp32", 6):  # many streams step a multiplied first layer in the cells
+        stream_counts = (PACKED_FP32_MIN_STREAMS,)
+    for streams in stream_counts:
         weights = step_weights(monkeypatch, model.eval(), form, streams)
         assert weights.gate_major and all(isinstance(matrix, MATRIX_TYPE[form]) for matrix, _ in weights.layers)
         assert (weights.input_table is not None) == (embedding_size == 16)

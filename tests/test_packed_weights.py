@@ -5,7 +5,7 @@ import lmtool.model
 import lmtool.packed_weights
 from lmtool.config import ModelConfig
 from lmtool.devices import bf16_is_native
-from lmtool.model import GATE_MAJOR_MIN_STREAMS, LanguageModel
+from lmtool.model import GATE_MAJOR_MIN_STREAMS, PACKED_FP32_MIN_STREAMS, LanguageModel
 from lmtool.packed_weights import PackedWeights, pack, packed_times, packing_works
 from lmtool.sample import SamplingOptions, generate
 from lmtool.step_products import times
@@ -107,11 +107,11 @@ def test_bf16_generation_steps_with_packed_bf16_weights_close_to_fp32(monkeypatc
 
 
 @needs_packing
-@pytest.mark.parametrize("streams", [1, GATE_MAJOR_MIN_STREAMS])
-def test_large_matrices_step_packed_in_fp32_for_many_streams_where_mkl_runs_on_amd(monkeypatch, streams):
-    """Where MKL_ON_AMD, from GATE_MAJOR_MIN_STREAMS streams, transposed matrices of PACKED_FP32_MIN_ELEMENTS and
+@pytest.mark.parametrize("streams", [1, PACKED_FP32_MIN_STREAMS, GATE_MAJOR_MIN_STREAMS])
+def test_large_matrices_step_packed_in_fp32_for_several_streams_where_mkl_runs_on_amd(monkeypatch, streams):
+    """Where MKL_ON_AMD, from PACKED_FP32_MIN_STREAMS streams, transposed matrices of PACKED_FP32_MIN_ELEMENTS and
     more come packed in fp32 (the char model's LSTM matrices, a large vocabulary's output layer): the sequence
-    kernel's scores and states, and the same samples as unpacked. Fewer streams, and other CPUs, pack nothing."""
+    kernel's scores and states, and the same samples as unpacked. One stream, and other CPUs, pack nothing."""
     monkeypatch.setattr(lmtool.model, "MKL_ON_AMD", True)
     monkeypatch.setattr(lmtool.model, "OUTPUT_MAJOR_MIN_VOCAB", 13)
     # an embedding larger than the vocabulary: gate-major at any count, the first layer's input looked up
@@ -119,7 +119,7 @@ def test_large_matrices_step_packed_in_fp32_for_many_streams_where_mkl_runs_on_a
     # elements: the first layer's (H, 4H) 400, the second's stacked (2H, 4H) 800, the output layer's (H, V) 130
     monkeypatch.setattr(lmtool.model, "PACKED_FP32_MIN_ELEMENTS", 400)
     weights = model.step_weights(streams=streams)
-    many = streams >= GATE_MAJOR_MIN_STREAMS
+    many = streams >= PACKED_FP32_MIN_STREAMS
     assert weights.gate_major and weights.input_table is not None
     assert [isinstance(w, PackedWeights) for w, _ in weights.layers] == [many, many]
     assert not isinstance(weights.output_major[0], PackedWeights)
