@@ -108,9 +108,10 @@ OUTPUT_MAJOR_MIN_VOCAB: int | None = 30000
 PACKED_FP32_MIN_ELEMENTS: int | None = 2**19
 # ... and from this many streams: two and three streams, which step transposed like one, take their products in
 # about one stream's time when packed, but one stream multiplies faster in column blocks. The char model's 2 and 3
-# streams generated 1.28x and 1.12x, then 1.04x and 1.52x as fast packed as in column blocks in two runs of
-# `python bench/sampling.py --streams 1,2,3,4,64` on a 2-core AMD EPYC (2026-11-28 02:38 and 02:48; the same
-# layout on both sides at one stream read 1.01x and 1.29x: this machine's noise).
+# streams generated 1.04-1.30x and 1.12-1.97x as fast packed as in column blocks in four runs of
+# `python bench/sampling.py --streams 1,2,3,4,64` on a 2-core AMD EPYC (2026-11-28 02:38-03:18; the same layout on
+# both sides at one stream read 0.86-1.29x: this machine's noise), the word model's 33k-word output layer 1.08x and
+# 1.69x (03:18).
 PACKED_FP32_MIN_STREAMS = 2
 
 # Whether the GRU and the plain RNN step with their weights transposed (lmtool.transposed_steps) where MKL_ON_AMD
