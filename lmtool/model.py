@@ -354,14 +354,17 @@ class LanguageModel(nn.Module):
                 # packed products) use every thread
                 relaid_layers.append((*map(relaid, matrices), *map(ready, biases)))
             layers = relaid_layers
+        embedding_rows = ready(self.embedding.weight)
         output_major = None
         if self.config.softmax == "full" and (packed_bf16 or (amd and (few or large)
                                                               and self.decoder.weight.dtype == torch.float32)):
             bias = self.decoder.bias  # in bf16 only beside bf16 packed weights
             if bias is not None:
                 bias = bias.detach().to(torch.bfloat16) if packed_bf16 else bias.detach()
-            output_major = (relaid(self.decoder.weight.detach().t()), bias)
-        return StepWeights(embedding=ready(self.embedding.weight), layers=layers, gate_major=gate_major,
+            # tied weights in bf16: pack the embedding's bf16 copy, the same rounding, instead of converting again
+            tied = packed_bf16 and self.decoder.weight is self.embedding.weight
+            output_major = (relaid((embedding_rows if tied else self.decoder.weight.detach()).t()), bias)
+        return StepWeights(embedding=embedding_rows, layers=layers, gate_major=gate_major,
                            output_major=output_major, input_table=input_table)
 
     @property

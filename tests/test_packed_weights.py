@@ -107,6 +107,22 @@ def test_bf16_generation_steps_with_packed_bf16_weights_close_to_fp32(monkeypatc
 
 
 @needs_packing
+def test_a_tied_output_layer_packs_the_embeddings_bf16_copy_with_the_same_values(monkeypatch):
+    """With tied weights, bf16 generation packs the embedding's bf16 copy as the output layer (no second
+    conversion): its products equal those of the decoder's own weights converted and packed, to the bit."""
+    monkeypatch.setattr(lmtool.model, "bf16_is_native", lambda device: True)
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(embedding_size=10, hidden_size=10, tie_weights=True), 13).eval()
+    assert model.decoder.weight is model.embedding.weight
+    weights = model.step_weights(dtype=torch.bfloat16)
+    rows = torch.randn(3, 10).bfloat16()
+    bias = model.decoder.bias.detach().bfloat16()
+    expected = packed_times(rows, pack(model.decoder.weight.detach().t().bfloat16()), bias)
+    assert torch.equal(times(rows, *weights.output_major), expected)
+    assert torch.equal(weights.embedding, model.embedding.weight.detach().bfloat16())
+
+
+@needs_packing
 @pytest.mark.parametrize("streams", [1, PACKED_FP32_MIN_STREAMS, GATE_MAJOR_MIN_STREAMS])
 def test_large_matrices_step_packed_in_fp32_for_several_streams_where_mkl_runs_on_amd(monkeypatch, streams):
     """Where MKL_ON_AMD, from PACKED_FP32_MIN_STREAMS streams, transposed matrices of PACKED_FP32_MIN_ELEMENTS and
