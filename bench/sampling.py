@@ -20,9 +20,9 @@ weights the bare products read per token and at what rate. Then batched generati
 run. One JSON line each; in fp32 on a CPU both of the LSTM's step layouts (the cell's, and the gate-major one,
 which lmtool uses from 4 streams, and where MKL_ON_AMD below 4 and, for the char model, at every count) at every
 count, timed in alternating rounds, and where MKL_ON_AMD the gate-major one with nothing packed and with whole
-matrices as well; where MKL_ON_AMD, also the full-softmax word model's generation from 4 streams with its output
-layer in PyTorch's layout, transposed whole, in column blocks and packed (lmtool.model.OUTPUT_MAJOR_MIN_VOCAB,
-PACKED_FP32_MIN_ELEMENTS), and in bf16; a generation call's fixed costs on the CPU (preparing the step's
+matrices as well; where MKL_ON_AMD, also the full-softmax word model's generation from 2 streams with its output
+layer transposed whole, in column blocks and packed, from 4 also in PyTorch's layout
+(lmtool.model.OUTPUT_MAJOR_MIN_VOCAB, PACKED_FP32_MIN_STREAMS, PACKED_FP32_MIN_ELEMENTS), and in bf16; a generation call's fixed costs on the CPU (preparing the step's
 weights, taking in a prompt of 1-16 tokens by reading it and by stepping it); and the GRU and plain RNN with
 their weights transposed against PyTorch's cells (lmtool.model.OTHER_CELLS_TRANSPOSED). `--device cuda` runs only the
 batched generation, on the GPU (`--streams` picks the stream counts).
