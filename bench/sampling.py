@@ -22,10 +22,11 @@ which lmtool uses from 4 streams, and where MKL_ON_AMD below 4 and, for the char
 count, timed in alternating rounds, and where MKL_ON_AMD the gate-major one with nothing packed and with whole
 matrices as well; where MKL_ON_AMD, also the full-softmax word model's generation from 2 streams with its output
 layer transposed whole, in column blocks and packed, from 4 also in PyTorch's layout
-(lmtool.model.OUTPUT_MAJOR_MIN_VOCAB, PACKED_FP32_MIN_STREAMS, PACKED_FP32_MIN_ELEMENTS), and in bf16; a generation call's fixed costs on the CPU (preparing the step's
-weights, taking in a prompt of 1-16 tokens by reading it and by stepping it); and the GRU and plain RNN with
-their weights transposed against PyTorch's cells (lmtool.model.OTHER_CELLS_TRANSPOSED). `--device cuda` runs only the
-batched generation, on the GPU (`--streams` picks the stream counts).
+(lmtool.model.OUTPUT_MAJOR_MIN_VOCAB, PACKED_FP32_MIN_STREAMS, PACKED_FP32_MIN_ELEMENTS), and in bf16; a
+generation call's fixed costs on the CPU (preparing the step's weights, taking in a prompt of 1-16 tokens by
+reading it and by stepping it); and the GRU and plain RNN with their weights transposed against PyTorch's cells
+(lmtool.model.OTHER_CELLS_TRANSPOSED). `--device cuda` runs only the batched generation, on the GPU (`--streams`
+picks the stream counts).
 """
 
 from __future__ import annotations
@@ -365,10 +366,9 @@ def word_output_layouts(model: LanguageModel, tokens: int, stream_counts: list[i
         packed = lmtool.model.PACKED_FP32_MIN_ELEMENTS
         # (OUTPUT_MAJOR_MIN_VOCAB, MIN_BLOCK_ELEMENTS, PACKED_FP32_MIN_ELEMENTS, options) forced
         layouts = {"transposed": (0, blocks, packed, options), "transposed-blocks": (0, blocks, None, options),
-                   "transposed-whole": (0, NO_BLOCKS, None, options), "pytorch": (None, blocks, packed, options),
-                   "bf16": (0, blocks, packed, bf16)}
-        if streams < GATE_MAJOR_MIN_STREAMS:
-            del layouts["pytorch"]
+                   "transposed-whole": (0, NO_BLOCKS, None, options), "bf16": (0, blocks, packed, bf16)}
+        if streams >= GATE_MAJOR_MIN_STREAMS:  # fewer streams score transposed whatever OUTPUT_MAJOR_MIN_VOCAB says
+            layouts["pytorch"] = (None, blocks, packed, options)
         times: dict[str, list[float]] = {name: [] for name in layouts}
         for name, (min_vocab, min_block, min_packed, how) in alternating(layouts, 5):
             with layout_rule(OUTPUT_MAJOR_MIN_VOCAB=min_vocab, MIN_BLOCK_ELEMENTS=min_block,
