@@ -22,8 +22,9 @@ which lmtool uses from 4 streams, and where MKL_ON_AMD below 4 and, for the char
 count, timed in alternating rounds, and where MKL_ON_AMD the gate-major one with nothing packed and with whole
 matrices as well; where MKL_ON_AMD, also the full-softmax word model's generation from 2 streams with its output
 layer transposed whole, in column blocks and packed, from 4 also in PyTorch's layout
-(lmtool.model.OUTPUT_MAJOR_MIN_VOCAB, PACKED_FP32_MIN_STREAMS, PACKED_FP32_MIN_ELEMENTS), and in bf16; a
-generation call's fixed costs on the CPU (preparing the step's weights, taking in a prompt of 1-16 tokens by
+(lmtool.model.OUTPUT_MAJOR_MIN_VOCAB, PACKED_FP32_MIN_STREAMS, PACKED_FP32_MIN_ELEMENTS), and in bf16; on the
+CPU, that word model from lmtool.sample.DRAW_BLOCKS_MIN_STREAMS streams, in fp32 and bf16, with its next words
+drawn in blocks (as lmtool does) and from the cumsum of the whole row; a generation call's fixed costs on the CPU (preparing the step's weights, taking in a prompt of 1-16 tokens by
 reading it and by stepping it); and the GRU and plain RNN with their weights transposed against PyTorch's cells
 (lmtool.model.OTHER_CELLS_TRANSPOSED). `--device cuda` runs only the batched generation, on the GPU (`--streams`
 picks the stream counts).
@@ -144,16 +145,19 @@ def bare_weight_bytes(model: LanguageModel) -> int:
 
 # Column blocks never used: every matrix has fewer elements than this per block.
 NO_BLOCKS = 2**62
+# Never drawing in blocks: fewer streams than this.
+NO_DRAW_BLOCKS = 2**62
 
 
 @contextmanager
 def layout_rule(**settings) -> Iterator[None]:
     """lmtool's layout settings (lmtool.model's GATE_MAJOR_MIN_STREAMS, MKL_ON_AMD, OUTPUT_MAJOR_MIN_VOCAB,
     PACKED_FP32_MIN_ELEMENTS, OTHER_CELLS_TRANSPOSED, lmtool.column_blocks' MIN_BLOCK_ELEMENTS and lmtool.sample's
-    BUFFERED_LSTM_STEPS)
+    BUFFERED_LSTM_STEPS and DRAW_BLOCKS_MIN_STREAMS)
     forced to these values for the block, then restored: how the bench times a layout lmtool would not pick
     here."""
-    homes = {"MIN_BLOCK_ELEMENTS": lmtool.column_blocks, "BUFFERED_LSTM_STEPS": lmtool.sample}
+    homes = {"MIN_BLOCK_ELEMENTS": lmtool.column_blocks, "BUFFERED_LSTM_STEPS": lmtool.sample,
+             "DRAW_BLOCKS_MIN_STREAMS": lmtool.sample}
     modules = {name: homes.get(name, lmtool.model) for name in settings}
     saved = {name: getattr(modules[name], name) for name in settings}
     for name, value in settings.items():
@@ -218,6 +222,8 @@ def main() -> None:
     if args.device == "cpu" and MKL_ON_AMD:
         word_output_layouts(models["word 2x200 LSTM, V=33278"], args.tokens, args.streams,
                             info)
+    if args.device == "cpu":
+        word_draws(models["word 2x200 LSTM, V=33278"], args.tokens, args.streams, info)
     batched(models["char 2x512 LSTM, V=66"].to(args.device), args.tokens, args.streams,
             args.device, info)
 
@@ -387,6 +393,27 @@ def word_output_layouts(model: LanguageModel, tokens: int, stream_counts: list[i
                 faster_by(times["transposed-whole"], times["transposed-blocks"]), 2),
             "bf16_over_fp32_median_of_rounds": round(faster_by(times["transposed"], times["bf16"]), 2),
         }), flush=True)
+
+
+def word_draws(model: LanguageModel, tokens: int, stream_counts: list[int], info: dict) -> None:
+    """The full-softmax word model generating for DRAW_BLOCKS_MIN_STREAMS streams and more on the CPU, in fp32 and
+    with --precision bf16, each next word drawn as lmtool does (in blocks: lmtool.sample._draw_in_blocks) and
+    from the cumsum of the whole row, timed in alternating rounds. One JSON line per stream count and precision."""
+    for streams in sorted(n for n in stream_counts if n >= lmtool.sample.DRAW_BLOCKS_MIN_STREAMS):
+        for precision in ("fp32", "bf16"):
+            options = SamplingOptions(length=tokens // 4, num_samples=streams, seed=1, precision=precision)
+            draws = {"blocks": lmtool.sample.DRAW_BLOCKS_MIN_STREAMS, "cumsum": NO_DRAW_BLOCKS}
+            times: dict[str, list[float]] = {name: [] for name in draws}
+            for name, min_streams in alternating(draws, 5):
+                with layout_rule(DRAW_BLOCKS_MIN_STREAMS=min_streams):
+                    times[name].append(per_token_ms(lambda n: generate(model, [], options), tokens // 4, repeats=2))
+            print(json.dumps({
+                **info, "model": "word 2x200 LSTM, V=33278", "device": "cpu", "streams": streams,
+                "precision": precision, "draw_block": lmtool.sample.DRAW_BLOCK,
+                **{f"{name}_draw_words_per_s": round(streams * 1000 / statistics.median(t))
+                   for name, t in times.items()},
+                "blocks_over_cumsum_median_of_rounds": round(faster_by(times["cumsum"], times["blocks"]), 3),
+            }), flush=True)
 
 
 def batched(model: LanguageModel, tokens: int, stream_counts: list[int], device: str, info: dict) -> None:

@@ -564,6 +564,90 @@ def test_non_finite_scores_stop_sampling_with_a_clear_error(scores):
     assert pick_next(finite, SamplingOptions(), torch.Generator().manual_seed(0)).shape == (len(scores),)
 
 
+@pytest.fixture
+def small_draw_blocks(monkeypatch):
+    """Blocks of 16 tokens for any stream count from a 100-token vocabulary: 6 whole blocks and a last one of 4."""
+    import lmtool.sample
+
+    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCK", 16)
+    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_VOCAB", 100)
+    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_STREAMS", 2)
+
+
+def block_test_probabilities() -> torch.Tensor:
+    """(100,) probabilities with zeros where a block draw could slip: a whole empty block, the first and last
+    tokens of blocks, one inside the last (shorter) block, and mass on both sides of every block boundary."""
+    weights = torch.rand(100, generator=torch.Generator().manual_seed(3)) + 0.2
+    weights[16:32] = 0  # an empty block
+    weights[[0, 15, 47, 48, 97]] = 0
+    weights[[31, 32, 33, 95]] *= 8
+    return weights / weights.sum()
+
+
+def test_drawing_in_blocks_follows_the_distribution(small_draw_blocks):
+    """The two-level draw (many streams, a large vocabulary) picks each token as often as its probability says,
+    never a token of probability 0, and, from the same uniform numbers, the token the one-level cumsum draw picks."""
+    import lmtool.sample
+
+    probs = block_test_probabilities().expand(40_000, 100).contiguous()
+    drawn = lmtool.sample._draw(probs, torch.Generator().manual_seed(1))  # (B, 1)
+    assert drawn.shape == (40_000, 1) and 0 <= int(drawn.min()) and int(drawn.max()) < 100
+    assert bool((probs[0][drawn.flatten()] > 0).all())
+    observed = torch.bincount(drawn.flatten(), minlength=100).double() / drawn.numel()
+    torch.testing.assert_close(observed, probs[0].double(), atol=0.004, rtol=0)  # about 4 standard errors
+    lmtool.sample.DRAW_BLOCKS_MIN_STREAMS = 10**9  # the one-level draw, from the same numbers
+    one_level = lmtool.sample._draw(probs, torch.Generator().manual_seed(1))
+    assert (one_level == drawn).double().mean() > 0.999  # they differ only where the sums round differently
+
+
+def test_drawing_in_blocks_reports_non_finite_scores(small_draw_blocks):
+    """A NaN in any row raises; with a flag (a CUDA graph's draw) it is set instead, and every token drawn is still
+    a valid index for the next step's embedding."""
+    import lmtool.sample
+
+    probs = block_test_probabilities().expand(3, 100).clone()
+    probs[1, 40] = float("nan")
+    with pytest.raises(LmtoolError, match="non-finite scores"):
+        lmtool.sample._draw(probs, None)
+    flag = torch.zeros((), dtype=torch.bool)
+    drawn = lmtool.sample._draw(probs, None, flag)
+    assert bool(flag) and 0 <= int(drawn.min()) and int(drawn.max()) < 100
+
+
+@pytest.mark.parametrize("in_blocks", [True, False])
+def test_a_draw_at_the_top_of_the_distribution_never_picks_an_impossible_token(monkeypatch, in_blocks):
+    """A uniform number just below 1 lands past the rounded cumulative sum of the last block in some rows; the
+    draw still picks the last possible token, not the impossible one after it."""
+    import lmtool.sample
+
+    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCK", 16)
+    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_VOCAB", 96)
+    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_STREAMS", 2 if in_blocks else 10**9)
+    weights = torch.rand(20_000, 96, generator=torch.Generator().manual_seed(0)) ** 8  # mixed magnitudes
+    weights[:, 95] = 0
+    probs = weights / weights.sum(-1, keepdim=True)
+    below_one = 1 - 2.0**-24  # the largest number torch.rand gives in float32
+    monkeypatch.setattr(lmtool.sample.torch, "rand", lambda shape, **kwargs: torch.full(shape, below_one))
+    drawn = lmtool.sample._draw(probs, None)
+    assert int((drawn == 95).sum()) == 0 and bool((probs.gather(1, drawn) > 0).all())
+
+
+def test_which_draws_go_in_blocks(monkeypatch):
+    """Only many streams over a large vocabulary draw in blocks: a few streams, or a small vocabulary, cumulate the
+    whole row."""
+    import lmtool.sample
+
+    called = []
+    real = lmtool.sample._draw_in_blocks
+    monkeypatch.setattr(lmtool.sample, "_draw_in_blocks", lambda *args: called.append(True) or real(*args))
+    vocab, streams = lmtool.sample.DRAW_BLOCKS_MIN_VOCAB, lmtool.sample.DRAW_BLOCKS_MIN_STREAMS
+    for rows, columns, expected in ((streams, vocab, True), (streams - 1, vocab, False), (streams, vocab - 1, False)):
+        called.clear()
+        probs = torch.softmax(torch.randn(rows, columns), -1)
+        drawn = lmtool.sample._draw(probs, torch.Generator().manual_seed(0))
+        assert drawn.shape == (rows, 1) and bool(called) == expected
+
+
 @pytest.mark.parametrize("streams", [40_000, 1])
 def test_two_level_adaptive_sampling_draws_from_the_exact_distribution(streams):
     """Many streams at once, and one stream draw after draw (its own shorter code path)."""
