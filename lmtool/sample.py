@@ -40,9 +40,10 @@ GRAPH_MIN_TOKENS = 16
 BUFFERED_LSTM_STEPS = True
 
 # On a CPU, at least this many streams drawing from at least DRAW_BLOCKS_MIN_VOCAB tokens draw in blocks of
-# DRAW_BLOCK tokens (`_draw_in_blocks`): there cumsum runs along each row on one thread, 1.1-2.3 ms for 64 rows of
-# 33k words in a profile on a 2-core AMD EPYC, about a fifth of a 2x200 word model's step. For fewer streams the
-# blocks' dozen small operations cost about what they save (even at 8 streams, slower below; outside bench/).
+# DRAW_BLOCK tokens (`_draw_in_blocks`): there cumsum runs along each row on one thread. On a 2-core AMD EPYC the
+# 33k-word 2x200 model generated 1.09x (fp32) and 1.17x (bf16) as many words per second that way at 64 streams,
+# 0.97x and 1.12x at 16 (`python bench/sampling.py --streams 1,16,64`; bench/RESULTS.md, Generation speed). For
+# fewer streams the blocks' dozen small operations cost about what they save.
 DRAW_BLOCK = 256
 DRAW_BLOCKS_MIN_VOCAB = 8 * DRAW_BLOCK
 DRAW_BLOCKS_MIN_STREAMS = 16
