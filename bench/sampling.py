@@ -24,8 +24,9 @@ matrices as well; where MKL_ON_AMD, also the full-softmax word model's generatio
 layer transposed whole, in column blocks and packed, from 4 also in PyTorch's layout
 (lmtool.model.OUTPUT_MAJOR_MIN_VOCAB, PACKED_FP32_MIN_STREAMS, PACKED_FP32_MIN_ELEMENTS), and in bf16; on the
 CPU, that word model from lmtool.sample.DRAW_BLOCKS_MIN_STREAMS streams, in fp32 and bf16, with its next words
-drawn in blocks (as lmtool does) and from the cumsum of the whole row; a generation call's fixed costs on the CPU (preparing the step's weights, taking in a prompt of 1-16 tokens by
-reading it and by stepping it); and the GRU and plain RNN with their weights transposed against PyTorch's cells
+drawn in blocks (as lmtool does) and from the cumsum of the whole row (only the stream counts of --streams from
+DRAW_BLOCKS_MIN_STREAMS); a generation call's fixed costs on the CPU (preparing the step's weights, taking in a
+prompt of 1-16 tokens by reading it and by stepping it); and the GRU and plain RNN with their weights transposed against PyTorch's cells
 (lmtool.model.OTHER_CELLS_TRANSPOSED). `--device cuda` runs only the batched generation, on the GPU (`--streams`
 picks the stream counts).
 """

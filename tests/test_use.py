@@ -575,27 +575,31 @@ def small_draw_blocks(monkeypatch):
 
 
 def block_test_probabilities() -> torch.Tensor:
-    """(100,) probabilities with zeros where a block draw could slip: a whole empty block, the first and last
-    tokens of blocks, one inside the last (shorter) block, and mass on both sides of every block boundary."""
+    """(100,) probabilities with zeros where a block draw could slip: a whole empty block (tokens 64-79), the
+    first and last tokens of blocks (0, 15, 47, 48), one inside the last, shorter block (97), and heavy tokens on
+    both sides of the boundary at 32."""
     weights = torch.rand(100, generator=torch.Generator().manual_seed(3)) + 0.2
-    weights[16:32] = 0  # an empty block
+    weights[64:80] = 0
     weights[[0, 15, 47, 48, 97]] = 0
     weights[[31, 32, 33, 95]] *= 8
     return weights / weights.sum()
 
 
-def test_drawing_in_blocks_follows_the_distribution(small_draw_blocks):
+def test_drawing_in_blocks_follows_the_distribution(small_draw_blocks, monkeypatch):
     """The two-level draw (many streams, a large vocabulary) picks each token as often as its probability says,
     never a token of probability 0, and, from the same uniform numbers, the token the one-level cumsum draw picks."""
     import lmtool.sample
 
-    probs = block_test_probabilities().expand(40_000, 100).contiguous()
+    draws = 40_000
+    probs = block_test_probabilities().expand(draws, 100).contiguous()
     drawn = lmtool.sample._draw(probs, torch.Generator().manual_seed(1))  # (B, 1)
-    assert drawn.shape == (40_000, 1) and 0 <= int(drawn.min()) and int(drawn.max()) < 100
+    assert drawn.shape == (draws, 1) and 0 <= int(drawn.min()) and int(drawn.max()) < 100
     assert bool((probs[0][drawn.flatten()] > 0).all())
-    observed = torch.bincount(drawn.flatten(), minlength=100).double() / drawn.numel()
-    torch.testing.assert_close(observed, probs[0].double(), atol=0.004, rtol=0)  # about 4 standard errors
-    lmtool.sample.DRAW_BLOCKS_MIN_STREAMS = 10**9  # the one-level draw, from the same numbers
+    observed = torch.bincount(drawn.flatten(), minlength=100).double() / draws
+    expected = probs[0].double()
+    standard_errors = (expected * (1 - expected) / draws).sqrt()
+    assert bool(((observed - expected).abs() <= 4.5 * standard_errors).all())  # zero where the probability is
+    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_STREAMS", 10**9)  # the one-level draw, same numbers
     one_level = lmtool.sample._draw(probs, torch.Generator().manual_seed(1))
     assert (one_level == drawn).double().mean() > 0.999  # they differ only where the sums round differently
 
@@ -614,22 +618,45 @@ def test_drawing_in_blocks_reports_non_finite_scores(small_draw_blocks):
     assert bool(flag) and 0 <= int(drawn.min()) and int(drawn.max()) < 100
 
 
-@pytest.mark.parametrize("in_blocks", [True, False])
-def test_a_draw_at_the_top_of_the_distribution_never_picks_an_impossible_token(monkeypatch, in_blocks):
+def uniform_numbers(monkeypatch, value: float) -> None:
+    """Every torch.rand in lmtool.sample gives `value`."""
+    import lmtool.sample
+
+    monkeypatch.setattr(lmtool.sample.torch, "rand", lambda shape, **kwargs: torch.full(shape, value))
+
+
+@pytest.mark.parametrize("vocab", [96, 100])  # whole blocks only; a last block of 4 (its gathered columns clamped)
+def test_a_draw_in_blocks_at_the_top_of_the_distribution_never_picks_an_impossible_token(monkeypatch, vocab):
     """A uniform number just below 1 lands past the rounded cumulative sum of the last block in some rows; the
     draw still picks the last possible token, not the impossible one after it."""
     import lmtool.sample
 
     monkeypatch.setattr(lmtool.sample, "DRAW_BLOCK", 16)
     monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_VOCAB", 96)
-    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_STREAMS", 2 if in_blocks else 10**9)
-    weights = torch.rand(20_000, 96, generator=torch.Generator().manual_seed(0)) ** 8  # mixed magnitudes
-    weights[:, 95] = 0
+    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_STREAMS", 2)
+    weights = torch.rand(20_000, vocab, generator=torch.Generator().manual_seed(0)) ** 8  # mixed magnitudes
+    weights[:, -1] = 0
     probs = weights / weights.sum(-1, keepdim=True)
-    below_one = 1 - 2.0**-24  # the largest number torch.rand gives in float32
-    monkeypatch.setattr(lmtool.sample.torch, "rand", lambda shape, **kwargs: torch.full(shape, below_one))
+    uniform_numbers(monkeypatch, 1 - 2.0**-24)  # the largest number torch.rand gives in float32
     drawn = lmtool.sample._draw(probs, None)
-    assert int((drawn == 95).sum()) == 0 and bool((probs.gather(1, drawn) > 0).all())
+    assert int((drawn == vocab - 1).sum()) == 0 and bool((probs.gather(1, drawn) > 0).all())
+
+
+@pytest.mark.parametrize("in_blocks", [True, False])
+def test_a_uniform_number_on_a_boundary_picks_the_token_after_it(monkeypatch, in_blocks):
+    """Inverse CDF: u picks the first token whose cumulated probability exceeds it. Here u = 0.5 is where the first
+    block's mass ends, and the next block starts with a token of probability 0: token 17 is drawn, not 15 (the
+    first block) or 16 (impossible)."""
+    import lmtool.sample
+
+    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCK", 16)
+    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_VOCAB", 32)
+    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_STREAMS", 2 if in_blocks else 10**9)
+    probs = torch.zeros(2, 32)
+    probs[:, :16] = 1 / 32
+    probs[:, 17:19] = 0.25
+    uniform_numbers(monkeypatch, 0.5)
+    assert lmtool.sample._draw(probs, None).flatten().tolist() == [17, 17]
 
 
 def test_which_draws_go_in_blocks(monkeypatch):
