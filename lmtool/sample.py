@@ -41,10 +41,10 @@ BUFFERED_LSTM_STEPS = True
 
 # On a CPU, at least this many streams drawing from at least DRAW_BLOCKS_MIN_VOCAB tokens draw in blocks of
 # DRAW_BLOCK tokens (`_draw_in_blocks`): there cumsum runs along each row on one thread. On a 2-core AMD EPYC the
-# 33k-word 2x200 model generated 1.09x (fp32) and 1.17x (bf16) as many words per second that way at 64 streams,
-# 0.97x and 1.12x at 16 (`python bench/sampling.py --streams 1,16,64`; bench/RESULTS.md, Generation speed). For
-# fewer streams the blocks' dozen small operations cost about what they save. An adaptive softmax's draw within a
-# large tail cluster takes the same rule (not timed).
+# 33k-word 2x200 model generated 1.09-1.37x (fp32) and 1.17-1.62x (bf16) as many words per second that way at 64
+# streams, 0.97-1.05x and 1.05-1.12x at 16 in two runs of `python bench/sampling.py` (bench/RESULTS.md, Generation
+# speed). For fewer streams the blocks' dozen small operations cost about what they save. An adaptive softmax's
+# draw within a large tail cluster takes the same rule (not timed).
 DRAW_BLOCK = 256
 DRAW_BLOCKS_MIN_VOCAB = 8 * DRAW_BLOCK
 DRAW_BLOCKS_MIN_STREAMS = 16
