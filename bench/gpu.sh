@@ -57,7 +57,7 @@ run_section() {  # run_section NUMBER: one section of the list above
         3) section "3. training throughput" \
                $py bench/train_throughput.py --device cuda --steps 200 --rounds 1 --only char,ptb,ptb-medium --data "$data" ;;
         4) section "4. bf16 against fp32 on the char model" \
-               $py bench/precision.py --device cuda --steps 300 --corpus "$data/tinyshakespeare/input.txt" ;;
+               $py bench/precision.py --device cuda --steps 300 --speed-rounds 0 --corpus "$data/tinyshakespeare/input.txt" ;;
         5) section "5. where a step's time goes" $py bench/gpu_profile.py --data "$data" --only ptb-medium,char ;;
         6a) section "6a. step variants, PTB-medium" $py bench/gpu_steps.py --workload ptb-medium ;;
         6b) section "6b. step variants, char" $py bench/gpu_steps.py --workload char ;;
