@@ -659,6 +659,33 @@ def test_a_uniform_number_on_a_boundary_picks_the_token_after_it(monkeypatch, in
     assert lmtool.sample._draw(probs, None).flatten().tolist() == [17, 17]
 
 
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.7, "top_k": 40}, {"top_p": 0.5}])
+def test_generating_many_streams_over_a_large_vocabulary_draws_in_blocks(monkeypatch, options):
+    """generate() with enough streams over a large vocabulary goes through the block draw, at any temperature and
+    filter: reproducible with a seed, and never a token the filter removed."""
+    import lmtool.sample
+    from lmtool.config import ModelConfig
+    from lmtool.model import LanguageModel
+
+    used = []
+    real = lmtool.sample._draw_in_blocks
+    monkeypatch.setattr(lmtool.sample, "_draw_in_blocks", lambda *args: used.append(True) or real(*args))
+    torch.manual_seed(0)
+    vocab = lmtool.sample.DRAW_BLOCKS_MIN_VOCAB + 100  # a last, shorter block
+    model = LanguageModel(ModelConfig(embedding_size=8, hidden_size=8, init_range=2.0), vocab).eval()
+    sampling = SamplingOptions(length=5, num_samples=lmtool.sample.DRAW_BLOCKS_MIN_STREAMS, seed=3, **options)
+    allowed = []
+    if "top_k" in options:  # the scores of every step, and the tokens each allows
+        real_pick = lmtool.sample.pick_next
+        monkeypatch.setattr(lmtool.sample, "pick_next", lambda scores, *args: allowed.append(
+            torch.topk(scores, options["top_k"]).indices) or real_pick(scores, *args))
+    samples = lmtool.sample.generate(model, [1, 2], sampling)
+    assert used and samples == lmtool.sample.generate(model, [1, 2], sampling)
+    assert len(samples) == sampling.num_samples and all(len(s) == 5 and max(s) < vocab for s in samples)
+    for step, keep in enumerate(allowed[:5]):
+        assert all(samples[row][step] in keep[row] for row in range(sampling.num_samples))
+
+
 def test_which_draws_go_in_blocks(monkeypatch):
     """Only many streams over a large vocabulary draw in blocks: a few streams, or a small vocabulary, cumulate the
     whole row."""
