@@ -2,11 +2,11 @@
 
 Usage: python bench/precision.py [--steps 150] [--corpus data/tinyshakespeare.txt] [--device cpu|cuda]
                                  [--set key=value ...] [--speed-rounds 3] [--speed-steps 40]
-Trains the default character model twice in this process, fp32 then bf16, for the same number of steps
-(same seed, same batches), and prints one JSON line: median training tokens/s of each, their ratio, and
-the validation loss of each after the same tokens. Since the two trainings run one after the other, the
-machine's drift moves that ratio; so then --speed-rounds shorter trainings of --speed-steps steps each run in
-turn, fp32 and bf16, the order alternating, and `speedup_bf16_median_of_rounds` is the median of their
+Trains the default character model in this process, fp32 then bf16, for the same number of steps (same
+seed, same batches), and prints one JSON line: median training tokens/s of each, their ratio, and the
+validation loss of each after the same tokens. Since those two trainings run one after the other, the
+machine's drift moves that ratio; so then, for --speed-rounds rounds, a shorter training of --speed-steps steps
+in each precision, in turn, the order alternating, and `speedup_bf16_median_of_rounds` is the median of their
 per-round ratios (0 rounds: skipped).
 """
 
@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import (  # noqa: E402
-    absolute_path, alternating, log_every, machine_info, matmul_peak_gflops, median_tokens_per_s, scratch_dir,
+    absolute_path, alternating, log_every, machine_info, matmul_peak_gflops, median_tokens_per_s, require_at_least,
+    scratch_dir,
 )
 
 import torch  # noqa: E402
@@ -40,6 +41,9 @@ def main() -> None:
     parser.add_argument("--speed-rounds", type=int, default=3, help="shorter trainings in turn, fp32 and bf16")
     parser.add_argument("--speed-steps", type=int, default=40, help="steps of each of those trainings")
     args = parser.parse_args()
+    require_at_least(parser, args.speed_rounds, 0, "--speed-rounds", "0 skips the trainings in turn")
+    # 4 steps log 4 times (bench/machine.py's log_every): 3 speeds after the warm-up one
+    require_at_least(parser, args.speed_steps, 4, "--speed-steps", "each training needs speeds after its warm-up")
 
     def trained(precision: str, steps: int) -> tuple[float, object]:
         """(the median training tokens/s, the result) of one training of `steps` steps in `precision`."""

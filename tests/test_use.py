@@ -662,14 +662,21 @@ def test_a_uniform_number_on_a_boundary_picks_the_token_after_it(monkeypatch, in
 @pytest.mark.parametrize("options", [{}, {"temperature": 0.7, "top_k": 40}, {"top_p": 0.5}])
 def test_generating_many_streams_over_a_large_vocabulary_draws_in_blocks(monkeypatch, options):
     """generate() with enough streams over a large vocabulary goes through the block draw, at any temperature and
-    filter: reproducible with a seed, and never a token the filter removed."""
+    filter: every token it draws has probability, the samples are reproducible with a seed, never hold a token the
+    filter removed, and are the ones the one-level draw gives from the same seed."""
     import lmtool.sample
     from lmtool.config import ModelConfig
     from lmtool.model import LanguageModel
 
     used = []
     real = lmtool.sample._draw_in_blocks
-    monkeypatch.setattr(lmtool.sample, "_draw_in_blocks", lambda *args: used.append(True) or real(*args))
+
+    def checked(probs, *args):
+        drawn = real(probs, *args)
+        used.append(bool((probs.gather(1, drawn) > 0).all()))  # pick_next would hide an impossible draw
+        return drawn
+
+    monkeypatch.setattr(lmtool.sample, "_draw_in_blocks", checked)
     torch.manual_seed(0)
     vocab = lmtool.sample.DRAW_BLOCKS_MIN_VOCAB + 100  # a last, shorter block
     model = LanguageModel(ModelConfig(embedding_size=8, hidden_size=8, init_range=2.0), vocab).eval()
@@ -680,10 +687,12 @@ def test_generating_many_streams_over_a_large_vocabulary_draws_in_blocks(monkeyp
         monkeypatch.setattr(lmtool.sample, "pick_next", lambda scores, *args: allowed.append(
             torch.topk(scores, options["top_k"]).indices) or real_pick(scores, *args))
     samples = lmtool.sample.generate(model, [1, 2], sampling)
-    assert used and samples == lmtool.sample.generate(model, [1, 2], sampling)
+    assert len(used) == 5 and all(used) and samples == lmtool.sample.generate(model, [1, 2], sampling)
     assert len(samples) == sampling.num_samples and all(len(s) == 5 and max(s) < vocab for s in samples)
     for step, keep in enumerate(allowed[:5]):
         assert all(samples[row][step] in keep[row] for row in range(sampling.num_samples))
+    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_STREAMS", 10**9)  # the one-level draw
+    assert lmtool.sample.generate(model, [1, 2], sampling) == samples
 
 
 def test_which_draws_go_in_blocks(monkeypatch):
