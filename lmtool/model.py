@@ -340,10 +340,11 @@ class LanguageModel(nn.Module):
         transposed = packed_bf16 or (fp32 and ((few or looks_up) if amd else (on_cpu and not few)))
         gate_major = transposed and (self.config.cell == "lstm" or (OTHER_CELLS_TRANSPOSED and (amd or packed_bf16)))
         input_table = None
+        embedding_rows = ready(self.embedding.weight)
         if gate_major:
             # bf16 packs from the fp32 weights: the bias sums and the input table are rounded once, at the end
             source = plain if packed_bf16 else layers
-            embedding = self.embedding.weight.detach() if packed_bf16 else ready(self.embedding.weight)
+            embedding = self.embedding.weight.detach() if packed_bf16 else embedding_rows
             relaid_layers = []
             for layer, weights in enumerate(source):
                 table, matrices, biases = transposed_layer(self.config.cell, *weights,
@@ -354,7 +355,6 @@ class LanguageModel(nn.Module):
                 # packed products) use every thread
                 relaid_layers.append((*map(relaid, matrices), *map(ready, biases)))
             layers = relaid_layers
-        embedding_rows = ready(self.embedding.weight)
         output_major = None
         if self.config.softmax == "full" and (packed_bf16 or (amd and (few or large)
                                                               and self.decoder.weight.dtype == torch.float32)):

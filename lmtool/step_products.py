@@ -24,7 +24,7 @@ def times(rows: torch.Tensor, matrix: Matrix, add: torch.Tensor | None = None,
     if isinstance(matrix, ColumnBlocks):
         return blocks_times(rows, matrix, add, out)
     if add is None:
-        return torch.mm(rows, matrix) if out is None else torch.mm(rows, matrix, out=out)
+        return torch.mm(rows, matrix, out=out)
     if add.dim() == 2:
         return add.addmm_(rows, matrix)
-    return torch.addmm(add, rows, matrix) if out is None else torch.addmm(add, rows, matrix, out=out)
+    return torch.addmm(add, rows, matrix, out=out)

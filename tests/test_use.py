@@ -564,14 +564,19 @@ def test_non_finite_scores_stop_sampling_with_a_clear_error(scores):
     assert pick_next(finite, SamplingOptions(), torch.Generator().manual_seed(0)).shape == (len(scores),)
 
 
-@pytest.fixture
-def small_draw_blocks(monkeypatch):
-    """Blocks of 16 tokens for any stream count from a 100-token vocabulary: 6 whole blocks and a last one of 4."""
+def draw_blocks_of_16(monkeypatch, min_vocab: int, in_blocks: bool = True) -> None:
+    """Draws in blocks of 16 tokens from `min_vocab` tokens and 2 streams (in_blocks=False: never in blocks)."""
     import lmtool.sample
 
     monkeypatch.setattr(lmtool.sample, "DRAW_BLOCK", 16)
-    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_VOCAB", 100)
-    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_STREAMS", 2)
+    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_VOCAB", min_vocab)
+    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_STREAMS", 2 if in_blocks else 10**9)
+
+
+@pytest.fixture
+def small_draw_blocks(monkeypatch):
+    """Blocks of 16 tokens for any stream count from a 100-token vocabulary: 6 whole blocks and a last one of 4."""
+    draw_blocks_of_16(monkeypatch, 100)
 
 
 def block_test_probabilities() -> torch.Tensor:
@@ -631,9 +636,7 @@ def test_a_draw_in_blocks_at_the_top_of_the_distribution_never_picks_an_impossib
     draw still picks the last possible token, not the impossible one after it."""
     import lmtool.sample
 
-    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCK", 16)
-    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_VOCAB", 96)
-    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_STREAMS", 2)
+    draw_blocks_of_16(monkeypatch, 96)
     weights = torch.rand(20_000, vocab, generator=torch.Generator().manual_seed(0)) ** 8  # mixed magnitudes
     weights[:, -1] = 0
     probs = weights / weights.sum(-1, keepdim=True)
@@ -649,9 +652,7 @@ def test_a_uniform_number_on_a_boundary_picks_the_token_after_it(monkeypatch, in
     first block) or 16 (impossible)."""
     import lmtool.sample
 
-    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCK", 16)
-    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_VOCAB", 32)
-    monkeypatch.setattr(lmtool.sample, "DRAW_BLOCKS_MIN_STREAMS", 2 if in_blocks else 10**9)
+    draw_blocks_of_16(monkeypatch, 32, in_blocks)
     probs = torch.zeros(2, 32)
     probs[:, :16] = 1 / 32
     probs[:, 17:19] = 0.25
