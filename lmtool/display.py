@@ -27,6 +27,12 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds}s"
 
 
+def format_perplexity(value: float, places: int = 2) -> str:
+    """A perplexity with `places` decimals, or in scientific notation from a million on: a diverged model's
+    perplexity (up to about 1e304) would otherwise print as hundreds of digits."""
+    return f"{value:.{places}f}" if value < 1e6 else f"{value:.3g}"
+
+
 def token_unit(level: str) -> str:
     return "char" if level == "char" else "word"
 
@@ -88,7 +94,7 @@ class TrainDisplay:
             )
 
     def _on_train(self, e: Event) -> None:
-        loss, ppl, lr = f"{e['loss']:.4f}", f"{e['ppl']:.2f}", f"{e['lr']:.2e}"
+        loss, ppl, lr = f"{e['loss']:.4f}", format_perplexity(e["ppl"]), f"{e['lr']:.2e}"
         speed, eta = f"{e['tokens_per_s']:,.0f}", format_duration(e["eta"])
         if self.progress is not None:
             self.progress.update(
@@ -106,18 +112,19 @@ class TrainDisplay:
     def _on_valid(self, e: Event) -> None:
         mark = " (best)" if e["best"] else ""
         line = (
-            f"validation epoch {e['epoch']} step {e['step']:,} | loss {e['loss']:.4f} | ppl {e['ppl']:.2f} | "
-            f"{e['bits_per_token']:.3f} bits/{self.unit}{mark}"
+            f"validation epoch {e['epoch']} step {e['step']:,} | loss {e['loss']:.4f} | "
+            f"ppl {format_perplexity(e['ppl'])} | {e['bits_per_token']:.3f} bits/{self.unit}{mark}"
         )
         if "directions" in e:  # the loss above is the mean of the two directions
-            line += " | " + " | ".join(f"{d} ppl {v['ppl']:.2f}" for d, v in e["directions"].items())
+            line += " | " + " | ".join(f"{d} ppl {format_perplexity(v['ppl'])}" for d, v in e["directions"].items())
         if self.progress is not None:
             self.progress.console.print(line)
         else:
             self.err.print(line)
 
     def _on_test(self, e: Event) -> None:
-        self.err.print(f"test | loss {e['loss']:.4f} | ppl {e['ppl']:.2f} | {e['bits_per_token']:.3f} bits/{self.unit}")
+        self.err.print(f"test | loss {e['loss']:.4f} | ppl {format_perplexity(e['ppl'])} | "
+                       f"{e['bits_per_token']:.3f} bits/{self.unit}")
 
     def _on_end(self, e: Event) -> None:
         self.close()
@@ -128,11 +135,11 @@ class TrainDisplay:
         if e["best_valid_loss"] is not None:
             rows += [
                 ("best validation loss", f"{e['best_valid_loss']:.4f} nats/{self.unit}"),
-                ("best validation perplexity", f"{e['best_valid_ppl']:.2f}"),
+                ("best validation perplexity", format_perplexity(e["best_valid_ppl"])),
                 (f"bits per {self.unit}", f"{e['best_valid_bits_per_token']:.3f}"),
             ]
         if e["test_ppl"] is not None:
-            rows.append(("test perplexity", f"{e['test_ppl']:.2f}"))
+            rows.append(("test perplexity", format_perplexity(e["test_ppl"])))
         rows += [
             ("tokens seen", f"{e['tokens_seen']:,}"),
             ("steps / epochs", f"{e['steps']:,} / {e['epochs']}"),

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lmtool.api import FileEvaluation
-from lmtool.display import token_unit
+from lmtool.display import format_perplexity, token_unit
 from lmtool.evaluate import MixtureScore, SentenceScore, StreamScore
 from lmtool.tokenizer import EOS_ID, UNK_ID
 
@@ -133,7 +133,7 @@ def print_scores(
         extra = [f"{s.forward.logprob:.2f}", f"{s.backward.logprob:.2f}"] if mixture else []
         sentence = Text(_layout_safe(s.sentence)) if mixture else _colour_tokens(s, separator)
         table.add_row(
-            str(rank[i]), f"{s.logprob:.4f}", f"{s.log10prob:.4f}", f"{s.perplexity:.2f}",
+            str(rank[i]), f"{s.logprob:.4f}", f"{s.log10prob:.4f}", format_perplexity(s.perplexity),
             str(s.num_tokens), str(s.num_unknown), *extra, sentence,
         )
     console.print(table)
@@ -254,7 +254,7 @@ def print_evaluation(console: Console, evaluation: FileEvaluation, level: str) -
     closing = []
     m = evaluation.mixture
     if m is not None:
-        closing += [("tokens scored", f"{m.tokens:,}"), ("perplexity", f"{m.perplexity:.3f}"),
+        closing += [("tokens scored", f"{m.tokens:,}"), ("perplexity", format_perplexity(m.perplexity, 3)),
                     (f"bits per {unit}", f"{m.bits_per_token:.4f}")]
     closing += [("time", f"{evaluation.seconds:.2f}s"), ("tokens/s", f"{evaluation.tokens_per_s:,.0f}")]
     if evaluation.precision != "fp32":
@@ -279,7 +279,7 @@ def _stream_rows(evaluation: FileEvaluation, s: StreamScore, unit: str) -> list[
         ("tokens scored", f"{s.tokens:,}"),
         ("unknown tokens", f"{s.unknown:,} ({100 * s.unknown_rate:.2f}%)"),
         ("mean NLL", f"{s.loss:.4f} nats/{unit}"),
-        ("perplexity", f"{s.perplexity:.3f}"),
+        ("perplexity", format_perplexity(s.perplexity, 3)),
         (f"bits per {unit}", f"{s.bits_per_token:.4f}"),
-        ("perplexity excluding <UNK>", f"{known:.3f}" if known is not None else "-"),
+        ("perplexity excluding <UNK>", format_perplexity(known, 3) if known is not None else "-"),
     ]

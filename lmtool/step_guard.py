@@ -20,16 +20,24 @@ class StepGuard:
     checkpoint time (`failure`, `skipped_steps`, `state_dict`), so a diverged run stops there, with the step it
     diverged at."""
 
-    def __init__(self, device: torch.device, blowup_factor: float | None, max_bad_steps: int, warmup: int = 50):
+    def __init__(self, device: torch.device, blowup_factor: float | None, max_bad_steps: int, warmup: int = 50,
+                 uniform_loss: float | None = None):
+        """`uniform_loss`: the loss of a uniform guess over the vocabulary, ln V. In the first `warmup` good steps,
+        while the running mean settles, a loss `blowup_factor` times the larger of the two is a blow-up (a learning
+        rate that breaks the weights at the first update would otherwise go unnoticed there); without it, the
+        check starts after them."""
         self.device, self.blowup_factor, self.max_bad_steps, self.warmup = device, blowup_factor, max_bad_steps, warmup
+        self.uniform_loss = uniform_loss
         zero = torch.zeros((), dtype=torch.int64, device=device)
         self.good_steps, self.bad_run, self.skipped = zero.clone(), zero.clone(), zero.clone()
         self.loss_ema = torch.zeros((), dtype=torch.float32, device=device)  # running mean of the step loss
         # The first time `max_bad_steps` came in a row: the step (-1: never), why, and the loss and mean then.
         self.failed_at = torch.full((), -1, dtype=torch.int64, device=device)
         self.failed_blowup = torch.zeros((), dtype=torch.bool, device=device)
-        self.failed_loss, self.failed_ema = self.loss_ema.clone(), self.loss_ema.clone()
+        self.failed_loss, self.failed_ema = self.loss_ema.clone(), self.loss_ema.clone()  # the loss, the reference
+        self.failed_early = torch.zeros((), dtype=torch.bool, device=device)  # before the running mean settled
         self.failed_by_blowup = False  # set by `failure`: whether the loss blow-up check, not a NaN, stopped the run
+        self.failed_before_settling = False  # and whether it did so against ln V, before the running mean settled
 
     def check(self, loss: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whether this step must be skipped, and whether its loss or gradient is non-finite (bool tensors).
@@ -38,13 +46,26 @@ class StepGuard:
         non_finite = ~(torch.isfinite(loss) & torch.isfinite(norm))
         bad = non_finite | (self.failed_at >= 0)
         if self.blowup_factor is not None:
-            bad = bad | ((self.good_steps >= self.warmup) & (loss > self.blowup_factor * self.loss_ema))
+            blown = loss > self.blowup_factor * self.reference()
+            bad = bad | (blown if self.uniform_loss is not None else self.settled() & blown)
         return bad, non_finite
+
+    def settled(self) -> torch.Tensor:
+        """Whether the running mean has `warmup` good steps behind it (a bool tensor)."""
+        return self.good_steps >= self.warmup
+
+    def reference(self) -> torch.Tensor:
+        """The loss a blow-up is measured against: the running mean, and before it settles at least
+        `uniform_loss` where that is given."""
+        if self.uniform_loss is None:
+            return self.loss_ema
+        return torch.where(self.settled(), self.loss_ema, self.loss_ema.clamp(min=self.uniform_loss))
 
     def record(self, bad: torch.Tensor, non_finite: torch.Tensor, loss: torch.Tensor, step: int | torch.Tensor) -> None:
         """Count the step `check` judged; `step` is its 1-based number (a device tensor in a CUDA graph).
         Every counter is updated in place: a captured step reads and writes the same tensors on each replay."""
         loss = loss.detach().float()
+        reference, settled = self.reference(), self.settled()  # as `check` saw them
         good = ~bad
         ema = torch.where(self.good_steps == 0, loss, 0.98 * self.loss_ema + 0.02 * loss)
         self.loss_ema.copy_(torch.where(good, ema, self.loss_ema))
@@ -55,18 +76,25 @@ class StepGuard:
         self.failed_at.copy_(torch.where(newly_failed, step, self.failed_at))
         self.failed_blowup.copy_(torch.where(newly_failed, ~non_finite, self.failed_blowup))
         self.failed_loss.copy_(torch.where(newly_failed, loss, self.failed_loss))
-        self.failed_ema.copy_(torch.where(newly_failed, self.loss_ema, self.failed_ema))
+        self.failed_ema.copy_(torch.where(newly_failed, reference, self.failed_ema))
+        self.failed_early.copy_(torch.where(newly_failed, ~settled, self.failed_early))
 
     def failure(self) -> str | None:
         """Why the run diverged, if `max_bad_steps` bad steps came in a row (reads the device: call rarely)."""
         # Moved to the CPU before any conversion: MPS has no float64, and int64 keeps counts exact.
-        failed_at, blowup = torch.stack([self.failed_at, self.failed_blowup.long()]).cpu().tolist()
+        failed_at, blowup, early = torch.stack(
+            [self.failed_at, self.failed_blowup.long(), self.failed_early.long()]).cpu().tolist()
         if failed_at < 0:
             return None
         self.failed_by_blowup = bool(blowup)
+        self.failed_before_settling = bool(blowup and early and self.uniform_loss is not None)
         if blowup:
-            loss, ema = torch.stack([self.failed_loss, self.failed_ema]).cpu().tolist()
-            problem = f"loss {loss:.3g} above {self.blowup_factor:g} x the running mean {ema:.3g}"
+            loss, reference = torch.stack([self.failed_loss, self.failed_ema]).cpu().tolist()
+            if self.failed_before_settling:
+                problem = (f"loss {loss:.3g} above {self.blowup_factor:g} x {reference:.3g}, the larger of the "
+                           f"running mean and a uniform guess's loss (ln V) before {self.warmup} good steps")
+            else:
+                problem = f"loss {loss:.3g} above {self.blowup_factor:g} x the running mean {reference:.3g}"
         else:
             problem = "non-finite loss or gradient"
         return f"{counted(self.max_bad_steps, 'bad step')} in a row up to step {failed_at:,} ({problem})"

@@ -470,7 +470,8 @@ class _Trainer:
         self.last_validated_step = -1
         self.running_nll = torch.zeros((), device=device)  # since the last log, on the device: no per-step sync
         self.running_tokens = torch.zeros((), dtype=torch.int64, device=device)
-        self.guard = StepGuard(device, tc.blowup_factor, tc.max_bad_steps)
+        self.guard = StepGuard(device, tc.blowup_factor, tc.max_bad_steps,
+                               uniform_loss=math.log(len(corpus.tokenizer)))
         self.clock = TrainingClock(lambda: self.running_tokens.cpu())
         self.elapsed_before = 0.0  # training time of earlier sessions of this run
         self.resumed = False
@@ -636,7 +637,9 @@ class _Trainer:
             return
         tc = self.config.train
         advice = "Lower train.lr" + (" or set train.clip_grad_norm" if tc.clip_grad_norm is None else "")
-        if self.guard.failed_by_blowup:  # the guard's own threshold stopped it: that may be what to change
+        # the guard's own threshold against the running mean stopped it: that may be what to change (not where a loss
+        # many times a uniform guess's stopped it, before the mean settled)
+        if self.guard.failed_by_blowup and not self.guard.failed_before_settling:
             advice += (f", or raise train.blowup_factor ({tc.blowup_factor:g}; null turns the check off) if the loss "
                        "swings that much by nature")
         raise self._diverged(problem, advice)

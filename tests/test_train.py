@@ -122,9 +122,10 @@ def test_max_steps_and_eval_every_and_test_split(small_corpus, tmp_path):
 
 
 def test_early_stop_after_patience(small_corpus, tmp_path):
-    # an absurd learning rate makes validation worse after the first check
+    # an absurd learning rate makes validation worse after the first check (its losses, several times a uniform
+    # guess's, would also stop the run as diverged: that check is off here)
     cfg = load_config(TINY, ["train.lr=50", "train.patience=2", "train.max_epochs=20", "train.optimizer=sgd",
-                             "train.clip_grad_norm=null", "train.schedule=constant"])
+                             "train.clip_grad_norm=null", "train.schedule=constant", "train.blowup_factor=null"])
     result = train(cfg, small_corpus, out=tmp_path / "run")
     assert "early stop" in result.stop_reason
     assert result.epochs < 20
@@ -248,6 +249,61 @@ def test_a_loss_blow_up_run_stops_with_the_step_and_the_reason(small_corpus, tmp
                        r"turns the check off\) if the loss swings that much by nature, and add --overwrite to train "
                        r"again into "):
         train(cfg, small_corpus, out=tmp_path / "run")
+
+
+def test_before_the_running_mean_settles_a_loss_far_above_a_uniform_guess_is_a_blow_up():
+    from lmtool.step_guard import StepGuard
+
+    def judged(guard, losses):
+        verdicts = []
+        for step, loss in enumerate(losses, start=1):
+            bad, non_finite = guard.check(torch.tensor(loss), torch.tensor(1.0))
+            guard.record(bad, non_finite, torch.tensor(loss), step)
+            verdicts.append(bool(bad))
+        return verdicts
+
+    uniform = math.log(66)
+    early = StepGuard(torch.device("cpu"), blowup_factor=5.0, max_bad_steps=2, warmup=50, uniform_loss=uniform)
+    # a first loss at a uniform guess's, a spike below 5 x ln V, then a finite blow-up after one update
+    assert judged(early, [uniform, 4 * uniform, 6 * uniform, 1e30]) == [False, False, True, True]
+    assert early.failure() == ("2 bad steps in a row up to step 4 (loss 1e+30 above 5 x 4.44, the larger of the "
+                               "running mean and a uniform guess's loss (ln V) before 50 good steps)")
+    # a running mean above ln V is the reference: 5 x ln V alone would have called a loss of 6 x ln V a blow-up
+    high = StepGuard(torch.device("cpu"), blowup_factor=5.0, max_bad_steps=2, warmup=50, uniform_loss=uniform)
+    assert judged(high, [2 * uniform, 6 * uniform, 11 * uniform]) == [False, False, True]
+    # without the vocabulary's ln V the check waits for the running mean to settle, as before
+    late = StepGuard(torch.device("cpu"), blowup_factor=5.0, max_bad_steps=2, warmup=3)
+    assert judged(late, [uniform, 1e30, 1e30, 1e30, 1e30]) == [False, False, False, True, True]
+    assert late.failure().endswith("(loss 1e+30 above 5 x the running mean 3.96e+28)")
+    off = StepGuard(torch.device("cpu"), blowup_factor=None, max_bad_steps=2, uniform_loss=uniform)
+    assert judged(off, [uniform, 1e30, 1e30]) == [False, False, False]
+
+
+def test_a_loss_that_blows_up_in_the_first_steps_stops_the_run(small_corpus, tmp_path, monkeypatch):
+    from lmtool.errors import TrainingFailed
+    from test_resume import corrupt_loss
+
+    corrupt_loss(monkeypatch, lambda call: 1000.0 if call > 2 else 1.0)  # finite, from the third step on
+    cfg = load_config(TINY, ["train.max_bad_steps=2", "train.max_steps=40", "train.eval_every=null"])
+    with pytest.raises(TrainingFailed, match=r"2 bad steps in a row up to step 4 \(loss .* above 5 x .*, the larger of "
+                       r"the running mean and a uniform guess's loss \(ln V\) before 50 good steps\); no model was "
+                       r"saved before it\. Lower train\.lr, and add --overwrite"):
+        train(cfg, small_corpus, out=tmp_path / "run")
+    assert not (tmp_path / "run" / "model-best.safetensors").exists()
+
+
+def test_a_diverged_perplexity_prints_in_scientific_notation_not_hundreds_of_digits(capsys):
+    from lmtool.display import TrainDisplay, format_perplexity
+
+    line = {"event": "train", "epoch": 1, "step": 5, "loss": 4.2094, "ppl": math.exp(4.2094), "lr": 1e30,
+            "tokens_per_s": 3196.0, "elapsed": 0.4, "eta": 1.2}
+    TrainDisplay(live=False)(line)
+    TrainDisplay(live=False)({**line, "loss": 900.0, "ppl": math.exp(700)})  # evaluate.safe_exp's ceiling
+    first, second = capsys.readouterr().err.splitlines()
+    assert "| loss 4.2094 | ppl 67.32 | lr 1.00e+30 |" in first
+    assert "| loss 900.0000 | ppl 1.01e+304 | lr 1.00e+30 |" in second
+    assert [format_perplexity(x) for x in (999_999.994, 1e6, float("inf"))] == ["999999.99", "1e+06", "inf"]
+    assert format_perplexity(3.14159, 3) == "3.142"
 
 
 def test_cpu_training_keeps_freed_host_memory_for_reuse(small_corpus, tmp_path, monkeypatch):
