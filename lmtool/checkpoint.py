@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -21,14 +22,13 @@ from lmtool.config import Config, config_from_dict, save_config_yaml
 from lmtool.errors import LmtoolError
 from lmtool.model import LanguageModel
 from lmtool.run_paths import (
-    CONFIG_FILE, LATEST, METRICS_FILE, RUN_FILES, RUNS_ROOT, TRAINING_STATE, VOCAB_FILE, is_run_dir,
+    CONFIG_FILE, LATEST, LOCK_FILE, METRICS_FILE, RUN_FILES, RUNS_ROOT, TRAINING_STATE, VOCAB_FILE, is_run_dir,
 )
 from lmtool.tokenizer import Tokenizer
 
 MODEL_FORMAT = "lmtool-model"
 MODEL_FORMAT_VERSION = 1
 TRAINING_STATE_VERSION = 1
-LOCK_FILE = ".lock"  # held by the process training the run, so that no second one writes into it
 def default_run_path(corpus: Path, now: datetime | None = None) -> Path:
     """runs/<corpus-name>-<timestamp>."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
@@ -104,7 +104,7 @@ class RunDir:
         try:
             handle = open(self.path / LOCK_FILE, "a+", encoding="utf-8")
         except OSError as err:
-            raise LmtoolError(f"cannot lock run directory {self.path}: {err.strerror}") from None
+            raise self._cannot_lock(err) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # held elsewhere
@@ -123,9 +123,14 @@ class RunDir:
             handle.write(str(os.getpid()))  # for the message another process gets
             handle.flush()
         except OSError as err:
-            handle.close()
-            raise LmtoolError(f"cannot lock run directory {self.path}: {err.strerror}") from None
+            with contextlib.suppress(OSError):  # closing flushes the same write again (a full disk)
+                handle.close()
+            raise self._cannot_lock(err) from None
         self.lock_handle = handle
+
+    def _cannot_lock(self, err: OSError) -> LmtoolError:
+        return LmtoolError(f"cannot lock run directory {self.path}: {err.strerror}; training writes into it, so it "
+                           "needs a writable disk with free space (free some, or choose another --out)")
 
     def release(self) -> None:
         """Drop the run's lock, if this object holds it."""

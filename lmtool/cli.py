@@ -17,7 +17,7 @@ import typer
 from lmtool.errors import Interrupted, LmtoolError
 # torch-free: a missing model or file, or a binary one, is reported before torch is imported (seconds)
 from lmtool.atomic_files import can_write_beside
-from lmtool.run_paths import BEST_MODEL, RUN_FILES, TRAINING_STATE, is_run_dir, resolve_model_path
+from lmtool.run_paths import BEST_MODEL, LOCK_FILE, RUN_FILES, TRAINING_STATE, is_run_dir, resolve_model_path
 from lmtool.text_files import check_readable_file, iter_lines, stdin_lines
 
 # Newer typer vendors its own click; usage errors may come from either.
@@ -251,7 +251,7 @@ def _check_output(output: Path, overwrite: bool, model_path: Path) -> None:
         raise LmtoolError(f"--output {output} already exists; pass --overwrite to replace it or choose another file")
     if output.exists() and os.path.samefile(output, model_path):  # not even with --overwrite
         raise LmtoolError(f"--output {output} is the model being sampled from; choose another file")
-    if output.name in RUN_FILES and is_run_dir(output.parent):  # its other model, config or checkpoint
+    if output.name in (*RUN_FILES, LOCK_FILE) and is_run_dir(output.parent):  # its model, config, checkpoint, lock
         raise LmtoolError(f"--output {output} is a file of the run {output.parent}; choose a file outside it")
     if not output.parent.is_dir():
         raise LmtoolError(f"--output {output}: the directory {output.parent} does not exist; create it first")

@@ -39,6 +39,9 @@ MAX_STORED_SEED = 2**64 - 1
 # Widest embedding or recurrent layer: far beyond any machine's memory already (a 2^20-wide LSTM layer holds
 # 2^43 weights), and low enough that sizes computed from it never overflow torch's 64-bit shapes.
 MAX_WIDTH = 2**20
+# Deepest stack: far beyond what trains (nothing carries a gradient past the layers in between), and building
+# thousands of layers alone takes minutes before any error could show.
+MAX_LAYERS = 256
 
 
 def _opt(default: Any, help: str, **bounds: float) -> Any:
@@ -64,7 +67,7 @@ class ModelConfig:
     cell: Cell = _opt("lstm", "recurrent cell: rnn_tanh | rnn_relu | gru | lstm")
     embedding_size: int = _opt(128, "size of the token embedding", ge=1, le=MAX_WIDTH)
     hidden_size: int = _opt(512, "size of each recurrent layer's state", ge=1, le=MAX_WIDTH)
-    num_layers: int = _opt(2, "stacked recurrent layers", ge=1)
+    num_layers: int = _opt(2, "stacked recurrent layers", ge=1, le=MAX_LAYERS)
     dropout: float = _opt(0.2, "dropout between layers and before the output layer", ge=0, lt=1)
     tie_weights: bool = _opt(False, "share the embedding and output weights (needs embedding_size == hidden_size)")
     init_range: float | None = _opt(0.1, "initialise every weight uniformly in [-r, r] (null: PyTorch's default)", gt=0,

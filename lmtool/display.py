@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import sys
 from typing import Any, TextIO
 
@@ -37,22 +39,42 @@ def token_unit(level: str) -> str:
     return "char" if level == "char" else "word"
 
 
+class _ProgressConsole(Console):
+    """A Console for stderr whose closed pipe raises BrokenPipeError, which TrainDisplay catches, instead of rich's
+    default: exit at once, with standard output sent to /dev/null (the summary lost too)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 class TrainDisplay:
     """Consumes the events of `lmtool.train.train`; progress goes to stderr, the summary to stdout."""
 
     def __init__(self, live: bool | None = None, err: TextIO | None = None, out: TextIO | None = None) -> None:
-        self.err = Console(file=err or sys.stderr, highlight=False, markup=False)
+        self.err = _ProgressConsole(file=err or sys.stderr, highlight=False, markup=False)
         self.out = Console(file=out or sys.stdout, highlight=False, markup=False)
         self.live = self.err.is_terminal if live is None else live
         if not self.live:  # log files want whole lines, not lines wrapped at 80 columns
-            self.err = Console(file=err or sys.stderr, highlight=False, markup=False, soft_wrap=True, no_color=True)
+            self.err = _ProgressConsole(file=err or sys.stderr, highlight=False, markup=False, soft_wrap=True,
+                                        no_color=True)
         self.progress: Progress | None = None
         self.task = None
         self.unit = "token"
         self.run_dir: str | None = None
+        self.progress_lost = False  # stderr failed once: no more progress lines
 
     def __call__(self, event: Event) -> None:
         getattr(self, f"_on_{event['event']}")(event)
+
+    def _progress(self, text: str, console: Console | None = None) -> None:
+        """A line of progress on stderr. Where stderr cannot take it (a pipe whose reader left, as in `2>&1 | head`,
+        or a full disk) progress stops and training goes on: losing the log must not lose the run."""
+        if self.progress_lost:
+            return
+        try:
+            (console or self.err).print(text, markup=False)
+        except OSError:
+            self.progress_lost = True
 
     def close(self) -> None:
         if self.progress is not None:
@@ -62,7 +84,7 @@ class TrainDisplay:
     # --- events -----------------------------------------------------------------------------------------
 
     def _on_resume(self, e: Event) -> None:
-        self.err.print(f"resuming {e['run']} at epoch {e['epoch']}, step {e['step']:,}")
+        self._progress(f"resuming {e['run']} at epoch {e['epoch']}, step {e['step']:,}")
         self._on_start(e)
 
     def _on_start(self, e: Event) -> None:
@@ -71,7 +93,7 @@ class TrainDisplay:
         total = e["total_steps"]
         world = e.get("world_size", 1)
         batch = f"{e['batch_size']} ({world} processes x {e['batch_size'] // world})" if world > 1 else e["batch_size"]
-        self.err.print(
+        self._progress(
             f"run {e['run']} | {_directions(e)}{e['cell']} {e['parameters']:,} parameters on {e['device']} "
             f"({e['precision']}{', CUDA graph' if e.get('cuda_graph') else ''}) | "
             f"vocabulary {e['vocab_size']:,} {self.unit}s | {e['train_tokens']:,} training / "
@@ -101,13 +123,13 @@ class TrainDisplay:
                 self.task, completed=e["step"], epoch=e["epoch"], loss=loss, ppl=ppl, lr=lr, speed=speed, eta=eta
             )
         else:
-            self.err.print(
+            self._progress(
                 f"epoch {e['epoch']} step {e['step']:,} | loss {loss} | ppl {ppl} | lr {lr} | "
                 f"{speed} tok/s | elapsed {format_duration(e['elapsed'])} | eta {eta}"
             )
 
     def _on_notice(self, e: Event) -> None:
-        self.err.print(f"lmtool: note: {e['message']}", markup=False)
+        self._progress(f"lmtool: note: {e['message']}")
 
     def _on_valid(self, e: Event) -> None:
         mark = " (best)" if e["best"] else ""
@@ -118,12 +140,12 @@ class TrainDisplay:
         if "directions" in e:  # the loss above is the mean of the two directions
             line += " | " + " | ".join(f"{d} ppl {format_perplexity(v['ppl'])}" for d, v in e["directions"].items())
         if self.progress is not None:
-            self.progress.console.print(line)
+            self._progress(line, self.progress.console)
         else:
-            self.err.print(line)
+            self._progress(line)
 
     def _on_test(self, e: Event) -> None:
-        self.err.print(f"test | loss {e['loss']:.4f} | ppl {format_perplexity(e['ppl'])} | "
+        self._progress(f"test | loss {e['loss']:.4f} | ppl {format_perplexity(e['ppl'])} | "
                        f"{e['bits_per_token']:.3f} bits/{self.unit}")
 
     def _on_end(self, e: Event) -> None:

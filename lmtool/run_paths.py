@@ -15,6 +15,7 @@ BEST_MODEL = "model-best.safetensors"
 LAST_MODEL = "model-last.safetensors"
 TRAINING_STATE = "train-state.pt"
 RUN_FILES = (CONFIG_FILE, VOCAB_FILE, METRICS_FILE, BEST_MODEL, LAST_MODEL, TRAINING_STATE)
+LOCK_FILE = ".lock"  # held by the process training the run, so that no second one writes into it
 RUNS_ROOT = Path("runs")
 LATEST = "latest"
 
@@ -52,7 +53,13 @@ def resolve_model_path(ref: str | Path | None) -> Path:
         if latest.exists():
             ref = latest
         elif pointer.is_file():
-            ref = Path(pointer.read_text(encoding="utf-8").strip())
+            try:
+                ref = pointer.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                ref = ""
+            if not ref:
+                raise LmtoolError(f"{pointer} is damaged: it should name the latest run; name a run with --model "
+                                  "RUN (training a run rewrites the file)")
         else:
             raise LmtoolError(
                 "no trained model found (runs/latest does not exist here); train one first with "
@@ -64,8 +71,9 @@ def resolve_model_path(ref: str | Path | None) -> Path:
             if (path / name).is_file():
                 return path / name
         if is_run_dir(path):  # a run being trained (or retrained with --overwrite) before its first validation
+            resume = f", resume it with 'lmtool train --resume {path}'" if (path / TRAINING_STATE).is_file() else ""
             raise LmtoolError(f"{path} is a run that has saved no model yet (it does after its first validation); "
-                              f"wait for it, resume it with 'lmtool train --resume {path}', or name another run")
+                              f"wait for it if it is training{resume}, or name another run")
         raise LmtoolError(f"{path} holds no model file ({BEST_MODEL}); is it an lmtool run directory?")
     if not path.exists():
         raise LmtoolError(f"model not found: {path} (give a run directory or a .safetensors model file)")

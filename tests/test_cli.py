@@ -236,6 +236,22 @@ def test_a_training_summary_that_cannot_be_printed_loses_no_checkpoint(small_cor
     assert more.code == 0 and "resuming" in more.err, more.err
 
 
+def test_progress_that_cannot_be_written_does_not_stop_training(small_corpus, tmp_path, run_cli):
+    """`lmtool train ... 2>&1 | head -1`: once the reader has left, the progress lines are dropped and the run
+    trains to its end and saves, rather than dying on its first progress line with no model and no checkpoint."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = tmp_path / "run"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader left before the first line
+    done = subprocess.run([sys.executable, "-m", "lmtool", "train", str(small_corpus), "--config", str(TINY),
+                           "--max-steps", "4", "--set", "train.log_every=1", "--out", str(run)],
+                          stdout=subprocess.PIPE, stderr=write_end, env=env)
+    os.close(write_end)
+    assert done.returncode == 0 and "training summary" in done.stdout.decode()
+    assert (run / "model-best.safetensors").is_file() and (run / "train-state.pt").is_file()
+    assert run_cli("sample", "--model", run, "--length", "5").code == 0
+
+
 def test_a_closed_standard_output_is_refused_before_any_work(tiny_run):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "lmtool", "sample", "--model", str(tiny_run), "--length", "3"],

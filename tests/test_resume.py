@@ -441,8 +441,51 @@ def test_resuming_a_run_on_a_read_only_disk_stops_before_touching_it(small_corpu
     monkeypatch.setattr(checkpoint, "open", read_only_open, raising=False)
     result = run_cli("train", "--resume", tmp_path / "run", "--max-steps", "5")
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
-    assert f"cannot lock run directory {tmp_path / 'run'}: Read-only file system" in result.err
+    assert (f"cannot lock run directory {tmp_path / 'run'}: Read-only file system; training writes into it, so it "
+            "needs a writable disk with free space (free some, or choose another --out)") in result.err
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+def test_a_full_disk_when_the_run_is_locked_is_one_line_that_names_the_run(small_corpus, tmp_path, monkeypatch,
+                                                                          run_cli):
+    import builtins
+    import errno
+
+    import lmtool.checkpoint as checkpoint
+
+    class FullDisk:  # the lock file's pid is written to the buffer; flushing it, and so closing, needs space
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.handle.close()
+            self.flush()
+
+    def full_open(path, mode="r", *args, **kwargs):
+        handle = builtins.open(path, mode, *args, **kwargs)
+        return FullDisk(handle) if Path(path).name == ".lock" else handle
+
+    monkeypatch.setattr(checkpoint, "open", full_open, raising=False)
+    result = run_cli("train", small_corpus, "--config", CONFIGS / "tiny.yaml", "--max-steps", "1", "--out",
+                     tmp_path / "new")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert f"lmtool: error: cannot lock run directory {tmp_path / 'new'}: No space left on device; " in result.err
+
+
+def test_a_damaged_runs_latest_txt_is_one_line_that_says_what_to_do(tmp_path, run_cli):
+    (tmp_path / "runs").mkdir()
+    for content in (b"\xff\xfe", b"  \n"):  # not UTF-8; empty
+        (tmp_path / "runs" / "latest.txt").write_bytes(content)
+        result = run_cli("sample")
+        assert result.code == 2 and result.err == (
+            f"lmtool: error: {Path('runs') / 'latest.txt'} is damaged: it should name the latest run; name a run "
+            "with --model RUN (training a run rewrites the file)\n"), result.err
 
 
 def test_bf16_training_resumes_exactly_too(small_corpus, tmp_path):
@@ -584,3 +627,18 @@ def test_a_hand_edited_vocabulary_is_refused_on_resume(small_corpus, tmp_path):
         resume(run, limits={"max_steps": 5})
     (run / VOCAB_FILE).write_text(original)
     assert resume(run, limits={"max_steps": 5}).steps == 5
+
+
+def test_a_run_without_a_model_suggests_resuming_only_where_it_has_a_checkpoint(small_corpus, tmp_path):
+    from lmtool.run_paths import resolve_model_path
+
+    run = train(load_config(TINY, ["train.max_steps=2"]), small_corpus, out=tmp_path / "run").run_dir
+    (run / BEST_MODEL).unlink()
+    (run / LAST_MODEL).unlink()
+    with pytest.raises(LmtoolError, match=r"saved no model yet .*; wait for it if it is training, resume it with "
+                       r"'lmtool train --resume .*run', or name another run$"):
+        resolve_model_path(run)
+    (run / TRAINING_STATE).unlink()  # a run stopped before its first checkpoint: --resume would be refused
+    with pytest.raises(LmtoolError, match=r"saved no model yet .*; wait for it if it is training, or name another "
+                       r"run$"):
+        resolve_model_path(run)
