@@ -23,6 +23,7 @@ from lmtool.errors import LmtoolError
 from lmtool.model import LanguageModel
 from lmtool.run_paths import (
     CONFIG_FILE, LATEST, LOCK_FILE, METRICS_FILE, RUN_FILES, RUNS_ROOT, TRAINING_STATE, VOCAB_FILE, is_run_dir,
+    named_by_pointer,
 )
 from lmtool.tokenizer import Tokenizer
 
@@ -303,10 +304,11 @@ def open_run(path: Path) -> tuple[RunDir, Config, Tokenizer]:
     if path.is_symlink():
         path = Path(os.path.normpath(path.parent / os.readlink(path)))
     elif path == RUNS_ROOT / LATEST and not path.exists() and pointer.is_file():
-        path = Path(pointer.read_text(encoding="utf-8").strip())
+        path = named_by_pointer(pointer)
     named = f"{given} (which names {path})" if path != given else str(given)
     if path.is_file():
-        raise LmtoolError(f"--resume {named} is a file; give the run directory that holds it ({path.parent})")
+        holder = f" that holds it ({path.parent})" if is_run_dir(path.parent) else ""
+        raise LmtoolError(f"--resume {named} is a file; give the run directory{holder}")
     if not path.is_dir():
         raise LmtoolError(f"--resume {named}: no such run directory")
     if not is_run_dir(path):

@@ -59,7 +59,7 @@ def _root(
     """Train character- and word-level RNN/GRU/LSTM language models on a text file."""
 
 
-@app.command()
+@app.command(short_help="Train a model on a text file; the run becomes runs/latest.")
 def train(
     corpus: Optional[Path] = typer.Argument(
         None, parser=_path, metavar="CORPUS", help="training text: a UTF-8 file, one sentence or line per line"),
@@ -166,7 +166,7 @@ def _check_precision(precision: str) -> None:
         raise LmtoolError(f"--precision must be fp32 or bf16, got {precision!r}")
 
 
-@app.command()
+@app.command(short_help="Generate text from a trained model.")
 def sample(
     model: Optional[str] = typer.Option(None, "--model", "-m", parser=_name, metavar="<path>", help=MODEL_HELP),
     temperature: float = typer.Option(1.0, help="> 0 flattens (>1) or sharpens (<1) the distribution; 0 is greedy"),
@@ -321,7 +321,7 @@ class _Streamer:
         sys.stdout.flush()
 
 
-@app.command("score")
+@app.command("score", short_help="log P of sentences, ranked, with a per-token breakdown.")
 def score(
     sentences: List[str] = typer.Argument(None, metavar="SENTENCE", help="sentences to score (or use --file)"),
     files: Optional[List[str]] = typer.Option(
@@ -388,7 +388,7 @@ app.command("score-sentence-probability", help="Same as 'score'.")(score)
 EXACT_STREAM_HINT_BYTES = 2_000_000
 
 
-@app.command("evaluate-perplexity")
+@app.command("evaluate-perplexity", short_help="Perplexity, bits per token and unknown rate of text files.")
 def evaluate_perplexity(
     files: List[Path] = typer.Argument(..., parser=_path, metavar="FILE", help="held-out text files"),
     model: Optional[str] = typer.Option(None, "--model", "-m", parser=_name, metavar="<path>", help=MODEL_HELP),

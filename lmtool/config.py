@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import decimal
 import numbers
 import re
 import types
@@ -432,8 +433,14 @@ def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
             return int(value)
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
-            return int(value)
+        if isinstance(value, str):  # YAML reads 1e4 as a string; a whole number written so is one
+            try:
+                number = decimal.Decimal(value.strip())
+            except decimal.InvalidOperation:
+                number = None
+            # adjusted(): the power of ten; far past any bound, so that int() never builds a huge number
+            if number is not None and number.is_finite() and number.adjusted() < 100 and number == int(number):
+                return int(number)
         raise LmtoolError(f"{dotted}: expected a whole number, got {value!r}")
     if annotation is float:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):

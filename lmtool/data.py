@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 import torch
 
 from lmtool.errors import LmtoolError, counted
-from lmtool.text_files import iter_text_chunks
+from lmtool.text_files import empty_file, iter_text_chunks
 from lmtool.tokenizer import EOS_ID, SPECIALS, Tokenizer
 
 
@@ -63,7 +63,7 @@ def scan_text(path: Path, what: str) -> TextScan:
         crs += text.count("\r")
         has_text = has_text or not text.isspace()
     if not has_text:
-        raise LmtoolError(f"{what} file {path} is empty (no text to learn from)")
+        raise empty_file(path, what)
     return TextScan(num_lines=lines, num_chars=chars, lone_carriage_returns=crs)
 
 

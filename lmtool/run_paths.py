@@ -45,6 +45,18 @@ def path_argument(value, name: str) -> Path:
     return Path(value)
 
 
+def named_by_pointer(pointer: Path) -> Path:
+    """The run that runs/latest.txt names (where symlinks are unavailable), or a clear error if it is damaged."""
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        name = ""
+    if not name:
+        raise LmtoolError(f"{pointer} is damaged: it should name the latest run; name a run with --model RUN "
+                          "(training a run rewrites the file)")
+    return Path(name)
+
+
 def resolve_model_path(ref: str | Path | None) -> Path:
     """The model file meant by `--model`: a file, a run directory (its best model), or runs/latest when absent."""
     if ref is None:
@@ -53,13 +65,7 @@ def resolve_model_path(ref: str | Path | None) -> Path:
         if latest.exists():
             ref = latest
         elif pointer.is_file():
-            try:
-                ref = pointer.read_text(encoding="utf-8").strip()
-            except UnicodeDecodeError:
-                ref = ""
-            if not ref:
-                raise LmtoolError(f"{pointer} is damaged: it should name the latest run; name a run with --model "
-                                  "RUN (training a run rewrites the file)")
+            ref = named_by_pointer(pointer)
         else:
             raise LmtoolError(
                 "no trained model found (runs/latest does not exist here); train one first with "

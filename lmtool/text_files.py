@@ -19,6 +19,9 @@ def check_readable_file(path: Path, what: str) -> None:
         raise LmtoolError(f"the {what} file name is empty; give the path of a text file")
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():  # the link is there; where it leads is not
+            raise LmtoolError(f"{what} file {path} is a symbolic link that leads nowhere (its target is missing, or "
+                              "it leads back to itself); give the text file itself")
         raise LmtoolError(f"{what} file not found: {path}")
     if path.is_dir():
         raise LmtoolError(f"{what} path is a directory, not a text file: {path}")
@@ -92,8 +95,14 @@ def read_text(path: Path | str, what: str = "corpus") -> str:
     """The whole UTF-8 text of a (small) file, checked as `iter_text_chunks` does."""
     text = "".join(iter_text_chunks(path, what))
     if not text.strip():
-        raise LmtoolError(f"{what} file {path} is empty (no text to learn from)")
+        raise empty_file(path, what)
     return text
+
+
+def empty_file(path: Path | str, what: str) -> LmtoolError:
+    """The error for a file with nothing but whitespace in it."""
+    purpose = "to learn from" if what in ("training", "corpus") else "to score"
+    return LmtoolError(f"{what} file {path} is empty (no text {purpose})")
 
 
 def iter_lines(path: Path | str, what: str = "text") -> Iterator[str]:

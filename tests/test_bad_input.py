@@ -57,7 +57,11 @@ FILES = {
 CASES = [
     ("missing corpus", "train {tmp}/nope.txt", "training file not found", 2),
     ("directory corpus", "train {tmp}", "is a directory", 2),
-    ("empty corpus", "train {tmp}/empty.txt", "is empty", 2),
+    ("empty corpus", "train {tmp}/empty.txt", "training file {tmp}/empty.txt is empty (no text to learn from)", 2),
+    ("corpus is a link to itself", "train {tmp}/loop.txt",
+     "training file {tmp}/loop.txt is a symbolic link that leads nowhere", 2),
+    ("empty validation file", "train {tmp}/good.txt --valid {tmp}/empty.txt",
+     "validation file {tmp}/empty.txt is empty (no text to score)", 2),
     ("whitespace corpus", "train {tmp}/blank.txt", "is empty", 2),
     ("binary corpus", "train {tmp}/binary.txt", "looks binary (NUL byte at offset 3)", 2),
     ("non-utf8 corpus", "train {tmp}/latin1.txt", "not UTF-8: undecodable byte 0xe9 at offset 3", 2),
@@ -93,6 +97,7 @@ CASES = [
     ("overwrite a non-run", "train {tmp}/good.txt --out {tmp} --overwrite", "is not an lmtool run", 2),
     ("resume a non-run", "train --resume {tmp}", "not an lmtool run directory", 2),
     ("resume a model file", "train --resume {run}/run/model-best.safetensors", "is a file; give the run directory", 2),
+    ("resume a text file", "train --resume {tmp}/good.txt", "good.txt is a file; give the run directory", 2),
     ("resume a missing run", "train --resume {tmp}/nothing", "no such run directory", 2),
     ("resume with a config", "train --resume {run}/run --set model.cell=gru", "drop --set", 2),
     ("no corpus", "train", "give the training text", 2),
@@ -116,7 +121,8 @@ CASES = [
     ("score bad format", "score hi --format arpa --model {run}/run", "--format must be table or kenlm", 2),
     ("score batch 0", "score hi --batch-size 0 --model {run}/run", "--batch-size must be at least 1", 2),
     ("evaluate missing", "evaluate-perplexity {tmp}/nope.txt --model {run}/run", "evaluation file not found", 2),
-    ("evaluate empty", "evaluate-perplexity {tmp}/empty.txt --model {run}/run", "is empty", 2),
+    ("evaluate empty", "evaluate-perplexity {tmp}/empty.txt --model {run}/run",
+     "evaluation file {tmp}/empty.txt is empty (no text to score)", 2),
     ("evaluate non-utf8", "evaluate-perplexity {tmp}/latin1.txt --model {run}/run", "not UTF-8", 2),
     ("evaluate batch 0", "evaluate-perplexity {tmp}/good.txt --batch-size 0 --model {run}/run", "--batch-size must be at least 1", 2),
     ("evaluate no files", "evaluate-perplexity --model {run}/run", "Missing argument", 2),
@@ -181,6 +187,7 @@ def test_bad_input(run_cli, tmp_path, trained, case, command, message, code):
             continue
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(content)
+    (tmp_path / "loop.txt").symlink_to("loop.txt")  # a link that leads back to itself
     truncated = _truncated_model(tmp_path, trained)
     args = command.format(tmp=tmp_path, run=trained, truncated=truncated).split()
     before = snapshot(tmp_path, trained)

@@ -68,6 +68,9 @@ def test_max_time_accepts_durations():
         ({"train": {"lr": -1}}, "train.lr: -1.0 is out of range (must be greater than 0)"),
         ({"model": {"hidden_size": "big"}}, "model.hidden_size: expected a whole number, got 'big'"),
         ({"model": {"hidden_size": 1.5}}, "model.hidden_size: expected a whole number, got 1.5"),
+        ({"model": {"hidden_size": "2.5e0"}}, "model.hidden_size: expected a whole number, got '2.5e0'"),
+        ({"train": {"seed": "1e400"}}, "train.seed: expected a whole number, got '1e400'"),
+        ({"train": {"max_steps": "nan"}}, "train.max_steps: expected a whole number, got 'nan'"),
         ({"model": {"cell": "transformer"}}, "model.cell: 'transformer' is not one of rnn_tanh | rnn_relu | gru | lstm"),
         ({"model": {"tie_weights": "maybe"}}, "model.tie_weights: expected true or false, got 'maybe'"),
         ({"model": {"tie_weights": True, "embedding_size": 4, "hidden_size": 8}}, "model.tie_weights needs"),
@@ -125,3 +128,9 @@ def test_an_empty_section_changes_nothing(tmp_path):
     assert cfg.model.tie_weights is True and cfg.model.hidden_size == defaults_for_level("word")["model"]["hidden_size"]
     path.write_text("data:\n")
     assert load_config(path) == load_config()
+
+
+def test_a_whole_number_may_be_written_with_an_exponent():
+    # YAML reads 1e4 as a string, and people write step counts so
+    cfg = load_config(None, ["train.max_steps=1e4", "model.hidden_size=2.5e2", "train.seed= +7 ", "data.bptt=64"])
+    assert (cfg.train.max_steps, cfg.model.hidden_size, cfg.train.seed, cfg.data.bptt) == (10_000, 250, 7, 64)

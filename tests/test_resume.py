@@ -642,3 +642,11 @@ def test_a_run_without_a_model_suggests_resuming_only_where_it_has_a_checkpoint(
     with pytest.raises(LmtoolError, match=r"saved no model yet .*; wait for it if it is training, or name another "
                        r"run$"):
         resolve_model_path(run)
+
+
+def test_resuming_a_file_names_its_run_only_where_it_lies_in_one(small_corpus, tmp_path):
+    run = train(load_config(TINY, ["train.max_steps=2"]), small_corpus, out=tmp_path / "run").run_dir
+    with pytest.raises(LmtoolError, match=rf"is a file; give the run directory that holds it \({run}\)$"):
+        resume(run / BEST_MODEL)
+    with pytest.raises(LmtoolError, match=r"small\.txt is a file; give the run directory$"):  # not a run's file
+        resume(small_corpus)
