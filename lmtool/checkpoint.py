@@ -130,8 +130,8 @@ class RunDir:
         self.lock_handle = handle
 
     def _cannot_lock(self, err: OSError) -> LmtoolError:
-        return LmtoolError(f"cannot lock run directory {self.path}: {err.strerror}; training writes into it, so it "
-                           "needs a writable disk with free space (free some, or choose another --out)")
+        return LmtoolError(f"cannot lock run directory {self.path}: {err.strerror}; training writes into the run "
+                           "directory, so it must lie on a disk this process can write to, with free space")
 
     def release(self) -> None:
         """Drop the run's lock, if this object holds it."""

@@ -439,7 +439,10 @@ def _one_line(message: str) -> str:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"lmtool: warning: {_one_line(str(message))}", file=sys.stderr)
+    try:
+        print(f"lmtool: warning: {_one_line(str(message))}", file=sys.stderr)
+    except OSError:  # stderr gone (`2>&1 | head`, a full disk): a warning must not stop a training run
+        pass
 
 
 # OSError numbers that mean a path cannot be reached as given (exit 2); other I/O failures, such as a full or

@@ -115,7 +115,8 @@ class TrainConfig:
     )
     max_bad_steps: int = _opt(5, "stop after this many bad steps in a row (non-finite, or a loss blow-up)", ge=1)
     blowup_factor: float | None = _opt(
-        5.0, "a step whose loss exceeds this many times the running mean is skipped as bad (null: never)", gt=1
+        5.0, "a step whose loss exceeds this many times the running mean is skipped as bad (before 50 good steps, "
+        "20 times as many times the larger of it and ln V; null: never)", gt=1
     )
     seed: int = _opt(1234, "random seed: the same seed and config give the same run", ge=0, le=MAX_STORED_SEED)
     device: Device = _opt("auto", "auto (cuda if present, else cpu) | cpu | cuda | mps")
@@ -438,9 +439,11 @@ def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
                 number = decimal.Decimal(value.strip())
             except decimal.InvalidOperation:
                 number = None
-            # adjusted(): the power of ten; far past any bound, so that int() never builds a huge number
-            if number is not None and number.is_finite() and number.adjusted() < 100 and number == int(number):
-                return int(number)
+            if number is not None and number.is_finite():
+                if number.adjusted() >= 30:  # its power of ten: past every bound (and int() of 1e999999 takes ages)
+                    raise LmtoolError(f"{dotted}: {value.strip()} is too large a number")
+                if number == int(number):
+                    return int(number)
         raise LmtoolError(f"{dotted}: expected a whole number, got {value!r}")
     if annotation is float:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):

@@ -32,7 +32,7 @@ def format_duration(seconds: float | None) -> str:
 def format_perplexity(value: float, places: int = 2) -> str:
     """A perplexity with `places` decimals, or in scientific notation from a million on: a diverged model's
     perplexity (up to about 1e304) would otherwise print as hundreds of digits."""
-    return f"{value:.{places}f}" if value < 1e6 else f"{value:.3g}"
+    return f"{value:.{places}f}" if round(value, places) < 1e6 else f"{value:.3g}"
 
 
 def token_unit(level: str) -> str:
@@ -78,7 +78,10 @@ class TrainDisplay:
 
     def close(self) -> None:
         if self.progress is not None:
-            self.progress.stop()
+            try:
+                self.progress.stop()  # redraws the bar a last time
+            except OSError:  # the terminal went away: the summary still goes to stdout
+                self.progress_lost = True
             self.progress = None
 
     # --- events -----------------------------------------------------------------------------------------

@@ -52,8 +52,8 @@ def named_by_pointer(pointer: Path) -> Path:
     except UnicodeDecodeError:
         name = ""
     if not name:
-        raise LmtoolError(f"{pointer} is damaged: it should name the latest run; name a run with --model RUN "
-                          "(training a run rewrites the file)")
+        raise LmtoolError(f"{pointer} is damaged: it should name the latest run; name the run itself instead of "
+                          "runs/latest (training a run rewrites the file)")
     return Path(name)
 
 

@@ -13,6 +13,10 @@ from lmtool.errors import counted
 # non-zero: PyTorch's own mechanism for mixed-precision loss scaling, used here for every bad step. Recent
 # PyTorch also fuses on MPS, but that is unchecked here, so MPS takes the host-side path.
 SKIPS_ON_DEVICE = ("cpu", "cuda")
+# Before the running mean settles, a loss this many times blowup_factor times the reference is a blow-up. A skipped
+# step leaves the weights as they are, so an early spike caught here repeats and ends the run: only a loss far past
+# the 7-10x ln V that runs have spiked to after their first updates and recovered from counts.
+EARLY_BLOWUP_MULTIPLE = 20
 
 
 class StepGuard:
@@ -22,10 +26,11 @@ class StepGuard:
 
     def __init__(self, device: torch.device, blowup_factor: float | None, max_bad_steps: int, warmup: int = 50,
                  uniform_loss: float | None = None):
-        """`uniform_loss`: the loss of a uniform guess over the vocabulary, ln V. In the first `warmup` good steps,
-        while the running mean settles, a loss `blowup_factor` times the larger of the two is a blow-up (a learning
-        rate that breaks the weights at the first update would otherwise go unnoticed there); without it, the
-        check starts after them."""
+        """`uniform_loss`: the loss of a uniform guess over the vocabulary, ln V. After the first good step and
+        before `warmup` of them, while the running mean settles, a loss EARLY_BLOWUP_MULTIPLE x `blowup_factor`
+        times the larger of the two is a blow-up (a learning rate that breaks the weights at the first update
+        would otherwise go unnoticed there); without it, the check starts after them. The first step is never
+        judged: no update has been made, so there is nothing to skip that would help."""
         self.device, self.blowup_factor, self.max_bad_steps, self.warmup = device, blowup_factor, max_bad_steps, warmup
         self.uniform_loss = uniform_loss
         zero = torch.zeros((), dtype=torch.int64, device=device)
@@ -37,7 +42,7 @@ class StepGuard:
         self.failed_loss, self.failed_ema = self.loss_ema.clone(), self.loss_ema.clone()  # the loss, the reference
         self.failed_early = torch.zeros((), dtype=torch.bool, device=device)  # before the running mean settled
         self.failed_by_blowup = False  # set by `failure`: whether the loss blow-up check, not a NaN, stopped the run
-        self.failed_before_settling = False  # and whether it did so against ln V, before the running mean settled
+        self.failed_before_settling = False  # and whether it did so before the running mean settled
 
     def check(self, loss: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whether this step must be skipped, and whether its loss or gradient is non-finite (bool tensors).
@@ -46,8 +51,7 @@ class StepGuard:
         non_finite = ~(torch.isfinite(loss) & torch.isfinite(norm))
         bad = non_finite | (self.failed_at >= 0)
         if self.blowup_factor is not None:
-            blown = loss > self.blowup_factor * self.reference()
-            bad = bad | (blown if self.uniform_loss is not None else self.settled() & blown)
+            bad = bad | (loss > self.threshold())
         return bad, non_finite
 
     def settled(self) -> torch.Tensor:
@@ -60,6 +64,13 @@ class StepGuard:
         if self.uniform_loss is None:
             return self.loss_ema
         return torch.where(self.settled(), self.loss_ema, self.loss_ema.clamp(min=self.uniform_loss))
+
+    def threshold(self) -> torch.Tensor:
+        """The loss above which a step is a blow-up (`check`): inf where none is judged."""
+        settled = self.settled()
+        factor = torch.where(settled, self.blowup_factor, EARLY_BLOWUP_MULTIPLE * self.blowup_factor)
+        judged = settled if self.uniform_loss is None else self.good_steps > 0
+        return torch.where(judged, factor * self.reference(), float("inf"))
 
     def record(self, bad: torch.Tensor, non_finite: torch.Tensor, loss: torch.Tensor, step: int | torch.Tensor) -> None:
         """Count the step `check` judged; `step` is its 1-based number (a device tensor in a CUDA graph).
@@ -91,8 +102,9 @@ class StepGuard:
         if blowup:
             loss, reference = torch.stack([self.failed_loss, self.failed_ema]).cpu().tolist()
             if self.failed_before_settling:
-                problem = (f"loss {loss:.3g} above {self.blowup_factor:g} x {reference:.3g}, the larger of the "
-                           f"running mean and a uniform guess's loss (ln V) before {self.warmup} good steps")
+                factor = EARLY_BLOWUP_MULTIPLE * self.blowup_factor
+                problem = (f"loss {loss:.3g} above {factor:g} x {reference:.3g}, the larger of the running mean and "
+                           f"a uniform guess's loss (ln V), the limit before {self.warmup} good steps")
             else:
                 problem = f"loss {loss:.3g} above {self.blowup_factor:g} x the running mean {reference:.3g}"
         else:

@@ -335,7 +335,8 @@ def _resumable(run: RunDir, config: Config, tokenizer, changed: dict[str, Any], 
         if not path.is_file():
             raise LmtoolError(f"cannot resume: the {name} file {path} of this run is gone; put it back to resume")
         if file_digest(path) != source["sha256"]:
-            raise LmtoolError(f"cannot resume: the {name} file {path} changed since the run started")
+            raise LmtoolError(f"cannot resume: the {name} file {path} changed since the run started; put the "
+                              "original back to resume, or train a new run on the new text")
     paths = {name: Path(source["path"]) for name, source in sources.items()}
     corpus = _load_corpus(config, paths["train"], paths.get("valid"), paths.get("test"), tokenizer)
     return saved, corpus
@@ -637,9 +638,7 @@ class _Trainer:
             return
         tc = self.config.train
         advice = "Lower train.lr" + (" or set train.clip_grad_norm" if tc.clip_grad_norm is None else "")
-        # the guard's own threshold against the running mean stopped it: that may be what to change (not where a loss
-        # many times a uniform guess's stopped it, before the mean settled)
-        if self.guard.failed_by_blowup and not self.guard.failed_before_settling:
+        if self.guard.failed_by_blowup:  # the guard's own threshold stopped it: that may be what to change
             advice += (f", or raise train.blowup_factor ({tc.blowup_factor:g}; null turns the check off) if the loss "
                        "swings that much by nature")
         raise self._diverged(problem, advice)

@@ -159,7 +159,7 @@ CASES = [
      "--overwrite", "is the model being sampled from", 2),
     ("output is a file of a run", "sample --model {run}/run --output {run}/run/config.yaml --overwrite",
      "is a file of the run", 2),
-    ("output is a running run's lock", "sample --model {run}/run --output {run}/run/.lock --overwrite",
+    ("output is a run's lock", "sample --model {run}/run --output {run}/run/.lock --overwrite",
      "is a file of the run", 2),
     ("too many layers", "train {tmp}/good.txt --set model.num_layers=100000",
      "model.num_layers: 100000 is out of range (must be at most 256)", 2),

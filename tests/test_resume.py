@@ -248,7 +248,9 @@ def test_resume_refuses_what_is_not_a_run_and_a_changed_corpus(small_corpus, tmp
     assert "no training checkpoint" in run_cli("train", "--resume", tmp_path / "run").err
     train(load_config(TINY, ["train.max_steps=9"]), small_corpus, out=tmp_path / "run2")
     small_corpus.write_text(small_corpus.read_text() + "more text\n")
-    assert "changed since the run started" in run_cli("train", "--resume", tmp_path / "run2", "--max-steps", "20").err
+    changed = run_cli("train", "--resume", tmp_path / "run2", "--max-steps", "20").err
+    assert ("changed since the run started; put the original back to resume, or train a new run on the new "
+            "text") in changed
     assert "drop CORPUS" in run_cli("train", small_corpus, "--resume", tmp_path / "run2").err
 
 
@@ -441,8 +443,8 @@ def test_resuming_a_run_on_a_read_only_disk_stops_before_touching_it(small_corpu
     monkeypatch.setattr(checkpoint, "open", read_only_open, raising=False)
     result = run_cli("train", "--resume", tmp_path / "run", "--max-steps", "5")
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
-    assert (f"cannot lock run directory {tmp_path / 'run'}: Read-only file system; training writes into it, so it "
-            "needs a writable disk with free space (free some, or choose another --out)") in result.err
+    assert (f"cannot lock run directory {tmp_path / 'run'}: Read-only file system; training writes into the run "
+            "directory, so it must lie on a disk this process can write to, with free space") in result.err
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
 
 
@@ -484,8 +486,8 @@ def test_a_damaged_runs_latest_txt_is_one_line_that_says_what_to_do(tmp_path, ru
         (tmp_path / "runs" / "latest.txt").write_bytes(content)
         result = run_cli("sample")
         assert result.code == 2 and result.err == (
-            f"lmtool: error: {Path('runs') / 'latest.txt'} is damaged: it should name the latest run; name a run "
-            "with --model RUN (training a run rewrites the file)\n"), result.err
+            f"lmtool: error: {Path('runs') / 'latest.txt'} is damaged: it should name the latest run; name the run "
+            "itself instead of runs/latest (training a run rewrites the file)\n"), result.err
 
 
 def test_bf16_training_resumes_exactly_too(small_corpus, tmp_path):
