@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import decimal
 import numbers
+import os
 import re
 import types
 import typing
@@ -177,6 +178,12 @@ def load_config(
     """Resolve defaults < file < `--set section.key=value` overrides < flags into a validated Config."""
     if isinstance(overrides, str):  # one "key=value" string would be read a character at a time
         raise LmtoolError(f"overrides must be a list of 'section.key=value' strings, got the string {overrides!r}")
+    if config_file is not None and (not isinstance(config_file, (str, os.PathLike)) or os.fspath(config_file) == ""):
+        raise LmtoolError(f"config_file must be the path of a YAML file (str or Path), got {config_file!r}")
+    if not isinstance(overrides, (list, tuple)) or not all(isinstance(item, str) for item in overrides):
+        raise LmtoolError(f"overrides must be a list of 'section.key=value' strings, got {overrides!r}")
+    if flags is not None and (not isinstance(flags, Mapping) or not all(isinstance(key, str) for key in flags)):
+        raise LmtoolError(f"flags must be a mapping of 'section.key' names to values, got {flags!r}")
     layers: list[tuple[str, dict[str, Any]]] = []
     if config_file is not None:
         layers.append((str(config_file), read_yaml_mapping(config_file)))
@@ -202,6 +209,15 @@ def load_config(
     if seed is not None:  # before the field's own bound, which admits the larger seeds of older saved runs
         check_new_seed("train.seed", _coerce("train.seed", seed, int))
     return config_from_dict(resolved)
+
+
+def revalidated(config: Config) -> Config:
+    """A Config built or edited by hand, checked as a loaded one is: `dataclasses.replace` skips every check."""
+    for name, cls in SECTIONS.items():
+        section = getattr(config, name, None)
+        if not isinstance(section, cls):
+            raise LmtoolError(f"config.{name} must be a {cls.__name__}, got {type(section).__name__}")
+    return config_from_dict(config.to_dict())
 
 
 def check_new_seed(name: str, seed: int) -> None:

@@ -129,6 +129,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens before it already reach p; the most probable one always stays.
         drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop_sorted[:, 0] = False  # even where p rounds to 0 in float32 (below about 1e-45)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

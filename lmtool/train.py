@@ -25,7 +25,7 @@ from lmtool.checkpoint import (
     open_run,
     TRAINING_STATE_VERSION,
 )
-from lmtool.config import Config, check_new_seed, flat_settings
+from lmtool.config import Config, check_new_seed, flat_settings, revalidated
 from lmtool.data import Corpus, batchify, file_digest, fit_batch_size, load_corpus, num_windows, oriented, windows
 from lmtool.devices import device_name, resolve_device, resolve_precision
 from lmtool.distributed import DistributedContext, distributed_session
@@ -97,7 +97,10 @@ def train(
     """
     if not isinstance(config, Config):
         raise LmtoolError(f"config must be a Config (from lmtool.config.load_config), got {type(config).__name__}")
+    config = revalidated(config)  # a Config edited by hand, before anything is written
     check_new_seed("train.seed", config.train.seed)  # a Config built by hand too; resumed runs keep theirs
+    if not isinstance(overwrite, bool):  # "no" would be true
+        raise LmtoolError(f"overwrite must be True or False, got {overwrite!r}")
     _check_on_event(on_event)
     corpus_path = path_argument(corpus_path, "corpus_path")
     valid_path, test_path, out = (None if value is None else path_argument(value, name) for value, name in

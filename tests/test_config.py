@@ -135,3 +135,18 @@ def test_a_whole_number_may_be_written_with_an_exponent():
     # YAML reads 1e4 as a string, and people write step counts so
     cfg = load_config(None, ["train.max_steps=1e4", "model.hidden_size=2.5e2", "train.seed= +7 ", "data.bptt=64"])
     assert (cfg.train.max_steps, cfg.model.hidden_size, cfg.train.seed, cfg.data.bptt) == (10_000, 250, 7, 64)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((b"configs/tiny.yaml",), "config_file must be the path of a YAML file (str or Path), got b'configs/tiny.yaml'"),
+    (("",), "config_file must be the path of a YAML file (str or Path), got ''"),
+    ((None, [None]), "overrides must be a list of 'section.key=value' strings, got [None]"),
+    ((None, b"train.lr=1"), "overrides must be a list of 'section.key=value' strings, got b'train.lr=1'"),
+    ((None, [], ["model.cell=gru"]),
+     "flags must be a mapping of 'section.key' names to values, got ['model.cell=gru']"),
+    ((None, [], {3: "gru"}), "flags must be a mapping of 'section.key' names to values, got {3: 'gru'}"),
+])
+def test_load_config_names_the_argument_of_the_wrong_type(args, message):
+    with pytest.raises(LmtoolError) as err:
+        load_config(*args)
+    assert str(err.value) == message

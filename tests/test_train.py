@@ -485,3 +485,26 @@ def test_a_run_saved_with_a_seed_above_32_bits_still_loads_and_resumes(small_cor
     tree["train"]["seed"] = 2**32 + 7
     with pytest.raises(LmtoolError, match="train.seed must be between 0 and 4,294,967,295"):
         train(config_from_dict(tree), small_corpus, out=tmp_path / "new")
+
+
+def test_a_config_edited_by_hand_is_checked_before_anything_is_written(small_corpus, tmp_path):
+    import re
+    from dataclasses import replace
+
+    config = load_config(TINY, ["train.max_steps=2"])
+    train(config, small_corpus, out=tmp_path / "old")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
+    # a frozen Config is edited with dataclasses.replace, which runs none of load_config's checks
+    for edited, message in [
+        (replace(config, data=replace(config.data, batch_size=0)), "data.batch_size: 0 is out of range"),
+        (replace(config, model=replace(config.model, cell="xyz")), "model.cell: 'xyz' is not one of"),
+        (replace(config, data=replace(config.data, level="bytes")), "data.level: 'bytes' is not one of"),
+        (replace(config, model=replace(config.model, tie_weights=True)), "model.tie_weights needs"),
+        (replace(config, train=None), "config.train must be a TrainConfig, got NoneType"),
+    ]:
+        with pytest.raises(LmtoolError, match=re.escape(message)):
+            train(edited, small_corpus, out=tmp_path / "old", overwrite=True)
+        assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
+    with pytest.raises(LmtoolError, match="overwrite must be True or False, got 'no'"):  # "no" is truthy
+        train(config, small_corpus, out=tmp_path / "old", overwrite="no")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before

@@ -198,6 +198,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.isfinite(filter_logits(logits, None, 0.7)).tolist() == [[True, True, False, False]]
     assert torch.isfinite(filter_logits(logits, None, 0.5)).tolist() == [[True, False, False, False]]
     assert torch.isfinite(filter_logits(logits, None, 0.1)).tolist() == [[True, False, False, False]]
+    # a p that float32 rounds to 0 still keeps the most probable token (it was dropped with all the others)
+    assert torch.isfinite(filter_logits(logits, None, 1e-46)).tolist() == [[True, False, False, False]]
 
 
 # --- the commands ------------------------------------------------------------------------------------------
