@@ -37,12 +37,16 @@ def is_run_dir(path: Path) -> bool:
 
 
 def path_argument(value, name: str) -> Path:
-    """A path a library caller passed, as a Path; a clear error for another type or an empty name."""
+    """A path a library caller passed, as a Path, with a leading ~ expanded as a shell would; a clear error for
+    another type or an empty name."""
     if not isinstance(value, (str, os.PathLike)):
         raise LmtoolError(f"{name} must be a path (str or Path), got {type(value).__name__}")
     if os.fspath(value) == "":  # Path("") would be the current directory
         raise LmtoolError(f"{name} is an empty name; give a path")
-    return Path(value)
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # ~someone who has no home here: the path as written, which the checks then report
+        return Path(value)
 
 
 def named_by_pointer(pointer: Path) -> Path:

@@ -652,3 +652,14 @@ def test_resuming_a_file_names_its_run_only_where_it_lies_in_one(small_corpus, t
         resume(run / BEST_MODEL)
     with pytest.raises(LmtoolError, match=r"small\.txt is a file; give the run directory$"):  # not a run's file
         resume(small_corpus)
+
+
+def test_library_paths_expand_a_leading_tilde_as_a_shell_would(small_corpus, tmp_path, monkeypatch):
+    import lmtool
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = train(load_config(TINY, ["train.max_steps=2"]), "~/small.txt", out="~/runs/home").run_dir
+    assert run == tmp_path / "runs" / "home" and (run / BEST_MODEL).is_file()
+    assert lmtool.load_model("~/runs/home").perplexity("~/small.txt").score.tokens > 0
+    with pytest.raises(LmtoolError, match=r"model not found: ~nobody-here-at-all/run"):  # no such user: as written
+        lmtool.load_model("~nobody-here-at-all/run")
