@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import signal
 import time
@@ -938,10 +937,13 @@ class _Trainer:
 
     @contextmanager
     def _signals_caught(self) -> Iterator[None]:
-        """Ctrl-C or SIGTERM: finish the step, checkpoint, exit; a second one exits at once (files stay whole)."""
+        """Ctrl-C or SIGTERM: finish the step, checkpoint, exit; a second one stops at once, by an exception raised
+        where the program is, not by ending the process: a Python caller (a notebook's kernel) lives on, and every
+        file stays whole (each is written to a temporary file that an exception removes)."""
         def handler(signum, frame):
             if self.signal_received is not None:
-                os._exit(128 + signum)
+                raise Interrupted(f"training stopped at once by a second {signal.Signals(signum).name}; the run keeps "
+                                  "what it saved last", exit_code=128 + signum)
             self.signal_received = signum
 
         previous = {}

@@ -663,3 +663,22 @@ def test_library_paths_expand_a_leading_tilde_as_a_shell_would(small_corpus, tmp
     assert lmtool.load_model("~/runs/home").perplexity("~/small.txt").score.tokens > 0
     with pytest.raises(LmtoolError, match=r"model not found: ~nobody-here-at-all/run"):  # no such user: as written
         lmtool.load_model("~nobody-here-at-all/run")
+
+
+def test_a_second_ctrl_c_stops_training_by_an_exception_not_by_ending_the_process(small_corpus, tmp_path):
+    """From Python (a notebook), os._exit would end the caller's whole process; the exception leaves it running."""
+    from lmtool.errors import Interrupted
+
+    def press_ctrl_c_twice(event):
+        if event["event"] == "train":
+            os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step, save, stop
+            os.kill(os.getpid(), signal.SIGINT)  # the second: at once
+
+    cfg = load_config(TINY, ["train.max_steps=50", "train.log_every=2"])
+    with pytest.raises(Interrupted, match=r"training stopped at once by a second SIGINT; the run keeps what it "
+                       r"saved last") as stopped:
+        train(cfg, small_corpus, out=tmp_path / "run", on_event=press_ctrl_c_twice)
+    assert stopped.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's handler is back
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".") and p.name != ".lock"]
+    assert train(cfg, small_corpus, out=tmp_path / "run", overwrite=True).steps == 50  # the lock was let go
