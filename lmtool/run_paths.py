@@ -4,6 +4,7 @@ resolve the model first, so that a missing one is reported before torch takes se
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from lmtool.errors import LmtoolError
@@ -77,9 +78,11 @@ def resolve_model_path(ref: str | Path | None) -> Path:
             )
     path = path_argument(ref, "the model (a run directory or model file)")
     if path.is_dir():
-        for name in (BEST_MODEL, LAST_MODEL):
-            if (path / name).is_file():
-                return path / name
+        if (path / BEST_MODEL).is_file():
+            return path / BEST_MODEL
+        if (path / LAST_MODEL).is_file():  # every validation writes both: the best one was removed or damaged
+            warnings.warn(f"{path} has no {BEST_MODEL}; using {LAST_MODEL}, the weights at the last validation")
+            return path / LAST_MODEL
         if is_run_dir(path):  # a run being trained (or retrained with --overwrite) before its first validation
             resume = f", resume it with 'lmtool train --resume {path}'" if (path / TRAINING_STATE).is_file() else ""
             raise LmtoolError(f"{path} is a run that has saved no model yet (it does after its first validation); "

@@ -682,3 +682,12 @@ def test_a_second_ctrl_c_stops_training_by_an_exception_not_by_ending_the_proces
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's handler is back
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".") and p.name != ".lock"]
     assert train(cfg, small_corpus, out=tmp_path / "run", overwrite=True).steps == 50  # the lock was let go
+
+
+def test_a_run_without_its_best_model_uses_the_last_one_and_says_so(small_corpus, tmp_path, run_cli):
+    run = train(load_config(TINY, ["train.max_steps=2"]), small_corpus, out=tmp_path / "run").run_dir
+    assert run_cli("sample", "--model", run, "--length", "3").err == ""  # the best model: nothing to say
+    (run / BEST_MODEL).unlink()
+    result = run_cli("sample", "--model", run, "--length", "3")
+    assert result.code == 0 and result.err == (f"lmtool: warning: {run} has no {BEST_MODEL}; using {LAST_MODEL}, "
+                                                "the weights at the last validation\n"), result.err
