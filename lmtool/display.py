@@ -66,13 +66,13 @@ class TrainDisplay:
     def __call__(self, event: Event) -> None:
         getattr(self, f"_on_{event['event']}")(event)
 
-    def _progress(self, text: str, console: Console | None = None) -> None:
+    def _progress(self, text: str) -> None:
         """A line of progress on stderr. Where stderr cannot take it (a pipe whose reader left, as in `2>&1 | head`,
         or a full disk) progress stops and training goes on: losing the log must not lose the run."""
         if self.progress_lost:
             return
         try:
-            (console or self.err).print(text, markup=False)
+            self.err.print(text)  # the live bar's console too, which prints the line above the bar
         except OSError:
             self.progress_lost = True
 
@@ -142,10 +142,7 @@ class TrainDisplay:
         )
         if "directions" in e:  # the loss above is the mean of the two directions
             line += " | " + " | ".join(f"{d} ppl {format_perplexity(v['ppl'])}" for d, v in e["directions"].items())
-        if self.progress is not None:
-            self._progress(line, self.progress.console)
-        else:
-            self._progress(line)
+        self._progress(line)
 
     def _on_test(self, e: Event) -> None:
         self._progress(f"test | loss {e['loss']:.4f} | ppl {format_perplexity(e['ppl'])} | "

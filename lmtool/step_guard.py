@@ -39,10 +39,8 @@ class StepGuard:
         # The first time `max_bad_steps` came in a row: the step (-1: never), why, and the loss and mean then.
         self.failed_at = torch.full((), -1, dtype=torch.int64, device=device)
         self.failed_blowup = torch.zeros((), dtype=torch.bool, device=device)
-        self.failed_loss, self.failed_ema = self.loss_ema.clone(), self.loss_ema.clone()  # the loss, the reference
-        self.failed_early = torch.zeros((), dtype=torch.bool, device=device)  # before the running mean settled
+        self.failed_loss, self.failed_ema = self.loss_ema.clone(), self.loss_ema.clone()
         self.failed_by_blowup = False  # set by `failure`: whether the loss blow-up check, not a NaN, stopped the run
-        self.failed_before_settling = False  # and whether it did so before the running mean settled
 
     def check(self, loss: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whether this step must be skipped, and whether its loss or gradient is non-finite (bool tensors).
@@ -54,29 +52,21 @@ class StepGuard:
             bad = bad | (loss > self.threshold())
         return bad, non_finite
 
-    def settled(self) -> torch.Tensor:
-        """Whether the running mean has `warmup` good steps behind it (a bool tensor)."""
-        return self.good_steps >= self.warmup
-
-    def reference(self) -> torch.Tensor:
-        """The loss a blow-up is measured against: the running mean, and before it settles at least
-        `uniform_loss` where that is given."""
-        if self.uniform_loss is None:
-            return self.loss_ema
-        return torch.where(self.settled(), self.loss_ema, self.loss_ema.clamp(min=self.uniform_loss))
-
     def threshold(self) -> torch.Tensor:
-        """The loss above which a step is a blow-up (`check`): inf where none is judged."""
-        settled = self.settled()
-        factor = torch.where(settled, self.blowup_factor, EARLY_BLOWUP_MULTIPLE * self.blowup_factor)
-        judged = settled if self.uniform_loss is None else self.good_steps > 0
-        return torch.where(judged, factor * self.reference(), float("inf"))
+        """The loss above which a step is a blow-up (`check`): inf where none is judged. Settled, blowup_factor x
+        the running mean; before that, with `uniform_loss`, EARLY_BLOWUP_MULTIPLE x as much x the larger of the
+        mean and ln V."""
+        settled = self.good_steps >= self.warmup
+        if self.uniform_loss is None:
+            return torch.where(settled, self.blowup_factor * self.loss_ema, float("inf"))
+        early = EARLY_BLOWUP_MULTIPLE * self.blowup_factor * self.loss_ema.clamp(min=self.uniform_loss)
+        return torch.where(settled, self.blowup_factor * self.loss_ema,
+                           torch.where(self.good_steps > 0, early, float("inf")))
 
     def record(self, bad: torch.Tensor, non_finite: torch.Tensor, loss: torch.Tensor, step: int | torch.Tensor) -> None:
         """Count the step `check` judged; `step` is its 1-based number (a device tensor in a CUDA graph).
         Every counter is updated in place: a captured step reads and writes the same tensors on each replay."""
         loss = loss.detach().float()
-        reference, settled = self.reference(), self.settled()  # as `check` saw them
         good = ~bad
         ema = torch.where(self.good_steps == 0, loss, 0.98 * self.loss_ema + 0.02 * loss)
         self.loss_ema.copy_(torch.where(good, ema, self.loss_ema))
@@ -87,26 +77,25 @@ class StepGuard:
         self.failed_at.copy_(torch.where(newly_failed, step, self.failed_at))
         self.failed_blowup.copy_(torch.where(newly_failed, ~non_finite, self.failed_blowup))
         self.failed_loss.copy_(torch.where(newly_failed, loss, self.failed_loss))
-        self.failed_ema.copy_(torch.where(newly_failed, reference, self.failed_ema))
-        self.failed_early.copy_(torch.where(newly_failed, ~settled, self.failed_early))
+        self.failed_ema.copy_(torch.where(newly_failed, self.loss_ema, self.failed_ema))
 
     def failure(self) -> str | None:
         """Why the run diverged, if `max_bad_steps` bad steps came in a row (reads the device: call rarely)."""
         # Moved to the CPU before any conversion: MPS has no float64, and int64 keeps counts exact.
-        failed_at, blowup, early = torch.stack(
-            [self.failed_at, self.failed_blowup.long(), self.failed_early.long()]).cpu().tolist()
+        # Every step after the failure is bad, so good_steps still counts those before it: whether it came early.
+        failed_at, blowup, good_steps = torch.stack(
+            [self.failed_at, self.failed_blowup.long(), self.good_steps]).cpu().tolist()
         if failed_at < 0:
             return None
         self.failed_by_blowup = bool(blowup)
-        self.failed_before_settling = bool(blowup and early and self.uniform_loss is not None)
         if blowup:
-            loss, reference = torch.stack([self.failed_loss, self.failed_ema]).cpu().tolist()
-            if self.failed_before_settling:
-                factor = EARLY_BLOWUP_MULTIPLE * self.blowup_factor
+            loss, ema = torch.stack([self.failed_loss, self.failed_ema]).cpu().tolist()
+            if good_steps < self.warmup and self.uniform_loss is not None:
+                factor, reference = EARLY_BLOWUP_MULTIPLE * self.blowup_factor, max(ema, self.uniform_loss)
                 problem = (f"loss {loss:.3g} above {factor:g} x {reference:.3g}, the larger of the running mean and "
                            f"a uniform guess's loss (ln V), the limit before {self.warmup} good steps")
             else:
-                problem = f"loss {loss:.3g} above {self.blowup_factor:g} x the running mean {reference:.3g}"
+                problem = f"loss {loss:.3g} above {self.blowup_factor:g} x the running mean {ema:.3g}"
         else:
             problem = "non-finite loss or gradient"
         return f"{counted(self.max_bad_steps, 'bad step')} in a row up to step {failed_at:,} ({problem})"
